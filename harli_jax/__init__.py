@@ -1,0 +1,7 @@
+"""harli_jax: serve LLM decode under a TPOT SLO and train LoRA adapters in the slack, on one accelerator."""
+
+from harli_jax.errors import CheckpointError, ConfigError, HarliError
+from harli_jax.model import ModelConfig, load_model
+
+__version__ = "0.1.0"
+__all__ = ["CheckpointError", "ConfigError", "HarliError", "ModelConfig", "load_model"]

@@ -1,0 +1,1 @@
+"""LoRA adapters, the Optax trainer and its micro-step programs, data pipeline, checkpoints."""

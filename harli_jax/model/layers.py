@@ -1,0 +1,105 @@
+"""The blocks of a Llama-family decoder layer as pure functions: RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Attention is split so that every attention implementation shares the projections: `attention_qkv` gives
+the rotated q/k/v of new tokens, an attention core (dense here, paged over the arena in the engine) mixes
+them, and `attention_out` applies the output projection and the residual.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harli_jax.model.config import ModelConfig, RopeScaling
+from harli_jax.model.params import LayerParams
+
+Array = jax.Array
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """HF's RMSNorm: variance in float32, normalize, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies `[head_dim // 2]` (float32), with the config's scaling applied."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    return _llama3_inv_freq(inv_freq, scaling)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
+    """Llama 3's smoothing: long wavelengths divided by `factor`, short kept, a blend in between."""
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Half-split ("rotate_half") RoPE on `x: [..., tokens, heads, head_dim]`, `positions: [..., tokens]`."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def linear(x: Array, w: Array, b: Array | None = None) -> Array:
+    y = x @ w
+    return y if b is None else y + b
+
+
+def attention_qkv(lp: LayerParams, cfg: ModelConfig, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+    """Pre-norm, q/k/v projections and RoPE: `x [..., T, D]` -> q `[..., T, Hq, hd]`, k/v `[..., T, Hkv, hd]`."""
+    with jax.named_scope("qkv"):
+        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+        lead = x.shape[:-1]
+        q = linear(h, lp.q_proj, lp.q_bias).reshape(*lead, cfg.num_heads, cfg.head_dim)
+        k = linear(h, lp.k_proj, lp.k_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        v = linear(h, lp.v_proj, lp.v_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    with jax.named_scope("rope"):
+        inv_freq = rope_inv_freq(cfg)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def attention_out(lp: LayerParams, cfg: ModelConfig, x: Array, attn: Array) -> Array:
+    """Output projection of `attn [..., T, Hq, hd]` plus the residual `x`."""
+    with jax.named_scope("o_proj"):
+        return x + linear(attn.reshape(*attn.shape[:-2], cfg.q_size), lp.o_proj, lp.o_bias)
+
+
+def dense_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query softmax attention. q `[B, T, Hq, hd]`, k/v `[B, S, Hkv, hd]`, mask `[B, T, S]` bool."""
+    b, t, hq, hd = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, hq, hd)
+
+
+def mlp_block(lp: LayerParams, cfg: ModelConfig, x: Array) -> Array:
+    """Pre-norm SwiGLU MLP plus the residual."""
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
+        return x + (jax.nn.silu(h @ lp.gate_proj) * (h @ lp.up_proj)) @ lp.down_proj

@@ -1,0 +1,39 @@
+"""One entry point for "a model": an HF checkpoint directory, or a YAML config with random weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from harli_jax.errors import ConfigError
+from harli_jax.model.checkpoint import load_hf_checkpoint
+from harli_jax.model.config import DTYPES, ModelConfig
+from harli_jax.model.params import Params, init_params
+from harli_jax.model.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Tokenizer
+
+
+def load_model(spec: str | Path, *, dtype: str | None = None, seed: int = 0) -> LoadedModel:
+    """`spec` is a checkpoint directory (weights loaded) or a `.yaml` model config (weights from `seed`)."""
+    path = Path(spec)
+    if path.is_dir():
+        cfg, params = load_hf_checkpoint(path, dtype)
+        return LoadedModel(cfg, params, load_tokenizer(path, cfg.vocab_size))
+    if path.suffix in (".yaml", ".yml"):
+        cfg = ModelConfig.from_yaml(path)
+        if dtype is not None:
+            if dtype not in DTYPES:
+                raise ConfigError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+            cfg = cfg.replace(dtype=dtype)
+        tokenizer = load_tokenizer(None, cfg.vocab_size)
+        if not cfg.eos_token_ids:
+            cfg = cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_ids=tokenizer.eos_ids)
+        return LoadedModel(cfg, init_params(cfg, seed), tokenizer)
+    raise ConfigError(f"model {spec!r} is neither a checkpoint directory nor a .yaml model config"
+                      + ("" if path.exists() else " (it does not exist)"))

@@ -1,0 +1,90 @@
+"""Tokenizers: HF `tokenizer.json` through `tokenizers`, and a byte-level one for models that ship none."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from tokenizers import Tokenizer as HFTokenizerModel
+
+from harli_jax.errors import CheckpointError, ConfigError
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted past three special ids: 0 pad, 1 bos, 2 eos."""
+
+    PAD, BOS, EOS = 0, 1, 2
+    OFFSET = 3
+    vocab_size = 256 + OFFSET
+    bos_id = BOS
+    eos_ids = (EOS,)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [b + self.OFFSET for b in text.encode("utf-8")]
+        return [self.BOS, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Ids past the byte range (a model's vocabulary may be larger) decode to nothing."""
+        data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A `tokenizer.json` with EOS ids from `generation_config.json` (an int or a list), else `config.json`."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        file = directory / "tokenizer.json"
+        try:
+            self._tok = HFTokenizerModel.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise CheckpointError(f"{file}: cannot load tokenizer ({e})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = _special_ids(directory)
+        self.bos_id = ids.get("bos")
+        self.eos_ids = ids.get("eos", ())
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _special_ids(directory: Path) -> dict:
+    out: dict = {}
+    for name in ("config.json", "generation_config.json"):  # the latter wins
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file}: invalid JSON: {e}") from None
+        if data.get("bos_token_id") is not None:
+            out["bos"] = int(data["bos_token_id"])
+        eos = data.get("eos_token_id")
+        if eos is not None:
+            out["eos"] = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+    return out
+
+
+def load_tokenizer(directory: str | Path | None, vocab_size: int) -> Tokenizer:
+    """The checkpoint's `tokenizer.json` if it has one, else the byte tokenizer; checked against the model."""
+    has_file = directory is not None and (Path(directory) / "tokenizer.json").is_file()
+    tok: Tokenizer = HFTokenizer(directory) if has_file else ByteTokenizer()
+    if tok.vocab_size > vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is only "
+                          f"{vocab_size}")
+    return tok

@@ -1,0 +1,1 @@
+"""Arena, engine loop, predictor, scheduler policies, metrics, traces."""

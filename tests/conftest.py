@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random HF models built offline with transformers (CPU torch)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (HF class, config kwargs). Heads/KV heads give GQA ratios 1, 2 and 4; "llama-gqa2" also has an
+# explicit head_dim different from hidden/heads.
+HF_VARIANTS = {
+    "llama-mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama-gqa2": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32)),
+    "llama-gqa4": ("llama", dict(num_attention_heads=8, num_key_value_heads=2)),
+    "llama3-rope": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 32})),
+    "qwen2-tied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def build_hf_model(variant: str, seed: int = 0):
+    """A tiny random HF causal LM with weights large enough that a wrong formula shows in the logits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    arch, kwargs = HF_VARIANTS[variant]
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_cls(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                        **kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def train_bpe_tokenizer(directory: Path, vocab_size: int = 100) -> None:
+    """Writes a small byte-level BPE `tokenizer.json` trained on a pangram (alphabet: the pangram's letters)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<eot>"])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    tok.save(str(directory / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """`hf_checkpoint(variant, dtype=None)` -> (HF model, directory it was saved to with save_pretrained)."""
+    cache = {}
+
+    def make(variant: str, dtype=None):
+        key = (variant, str(dtype))
+        if key not in cache:
+            model = build_hf_model(variant)
+            if dtype is not None:
+                model = model.to(dtype)
+            path = tmp_path_factory.mktemp(variant)
+            model.save_pretrained(path)
+            cache[key] = (model, path)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_yaml() -> Path:
+    return REPO / "configs" / "models" / "tiny.yaml"

@@ -1,0 +1,34 @@
+"""The `harli` command."""
+
+import shutil
+import subprocess
+import sys
+
+from conftest import train_bpe_tokenizer
+from harli_jax.cli import main
+
+
+def test_generate_on_yaml_config(tiny_yaml, capsys):
+    assert main(["generate", "--model", str(tiny_yaml), "--prompt", "hello", "--max-tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "6 prompt tokens, 5 new tokens" in err  # BOS + 5 bytes
+
+
+def test_generate_on_hf_checkpoint(hf_checkpoint, tmp_path, capsys):
+    _, src = hf_checkpoint("qwen2-tied")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    train_bpe_tokenizer(path)
+    assert main(["generate", "--model", str(path), "--prompt", "hi", "--max-tokens", "3", "--dtype", "bfloat16"]) == 0
+    assert "bfloat16" in capsys.readouterr().err
+
+
+def test_bad_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harli: error: ") and "nope" in err and "Traceback" not in err
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "harli_jax.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("harli_jax ")
