@@ -1,1 +1,13 @@
-"""Pallas kernels with their pure-JAX references, installed as ``harli_jax.kernels``."""
+"""Pallas kernels with their pure-JAX references, installed as ``harli_jax.kernels``.
+
+- `paged_attention`: decode attention over K/V pages of the arena (Pallas/Triton kernel on GPU, the
+  reference elsewhere); `paged_attention_pallas` and `paged_attention_reference` are the two paths.
+- `write_kv`: one decode token's K/V per sequence into its page slot (in place when the arena is donated).
+"""
+
+from .common import MASK_VALUE
+from .kv_cache import write_kv
+from .paged_attention_kernel import paged_attention, paged_attention_pallas
+from .reference import paged_attention_reference
+
+__all__ = ["MASK_VALUE", "paged_attention", "paged_attention_pallas", "paged_attention_reference", "write_kv"]

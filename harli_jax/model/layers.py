@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from harli_jax.kernels import MASK_VALUE
 from harli_jax.model.config import ModelConfig, RopeScaling
 from harli_jax.model.params import LayerParams
 
 Array = jax.Array
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
