@@ -43,6 +43,9 @@ def _generate(args: argparse.Namespace) -> None:
     model = load_model(args.model, dtype=args.dtype, seed=args.seed)
     print(f"loaded {model.cfg.name} ({model.params.num_parameters() / 1e6:.1f}M parameters, {model.cfg.dtype}) "
           f"in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    if model.tokenizer is None:
+        raise HarliError(f"{args.model} has no tokenizer.json and its vocabulary ({model.cfg.vocab_size}) is too "
+                         "small for the byte-level tokenizer")
     prompt_ids = model.tokenizer.encode(args.prompt)
     started = time.perf_counter()
     new_ids = greedy_generate(model.params, model.cfg, prompt_ids, args.max_tokens, model.cfg.eos_token_ids)

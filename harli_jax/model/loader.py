@@ -16,7 +16,7 @@ from harli_jax.model.tokenizer import Tokenizer, load_tokenizer
 class LoadedModel:
     cfg: ModelConfig
     params: Params
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: the model takes token ids only
 
 
 def load_model(spec: str | Path, *, dtype: str | None = None, seed: int = 0) -> LoadedModel:
@@ -32,7 +32,7 @@ def load_model(spec: str | Path, *, dtype: str | None = None, seed: int = 0) -> 
                 raise ConfigError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
             cfg = cfg.replace(dtype=dtype)
         tokenizer = load_tokenizer(None, cfg.vocab_size)
-        if not cfg.eos_token_ids:
+        if tokenizer is not None and not cfg.eos_token_ids:
             cfg = cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_ids=tokenizer.eos_ids)
         return LoadedModel(cfg, init_params(cfg, seed), tokenizer)
     raise ConfigError(f"model {spec!r} is neither a checkpoint directory nor a .yaml model config"

@@ -80,10 +80,12 @@ def _special_ids(directory: Path) -> dict:
     return out
 
 
-def load_tokenizer(directory: str | Path | None, vocab_size: int) -> Tokenizer:
-    """The checkpoint's `tokenizer.json` if it has one, else the byte tokenizer; checked against the model."""
-    has_file = directory is not None and (Path(directory) / "tokenizer.json").is_file()
-    tok: Tokenizer = HFTokenizer(directory) if has_file else ByteTokenizer()
+def load_tokenizer(directory: str | Path | None, vocab_size: int) -> Tokenizer | None:
+    """The checkpoint's `tokenizer.json` if it has one, else the byte tokenizer if the vocabulary holds it,
+    else None (the model then takes token ids only)."""
+    if directory is None or not (Path(directory) / "tokenizer.json").is_file():
+        return ByteTokenizer() if vocab_size >= ByteTokenizer.vocab_size else None
+    tok = HFTokenizer(directory)
     if tok.vocab_size > vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is only "
                           f"{vocab_size}")

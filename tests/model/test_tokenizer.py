@@ -46,5 +46,6 @@ def test_corrupt_tokenizer_json(hf_tokenizer_dir):
         load_tokenizer(hf_tokenizer_dir, vocab_size=200)
 
 
-def test_directory_without_tokenizer_uses_bytes(tmp_path):
+def test_directory_without_tokenizer_uses_bytes_when_they_fit(tmp_path):
     assert isinstance(load_tokenizer(tmp_path, vocab_size=512), ByteTokenizer)
+    assert load_tokenizer(tmp_path, vocab_size=200) is None
