@@ -2,6 +2,20 @@
 
 from harli_jax.errors import CheckpointError, ConfigError, HarliError
 from harli_jax.model import ModelConfig, load_model
+from harli_jax.runtime import (
+    Engine,
+    EngineConfig,
+    FinishedEvent,
+    FinishReason,
+    GenerationOutput,
+    PrefilledKV,
+    Request,
+    RequestError,
+    SamplingParams,
+    TokenEvent,
+)
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ConfigError", "HarliError", "ModelConfig", "load_model"]
+__all__ = ["CheckpointError", "ConfigError", "Engine", "EngineConfig", "FinishReason", "FinishedEvent",
+           "GenerationOutput", "HarliError", "ModelConfig", "PrefilledKV", "Request", "RequestError",
+           "SamplingParams", "TokenEvent", "load_model"]

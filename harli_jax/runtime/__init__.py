@@ -1,1 +1,16 @@
-"""Arena, engine loop, predictor, scheduler policies, metrics, traces."""
+"""Arena, engine loop, scheduler, metrics (and later the predictor, co-location policies and traces)."""
+
+from harli_jax.runtime.config import EngineConfig
+from harli_jax.runtime.engine import Engine, RequestError
+from harli_jax.runtime.request import (
+    FinishedEvent,
+    FinishReason,
+    GenerationOutput,
+    PrefilledKV,
+    Request,
+    SamplingParams,
+    TokenEvent,
+)
+
+__all__ = ["Engine", "EngineConfig", "FinishReason", "FinishedEvent", "GenerationOutput", "PrefilledKV", "Request",
+           "RequestError", "SamplingParams", "TokenEvent"]

@@ -1,0 +1,161 @@
+"""The unified arena: one device array of pages, and the host page table that says who owns each page.
+
+Two tenants share the pages. A request's KV cache owns pages as its context grows; the trainer leases pages
+for activation stashes. KV has priority: a lease is granted only while the free pool stays above a
+watermark, and when KV needs pages the table reclaims leases (newest first), whose owners are told so they
+can abandon that work. Page 0 is the null page: never allocated, the padding of every block table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harli_jax.model.config import ModelConfig
+from harli_jax.model.paged import arena_shape
+
+NULL_PAGE = 0
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Owner:
+    kind: str  # "kv" (a request's cache) or "lease" (a trainer stash)
+    key: str
+
+
+class OutOfPages(Exception):
+    """Not enough free pages for an allocation; the caller decides whom to wait or preempt."""
+
+
+class PageTable:
+    """Host-side bookkeeping of the arena's pages. Every page is free or has exactly one owner."""
+
+    def __init__(self, num_pages: int, page_tokens: int, max_pages_per_seq: int):
+        if num_pages < 2:
+            raise ValueError(f"the arena needs at least 2 pages (page 0 is the null page), got {num_pages}")
+        self.num_pages = num_pages
+        self.page_tokens = page_tokens
+        self.max_pages_per_seq = max_pages_per_seq
+        self._free = list(range(num_pages - 1, NULL_PAGE, -1))  # a stack: low ids are handed out first
+        self._owner: list[Owner | None] = [None] * num_pages
+        self._pages: dict[Owner, list[int]] = {}
+        self.on_reclaim: Callable[[Owner], None] | None = None  # told when a lease is taken back
+        self.reclaims = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.num_pages - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def pages(self, owner: Owner) -> list[int]:
+        return self._pages.get(owner, [])
+
+    def owners(self, kind: str | None = None) -> list[Owner]:
+        return [o for o in self._pages if kind is None or o.kind == kind]
+
+    def usage(self) -> dict[str, int]:
+        """Pages by owner kind, and free."""
+        out = {"free": self.num_free, "kv": 0, "lease": 0}
+        for owner, pages in self._pages.items():
+            out[owner.kind] += len(pages)
+        return out
+
+    def allocate(self, owner: Owner, n: int) -> list[int]:
+        if n > self.num_free:
+            raise OutOfPages(f"{owner} needs {n} pages, {self.num_free} free")
+        new = [self._free.pop() for _ in range(n)]
+        for page in new:
+            self._owner[page] = owner
+        self._pages.setdefault(owner, []).extend(new)
+        return new
+
+    def free(self, owner: Owner) -> int:
+        pages = self._pages.pop(owner, [])
+        for page in pages:
+            self._owner[page] = None
+        self._free.extend(reversed(pages))
+        return len(pages)
+
+    # KV caches -------------------------------------------------------------------------------------------
+
+    def pages_for_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_tokens)
+
+    def grow_kv(self, request_id: str, num_tokens: int) -> bool:
+        """Makes the request's KV cover `num_tokens` tokens, reclaiming leases if needed; False if it cannot."""
+        owner = Owner("kv", request_id)
+        need = self.pages_for_tokens(num_tokens) - len(self.pages(owner))
+        if need <= 0:
+            return True
+        if need > self.num_free and not self.reclaim(need):
+            return False
+        self.allocate(owner, need)
+        return True
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self.pages(Owner("kv", request_id))
+
+    # Trainer leases --------------------------------------------------------------------------------------
+
+    def lease(self, lease_id: str, n: int, watermark: int = 0) -> list[int] | None:
+        """Leases `n` pages if at least `watermark` pages stay free afterwards; else None."""
+        if self.num_free - n < watermark:
+            return None
+        return self.allocate(Owner("lease", lease_id), n)
+
+    def release(self, lease_id: str) -> int:
+        return self.free(Owner("lease", lease_id))
+
+    def reclaim(self, need: int) -> bool:
+        """Takes leases back, newest first, until `need` pages are free. Takes none (and returns False) when even
+        all leases would not make enough room."""
+        leases = self.owners("lease")
+        if self.num_free + sum(len(self._pages[o]) for o in leases) < need:
+            return False
+        for owner in reversed(leases):
+            if self.num_free >= need:
+                break
+            self.free(owner)
+            self.reclaims += 1
+            if self.on_reclaim is not None:
+                self.on_reclaim(owner)
+        return self.num_free >= need
+
+    def check_invariants(self) -> None:
+        """No page has two owners, used + free = total, the null page is never handed out."""
+        owned = [p for pages in self._pages.values() for p in pages]
+        assert len(owned) == len(set(owned)), "a page has two owners"
+        assert not set(owned) & set(self._free), "a page is both owned and free"
+        assert len(owned) + self.num_free == self.capacity, "used + free != total"
+        assert NULL_PAGE not in owned and NULL_PAGE not in self._free, "the null page was allocated"
+        for owner, pages in self._pages.items():
+            assert all(self._owner[p] == owner for p in pages), "page owner records disagree"
+            if owner.kind == "kv":
+                assert len(pages) <= self.max_pages_per_seq, f"{owner} exceeds max_pages_per_seq"
+
+
+def page_bytes(cfg: ModelConfig, page_tokens: int, dtype: str) -> int:
+    return int(np.prod(arena_shape(cfg, 1, page_tokens))) * jnp.dtype(dtype).itemsize
+
+
+def allocate_arena(cfg: ModelConfig, num_pages: int, page_tokens: int, dtype: str) -> jax.Array:
+    """The arena, zero-filled once (never `jnp.empty`)."""
+    return jnp.zeros(arena_shape(cfg, num_pages, page_tokens), jnp.dtype(dtype))
+
+
+def pages_from_memory(cfg: ModelConfig, page_tokens: int, dtype: str, memory_fraction: float,
+                      weight_bytes: int, workspace_bytes: int, device: jax.Device) -> int:
+    """Pages that fit in `memory_fraction` of the device's memory limit after weights and step workspace."""
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        raise ValueError(f"{device} reports no memory limit; set EngineConfig.num_pages")
+    available = int(limit * memory_fraction) - weight_bytes - workspace_bytes
+    return max(available // page_bytes(cfg, page_tokens, dtype), 0)

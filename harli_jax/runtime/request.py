@@ -1,0 +1,115 @@
+"""What a user submits (Request, SamplingParams) and what comes back (events, GenerationOutput)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Temperature 0 is greedy. `top_k` 0 and `top_p` 1 disable those filters."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            out.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            out.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            out.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            out.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**32:
+            out.append(f"seed must be in [0, 2**32), got {self.seed}")
+        if any(not s for s in self.stop):
+            out.append("stop strings must be non-empty")
+        return out
+
+
+@dataclasses.dataclass
+class Request:
+    """A prompt (token ids or text) to continue. `arrival` is seconds after `Engine.serve` starts."""
+
+    prompt: Sequence[int] | str
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    arrival: float = 0.0
+    request_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefilledKV:
+    """A prompt's K/V computed elsewhere (prefill/decode disaggregation), plus the first token sampled there.
+
+    `kv` is `[pages, layers, 2, kv_heads, page_tokens, head_dim]`, the arena's page layout, holding the K/V
+    of all `len(prompt_ids)` prompt tokens.
+    """
+
+    prompt_ids: tuple[int, ...]
+    first_token: int
+    kv: np.ndarray
+    page_tokens: int
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_tokens reached
+    STOP = "stop"  # a stop token id, EOS or stop string
+    ABORTED = "aborted"
+    REJECTED = "rejected"  # invalid request: `error` says why
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token: int
+    index: int  # 0 for the first generated token
+    time: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str | None
+    finish_reason: FinishReason
+    arrival_time: float
+    first_token_time: float | None
+    token_times: tuple[float, ...]
+    error: str | None = None
+    preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first: (t_last - t_first) / (n - 1)."""
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedEvent:
+    output: GenerationOutput
+
+    @property
+    def request_id(self) -> str:
+        return self.output.request_id
+
+
+Event = TokenEvent | FinishedEvent

@@ -1,0 +1,147 @@
+"""The model runner (mechanism): owns the weights and the arena, compiles the step programs over the shape
+buckets at warm-up, packs a step's sequences into padded device arrays and runs the matching program."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harli_jax.model.config import ModelConfig
+from harli_jax.model.paged import TokenBatch, paged_step, read_pages, write_pages
+from harli_jax.model.params import Params
+from harli_jax.model.sampling import SamplingRows
+from harli_jax.runtime.arena import allocate_arena
+from harli_jax.runtime.config import EngineConfig
+from harli_jax.runtime.request import SamplingParams
+
+log = logging.getLogger("harli_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqWork:
+    """One sequence's part of a step: `tokens` at positions `start..`, written into its pages."""
+
+    block_table: Sequence[int]
+    tokens: Sequence[int]
+    start: int
+    sampling: SamplingParams
+    counter: int  # tokens generated so far (the sampling RNG's position)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Bucket:
+    """The static shape of a step program: sequences, tokens and pages per sequence."""
+
+    seqs: int
+    tokens: int
+    pages: int
+
+
+def _step(params, cfg, arena, batch, attention_impl):
+    return paged_step(params, cfg, arena, batch, attention_impl=attention_impl)
+
+
+_step_jit = jax.jit(_step, static_argnames=("cfg", "attention_impl"), donate_argnames=("arena",))
+_read_pages_jit = jax.jit(read_pages)
+_write_pages_jit = jax.jit(write_pages, donate_argnames=("arena",))
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, params: Params, engine_cfg: EngineConfig, num_pages: int):
+        self.cfg = cfg
+        self.params = params
+        self.engine_cfg = engine_cfg
+        self.page_tokens = engine_cfg.page_tokens
+        self.arena = allocate_arena(cfg, num_pages, engine_cfg.page_tokens, cfg.dtype)
+        self.batch_buckets = engine_cfg.resolved_batch_buckets()
+        self.page_buckets = engine_cfg.resolved_page_buckets(cfg)
+        self.buckets = sorted(
+            Bucket(b, b + extra, p)
+            for b in self.batch_buckets for extra in (0, engine_cfg.prefill_chunk) for p in self.page_buckets)
+        self._programs: dict[Bucket, jax.stages.Compiled] = {}
+
+    def bucket_for(self, seqs: int, tokens: int, pages: int) -> Bucket:
+        b = self.batch_buckets[bisect.bisect_left(self.batch_buckets, seqs)]
+        p = self.page_buckets[bisect.bisect_left(self.page_buckets, pages)]
+        return Bucket(b, b if tokens <= b else b + self.engine_cfg.prefill_chunk, p)
+
+    def _batch_struct(self, bucket: Bucket) -> TokenBatch:
+        def i32(*shape):
+            return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+        b, t = bucket.seqs, bucket.tokens
+        rows = SamplingRows(temperature=jax.ShapeDtypeStruct((b,), jnp.float32), top_k=i32(b),
+                            top_p=jax.ShapeDtypeStruct((b,), jnp.float32),
+                            seed=jax.ShapeDtypeStruct((b,), jnp.uint32), counter=i32(b))
+        return TokenBatch(tokens=i32(t), positions=i32(t), seq_index=i32(t), page_ids=i32(t), offsets=i32(t),
+                          block_tables=i32(b, bucket.pages), sample_index=i32(b), sampling=rows)
+
+    def compile(self, bucket: Bucket) -> jax.stages.Compiled:
+        return _step_jit.lower(self.params, self.cfg, self.arena, self._batch_struct(bucket),
+                               self.engine_cfg.attention_impl).compile()
+
+    def warmup(self) -> None:
+        """Compiles every bucket's program (in parallel threads: XLA compiles without the GIL)."""
+        todo = [b for b in self.buckets if b not in self._programs]
+        if not todo:
+            return
+        started = time.perf_counter()
+        log.info("compiling %d step programs (%d batch x %d page buckets, decode and prefill)...",
+                 len(todo), len(self.batch_buckets), len(self.page_buckets))
+        workers = self.engine_cfg.compile_threads or os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for bucket, program in zip(todo, pool.map(self.compile, todo), strict=True):
+                self._programs[bucket] = program
+        log.info("compiled %d step programs in %.1fs", len(todo), time.perf_counter() - started)
+
+    def execute(self, work: Sequence[SeqWork]) -> tuple[np.ndarray, Bucket]:
+        """Runs one step; returns the next token of every sequence (meaningful where its prompt is done)."""
+        total = sum(len(w.tokens) for w in work)
+        pages = max(len(w.block_table) for w in work)
+        bucket = self.bucket_for(len(work), total, pages)
+        batch = self._pack(work, bucket)
+        program = self._programs.get(bucket)
+        if program is None:  # only reached without warm-up
+            program = self._programs[bucket] = self.compile(bucket)
+        self.arena, next_tokens = program(self.params, self.arena, batch)
+        return np.asarray(next_tokens)[: len(work)], bucket
+
+    def _pack(self, work: Sequence[SeqWork], bucket: Bucket) -> TokenBatch:
+        t, b = bucket.tokens, bucket.seqs
+        tokens, positions, seq_index, page_ids, offsets = (np.zeros(t, np.int32) for _ in range(5))
+        tables = np.zeros((b, bucket.pages), np.int32)
+        sample_index = np.zeros(b, np.int32)
+        temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
+        top_k, counter, seed = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.uint32)
+        cursor = 0
+        for i, w in enumerate(work):
+            n = len(w.tokens)
+            pos = np.arange(w.start, w.start + n, dtype=np.int32)
+            table = np.asarray(w.block_table, np.int32)
+            span = slice(cursor, cursor + n)
+            tokens[span], positions[span], seq_index[span] = w.tokens, pos, i
+            page_ids[span], offsets[span] = table[pos // self.page_tokens], pos % self.page_tokens
+            tables[i, : len(table)] = table
+            sample_index[i] = cursor + n - 1
+            s = w.sampling
+            temperature[i], top_k[i], top_p[i], seed[i], counter[i] = (
+                s.temperature, s.top_k, s.top_p, s.seed, w.counter)
+            cursor += n
+        rows = SamplingRows(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, counter=counter)
+        return TokenBatch(tokens=tokens, positions=positions, seq_index=seq_index, page_ids=page_ids,
+                          offsets=offsets, block_tables=tables, sample_index=sample_index, sampling=rows)
+
+    def read_pages(self, page_ids: Sequence[int]) -> np.ndarray:
+        return np.asarray(_read_pages_jit(self.arena, jnp.asarray(page_ids, jnp.int32)))
+
+    def write_pages(self, page_ids: Sequence[int], pages: np.ndarray) -> None:
+        self.arena = _write_pages_jit(self.arena, jnp.asarray(page_ids, jnp.int32), jnp.asarray(pages))

@@ -1,0 +1,46 @@
+"""The engine's record of one request: its tokens, how many have K/V in the arena, and its timing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from harli_jax.runtime.arena import Owner
+from harli_jax.runtime.request import FinishReason, GenerationOutput, PrefilledKV, SamplingParams
+
+
+@dataclasses.dataclass(eq=False)
+class RequestState:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    stop_ids: frozenset[int]
+    arrival_time: float
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # leading tokens of prompt + output whose K/V is in the arena
+    preemptions: int = 0
+    prefilled: PrefilledKV | None = None  # K/V to import when admitted (prefill/decode disaggregation)
+    text: str | None = None
+
+    @property
+    def owner(self) -> Owner:
+        return Owner("kv", self.request_id)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return [*self.prompt_ids, *self.output_ids]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose K/V is still to be computed; 1 while decoding."""
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
+
+    def pending_ids(self, n: int) -> list[int]:
+        return self.all_ids[self.num_computed: self.num_computed + n]
+
+    def output(self, reason: FinishReason, error: str | None = None) -> GenerationOutput:
+        return GenerationOutput(
+            request_id=self.request_id, prompt_ids=self.prompt_ids, token_ids=tuple(self.output_ids),
+            text=self.text, finish_reason=reason, arrival_time=self.arrival_time,
+            first_token_time=self.token_times[0] if self.token_times else None,
+            token_times=tuple(self.token_times), error=error, preemptions=self.preemptions)

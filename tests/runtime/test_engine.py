@@ -1,0 +1,171 @@
+"""The decode engine against transformers' greedy generate: continuous batching, chunked prefill, preemption,
+prefilled-KV import, no recompiles, bad requests."""
+
+import copy
+
+import jax
+import numpy as np
+import pytest
+import torch
+from jax import monitoring
+
+from harli_jax import (
+    Engine,
+    EngineConfig,
+    FinishedEvent,
+    FinishReason,
+    Request,
+    RequestError,
+    SamplingParams,
+    TokenEvent,
+)
+from harli_jax.model import load_model
+
+PROMPT_LENGTHS = [1, 7, 33, 100, 20, 5, 64, 2]
+NEW_TOKENS = 32
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+# A prefill chunk smaller than most prompts, fewer slots than prompts: prompts are cut and requests queue.
+SMALL = EngineConfig(max_batch=4, prefill_chunk=16, max_seq_len=160, num_pages=48, compile_threads=2)
+
+
+def _prompts(vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def _hf_greedy(model, prompts, new_tokens=NEW_TOKENS):
+    model = copy.deepcopy(model)
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+
+
+def _run(engine, submissions):
+    """Steps the engine, submitting `submissions[step]` (prompt lists) at those steps; outputs by request id."""
+    outputs, ids, step = {}, {}, 0
+    while step <= max(submissions, default=-1) or engine.has_unfinished():
+        for prompt in submissions.get(step, []):
+            ids[engine.submit(prompt, GREEDY)] = prompt
+        for event in engine.step():
+            if isinstance(event, FinishedEvent):
+                outputs[event.request_id] = event.output
+        engine.page_table.check_invariants()
+        step += 1
+    return outputs, ids
+
+
+@pytest.fixture(scope="module", params=["llama-gqa2", "qwen2-tied"])
+def served(request, hf_checkpoint):
+    model, path = hf_checkpoint(request.param)
+    loaded = load_model(path)
+    prompts = _prompts(loaded.cfg.vocab_size)
+    return Engine(loaded, SMALL), prompts, _hf_greedy(model, prompts)
+
+
+def test_generate_matches_transformers(served):
+    engine, prompts, reference = served
+    outputs = engine.generate(prompts, GREEDY)
+    assert [list(o.token_ids) for o in outputs] == reference
+    assert all(o.finish_reason is FinishReason.LENGTH for o in outputs)
+    steps = engine.step_records
+    assert max(r.decode_seqs + r.prefill_seqs for r in steps) == SMALL.max_batch
+    assert any(r.decode_seqs and r.prefill_tokens for r in steps), "no step mixed decode and prefill"
+    assert max(r.prefill_tokens for r in steps) == SMALL.prefill_chunk
+
+
+def test_requests_arriving_at_different_steps(served):
+    engine, prompts, reference = served
+    arrivals = {0: prompts[:2], 3: prompts[2:3], 9: prompts[3:6], 30: prompts[6:]}
+    outputs, ids = _run(engine, arrivals)
+    for rid, prompt in ids.items():
+        assert list(outputs[rid].token_ids) == reference[prompts.index(prompt)]
+    assert engine.page_table.usage()["kv"] == 0
+
+
+def test_prefilled_kv_import_gives_the_same_tokens(served):
+    engine, prompts, reference = served
+    prompt = prompts[3]
+    rid = engine.submit(prompt, GREEDY)
+    while not any(isinstance(e, TokenEvent) and e.request_id == rid for e in engine.step()):
+        pass
+    kv = engine.export_kv(rid)
+    engine.abort(rid)
+    engine.step()
+    assert kv.first_token == reference[3][0]
+    decoded = engine.submit(Request(prompt, GREEDY), prefilled_kv=kv)
+    outputs, _ = _run(engine, {})
+    assert list(outputs[decoded].token_ids) == reference[3]
+
+
+def test_no_recompiles_after_warmup(served):
+    engine, prompts, _ = served
+    compiles = []
+
+    def count(name, *_, **__):
+        if name.endswith("backend_compile_duration"):
+            compiles.append(name)
+
+    monitoring.register_event_duration_secs_listener(count)
+    try:
+        engine.generate(prompts[:1], GREEDY)  # batch 1
+        engine.generate(prompts[1:4], GREEDY)  # batch 3
+        engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=1))
+        assert engine.step_records, "nothing ran"
+        during = list(compiles)
+        jax.jit(lambda x: x * 3 + 1)(np.float32(2))  # the counter does see a compile
+        assert len(compiles) > len(during)
+    finally:
+        monitoring.unregister_event_duration_listener(count)
+    assert during == []
+
+
+def test_bad_requests_are_rejected_alone(served):
+    engine, prompts, reference = served
+    good = engine.submit(prompts[1], GREEDY)
+    bad = {
+        "empty": ([], GREEDY, "the prompt is empty"),
+        "vocab": ([1, 10_000], GREEDY, r"outside the vocabulary"),
+        "too long": (prompts[3], SamplingParams(max_tokens=100), "exceeds the context length 160"),
+        "max_tokens": ([1, 2], SamplingParams(max_tokens=0), "max_tokens must be a positive integer"),
+        "top_p": ([1, 2], SamplingParams(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    }
+    for prompt, sampling, message in bad.values():
+        with pytest.raises(RequestError, match=message):
+            engine.submit(prompt, sampling)
+    with pytest.raises(RequestError, match="unknown request id 'nope'"):
+        engine.abort("nope")
+    outputs, _ = _run(engine, {})
+    assert list(outputs[good].token_ids) == reference[1]
+
+    mixed = engine.generate([prompts[2], [], prompts[5]], GREEDY)
+    assert [o.finish_reason for o in mixed] == [FinishReason.LENGTH, FinishReason.REJECTED, FinishReason.LENGTH]
+    assert "empty" in mixed[1].error
+    assert list(mixed[0].token_ids) == reference[2] and list(mixed[2].token_ids) == reference[5]
+
+
+def test_abort_frees_pages_and_spares_the_others(served):
+    engine, prompts, reference = served
+    keep = engine.submit(prompts[2], GREEDY)
+    drop = engine.submit(prompts[3], GREEDY)
+    for _ in range(4):
+        engine.step()
+    engine.abort(drop)
+    outputs, _ = _run(engine, {})
+    assert outputs[drop].finish_reason is FinishReason.ABORTED
+    assert list(outputs[keep].token_ids) == reference[2]
+    assert engine.page_table.usage()["kv"] == 0
+
+
+def test_tiny_arena_preempts_and_still_matches(hf_checkpoint):
+    model, path = hf_checkpoint("llama-gqa2")
+    loaded = load_model(path)
+    prompts = _prompts(loaded.cfg.vocab_size)
+    tight = EngineConfig(max_batch=4, prefill_chunk=16, max_seq_len=160, num_pages=12, compile_threads=2)
+    engine = Engine(loaded, tight)
+    outputs, ids = _run(engine, {0: prompts})
+    reference = _hf_greedy(model, prompts)
+    for rid, prompt in ids.items():
+        assert list(outputs[rid].token_ids) == reference[prompts.index(prompt)]
+    assert sum(o.preemptions for o in outputs.values()) > 0, "the arena was not tight enough to preempt"
+    assert engine.page_table.usage() == {"free": 11, "kv": 0, "lease": 0}

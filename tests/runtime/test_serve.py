@@ -1,0 +1,78 @@
+"""serve() with arrivals over time, text prompts, stop conditions, sampling through the engine."""
+
+import time
+
+import pytest
+
+from harli_jax import Engine, EngineConfig, FinishedEvent, FinishReason, Request, SamplingParams, TokenEvent
+from harli_jax.model import greedy_generate, load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_yaml):
+    model = load_model(tiny_yaml)
+    engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk=16, max_seq_len=96, num_pages=64,
+                                        compile_threads=2))
+    return engine, model
+
+
+def test_serve_submits_on_arrival_and_yields_tokens_in_order(tiny):
+    engine, model = tiny
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    requests = [Request("alpha", sampling, arrival=0.0, request_id="a"),
+                Request("beta", sampling, arrival=0.15, request_id="b"),
+                Request([], sampling, arrival=0.2, request_id="bad"),
+                Request("gamma delta", sampling, arrival=0.3, request_id="c")]
+    start = time.perf_counter()
+    events = list(engine.serve(requests))
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert [e.time for e in tokens] == sorted(e.time for e in tokens)
+    finished = {e.request_id: e.output for e in events if isinstance(e, FinishedEvent)}
+    assert finished["bad"].finish_reason is FinishReason.REJECTED and "empty" in finished["bad"].error
+    for rid, req in zip("abc", [requests[0], requests[1], requests[3]], strict=True):
+        out = finished[rid]
+        assert out.arrival_time == pytest.approx(start + req.arrival, abs=0.05)
+        assert out.first_token_time >= out.arrival_time and out.ttft >= 0
+        assert [e.token for e in tokens if e.request_id == rid] == list(out.token_ids)
+        prompt = model.tokenizer.encode(req.prompt)
+        assert list(out.token_ids) == greedy_generate(model.params, model.cfg, prompt, 6)
+        assert out.text == model.tokenizer.decode(out.token_ids)
+        assert out.tpot is not None and out.tpot > 0
+
+
+def test_stop_token_and_stop_string(tiny):
+    engine, model = tiny
+    free = engine.generate(["stop here"], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    stop_id = free.token_ids[4]
+    stopped = engine.generate(["stop here"], SamplingParams(max_tokens=20, ignore_eos=True,
+                                                            stop_token_ids=(stop_id,)))[0]
+    assert stopped.finish_reason is FinishReason.STOP
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+
+    text = model.tokenizer.decode(free.token_ids)
+    stop = text[3:5]
+    cut = engine.generate(["stop here"], SamplingParams(max_tokens=20, ignore_eos=True, stop=(stop,)))[0]
+    assert cut.finish_reason is FinishReason.STOP and cut.text == text[: text.find(stop)]
+
+
+def test_eos_stops_unless_ignored(tiny):
+    engine, model = tiny
+    free = engine.generate(["x"], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    eos = free.token_ids[2]
+    eos_engine_cfg = model.cfg.replace(eos_token_ids=(eos,))
+    with_eos = Engine(model.__class__(eos_engine_cfg, model.params, model.tokenizer), engine.config, warmup=False)
+    out = with_eos.generate(["x"], SamplingParams(max_tokens=30))[0]
+    assert out.finish_reason is FinishReason.STOP and out.token_ids[-1] == eos
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny):
+    engine, _ = tiny
+    hot = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=11, ignore_eos=True)
+    alone = engine.generate(["sample me"], hot)[0]
+    crowd = engine.generate(["other", "sample me", "third one"],
+                            [SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True), hot,
+                             SamplingParams(max_tokens=12, ignore_eos=True)])
+    assert crowd[1].token_ids == alone.token_ids
+    other_seed = engine.generate(["sample me"], SamplingParams(max_tokens=12, temperature=1.0, seed=12,
+                                                               ignore_eos=True))[0]
+    assert other_seed.token_ids != alone.token_ids
