@@ -15,7 +15,7 @@ import numpy as np
 
 from harli_jax.kernels import MASK_VALUE
 from harli_jax.model.config import ModelConfig, RopeScaling
-from harli_jax.model.params import LayerParams
+from harli_jax.model.params import Adapters, LayerParams, LoRAPair
 
 Array = jax.Array
 
@@ -62,28 +62,36 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     return x * cos + rotated * sin
 
 
-def linear(x: Array, w: Array, b: Array | None = None) -> Array:
+def linear(x: Array, w: Array, b: Array | None = None, lora: LoRAPair | None = None) -> Array:
+    """`x @ w (+ b) (+ scale * x @ a @ b)`: a base projection with an optional bias and LoRA delta."""
     y = x @ w
-    return y if b is None else y + b
+    if b is not None:
+        y = y + b
+    if lora is not None:
+        y = y + lora.scale * ((x @ lora.a.astype(x.dtype)) @ lora.b.astype(x.dtype))
+    return y
 
 
-def attention_qkv(lp: LayerParams, cfg: ModelConfig, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+def attention_qkv(lp: LayerParams, cfg: ModelConfig, x: Array, positions: Array,
+                  lora: Adapters | None = None) -> tuple[Array, Array, Array]:
     """Pre-norm, q/k/v projections and RoPE: `x [..., T, D]` -> q `[..., T, Hq, hd]`, k/v `[..., T, Hkv, hd]`."""
+    lora = lora or {}
     with jax.named_scope("qkv"):
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         lead = x.shape[:-1]
-        q = linear(h, lp.q_proj, lp.q_bias).reshape(*lead, cfg.num_heads, cfg.head_dim)
-        k = linear(h, lp.k_proj, lp.k_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-        v = linear(h, lp.v_proj, lp.v_bias).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        q = linear(h, lp.q_proj, lp.q_bias, lora.get("q_proj")).reshape(*lead, cfg.num_heads, cfg.head_dim)
+        k = linear(h, lp.k_proj, lp.k_bias, lora.get("k_proj")).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        v = linear(h, lp.v_proj, lp.v_bias, lora.get("v_proj")).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
     with jax.named_scope("rope"):
         inv_freq = rope_inv_freq(cfg)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 
-def attention_out(lp: LayerParams, cfg: ModelConfig, x: Array, attn: Array) -> Array:
+def attention_out(lp: LayerParams, cfg: ModelConfig, x: Array, attn: Array, lora: Adapters | None = None) -> Array:
     """Output projection of `attn [..., T, Hq, hd]` plus the residual `x`."""
     with jax.named_scope("o_proj"):
-        return x + linear(attn.reshape(*attn.shape[:-2], cfg.q_size), lp.o_proj, lp.o_bias)
+        flat = attn.reshape(*attn.shape[:-2], cfg.q_size)
+        return x + linear(flat, lp.o_proj, lp.o_bias, (lora or {}).get("o_proj"))
 
 
 def dense_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -98,8 +106,11 @@ def dense_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return out.reshape(b, t, hq, hd)
 
 
-def mlp_block(lp: LayerParams, cfg: ModelConfig, x: Array) -> Array:
+def mlp_block(lp: LayerParams, cfg: ModelConfig, x: Array, lora: Adapters | None = None) -> Array:
     """Pre-norm SwiGLU MLP plus the residual."""
+    lora = lora or {}
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-        return x + (jax.nn.silu(h @ lp.gate_proj) * (h @ lp.up_proj)) @ lp.down_proj
+        gated = jax.nn.silu(linear(h, lp.gate_proj, lora=lora.get("gate_proj"))) * linear(
+            h, lp.up_proj, lora=lora.get("up_proj"))
+        return x + linear(gated, lp.down_proj, lora=lora.get("down_proj"))

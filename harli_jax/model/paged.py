@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from harli_jax.kernels import paged_attention, write_kv
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import attention_out, attention_qkv, mlp_block
-from harli_jax.model.params import Params
+from harli_jax.model.params import Adapters, Params
 from harli_jax.model.sampling import SamplingRows, sample
 from harli_jax.model.transformer import embed, lm_logits
 
@@ -43,24 +43,25 @@ def arena_shape(cfg: ModelConfig, num_pages: int, page_tokens: int) -> tuple[int
 
 
 def paged_step(params: Params, cfg: ModelConfig, arena: Array, batch: TokenBatch, *,
-               attention_impl: str = "auto") -> tuple[Array, Array]:
-    """Runs the batch through the model, writing its K/V into `arena`; returns (arena, next token `[B]`)."""
+               attention_impl: str = "auto", lora: Adapters | None = None) -> tuple[Array, Array]:
+    """Runs the batch through the model (with LoRA deltas if given), writing its K/V into `arena`; returns
+    (arena, next token `[B]`)."""
     lengths = jnp.where(batch.page_ids > 0, batch.positions + 1, 0).astype(jnp.int32)
     tables = batch.block_tables[batch.seq_index]
 
     def layer_body(carry, xs):
         x, arena = carry
-        lp, layer = xs
+        lp, adapters, layer = xs
         with jax.named_scope("layer"):
             with jax.named_scope("attention"):
-                q, k, v = attention_qkv(lp, cfg, x, batch.positions)
+                q, k, v = attention_qkv(lp, cfg, x, batch.positions, adapters)
                 arena = write_kv(arena, layer, k, v, batch.page_ids, batch.offsets)
                 attn = paged_attention(q, arena, layer, tables, lengths, impl=attention_impl)
-                x = attention_out(lp, cfg, x, attn)
-            return (mlp_block(lp, cfg, x), arena), None
+                x = attention_out(lp, cfg, x, attn, adapters)
+            return (mlp_block(lp, cfg, x, adapters), arena), None
 
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, arena), _ = jax.lax.scan(layer_body, (embed(params, batch.tokens), arena), (params.layers, layers))
+    (x, arena), _ = jax.lax.scan(layer_body, (embed(params, batch.tokens), arena), (params.layers, lora, layers))
     logits = lm_logits(params, cfg, x[batch.sample_index])
     with jax.named_scope("sample"):
         return arena, sample(logits, batch.sampling)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,21 @@ class LayerParams:
     k_bias: Array | None = None
     v_bias: Array | None = None
     o_bias: Array | None = None
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["a", "b"], meta_fields=["scale"])
+@dataclasses.dataclass(frozen=True)
+class LoRAPair:
+    """A low-rank delta of one projection: `x @ w + scale * (x @ a) @ b`; a `[in, rank]`, b `[rank, out]`
+    (with a leading layer axis when stacked)."""
+
+    a: Array
+    b: Array
+    scale: float
+
+
+# Adapters of one layer (or stacked over layers), by projection name (an entry of PROJECTIONS).
+Adapters = dict[str, LoRAPair]
 
 
 @jax.tree_util.register_dataclass

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import attention_out, attention_qkv, dense_attention, mlp_block, rms_norm
-from harli_jax.model.params import LayerParams, Params
+from harli_jax.model.params import Adapters, LayerParams, Params
 
 Array = jax.Array
 
@@ -42,21 +42,18 @@ def causal_mask(segment_ids: Array) -> Array:
     return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
-def decoder_layer(lp: LayerParams, cfg: ModelConfig, x: Array, positions: Array, mask: Array) -> Array:
-    with jax.named_scope("attention"):
-        q, k, v = attention_qkv(lp, cfg, x, positions)
-        x = attention_out(lp, cfg, x, dense_attention(q, k, v, mask))
-    return mlp_block(lp, cfg, x)
+def decoder_layer(lp: LayerParams, cfg: ModelConfig, x: Array, positions: Array, mask: Array,
+                  lora: Adapters | None = None) -> Array:
+    """One layer over dense attention; the unit the training micro-steps stash and recompute."""
+    with jax.named_scope("layer"):
+        with jax.named_scope("attention"):
+            q, k, v = attention_qkv(lp, cfg, x, positions, lora)
+            x = attention_out(lp, cfg, x, dense_attention(q, k, v, mask), lora)
+        return mlp_block(lp, cfg, x, lora)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def forward(params: Params, cfg: ModelConfig, token_ids: Array, positions: Array | None = None,
-            segment_ids: Array | None = None) -> Array:
-    """Logits `[B, T, vocab]` (float32) for `token_ids [B, T]`.
-
-    `segment_ids [B, T]` packs several sequences in one row: tokens attend only within their segment, and
-    positions (when not given) restart at each segment. Padding is a segment of its own.
-    """
+def sequence_inputs(token_ids: Array, positions: Array | None, segment_ids: Array | None) -> tuple[Array, Array]:
+    """Checked `(positions, mask)` of a `[B, T]` batch, with the defaults `forward` documents."""
     if token_ids.ndim != 2 or not jnp.issubdtype(token_ids.dtype, jnp.integer):
         raise ValueError(f"token_ids must be an integer array [batch, tokens], got {token_ids.dtype}{token_ids.shape}")
     for name, a in (("positions", positions), ("segment_ids", segment_ids)):
@@ -66,11 +63,29 @@ def forward(params: Params, cfg: ModelConfig, token_ids: Array, positions: Array
         segment_ids = jnp.zeros_like(token_ids)
     if positions is None:
         positions = segment_positions(segment_ids)
-    mask = causal_mask(segment_ids)
+    return positions, causal_mask(segment_ids)
 
-    def body(x, lp):
-        with jax.named_scope("layer"):
-            return decoder_layer(lp, cfg, x, positions, mask), None
 
-    x, _ = jax.lax.scan(body, embed(params, token_ids), params.layers)
-    return lm_logits(params, cfg, x)
+def hidden_states(params: Params, cfg: ModelConfig, token_ids: Array, positions: Array | None = None,
+                  segment_ids: Array | None = None, lora: Adapters | None = None) -> Array:
+    """The last layer's output `[B, T, D]` (before the final norm)."""
+    positions, mask = sequence_inputs(token_ids, positions, segment_ids)
+
+    def body(x, layer):
+        lp, adapters = layer
+        return decoder_layer(lp, cfg, x, positions, mask, adapters), None
+
+    x, _ = jax.lax.scan(body, embed(params, token_ids), (params.layers, lora))
+    return x
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward(params: Params, cfg: ModelConfig, token_ids: Array, positions: Array | None = None,
+            segment_ids: Array | None = None, lora: Adapters | None = None) -> Array:
+    """Logits `[B, T, vocab]` (float32) for `token_ids [B, T]`.
+
+    `segment_ids [B, T]` packs several sequences in one row: tokens attend only within their segment, and
+    positions (when not given) restart at each segment. Padding is a segment of its own. `lora` holds
+    stacked LoRA deltas by projection name.
+    """
+    return lm_logits(params, cfg, hidden_states(params, cfg, token_ids, positions, segment_ids, lora))

@@ -2,6 +2,7 @@
 
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.engine import Engine, RequestError
+from harli_jax.runtime.finetune import FinetuneJob, JobHandle, JobProgress, JobStatus
 from harli_jax.runtime.request import (
     FinishedEvent,
     FinishReason,
@@ -12,5 +13,7 @@ from harli_jax.runtime.request import (
     TokenEvent,
 )
 
-__all__ = ["Engine", "EngineConfig", "FinishReason", "FinishedEvent", "GenerationOutput", "PrefilledKV", "Request",
-           "RequestError", "SamplingParams", "TokenEvent"]
+__all__ = [
+    "Engine", "EngineConfig", "FinetuneJob", "FinishReason", "FinishedEvent", "GenerationOutput", "JobHandle",
+    "JobProgress", "JobStatus", "PrefilledKV", "Request", "RequestError", "SamplingParams", "TokenEvent",
+]

@@ -18,9 +18,11 @@ import jax
 import numpy as np
 
 from harli_jax.errors import HarliError
+from harli_jax.lora.adapters import load_peft
 from harli_jax.model.loader import LoadedModel, load_model
 from harli_jax.runtime.arena import PageTable, page_bytes, pages_from_memory
 from harli_jax.runtime.config import EngineConfig
+from harli_jax.runtime.finetune import FinetuneJob, FinetuneRunner, JobHandle
 from harli_jax.runtime.metrics import StepRecord
 from harli_jax.runtime.request import (
     Event,
@@ -62,6 +64,7 @@ class Engine:
         self._events: list[Event] = []  # produced outside a step (aborts), returned by the next one
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self._job: FinetuneRunner | None = None
         log.info("engine: %s, %d arena pages of %d tokens, max batch %d, prefill chunk %d, context %d",
                  cfg.name, num_pages, config.page_tokens, config.max_batch, config.prefill_chunk, self.seq_len)
         if warmup:
@@ -93,6 +96,33 @@ class Engine:
         workspace = probe.compile(probe.buckets[-1]).memory_analysis().temp_size_in_bytes
         return pages_from_memory(self.cfg, config.page_tokens, self.cfg.dtype, config.memory_fraction,
                                  weights, workspace, device)
+
+    # Finetuning and adapters -------------------------------------------------------------------------------
+
+    def finetune(self, job: FinetuneJob) -> JobHandle:
+        """Registers a LoRA finetune job over this engine's weights and arena; returns its handle at once.
+        The job trains whenever the engine steps without inference work (`handle.wait()` drives it)."""
+        if self._job is not None and not JobHandle(self._job, self).done():
+            raise HarliError(f"job {self._job.job.name!r} is still registered; stop it first")
+        runner = FinetuneRunner(job, self.cfg, self.runner.params, self.tokenizer, self.page_table, self.runner)
+        self.page_table.on_reclaim = runner.on_reclaim
+        self._job = runner
+        log.info("finetune job %r: %d training samples, %s eval samples, %d optimizer steps", job.name,
+                 len(runner.train_set), len(runner.eval_set) if runner.eval_set is not None else 0,
+                 runner.total_steps)
+        return JobHandle(runner, self)
+
+    def use_adapter(self, adapter: JobHandle | str | Path | None) -> None:
+        """Serves with a LoRA adapter: a job's current weights, an HF PEFT directory, or None for the base model.
+        A new adapter shape recompiles the step programs."""
+        if isinstance(adapter, JobHandle):
+            lora = adapter.adapters
+        elif adapter is None:
+            lora = None
+        else:
+            lora = load_peft(adapter, self.cfg)[1]
+        self.runner.set_lora(lora)
+        self.runner.warmup()
 
     # Requests ----------------------------------------------------------------------------------------------
 
@@ -235,6 +265,8 @@ class Engine:
                             counter=len(state.output_ids)) for state, n in plan.work]
             events, self._events = self._events, []
         if not work:
+            if self._job is not None and self._job.active:
+                self._job.train_microbatch()
             return events
         start = time.perf_counter()
         next_tokens, bucket = self.runner.execute(work)
@@ -297,6 +329,8 @@ class Engine:
                 yield from self.step()
             elif upcoming is None:
                 return
+            elif self._job is not None and self._job.active:
+                self.step()  # idle until the next arrival: train
             else:
                 time.sleep(max(0.0, start + upcoming.arrival - time.perf_counter()))
 

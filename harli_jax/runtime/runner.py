@@ -17,7 +17,7 @@ import numpy as np
 
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import TokenBatch, paged_step, read_pages, write_pages
-from harli_jax.model.params import Params
+from harli_jax.model.params import Adapters, Params
 from harli_jax.model.sampling import SamplingRows
 from harli_jax.runtime.arena import allocate_arena
 from harli_jax.runtime.config import EngineConfig
@@ -46,8 +46,8 @@ class Bucket:
     pages: int
 
 
-def _step(params, cfg, arena, batch, attention_impl):
-    return paged_step(params, cfg, arena, batch, attention_impl=attention_impl)
+def _step(params, cfg, arena, batch, attention_impl, lora):
+    return paged_step(params, cfg, arena, batch, attention_impl=attention_impl, lora=lora)
 
 
 _step_jit = jax.jit(_step, static_argnames=("cfg", "attention_impl"), donate_argnames=("arena",))
@@ -68,6 +68,14 @@ class ModelRunner:
             Bucket(b, b + extra, p)
             for b in self.batch_buckets for extra in (0, engine_cfg.prefill_chunk) for p in self.page_buckets)
         self._programs: dict[Bucket, jax.stages.Compiled] = {}
+        self.lora: Adapters | None = None  # the adapter decode applies (None: the base model)
+
+    def set_lora(self, lora: Adapters | None) -> None:
+        """Serves with `lora` from the next step on; a new adapter structure recompiles the programs."""
+        if jax.tree.structure(lora) != jax.tree.structure(self.lora) or any(
+                a.shape != b.shape for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(self.lora), strict=True)):
+            self._programs.clear()
+        self.lora = lora
 
     def bucket_for(self, seqs: int, tokens: int, pages: int) -> Bucket:
         b = self.batch_buckets[bisect.bisect_left(self.batch_buckets, seqs)]
@@ -87,7 +95,7 @@ class ModelRunner:
 
     def compile(self, bucket: Bucket) -> jax.stages.Compiled:
         return _step_jit.lower(self.params, self.cfg, self.arena, self._batch_struct(bucket),
-                               self.engine_cfg.attention_impl).compile()
+                               self.engine_cfg.attention_impl, self.lora).compile()
 
     def warmup(self) -> None:
         """Compiles every bucket's program (in parallel threads: XLA compiles without the GIL)."""
@@ -112,7 +120,7 @@ class ModelRunner:
         program = self._programs.get(bucket)
         if program is None:  # only reached without warm-up
             program = self._programs[bucket] = self.compile(bucket)
-        self.arena, next_tokens = program(self.params, self.arena, batch)
+        self.arena, next_tokens = program(self.params, self.arena, batch, self.lora)
         return np.asarray(next_tokens)[: len(work)], bucket
 
     def _pack(self, work: Sequence[SeqWork], bucket: Bucket) -> TokenBatch:

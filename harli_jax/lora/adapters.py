@@ -1,0 +1,114 @@
+"""LoRA adapters: configuration, initialization (PEFT's), and HF PEFT export/import."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from harli_jax.errors import CheckpointError, ConfigError
+from harli_jax.model.config import ModelConfig
+from harli_jax.model.params import PROJECTIONS, Adapters, LoRAPair, layer_shapes
+
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+_HF_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+              "down_proj": "mlp.down_proj"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on `targets`: `W x + (alpha / rank) * B A x`, B = 0 at init."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ConfigError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"LoRAConfig.alpha must be > 0, got {self.alpha}")
+        if self.dropout != 0:
+            raise ConfigError(f"LoRAConfig.dropout={self.dropout}: LoRA dropout is not supported yet; use 0")
+        unknown = [t for t in self.targets if t not in PROJECTIONS]
+        if unknown or not self.targets:
+            raise ConfigError(f"LoRAConfig.targets must be a non-empty subset of {PROJECTIONS}, got {self.targets}")
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(self.targets)))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def init_lora(cfg: ModelConfig, lora: LoRAConfig, seed: int = 0, dtype=jnp.float32) -> Adapters:
+    """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)) i.e. U(-1/sqrt(in), 1/sqrt(in)), B = 0; stacked over
+    layers. Adapters train in float32 whatever the base dtype."""
+    shapes = layer_shapes(cfg)
+    keys = jax.random.split(jax.random.key(seed), len(lora.targets))
+    out = {}
+    for key, target in zip(keys, lora.targets, strict=True):
+        d_in, d_out = shapes[target]
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(key, (cfg.num_layers, d_in, lora.rank), jnp.float32, -bound, bound).astype(dtype)
+        out[target] = LoRAPair(a=a, b=jnp.zeros((cfg.num_layers, lora.rank, d_out), dtype), scale=lora.scale)
+    return out
+
+
+def export_peft(adapters: Adapters, lora: LoRAConfig, cfg: ModelConfig, path: str | Path,
+                base_model: str | None = None) -> Path:
+    """Writes `adapter_model.safetensors` and `adapter_config.json` that `peft.PeftModel.from_pretrained` loads."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the adapter directory {path}: {e}") from None
+    tensors = {}
+    for target, pair in adapters.items():
+        a, b = np.asarray(pair.a, np.float32), np.asarray(pair.b, np.float32)
+        for i in range(cfg.num_layers):
+            prefix = f"base_model.model.model.layers.{i}.{_HF_MODULE[target]}"
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)  # [rank, in]
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T)  # [out, rank]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout, "target_modules": list(lora.targets), "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "inference_mode": True, "base_model_name_or_path": base_model,
+    }
+    safetensors.numpy.save_file(tensors, str(path / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (path / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+    return path
+
+
+def load_peft(path: str | Path, cfg: ModelConfig) -> tuple[LoRAConfig, Adapters]:
+    """Reads an HF PEFT LoRA adapter directory (the inverse of `export_peft`)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / PEFT_CONFIG).read_text())
+        tensors = safetensors.numpy.load_file(str(path / PEFT_WEIGHTS))
+    except (OSError, json.JSONDecodeError, safetensors.SafetensorError) as e:
+        raise CheckpointError(f"cannot read a PEFT adapter from {path}: {e}") from None
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
+        raise CheckpointError(f"{path / PEFT_CONFIG}: only plain LoRA adapters are supported")
+    targets = config["target_modules"]
+    targets = [t for t in PROJECTIONS if t in targets] if isinstance(targets, list) else []
+    lora = LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=tuple(targets))
+    out = {}
+    for target in lora.targets:
+        def stacked(kind, target=target):
+            names = [f"base_model.model.model.layers.{i}.{_HF_MODULE[target]}.lora_{kind}.weight"
+                     for i in range(cfg.num_layers)]
+            missing = [n for n in names if n not in tensors]
+            if missing:
+                raise CheckpointError(f"{path / PEFT_WEIGHTS} lacks {missing[:3]}")
+            return jnp.asarray(np.stack([tensors[n].T for n in names]).astype(np.float32))
+        out[target] = LoRAPair(a=stacked("A"), b=stacked("B"), scale=lora.scale)
+    return lora, out

@@ -1,0 +1,217 @@
+"""LoRA training programs (mechanism): the single-program micro-batch step, the micro-steps that cut it into
+pieces small enough for decode's slack, and the Optax update. Only the LoRA tree is differentiated; the base
+weights are read, never copied or donated.
+
+Micro-steps of one micro-batch, in order:
+  embed -> forward chunks (layers a..b, each layer's input stashed in leased arena pages) -> loss (final norm,
+  LM head, cross-entropy, gradient w.r.t. the last hidden state) -> backward chunks (layers b..a, each layer
+  recomputed from its stash and differentiated with `jax.vjp`) -> commit (the micro-batch's LoRA gradient is
+  added to the accumulator). Until the commit nothing is applied, so an abandoned micro-batch leaves no trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from harli_jax.model.config import ModelConfig
+from harli_jax.model.params import Adapters, Params
+from harli_jax.model.transformer import causal_mask, decoder_layer, embed, lm_logits
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainBatch:
+    """A packed micro-batch on device, every field `[rows, seq_len]`."""
+
+    tokens: Array  # int32
+    targets: Array  # int32: the next token of the same sample
+    loss_mask: Array  # float32: 1 where the target is trained
+    segment_ids: Array  # int32: 1, 2, ... per sample in a row, 0 on padding
+    positions: Array  # int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    lora: Adapters
+    opt_state: optax.OptState
+    accum: Adapters  # summed gradients of the committed micro-batches (loss summed over tokens)
+    accum_tokens: Array  # float32: loss tokens in `accum`
+    step: Array  # int32: optimizer steps applied
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 2e-4
+    warmup_steps: int = 10
+    total_steps: int = 1000
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+def make_optimizer(c: OptimizerConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on a warmup + cosine schedule."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1),
+                                                  max(c.total_steps, c.warmup_steps + 1))
+    return optax.chain(optax.clip_by_global_norm(c.max_grad_norm),
+                       optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+
+
+def init_state(lora: Adapters, optimizer: optax.GradientTransformation) -> TrainState:
+    zeros = jax.tree.map(jnp.zeros_like, lora)
+    return TrainState(lora=lora, opt_state=optimizer.init(lora), accum=zeros, accum_tokens=jnp.float32(0),
+                      step=jnp.int32(0))
+
+
+def token_loss_sum(logits: Array, batch: TrainBatch) -> tuple[Array, Array]:
+    """Masked next-token cross-entropy in float32: (sum over trained tokens, number of trained tokens)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch.targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * batch.loss_mask), jnp.sum(batch.loss_mask)
+
+
+def _layer_fn(cfg: ModelConfig, remat: bool):
+    fn = functools.partial(decoder_layer, cfg=cfg)
+    return jax.checkpoint(fn) if remat else fn
+
+
+def loss_sum(lora: Adapters, params: Params, cfg: ModelConfig, batch: TrainBatch, remat: bool = False):
+    """The micro-batch loss of the whole model in one program; `remat` recomputes each layer in backward."""
+    layer = _layer_fn(cfg, remat)
+    mask = causal_mask(batch.segment_ids)
+
+    def body(x, xs):
+        lp, adapters = xs
+        return layer(lp, x=x, positions=batch.positions, mask=mask, lora=adapters), None
+
+    x, _ = jax.lax.scan(body, embed(params, batch.tokens), (params.layers, lora))
+    return token_loss_sum(lm_logits(params, cfg, x), batch)
+
+
+def grad_step(params: Params, cfg: ModelConfig, state: TrainState, batch: TrainBatch, remat: bool = False):
+    """Single-program micro-batch: forward, loss, backward, accumulate. Returns (state, loss sum, tokens)."""
+    (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(state.lora, params, cfg, batch, remat)
+    state = dataclasses.replace(state, accum=jax.tree.map(jnp.add, state.accum, grads),
+                                accum_tokens=state.accum_tokens + count)
+    return state, total, count
+
+
+def apply_update(optimizer: optax.GradientTransformation, state: TrainState):
+    """The Optax step on the mean gradient of the accumulated micro-batches. A non-finite gradient skips the
+    update (weights and optimizer state unchanged). Returns (state, applied, grad norm); clears the accumulator."""
+    grads = jax.tree.map(lambda g: g / jnp.maximum(state.accum_tokens, 1.0), state.accum)
+    norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+    lora = optax.apply_updates(state.lora, updates)
+
+    def keep(new, old):
+        return jnp.where(finite, new, old)
+
+    state = TrainState(lora=jax.tree.map(keep, lora, state.lora),
+                       opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                       accum=jax.tree.map(jnp.zeros_like, state.accum), accum_tokens=jnp.float32(0),
+                       step=state.step + finite.astype(jnp.int32))
+    return state, finite, norm
+
+
+# Micro-steps ------------------------------------------------------------------------------------------------
+
+
+def stash_rows_per_page(cfg: ModelConfig, page_elements: int) -> int:
+    """Hidden-state rows one arena page holds when read as a stash."""
+    return page_elements // cfg.hidden_size
+
+
+def _stash_index(stash_pages: Array, layer: Array, tokens: int, rows_per_page: int) -> tuple[Array, Array]:
+    rows = layer * tokens + jnp.arange(tokens)
+    return stash_pages[rows // rows_per_page], rows % rows_per_page
+
+
+def _as_rows(arena: Array, cfg: ModelConfig) -> Array:
+    return arena.reshape(arena.shape[0], -1, cfg.hidden_size)
+
+
+def _layer_slice(tree, layer: Array):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), tree)
+
+
+def embed_step(params: Params, batch: TrainBatch) -> Array:
+    return embed(params, batch.tokens)
+
+
+def forward_chunk(params: Params, cfg: ModelConfig, lora: Adapters, arena: Array, x: Array, batch: TrainBatch,
+                  stash_pages: Array, start: Array, num_layers: int) -> tuple[Array, Array]:
+    """Layers `start .. start + num_layers - 1`, stashing each layer's input; returns (arena, output)."""
+    rows, seq, hidden = x.shape
+    tokens = rows * seq
+    per_page = stash_rows_per_page(cfg, arena[0].size)
+    mask = causal_mask(batch.segment_ids)
+
+    def body(i, carry):
+        arena, x = carry
+        layer = start + i
+        pages, slots = _stash_index(stash_pages, layer, tokens, per_page)
+        arena = _as_rows(arena, cfg).at[pages, slots].set(x.reshape(tokens, hidden)).reshape(arena.shape)
+        x = decoder_layer(_layer_slice(params.layers, layer), cfg, x, batch.positions, mask,
+                          _layer_slice(lora, layer))
+        return arena, x
+
+    with jax.named_scope("train_forward_chunk"):
+        return jax.lax.fori_loop(0, num_layers, body, (arena, x))
+
+
+def loss_step(params: Params, cfg: ModelConfig, x: Array, batch: TrainBatch) -> tuple[Array, Array, Array]:
+    """Final norm, LM head and cross-entropy: (loss sum, tokens, d loss_sum / d x)."""
+    def head_loss(x):
+        return token_loss_sum(lm_logits(params, cfg, x), batch)
+
+    with jax.named_scope("train_loss"):
+        (total, count), g = jax.value_and_grad(head_loss, has_aux=True)(x)
+    return total, count, g
+
+
+def backward_chunk(params: Params, cfg: ModelConfig, lora: Adapters, arena: Array, g: Array, grads: Adapters,
+                   batch: TrainBatch, stash_pages: Array, end: Array, num_layers: int) -> tuple[Array, Adapters]:
+    """Layers `end - 1` down to `end - num_layers`, each recomputed from its stash: returns (d loss / d input of
+    the first layer, the micro-batch's LoRA gradients with these layers added)."""
+    rows, seq, hidden = g.shape
+    tokens = rows * seq
+    per_page = stash_rows_per_page(cfg, arena[0].size)
+    mask = causal_mask(batch.segment_ids)
+    arena_rows = _as_rows(arena, cfg)
+
+    def body(i, carry):
+        g, grads = carry
+        layer = end - 1 - i
+        pages, slots = _stash_index(stash_pages, layer, tokens, per_page)
+        x = arena_rows[pages, slots].reshape(rows, seq, hidden)
+        lp = _layer_slice(params.layers, layer)
+
+        def layer_fn(x, adapters):
+            return decoder_layer(lp, cfg, x, batch.positions, mask, adapters)
+
+        _, vjp = jax.vjp(layer_fn, x, _layer_slice(lora, layer))
+        g, g_lora = vjp(g)
+        grads = jax.tree.map(lambda acc, d: jax.lax.dynamic_update_index_in_dim(
+            acc, jax.lax.dynamic_index_in_dim(acc, layer, keepdims=False) + d, layer, 0), grads, g_lora)
+        return g, grads
+
+    with jax.named_scope("train_backward_chunk"):
+        return jax.lax.fori_loop(0, num_layers, body, (g, grads))
+
+
+def commit(state: TrainState, grads: Adapters, count: Array) -> tuple[TrainState, Adapters]:
+    """Adds a finished micro-batch's gradients to the accumulator; returns zeroed buffers for the next one."""
+    state = dataclasses.replace(state, accum=jax.tree.map(jnp.add, state.accum, grads),
+                                accum_tokens=state.accum_tokens + count)
+    return state, jax.tree.map(jnp.zeros_like, grads)

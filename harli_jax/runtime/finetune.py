@@ -1,0 +1,458 @@
+"""Finetune jobs: what the user registers (FinetuneJob), what they hold (JobHandle), and the host side of the
+trainer (FinetuneRunner) that feeds micro-batches to the LoRA programs, leases stash pages from the arena,
+abandons a micro-batch whose lease is reclaimed, applies Optax updates, evaluates and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harli_jax.errors import ConfigError
+from harli_jax.lora import data as data_lib
+from harli_jax.lora import trainer
+from harli_jax.lora.adapters import LoRAConfig, export_peft, init_lora
+from harli_jax.lora.checkpoint import TrainCheckpointer
+from harli_jax.model.config import ModelConfig
+from harli_jax.model.params import Params
+from harli_jax.model.tokenizer import Tokenizer
+from harli_jax.runtime.arena import Owner, PageTable
+
+log = logging.getLogger("harli_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneJob:
+    """A LoRA finetune: data, adapter, optimizer, micro-batch shape, length, checkpoints and evaluation.
+
+    `dataset` is a JSONL path, a list of records, or None for the embedded default task. The job trains
+    `total_steps` optimizer steps, or `epochs` passes over the training split when `total_steps` is None.
+    Each optimizer step averages `grad_accum` micro-batches of `micro_batch_rows x seq_len` tokens.
+    """
+
+    dataset: str | Path | Sequence[dict] | None = None
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    learning_rate: float = 3e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_rows: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    total_steps: int | None = 200
+    epochs: int | None = None
+    eval_fraction: float = 0.05
+    eval_interval: int = 50  # optimizer steps between evaluations (0: only at the end)
+    checkpoint_dir: str | Path | None = None
+    checkpoint_interval: int = 100  # optimizer steps between checkpoints
+    seed: int = 0
+    strict_data: bool = False  # malformed JSONL lines raise instead of being skipped
+    overflow: str = "truncate"  # samples longer than seq_len: "truncate" or "split" (see harli_jax.lora.data)
+    remat: bool = False  # single-program path: recompute each layer in backward instead of storing activations
+    max_nonfinite: int = 3  # consecutive non-finite updates (skipped) before the job pauses
+    name: str = "finetune"
+
+    def __post_init__(self):
+        for field in ("micro_batch_rows", "seq_len", "grad_accum", "checkpoint_interval", "max_nonfinite"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"FinetuneJob.{field} must be a positive integer, got {value!r}")
+        if self.total_steps is None and self.epochs is None:
+            raise ConfigError("FinetuneJob needs total_steps or epochs")
+        if self.total_steps is not None and self.total_steps <= 0:
+            raise ConfigError(f"FinetuneJob.total_steps must be positive, got {self.total_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"FinetuneJob.epochs must be positive, got {self.epochs}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"FinetuneJob.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"FinetuneJob.learning_rate must be > 0, got {self.learning_rate}")
+        if self.overflow not in ("truncate", "split"):
+            raise ConfigError(f"FinetuneJob.overflow must be 'truncate' or 'split', got {self.overflow!r}")
+
+
+class JobStatus(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobProgress:
+    step: int
+    total_steps: int | None
+    tokens: int  # trained (loss) tokens whose gradient was accumulated
+    loss: float | None  # of the last optimizer step
+    eval_loss: float | None
+    tokens_per_s: float  # trained tokens per second of the job's running time
+    status: JobStatus
+    reason: str | None  # why it paused
+    skipped_updates: int  # non-finite updates skipped
+    abandoned_microbatches: int  # whose lease was reclaimed
+
+
+@dataclasses.dataclass
+class MicroBatchRun:
+    """A micro-batch on the micro-step path: where it is, what it holds, which pages it leased."""
+
+    batch: data_lib.MicroBatch
+    device_batch: trainer.TrainBatch
+    lease_id: str
+    stash_pages: jax.Array
+    layers_per_chunk: int
+    next_layer: int = 0  # forward: the next layer to run; backward: one past the next layer to run
+    phase: str = "forward"  # forward -> backward -> done
+    x: jax.Array | None = None  # hidden state (forward) or its gradient (backward)
+    grads: Any = None
+    loss_sum: jax.Array | None = None
+    count: jax.Array | None = None
+    abandoned: bool = False
+
+
+def _to_device(batch: data_lib.MicroBatch) -> trainer.TrainBatch:
+    return trainer.TrainBatch(**{k: jnp.asarray(v) for k, v in batch.arrays().items()})
+
+
+class FinetuneRunner:
+    """The trainer of one job over the engine's weights and arena."""
+
+    def __init__(self, job: FinetuneJob, cfg: ModelConfig, params: Params, tokenizer: Tokenizer | None,
+                 page_table: PageTable | None = None, arena_holder: Any = None):
+        if tokenizer is None:
+            raise ConfigError("finetuning needs a tokenizer to encode the dataset; this model has none")
+        self.job, self.cfg, self.params = job, cfg, params
+        self.page_table, self.arena_holder = page_table, arena_holder
+        records = data_lib.default_dataset(seed=job.seed) if job.dataset is None else job.dataset
+        if isinstance(records, (str, Path)):
+            dataset = data_lib.load_jsonl(records, tokenizer, strict=job.strict_data)
+        else:
+            dataset = data_lib.from_records(records, tokenizer, strict=job.strict_data)
+        self.train_set, self.eval_set = data_lib.split(dataset, job.eval_fraction, job.seed) \
+            if job.eval_fraction > 0 else (dataset, None)
+        self.loader = data_lib.DataLoader(self.train_set, job.micro_batch_rows, job.seq_len, seed=job.seed,
+                                          epochs=job.epochs if job.total_steps is None else None,
+                                          overflow=job.overflow, vocab_size=cfg.vocab_size)
+        total = job.total_steps
+        if total is None:
+            batches = self._count_batches()
+            total = max(1, batches // job.grad_accum)
+        self.total_steps = total
+        self.optimizer = trainer.make_optimizer(trainer.OptimizerConfig(
+            learning_rate=job.learning_rate, warmup_steps=job.warmup_steps, total_steps=total,
+            weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm))
+        self.state = trainer.init_state(init_lora(cfg, job.lora, seed=job.seed), self.optimizer)
+        self._grad_step = jax.jit(trainer.grad_step, static_argnames=("cfg", "remat"), donate_argnames=("state",))
+        self._update = jax.jit(trainer.apply_update, static_argnums=0, donate_argnames=("state",))
+        self._eval_loss = jax.jit(trainer.loss_sum, static_argnames=("cfg", "remat"))
+        self._fwd = jax.jit(trainer.forward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("arena",))
+        self._bwd = jax.jit(trainer.backward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("grads",))
+        self._loss = jax.jit(trainer.loss_step, static_argnames=("cfg",))
+        self._commit = jax.jit(trainer.commit, donate_argnames=("state", "grads"))
+
+        self.status, self.reason = JobStatus.RUNNING, None
+        self.step = 0
+        self.tokens = 0
+        self.microbatches_in_step = 0
+        self.step_loss_sum, self.step_tokens = 0.0, 0.0
+        self.last_loss: float | None = None
+        self.eval_loss: float | None = None
+        self.history: list[dict[str, float]] = []  # per optimizer step: step, loss, tokens, time
+        self.skipped_updates = 0
+        self.consecutive_nonfinite = 0
+        self.abandoned = 0
+        self.running_time = 0.0
+        self.current: MicroBatchRun | None = None
+        self._leases = 0
+        self.checkpointer = TrainCheckpointer(job.checkpoint_dir) if job.checkpoint_dir is not None else None
+        if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
+            self._restore(self.checkpointer.latest_step())
+
+    def _count_batches(self) -> int:
+        probe = data_lib.DataLoader(self.train_set, self.job.micro_batch_rows, self.job.seq_len, seed=self.job.seed,
+                                    epochs=self.job.epochs, overflow=self.job.overflow)
+        return sum(1 for _ in probe)
+
+    @property
+    def active(self) -> bool:
+        return self.status is JobStatus.RUNNING
+
+    def progress(self) -> JobProgress:
+        return JobProgress(step=self.step, total_steps=self.total_steps, tokens=self.tokens, loss=self.last_loss,
+                           eval_loss=self.eval_loss,
+                           tokens_per_s=self.tokens / self.running_time if self.running_time else 0.0,
+                           status=self.status, reason=self.reason, skipped_updates=self.skipped_updates,
+                           abandoned_microbatches=self.abandoned)
+
+    # The single-program path ------------------------------------------------------------------------------
+
+    def _next_batch(self) -> data_lib.MicroBatch | None:
+        try:
+            return self.loader.next_batch()
+        except StopIteration:
+            self._finish()
+            return None
+
+    def train_microbatch(self) -> None:
+        """One micro-batch through the single program (forward, loss, backward, accumulate), and the update
+        when `grad_accum` micro-batches are in."""
+        started = time.perf_counter()
+        batch = self._next_batch()
+        if batch is None:
+            return
+        self.state, total, count = self._grad_step(self.params, self.cfg, self.state, _to_device(batch),
+                                                   self.job.remat)
+        self._accumulated(total, count)
+        self.running_time += time.perf_counter() - started
+
+    def _accumulated(self, total, count) -> None:
+        self.step_loss_sum += float(total)
+        self.step_tokens += float(count)
+        self.tokens += int(count)
+        self.microbatches_in_step += 1
+        if self.microbatches_in_step >= self.job.grad_accum:
+            self._apply_update()
+
+    def _apply_update(self) -> None:
+        self.state, applied, norm = self._update(self.optimizer, self.state)
+        loss = self.step_loss_sum / max(self.step_tokens, 1.0)
+        self.microbatches_in_step, self.step_loss_sum, self.step_tokens = 0, 0.0, 0.0
+        if not bool(applied) or not np.isfinite(loss):
+            self.skipped_updates += 1
+            self.consecutive_nonfinite += 1
+            log.warning("%s: non-finite loss or gradient at step %d; update skipped", self.job.name, self.step)
+            if self.consecutive_nonfinite >= self.job.max_nonfinite:
+                self.status = JobStatus.PAUSED
+                self.reason = f"{self.consecutive_nonfinite} consecutive non-finite updates"
+                log.error("%s paused: %s", self.job.name, self.reason)
+            return
+        self.consecutive_nonfinite = 0
+        self.step += 1
+        self.last_loss = loss
+        self.history.append({"step": self.step, "loss": loss, "tokens": self.tokens, "time": time.time(),
+                             "grad_norm": float(norm)})
+        if self.job.eval_interval and self.step % self.job.eval_interval == 0:
+            self.evaluate()
+        if self.checkpointer is not None and self.step % self.job.checkpoint_interval == 0:
+            self.save()
+        if self.step >= self.total_steps:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.status in (JobStatus.FINISHED, JobStatus.STOPPED):
+            return
+        self.abandon()
+        if self.eval_loss is None or not self.history or self.history[-1].get("eval_step") != self.step:
+            self.evaluate()
+        self.status = JobStatus.FINISHED
+        if self.checkpointer is not None:
+            self.save()
+            self.checkpointer.wait()
+        log.info("%s finished: %d steps, %d tokens, loss %s, eval loss %s", self.job.name, self.step, self.tokens,
+                 self.last_loss, self.eval_loss)
+
+    def stop(self) -> None:
+        """Stops the job for good, with a final checkpoint."""
+        if self.status in (JobStatus.FINISHED, JobStatus.STOPPED):
+            return
+        self.abandon()
+        self.status = JobStatus.STOPPED
+        if self.checkpointer is not None:
+            self.save()
+            self.checkpointer.wait()
+
+    def evaluate(self) -> float | None:
+        """Mean loss over the eval split (the whole split, in file order)."""
+        if self.eval_set is None:
+            return None
+        loader = data_lib.DataLoader(self.eval_set, self.job.micro_batch_rows, self.job.seq_len, epochs=1,
+                                     shuffle=False, overflow=self.job.overflow)
+        total = count = 0.0
+        for batch in loader:
+            t, c = self._eval_loss(self.state.lora, self.params, self.cfg, _to_device(batch))
+            total, count = total + float(t), count + float(c)
+        self.eval_loss = total / max(count, 1.0)
+        if self.history:
+            self.history[-1].update(eval_loss=self.eval_loss, eval_step=self.step)
+        return self.eval_loss
+
+    # The micro-step path -----------------------------------------------------------------------------------
+
+    def stash_pages_needed(self) -> int:
+        per_page = trainer.stash_rows_per_page(self.cfg, int(np.prod(self.arena_holder.arena.shape[1:])))
+        if per_page == 0 or int(np.prod(self.arena_holder.arena.shape[1:])) % self.cfg.hidden_size:
+            raise ConfigError("an arena page does not hold whole hidden-state rows; micro-steps need "
+                              "hidden_size to divide the page size")
+        return -(-self.cfg.num_layers * self.job.micro_batch_rows * self.job.seq_len // per_page)
+
+    def start_microbatch(self, layers_per_chunk: int, watermark: int = 0) -> bool:
+        """Leases stash pages and starts a micro-batch on the micro-step path; False if no lease was granted."""
+        if self.current is not None:
+            raise RuntimeError("a micro-batch is already in flight")
+        lease_id = f"{self.job.name}-{self._leases}"
+        pages = self.page_table.lease(lease_id, self.stash_pages_needed(), watermark)
+        if pages is None:
+            return False
+        self._leases += 1
+        batch = self._next_batch()
+        if batch is None:
+            self.page_table.release(lease_id)
+            return False
+        run = MicroBatchRun(batch=batch, device_batch=_to_device(batch), lease_id=lease_id,
+                            stash_pages=jnp.asarray(pages, jnp.int32), layers_per_chunk=layers_per_chunk)
+        run.x = trainer.embed_step(self.params, run.device_batch)
+        self.current = run
+        return True
+
+    def on_reclaim(self, owner: Owner) -> None:
+        """The page table took a lease back: abandon the micro-batch that used it."""
+        if self.current is not None and owner.key == self.current.lease_id:
+            self.current.abandoned = True
+
+    def abandon(self) -> None:
+        """Drops the micro-batch in flight: its samples go back to the front of the queue, no gradient is applied."""
+        run = self.current
+        if run is None:
+            return
+        self.loader.push_back(run.batch)
+        if self.page_table is not None:
+            self.page_table.release(run.lease_id)
+        self.current = None
+        self.abandoned += 1
+
+    def micro_step(self) -> str:
+        """Runs the next micro-step of the micro-batch in flight; returns what ran (forward, loss, backward,
+        commit) or 'abandoned'."""
+        run = self.current
+        if run is None:
+            raise RuntimeError("no micro-batch in flight")
+        if run.abandoned:
+            self.abandon()
+            return "abandoned"
+        started = time.perf_counter()
+        layers = self.cfg.num_layers
+        holder = self.arena_holder
+        if run.phase == "forward":
+            n = min(run.layers_per_chunk, layers - run.next_layer)
+            holder.arena, run.x = self._fwd(self.params, self.cfg, self.state.lora, holder.arena, run.x,
+                                            run.device_batch, run.stash_pages, jnp.int32(run.next_layer), n)
+            run.next_layer += n
+            kind = "forward"
+            if run.next_layer == layers:
+                run.loss_sum, run.count, run.x = self._loss(self.params, self.cfg, run.x, run.device_batch)
+                run.grads = jax.tree.map(jnp.zeros_like, self.state.lora)
+                run.phase = "backward"
+                kind = "forward+loss"
+        else:
+            n = min(run.layers_per_chunk, run.next_layer)
+            run.x, run.grads = self._bwd(self.params, self.cfg, self.state.lora, holder.arena, run.x, run.grads,
+                                         run.device_batch, run.stash_pages, jnp.int32(run.next_layer), n)
+            run.next_layer -= n
+            kind = "backward"
+            if run.next_layer == 0:
+                self.state, _ = self._commit(self.state, run.grads, run.count)
+                self.page_table.release(run.lease_id)
+                self.current = None
+                self._accumulated(run.loss_sum, run.count)
+                kind = "backward+commit"
+        self.running_time += time.perf_counter() - started
+        return kind
+
+    # Checkpoints and export -------------------------------------------------------------------------------
+
+    def _record(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "data": self.loader.state(), "history": self.history,
+                "skipped_updates": self.skipped_updates, "abandoned": self.abandoned, "seed": self.job.seed,
+                "lora": dataclasses.asdict(self.job.lora)}
+
+    def save(self) -> None:
+        """Checkpoints at a micro-batch boundary (a micro-batch in flight is abandoned first). A step that is
+        already saved is not saved again: a resume from it redoes the micro-batches since."""
+        self.abandon()
+        if self.checkpointer.latest_step() == self.step:
+            return
+        self.checkpointer.save(self.step, self.state, self._record())
+
+    def _restore(self, step: int) -> None:
+        self.state, record = self.checkpointer.restore(step, self.state)
+        if record.get("lora") != json.loads(json.dumps(dataclasses.asdict(self.job.lora))):
+            raise ConfigError(f"the checkpoint in {self.job.checkpoint_dir} was made with LoRA {record.get('lora')}, "
+                              f"not {dataclasses.asdict(self.job.lora)}")
+        self.loader.restore(record["data"])
+        self.step, self.tokens = record["step"], record["tokens"]
+        self.history = record["history"]
+        self.skipped_updates, self.abandoned = record["skipped_updates"], record["abandoned"]
+        self.last_loss = self.history[-1]["loss"] if self.history else None
+        log.info("%s: resumed from %s at step %d", self.job.name, self.job.checkpoint_dir, self.step)
+        if self.step >= self.total_steps:
+            self.status = JobStatus.FINISHED
+
+    def export_peft(self, path: str | Path) -> Path:
+        return export_peft(self.state.lora, self.job.lora, self.cfg, path)
+
+
+class JobHandle:
+    """What `Engine.finetune` returns: progress, control, and the trained adapter."""
+
+    def __init__(self, runner: FinetuneRunner, engine):
+        self._runner, self._engine = runner, engine
+
+    @property
+    def name(self) -> str:
+        return self._runner.job.name
+
+    def progress(self) -> JobProgress:
+        return self._runner.progress()
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return list(self._runner.history)
+
+    @property
+    def adapters(self):
+        return self._runner.state.lora
+
+    @property
+    def lora_config(self) -> LoRAConfig:
+        return self._runner.job.lora
+
+    def evaluate(self) -> float | None:
+        """The mean loss on the eval split now (None without one)."""
+        return self._runner.evaluate()
+
+    def pause(self) -> None:
+        if self._runner.status is JobStatus.RUNNING:
+            self._runner.abandon()
+            self._runner.status, self._runner.reason = JobStatus.PAUSED, "paused by the user"
+
+    def resume(self) -> None:
+        if self._runner.status is JobStatus.PAUSED:
+            self._runner.status, self._runner.reason = JobStatus.RUNNING, None
+            self._runner.consecutive_nonfinite = 0
+
+    def stop(self) -> None:
+        self._runner.stop()
+
+    def done(self) -> bool:
+        return self._runner.status in (JobStatus.FINISHED, JobStatus.STOPPED)
+
+    def wait(self, max_steps: int | None = None) -> JobProgress:
+        """Drives the engine (serving whatever requests arrive) until the job finishes, pauses, or has made
+        `max_steps` more optimizer steps."""
+        target = None if max_steps is None else self._runner.step + max_steps
+        while self._runner.active and (target is None or self._runner.step < target):
+            self._engine.step()
+        return self.progress()
+
+    def export_peft(self, path: str | Path) -> Path:
+        """Writes the adapter in the HF PEFT format (`adapter_model.safetensors`, `adapter_config.json`)."""
+        return self._runner.export_peft(path)

@@ -1,0 +1,116 @@
+"""Training programs: micro-step gradients equal the single program's and jax.grad of the reference forward."""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from harli_jax.lora.adapters import LoRAConfig, init_lora
+from harli_jax.lora.trainer import (
+    OptimizerConfig,
+    TrainBatch,
+    backward_chunk,
+    commit,
+    embed_step,
+    forward_chunk,
+    grad_step,
+    init_state,
+    loss_step,
+    make_optimizer,
+    stash_rows_per_page,
+)
+from harli_jax.model import ModelConfig, forward, init_params
+from harli_jax.model.params import LoRAPair
+from harli_jax.runtime.arena import allocate_arena
+
+ROWS, SEQ = 2, 16
+
+
+def _batch(vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (ROWS, SEQ)).astype(np.int32)
+    segment_ids = np.array([[1] * 9 + [2] * 5 + [0] * 2, [1] * 16], np.int32)
+    positions = np.array([list(range(9)) + list(range(5)) + [0, 0], list(range(16))], np.int32)
+    same_next = np.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], np.zeros((ROWS, 1), bool)], axis=1)
+    targets = np.where(same_next, np.roll(tokens, -1, axis=1), 0).astype(np.int32)
+    loss_mask = (same_next & (segment_ids > 0)).astype(np.float32)
+    loss_mask[0, :3] = 0  # a prompt without loss
+    return TrainBatch(tokens=jnp.asarray(tokens), targets=jnp.asarray(targets), loss_mask=jnp.asarray(loss_mask),
+                      segment_ids=jnp.asarray(segment_ids), positions=jnp.asarray(positions))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_yaml):
+    cfg = ModelConfig.from_yaml(tiny_yaml).replace(num_layers=4)
+    params = init_params(cfg, seed=1, init_std=0.1)
+    lora_cfg = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"))
+    lora = init_lora(cfg, lora_cfg, seed=2)
+    # Non-zero B so that the gradients of A are not trivially zero.
+    lora = {k: LoRAPair(p.a, 0.1 * jax.random.normal(jax.random.key(i), p.b.shape), p.scale)
+            for i, (k, p) in enumerate(lora.items())}
+    return cfg, params, lora, _batch(cfg.vocab_size)
+
+
+def _reference_grads(cfg, params, lora, batch):
+    def loss(lora):
+        logits = forward(params, cfg, batch.tokens, batch.positions, batch.segment_ids, lora)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, batch.targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * batch.loss_mask)
+    return jax.value_and_grad(loss)(lora)
+
+
+def _single_program(cfg, params, lora, batch, remat):
+    state = init_state(lora, make_optimizer(OptimizerConfig()))
+    state, total, count = jax.jit(grad_step, static_argnames=("cfg", "remat"))(params, cfg, state, batch, remat)
+    return total, count, state.accum
+
+
+def _micro_steps(cfg, params, lora, batch, layers_per_chunk, page_tokens=8):
+    arena = allocate_arena(cfg, 40, page_tokens, cfg.dtype)
+    per_page = stash_rows_per_page(cfg, arena[0].size)
+    need = -(-cfg.num_layers * ROWS * SEQ // per_page)
+    stash = jnp.asarray(np.random.default_rng(0).permutation(np.arange(1, 40))[:need], jnp.int32)
+    fwd = jax.jit(forward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("arena",))
+    bwd = jax.jit(backward_chunk, static_argnames=("cfg", "num_layers"))
+    x = embed_step(params, batch)
+    starts = list(range(0, cfg.num_layers, layers_per_chunk))
+    for start in starts:
+        n = min(layers_per_chunk, cfg.num_layers - start)
+        arena, x = fwd(params, cfg, lora, arena, x, batch, stash, jnp.int32(start), n)
+    total, count, g = jax.jit(loss_step, static_argnames="cfg")(params, cfg, x, batch)
+    grads = jax.tree.map(jnp.zeros_like, lora)
+    for start in reversed(starts):
+        n = min(layers_per_chunk, cfg.num_layers - start)
+        g, grads = bwd(params, cfg, lora, arena, g, grads, batch, stash, jnp.int32(start + n), n)
+    state = init_state(lora, make_optimizer(OptimizerConfig()))
+    state, _ = commit(state, grads, count)
+    return total, count, state.accum
+
+
+def _assert_close(got, want, rtol):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        err = float(jnp.max(jnp.abs(g - w)) / (jnp.max(jnp.abs(w)) + 1e-30))
+        assert err <= rtol, err
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_single_program_equals_jax_grad_of_forward(setup, remat):
+    cfg, params, lora, batch = setup
+    ref_loss, ref_grads = _reference_grads(cfg, params, lora, batch)
+    total, count, grads = _single_program(cfg, params, lora, batch, remat)
+    assert float(count) == float(batch.loss_mask.sum())
+    np.testing.assert_allclose(float(total), float(ref_loss), rtol=1e-6)
+    _assert_close(grads, ref_grads, 1e-5)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("layers_per_chunk", [1, 2, 3, 4])
+def test_micro_steps_equal_the_single_program(setup, layers_per_chunk):
+    cfg, params, lora, batch = setup
+    total, count, grads = _single_program(cfg, params, lora, batch, remat=False)
+    m_total, m_count, m_grads = _micro_steps(cfg, params, lora, batch, layers_per_chunk)
+    assert float(m_count) == float(count)
+    np.testing.assert_allclose(float(m_total), float(total), rtol=1e-6)
+    _assert_close(m_grads, grads, 1e-5)
