@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -127,18 +128,27 @@ def apply_update(optimizer: optax.GradientTransformation, state: TrainState):
 # Micro-steps ------------------------------------------------------------------------------------------------
 
 
-def stash_rows_per_page(cfg: ModelConfig, page_elements: int) -> int:
-    """Hidden-state rows one arena page holds when read as a stash."""
-    return page_elements // cfg.hidden_size
+def stash_row_size(cfg: ModelConfig, page_elements: int) -> int:
+    """Elements per stash row: the largest size that divides both a hidden state and an arena page, so a
+    page holds whole rows and a hidden state is whole rows, whatever the two sizes are."""
+    return math.gcd(cfg.hidden_size, page_elements)
 
 
-def _stash_index(stash_pages: Array, layer: Array, tokens: int, rows_per_page: int) -> tuple[Array, Array]:
-    rows = layer * tokens + jnp.arange(tokens)
+def stash_pages_needed(cfg: ModelConfig, page_elements: int, tokens: int) -> int:
+    """Pages that hold the input of every layer for a micro-batch of `tokens` tokens."""
+    return -(-cfg.num_layers * tokens * cfg.hidden_size // page_elements)
+
+
+def _stash_index(stash_pages: Array, layer: Array, rows_per_layer: int, rows_per_page: int) -> tuple[Array, Array]:
+    rows = layer * rows_per_layer + jnp.arange(rows_per_layer)
     return stash_pages[rows // rows_per_page], rows % rows_per_page
 
 
-def _as_rows(arena: Array, cfg: ModelConfig) -> Array:
-    return arena.reshape(arena.shape[0], -1, cfg.hidden_size)
+def _stash_layout(cfg: ModelConfig, arena: Array, tokens: int) -> tuple[Array, int, int, int]:
+    """(arena viewed as [pages, rows, row size], row size, rows per layer, rows per page)."""
+    row = stash_row_size(cfg, arena[0].size)
+    rows = arena.reshape(arena.shape[0], -1, row)
+    return rows, row, tokens * cfg.hidden_size // row, rows.shape[1]
 
 
 def _layer_slice(tree, layer: Array):
@@ -152,16 +162,15 @@ def embed_step(params: Params, batch: TrainBatch) -> Array:
 def forward_chunk(params: Params, cfg: ModelConfig, lora: Adapters, arena: Array, x: Array, batch: TrainBatch,
                   stash_pages: Array, start: Array, num_layers: int) -> tuple[Array, Array]:
     """Layers `start .. start + num_layers - 1`, stashing each layer's input; returns (arena, output)."""
-    rows, seq, hidden = x.shape
-    tokens = rows * seq
-    per_page = stash_rows_per_page(cfg, arena[0].size)
+    _, row, per_layer, per_page = _stash_layout(cfg, arena, x.shape[0] * x.shape[1])
     mask = causal_mask(batch.segment_ids)
 
     def body(i, carry):
         arena, x = carry
         layer = start + i
-        pages, slots = _stash_index(stash_pages, layer, tokens, per_page)
-        arena = _as_rows(arena, cfg).at[pages, slots].set(x.reshape(tokens, hidden)).reshape(arena.shape)
+        pages, slots = _stash_index(stash_pages, layer, per_layer, per_page)
+        rows = arena.reshape(arena.shape[0], per_page, row)
+        arena = rows.at[pages, slots].set(x.reshape(per_layer, row)).reshape(arena.shape)
         x = decoder_layer(_layer_slice(params.layers, layer), cfg, x, batch.positions, mask,
                           _layer_slice(lora, layer))
         return arena, x
@@ -184,17 +193,14 @@ def backward_chunk(params: Params, cfg: ModelConfig, lora: Adapters, arena: Arra
                    batch: TrainBatch, stash_pages: Array, end: Array, num_layers: int) -> tuple[Array, Adapters]:
     """Layers `end - 1` down to `end - num_layers`, each recomputed from its stash: returns (d loss / d input of
     the first layer, the micro-batch's LoRA gradients with these layers added)."""
-    rows, seq, hidden = g.shape
-    tokens = rows * seq
-    per_page = stash_rows_per_page(cfg, arena[0].size)
+    arena_rows, _, per_layer, per_page = _stash_layout(cfg, arena, g.shape[0] * g.shape[1])
     mask = causal_mask(batch.segment_ids)
-    arena_rows = _as_rows(arena, cfg)
 
     def body(i, carry):
         g, grads = carry
         layer = end - 1 - i
-        pages, slots = _stash_index(stash_pages, layer, tokens, per_page)
-        x = arena_rows[pages, slots].reshape(rows, seq, hidden)
+        pages, slots = _stash_index(stash_pages, layer, per_layer, per_page)
+        x = arena_rows[pages, slots].reshape(g.shape)
         lp = _layer_slice(params.layers, layer)
 
         def layer_fn(x, adapters):

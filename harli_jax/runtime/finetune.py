@@ -288,11 +288,8 @@ class FinetuneRunner:
     # The micro-step path -----------------------------------------------------------------------------------
 
     def stash_pages_needed(self) -> int:
-        per_page = trainer.stash_rows_per_page(self.cfg, int(np.prod(self.arena_holder.arena.shape[1:])))
-        if per_page == 0 or int(np.prod(self.arena_holder.arena.shape[1:])) % self.cfg.hidden_size:
-            raise ConfigError("an arena page does not hold whole hidden-state rows; micro-steps need "
-                              "hidden_size to divide the page size")
-        return -(-self.cfg.num_layers * self.job.micro_batch_rows * self.job.seq_len // per_page)
+        page_elements = int(np.prod(self.arena_holder.arena.shape[1:]))
+        return trainer.stash_pages_needed(self.cfg, page_elements, self.job.micro_batch_rows * self.job.seq_len)
 
     def start_microbatch(self, layers_per_chunk: int, watermark: int = 0) -> bool:
         """Leases stash pages and starts a micro-batch on the micro-step path; False if no lease was granted."""

@@ -18,7 +18,7 @@ from harli_jax.lora.trainer import (
     init_state,
     loss_step,
     make_optimizer,
-    stash_rows_per_page,
+    stash_pages_needed,
 )
 from harli_jax.model import ModelConfig, forward, init_params
 from harli_jax.model.params import LoRAPair
@@ -69,8 +69,7 @@ def _single_program(cfg, params, lora, batch, remat):
 
 def _micro_steps(cfg, params, lora, batch, layers_per_chunk, page_tokens=8):
     arena = allocate_arena(cfg, 40, page_tokens, cfg.dtype)
-    per_page = stash_rows_per_page(cfg, arena[0].size)
-    need = -(-cfg.num_layers * ROWS * SEQ // per_page)
+    need = stash_pages_needed(cfg, arena[0].size, ROWS * SEQ)
     stash = jnp.asarray(np.random.default_rng(0).permutation(np.arange(1, 40))[:need], jnp.int32)
     fwd = jax.jit(forward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("arena",))
     bwd = jax.jit(backward_chunk, static_argnames=("cfg", "num_layers"))
@@ -112,5 +111,19 @@ def test_micro_steps_equal_the_single_program(setup, layers_per_chunk):
     total, count, grads = _single_program(cfg, params, lora, batch, remat=False)
     m_total, m_count, m_grads = _micro_steps(cfg, params, lora, batch, layers_per_chunk)
     assert float(m_count) == float(count)
+    np.testing.assert_allclose(float(m_total), float(total), rtol=1e-6)
+    _assert_close(m_grads, grads, 1e-5)
+
+
+def test_micro_steps_when_a_hidden_state_straddles_pages(tiny_yaml):
+    # hidden 96 does not divide a page of 4 layers x 2 x 2 KV heads x 8 tokens x 16 = 2048 elements.
+    cfg = ModelConfig.from_yaml(tiny_yaml).replace(num_layers=4, hidden_size=96, num_heads=6, head_dim=16)
+    params = init_params(cfg, seed=1, init_std=0.1)
+    lora = init_lora(cfg, LoRAConfig(rank=4, alpha=8, targets=("q_proj", "o_proj")), seed=2)
+    lora = {k: LoRAPair(p.a, 0.1 * jax.random.normal(jax.random.key(i), p.b.shape), p.scale)
+            for i, (k, p) in enumerate(lora.items())}
+    batch = _batch(cfg.vocab_size)
+    total, _, grads = _single_program(cfg, params, lora, batch, remat=False)
+    m_total, _, m_grads = _micro_steps(cfg, params, lora, batch, layers_per_chunk=2)
     np.testing.assert_allclose(float(m_total), float(total), rtol=1e-6)
     _assert_close(m_grads, grads, 1e-5)
