@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 
 import harli_jax
-from harli_jax import Engine, EngineConfig, SamplingParams
+from harli_jax import Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingParams
 from harli_jax.errors import HarliError
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
@@ -40,7 +40,52 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0,
                      help="seed of the sampler and of the random weights of a YAML config (default 0)")
     gen.set_defaults(run=_generate)
+
+    ft = commands.add_parser("finetune", help="train a LoRA adapter",
+                             description="Trains a LoRA adapter on a JSONL dataset (or the embedded default task) "
+                                         "and exports it in the HF PEFT format.")
+    ft.add_argument("--model", required=True, metavar="DIR_OR_YAML", help="HF checkpoint directory or model YAML")
+    ft.add_argument("--dataset", help="JSONL of {text} | {prompt, completion} | {messages} records "
+                                      "(default: the embedded upper-casing task)")
+    ft.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default 200)")
+    ft.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    ft.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    ft.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj",
+                    help="comma-separated projections (default q_proj,k_proj,v_proj,o_proj)")
+    ft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    ft.add_argument("--rows", type=_positive_int, default=8, help="rows per micro-batch (default 8)")
+    ft.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per row (default 128)")
+    ft.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (default 1)")
+    ft.add_argument("--checkpoint-dir", help="Orbax checkpoints; an existing one is resumed")
+    ft.add_argument("--checkpoint-interval", type=_positive_int, default=100)
+    ft.add_argument("--strict", action="store_true", help="malformed dataset lines are an error, not skipped")
+    ft.add_argument("--out", help="directory to export the PEFT adapter to")
+    ft.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the checkpoint's)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.set_defaults(run=_finetune)
     return parser
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    model = load_model(args.model, dtype=args.dtype, seed=args.seed)
+    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=args.seq_len, num_pages=2), warmup=False)
+    lora = LoRAConfig(rank=args.rank, alpha=args.alpha, targets=tuple(t for t in args.targets.split(",") if t))
+    job = FinetuneJob(dataset=args.dataset, lora=lora, learning_rate=args.lr, micro_batch_rows=args.rows,
+                      seq_len=args.seq_len, grad_accum=args.grad_accum, total_steps=args.steps,
+                      checkpoint_dir=args.checkpoint_dir, checkpoint_interval=args.checkpoint_interval,
+                      strict_data=args.strict, seed=args.seed, eval_interval=max(args.steps // 4, 1))
+    handle = engine.finetune(job)
+    print(f"eval loss before training: {handle.evaluate():.4f}", file=sys.stderr)
+    every = max(args.steps // 20, 1)
+    while not handle.done():
+        progress = handle.wait(max_steps=every)
+        print(f"step {progress.step}/{progress.total_steps}  loss {progress.loss:.4f}  "
+              f"eval {progress.eval_loss if progress.eval_loss is None else round(progress.eval_loss, 4)}  "
+              f"{progress.tokens_per_s:,.0f} tokens/s", file=sys.stderr)
+        if progress.status.value == "paused":
+            raise HarliError(f"the job paused: {progress.reason}")
+    if args.out:
+        print(f"adapter written to {handle.export_peft(args.out)}", file=sys.stderr)
 
 
 def _generate(args: argparse.Namespace) -> None:

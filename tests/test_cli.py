@@ -32,3 +32,22 @@ def test_bad_model_is_a_clear_error(tmp_path, capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "harli_jax.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("harli_jax ")
+
+
+def test_finetune_exports_a_peft_adapter(tiny_yaml, tmp_path, capsys):
+    from harli_jax.lora import load_peft
+    from harli_jax.model import ModelConfig
+
+    out = tmp_path / "adapter"
+    args = ["finetune", "--model", str(tiny_yaml), "--steps", "2", "--rows", "2", "--seq-len", "32", "--rank", "4",
+            "--targets", "q_proj,down_proj", "--out", str(out)]
+    assert main(args) == 0
+    assert "step 2/2" in capsys.readouterr().err
+    lora, adapters = load_peft(out, ModelConfig.from_yaml(tiny_yaml))
+    assert lora.rank == 4 and set(adapters) == {"q_proj", "down_proj"}
+
+
+def test_finetune_bad_dataset_is_a_clear_error(tiny_yaml, tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert main(["finetune", "--model", str(tiny_yaml), "--dataset", str(missing), "--steps", "1"]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
