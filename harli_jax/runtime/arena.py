@@ -64,7 +64,7 @@ class PageTable:
         """Pages by owner kind, and free."""
         out = {"free": self.num_free, "kv": 0, "lease": 0}
         for owner, pages in self._pages.items():
-            out[owner.kind] += len(pages)
+            out[owner.kind] = out.get(owner.kind, 0) + len(pages)
         return out
 
     def allocate(self, owner: Owner, n: int) -> list[int]:
@@ -114,12 +114,9 @@ class PageTable:
         return self.free(Owner("lease", lease_id))
 
     def reclaim(self, need: int) -> bool:
-        """Takes leases back, newest first, until `need` pages are free. Takes none (and returns False) when even
-        all leases would not make enough room."""
-        leases = self.owners("lease")
-        if self.num_free + sum(len(self._pages[o]) for o in leases) < need:
-            return False
-        for owner in reversed(leases):
+        """Takes leases back, newest first, until `need` pages are free (all of them if that is not enough: KV
+        has priority, so no request waits for memory while the trainer holds any)."""
+        for owner in reversed(self.owners("lease")):
             if self.num_free >= need:
                 break
             self.free(owner)

@@ -9,6 +9,7 @@ import yaml
 
 from harli_jax.errors import ConfigError
 from harli_jax.model.config import DTYPES, ModelConfig
+from harli_jax.runtime.colocation import POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,16 @@ class EngineConfig:
     attention_impl: str = "auto"  # harli_jax.kernels.paged_attention impl
     tpot_slo_ms: float | None = None
     compile_threads: int = 0  # parallel compilation at warm-up; 0 = one per CPU core
+    # Co-location of a finetune job with serving (see harli_jax.runtime.colocation).
+    policy: str = "harli"  # harli | decode-only | temporal-K | static
+    slo_margin: float = 0.1  # safety margin, a fraction of the TPOT SLO
+    bank_cap: float = 1.0  # banked slack usable in one window, in SLOs
+    temporal_k: int = 2  # temporal-K: K inference steps, then K micro-steps
+    temporal_chunk: int = 1  # temporal-K: layers per micro-step
+    static_layers: int = 1  # static: layers of micro-steps after every inference step
+    predictor_quantile: float = 0.99  # the predictor's bound covers this share of steps
+    calibration_runs: int = 5  # timed runs per program in the calibration sweep
+    calibration_dir: str | None = None  # predictor cache; default ~/.cache/harli_jax
 
     def __post_init__(self):
         for name in ("max_batch", "prefill_chunk", "page_tokens", "cpu_arena_mb"):
@@ -47,6 +58,14 @@ class EngineConfig:
                               f"got {self.attention_impl!r}")
         if self.tpot_slo_ms is not None and self.tpot_slo_ms <= 0:
             raise ConfigError(f"EngineConfig.tpot_slo_ms must be positive, got {self.tpot_slo_ms}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"EngineConfig.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not 0 <= self.slo_margin < 1 or self.bank_cap < 0:
+            raise ConfigError("EngineConfig.slo_margin must be in [0, 1) and bank_cap >= 0")
+        if min(self.temporal_k, self.temporal_chunk) <= 0 or self.static_layers < 0:
+            raise ConfigError("EngineConfig.temporal_k and temporal_chunk must be positive, static_layers >= 0")
+        if not 0.5 <= self.predictor_quantile < 1:
+            raise ConfigError(f"EngineConfig.predictor_quantile must be in [0.5, 1), got {self.predictor_quantile}")
         if any(b <= 0 or b > self.max_batch for b in self.batch_buckets):
             raise ConfigError(f"EngineConfig.batch_buckets must lie in [1, max_batch={self.max_batch}], "
                               f"got {self.batch_buckets}")

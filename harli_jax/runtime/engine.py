@@ -6,7 +6,10 @@ The scheduler (policy) decides who runs, the page table (memory) who owns which 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 import threading
 import time
@@ -20,10 +23,12 @@ import numpy as np
 from harli_jax.errors import HarliError
 from harli_jax.lora.adapters import load_peft
 from harli_jax.model.loader import LoadedModel, load_model
-from harli_jax.runtime.arena import PageTable, page_bytes, pages_from_memory
+from harli_jax.runtime.arena import Owner, PageTable, page_bytes, pages_from_memory
+from harli_jax.runtime.colocation import WindowContext, make_policy
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.finetune import FinetuneJob, FinetuneRunner, JobHandle
 from harli_jax.runtime.metrics import StepRecord
+from harli_jax.runtime.predictor import LatencyPredictor
 from harli_jax.runtime.request import (
     Event,
     FinishedEvent,
@@ -65,6 +70,11 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._job: FinetuneRunner | None = None
+        self.predictor = LatencyPredictor(config.predictor_quantile)
+        self.policy = make_policy(config.policy, self._micro_cost, self.chunk_options(),
+                                  temporal_k=config.temporal_k, temporal_chunk=config.temporal_chunk,
+                                  static_layers=config.static_layers, bank_cap=config.bank_cap)
+        self._steps_since_train = 0
         log.info("engine: %s, %d arena pages of %d tokens, max batch %d, prefill chunk %d, context %d",
                  cfg.name, num_pages, config.page_tokens, config.max_batch, config.prefill_chunk, self.seq_len)
         if warmup:
@@ -107,10 +117,16 @@ class Engine:
         runner = FinetuneRunner(job, self.cfg, self.runner.params, self.tokenizer, self.page_table, self.runner)
         self.page_table.on_reclaim = runner.on_reclaim
         self._job = runner
+        runner.warmup(self.chunk_options() if self.config.policy != "decode-only" else ())
+        if self.config.tpot_slo_ms:
+            self.calibrate()
         log.info("finetune job %r: %d training samples, %s eval samples, %d optimizer steps", job.name,
                  len(runner.train_set), len(runner.eval_set) if runner.eval_set is not None else 0,
                  runner.total_steps)
         return JobHandle(runner, self)
+
+    def _micro_cost(self, kind) -> float:
+        return self.predictor.micro(kind).bound
 
     def use_adapter(self, adapter: JobHandle | str | Path | None) -> None:
         """Serves with a LoRA adapter: a job's current weights, an HF PEFT directory, or None for the base model.
@@ -266,7 +282,7 @@ class Engine:
             events, self._events = self._events, []
         if not work:
             if self._job is not None and self._job.active:
-                self._job.train_microbatch()
+                self._train_alone()
             return events
         start = time.perf_counter()
         next_tokens, bucket = self.runner.execute(work)
@@ -287,12 +303,139 @@ class Engine:
             events.extend(self._events)
             self._events = []
         contexts = [w.start + len(w.tokens) for w in work]
+        key = (bucket.seqs, bucket.tokens, bucket.pages)
+        self.predictor.observe_step(key, sum(contexts), end - start)
+        window = self._train_window() if self._job is not None and self._job.active else {}
+        if window.get("train"):
+            self.predictor.observe_window(key, sum(contexts), window.pop("micro"), end - start + window["train_time"])
+        window.pop("micro", None)
         self.step_records.append(StepRecord(
             index=len(self.step_records), start=start, end=end, decode_seqs=decode,
             prefill_seqs=len(work) - decode, prefill_tokens=sum(len(w.tokens) for w in work) - decode,
             total_context=sum(contexts), max_context=max(contexts), bucket_seqs=bucket.seqs,
-            bucket_tokens=bucket.tokens, bucket_pages=bucket.pages, preempted=len(plan.preempted)))
+            bucket_tokens=bucket.tokens, bucket_pages=bucket.pages, preempted=len(plan.preempted), **window))
+        if len(self.step_records) % 64 == 0:
+            self.predictor.fit()
         return events
+
+    # Co-location -------------------------------------------------------------------------------------------
+
+    def _train_alone(self) -> None:
+        """No request to serve: finish a micro-batch in flight, then train at full speed in one program."""
+        job = self._job
+        if job.current is not None:
+            while job.current is not None:
+                job.micro_step(self.cfg.num_layers)
+        else:
+            job.train_microbatch()
+
+    def _next_step_prediction(self) -> float:
+        """Predicted bound of the next inference step, assuming a prefill chunk whenever a prompt waits."""
+        running = self.scheduler.running
+        waiting = bool(self.scheduler.waiting or self._inbox)
+        prefill = waiting or any(s.num_pending > 1 for s in running)
+        seqs = max(1, min(self.config.max_batch, len(running) + waiting))
+        decode = sum(s.num_pending <= 1 for s in running)
+        tokens = decode + (self.config.prefill_chunk if prefill else 0)
+        pages = max((self.page_table.pages_for_tokens(s.num_computed + 1) for s in running), default=1)
+        if prefill:
+            pages = max(pages, self.page_table.pages_for_tokens(self.config.prefill_chunk))
+        bucket = self.runner.bucket_for(seqs, tokens, min(pages, self.page_table.max_pages_per_seq))
+        context = sum(s.num_computed + 1 for s in running)
+        return self.predictor.step((bucket.seqs, bucket.tokens, bucket.pages), context).bound
+
+    def _kv_reserve(self) -> int:
+        """Pages the running and waiting requests may still need: the trainer leases only above it."""
+        need = 0
+        for state in [*self.scheduler.running, *self.scheduler.waiting, *self._inbox]:
+            total = len(state.prompt_ids) + state.sampling.max_tokens
+            need += self.page_table.pages_for_tokens(total) - len(self.page_table.block_table(state.request_id))
+        return need
+
+    def _train_window(self) -> dict:
+        """The training micro-steps the policy puts after this inference step; their record fields."""
+        job, config = self._job, self.config
+        decided = time.perf_counter()
+        slo = (config.tpot_slo_ms or 0.0) / 1e3
+        if not slo and config.policy == "harli":
+            return {}  # no SLO to protect: nothing is banked while requests run
+        reserve = self._kv_reserve()
+        held = len(self.page_table.pages(Owner("lease", job.current.lease_id))) if job.current is not None else 0
+        can_start = self.page_table.num_free + held - job.stash_pages_needed() >= reserve
+        deadlines = [s.token_times[0] + len(s.output_ids) * slo for s in self.scheduler.running
+                     if s.output_ids and s.num_pending <= 1]
+        ctx = WindowContext(now=decided, slo=slo, margin=slo * config.slo_margin,
+                            next_step_bound=self._next_step_prediction() if slo else 0.0, deadlines=deadlines,
+                            num_layers=self.cfg.num_layers, pending=job.pending_micro_step(), can_start=can_start,
+                            inference_steps=self._steps_since_train)
+        plan = self.policy.plan(ctx)
+        decision_time = time.perf_counter() - decided
+        ran, micro, train_time = [], [], 0.0
+        for _, layers in plan.steps:
+            if job.current is None and not job.start_microbatch(layers, watermark=reserve):
+                break
+            done = job.micro_step(layers)
+            if done == "abandoned":
+                break
+            ran.append(f"{done}:{layers}")
+            micro.append((done, layers))
+            train_time += job.last_micro_time
+            self.predictor.observe_micro((done, layers), job.last_micro_time)
+            if not job.active:
+                break
+        self._steps_since_train = 0 if ran else self._steps_since_train + 1
+        return {"train": tuple(ran), "train_time": train_time, "budget": plan.budget, "predicted": plan.predicted,
+                "decision_time": decision_time, "micro": micro}
+
+    def calibrate(self) -> LatencyPredictor:
+        """The predictor's calibration sweep: every inference program, and with a job every micro-step kind,
+        timed `calibration_runs` times. Cached on disk by model, buckets, device, dtype and JAX version."""
+        cache = self._calibration_file()
+        loaded = LatencyPredictor.load(cache) if cache is not None else None
+        if loaded is not None:
+            log.info("predictor calibration loaded from %s", cache)
+            self.predictor = loaded
+            return loaded
+        started = time.perf_counter()
+        runs = self.config.calibration_runs
+        scratch = Owner("calibration", "scratch")  # the synthetic batches write their K/V into a free page
+        page = self.page_table.allocate(scratch, 1)[0] if self.page_table.num_free else 0
+        for bucket in self.runner.buckets:
+            for i in range(runs + 1):
+                context, seconds = self.runner.time_synthetic(bucket, seed=i, scratch_page=page)
+                if i:  # the first run of each program only warms it
+                    self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), context, seconds)
+        self.page_table.free(scratch)
+        job = self._job
+        if job is not None and job.current is None:
+            for chunk in self.chunk_options():
+                for i in range(runs + 1):
+                    if not job.start_microbatch(chunk, calibration=True):
+                        break
+                    while job.current is not None:
+                        kind = job.micro_step(chunk)
+                        if i:  # the first micro-batch compiles the programs
+                            self.predictor.observe_micro((kind, chunk), job.last_micro_time)
+        self.predictor.fit()
+        log.info("predictor calibrated in %.1fs", time.perf_counter() - started)
+        if cache is not None and job is not None:
+            self.predictor.save(cache)
+        return self.predictor
+
+    def chunk_options(self) -> tuple[int, ...]:
+        """Layers per micro-step the scheduler chooses from: powers of two, and all layers."""
+        layers = self.cfg.num_layers
+        return tuple(sorted({1 << i for i in range(layers.bit_length()) if 1 << i <= layers} | {layers}))
+
+    def _calibration_file(self) -> Path | None:
+        job = self._job
+        key = json.dumps({"model": dataclasses.asdict(self.cfg), "engine": dataclasses.asdict(self.config),
+                          "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                          "job": None if job is None else [job.job.micro_batch_rows, job.job.seq_len,
+                                                           dataclasses.asdict(job.job.lora)]},
+                         sort_keys=True, default=str)
+        root = Path(self.config.calibration_dir or Path.home() / ".cache" / "harli_jax")
+        return root / f"predictor-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
     # Front ends --------------------------------------------------------------------------------------------
 

@@ -117,6 +117,7 @@ class MicroBatchRun:
     loss_sum: jax.Array | None = None
     count: jax.Array | None = None
     abandoned: bool = False
+    calibration: bool = False  # a timing run: dropped instead of committed at the end
 
 
 def _to_device(batch: data_lib.MicroBatch) -> trainer.TrainBatch:
@@ -172,10 +173,29 @@ class FinetuneRunner:
         self.abandoned = 0
         self.running_time = 0.0
         self.current: MicroBatchRun | None = None
+        self.last_micro_time = 0.0  # seconds the last micro-step took, synchronized
+        self.committed_pieces: list[tuple[int, int]] = []  # (sample, window) of every accumulated micro-batch
         self._leases = 0
         self.checkpointer = TrainCheckpointer(job.checkpoint_dir) if job.checkpoint_dir is not None else None
         if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
             self._restore(self.checkpointer.latest_step())
+
+    def warmup(self, chunks: Sequence[int] = ()) -> None:
+        """Compiles the training programs without changing anything: the single-program step and the update on
+        copies of the state, and one timing micro-batch per chunk size (dropped at its end)."""
+        batch = self.loader.next_batch()
+        self.loader.push_back(batch)
+        def copy():
+            return jax.tree.map(jnp.copy, self.state)
+
+        device_batch = _to_device(batch)
+        jax.block_until_ready(self._grad_step(self.params, self.cfg, copy(), device_batch, self.job.remat))
+        jax.block_until_ready(self._update(self.optimizer, copy()))
+        jax.block_until_ready(self._commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
+        for chunk in chunks:
+            if self.current is None and self.start_microbatch(chunk, calibration=True):
+                while self.current is not None:
+                    self.micro_step(chunk)
 
     def _count_batches(self) -> int:
         probe = data_lib.DataLoader(self.train_set, self.job.micro_batch_rows, self.job.seq_len, seed=self.job.seed,
@@ -211,6 +231,7 @@ class FinetuneRunner:
             return
         self.state, total, count = self._grad_step(self.params, self.cfg, self.state, _to_device(batch),
                                                    self.job.remat)
+        self.committed_pieces.extend(batch.pieces)
         self._accumulated(total, count)
         self.running_time += time.perf_counter() - started
 
@@ -291,8 +312,10 @@ class FinetuneRunner:
         page_elements = int(np.prod(self.arena_holder.arena.shape[1:]))
         return trainer.stash_pages_needed(self.cfg, page_elements, self.job.micro_batch_rows * self.job.seq_len)
 
-    def start_microbatch(self, layers_per_chunk: int, watermark: int = 0) -> bool:
-        """Leases stash pages and starts a micro-batch on the micro-step path; False if no lease was granted."""
+    def start_microbatch(self, layers_per_chunk: int = 1, watermark: int = 0, calibration: bool = False) -> bool:
+        """Leases stash pages and starts a micro-batch on the micro-step path; False if no lease was granted.
+        A `calibration` micro-batch runs for timing only: at its end it is dropped like an abandoned one (its
+        samples go back to the queue, nothing is applied) without counting as abandoned."""
         if self.current is not None:
             raise RuntimeError("a micro-batch is already in flight")
         lease_id = f"{self.job.name}-{self._leases}"
@@ -305,7 +328,8 @@ class FinetuneRunner:
             self.page_table.release(lease_id)
             return False
         run = MicroBatchRun(batch=batch, device_batch=_to_device(batch), lease_id=lease_id,
-                            stash_pages=jnp.asarray(pages, jnp.int32), layers_per_chunk=layers_per_chunk)
+                            stash_pages=jnp.asarray(pages, jnp.int32), layers_per_chunk=layers_per_chunk,
+                            calibration=calibration)
         run.x = trainer.embed_step(self.params, run.device_batch)
         self.current = run
         return True
@@ -324,11 +348,21 @@ class FinetuneRunner:
         if self.page_table is not None:
             self.page_table.release(run.lease_id)
         self.current = None
-        self.abandoned += 1
+        self.abandoned += not run.calibration
 
-    def micro_step(self) -> str:
-        """Runs the next micro-step of the micro-batch in flight; returns what ran (forward, loss, backward,
-        commit) or 'abandoned'."""
+    def pending_micro_step(self) -> tuple[str, int] | None:
+        """The phase of the next micro-step ("forward" or "backward") and the most layers it may cover, or None
+        when no micro-batch is in flight. The forward chunk that reaches the last layer also runs the loss."""
+        run = self.current
+        if run is None or run.abandoned:
+            return None
+        if run.phase == "forward":
+            return "forward", self.cfg.num_layers - run.next_layer
+        return "backward", run.next_layer
+
+    def micro_step(self, layers: int | None = None) -> str:
+        """Runs the next micro-step of the micro-batch in flight over `layers` layers (default: its chunk size);
+        returns what ran (forward, forward+loss, backward, backward+commit) or 'abandoned'."""
         run = self.current
         if run is None:
             raise RuntimeError("no micro-batch in flight")
@@ -336,10 +370,11 @@ class FinetuneRunner:
             self.abandon()
             return "abandoned"
         started = time.perf_counter()
+        chunk = layers or run.layers_per_chunk
         layers = self.cfg.num_layers
         holder = self.arena_holder
         if run.phase == "forward":
-            n = min(run.layers_per_chunk, layers - run.next_layer)
+            n = min(chunk, layers - run.next_layer)
             holder.arena, run.x = self._fwd(self.params, self.cfg, self.state.lora, holder.arena, run.x,
                                             run.device_batch, run.stash_pages, jnp.int32(run.next_layer), n)
             run.next_layer += n
@@ -350,18 +385,25 @@ class FinetuneRunner:
                 run.phase = "backward"
                 kind = "forward+loss"
         else:
-            n = min(run.layers_per_chunk, run.next_layer)
+            n = min(chunk, run.next_layer)
             run.x, run.grads = self._bwd(self.params, self.cfg, self.state.lora, holder.arena, run.x, run.grads,
                                          run.device_batch, run.stash_pages, jnp.int32(run.next_layer), n)
             run.next_layer -= n
             kind = "backward"
-            if run.next_layer == 0:
+            if run.next_layer == 0 and run.calibration:
+                self.abandon()
+                kind = "backward+commit"
+            elif run.next_layer == 0:
                 self.state, _ = self._commit(self.state, run.grads, run.count)
+                self.committed_pieces.extend(run.batch.pieces)
                 self.page_table.release(run.lease_id)
                 self.current = None
                 self._accumulated(run.loss_sum, run.count)
                 kind = "backward+commit"
-        self.running_time += time.perf_counter() - started
+        jax.block_until_ready((run.x, self.state.accum))
+        self.last_micro_time = time.perf_counter() - started
+        if not run.calibration:
+            self.running_time += self.last_micro_time
         return kind
 
     # Checkpoints and export -------------------------------------------------------------------------------

@@ -19,7 +19,19 @@ class StepRecord:
     bucket_tokens: int
     bucket_pages: int
     preempted: int
+    # The training that ran after the inference step (its window), and the policy's decision.
+    train: tuple[str, ...] = ()  # micro-step kinds ("forward:2" = a forward chunk of 2 layers)
+    train_time: float = 0.0
+    budget: float | None = None  # seconds the policy allowed for training
+    predicted: float | None = None  # predicted bound of the window
+    decision_time: float = 0.0  # the policy's own time
 
     @property
     def latency(self) -> float:
+        """The inference step alone."""
         return self.end - self.start
+
+    @property
+    def window(self) -> float:
+        """The inference step plus the training after it."""
+        return self.latency + self.train_time

@@ -148,6 +148,29 @@ class ModelRunner:
         return TokenBatch(tokens=tokens, positions=positions, seq_index=seq_index, page_ids=page_ids,
                           offsets=offsets, block_tables=tables, sample_index=sample_index, sampling=rows)
 
+    def time_synthetic(self, bucket: Bucket, seed: int = 0, scratch_page: int = 0) -> tuple[int, float]:
+        """Runs `bucket`'s program on a synthetic batch that fills its shape: random contexts over random pages,
+        every K/V write into `scratch_page` (a page nobody owns), so no cache is changed. With scratch page 0
+        nothing is written and the attention sees empty sequences. Returns (attended context, seconds)."""
+        rng = np.random.default_rng(seed)
+        num_pages = self.arena.shape[0]
+        b, t, p = bucket.seqs, bucket.tokens, bucket.pages
+        contexts = rng.integers(1, p * self.page_tokens + 1, b)
+        seq_index = np.minimum(np.arange(t) * b // t, b - 1).astype(np.int32)
+        rows = SamplingRows(temperature=np.zeros(b, np.float32), top_k=np.zeros(b, np.int32),
+                            top_p=np.ones(b, np.float32), seed=np.zeros(b, np.uint32), counter=np.zeros(b, np.int32))
+        batch = TokenBatch(tokens=rng.integers(0, self.cfg.vocab_size, t).astype(np.int32),
+                           positions=(contexts[seq_index] - 1).astype(np.int32), seq_index=seq_index,
+                           page_ids=np.full(t, scratch_page, np.int32),
+                           offsets=np.arange(t, dtype=np.int32) % self.page_tokens,
+                           block_tables=rng.integers(1, max(num_pages, 2), (b, p)).astype(np.int32),
+                           sample_index=np.arange(b, dtype=np.int32) * t // b, sampling=rows)
+        program = self._programs.get(bucket) or self._programs.setdefault(bucket, self.compile(bucket))
+        started = time.perf_counter()
+        self.arena, tokens = program(self.params, self.arena, batch, self.lora)
+        np.asarray(tokens)
+        return int(contexts.sum()), time.perf_counter() - started
+
     def read_pages(self, page_ids: Sequence[int]) -> np.ndarray:
         return np.asarray(_read_pages_jit(self.arena, jnp.asarray(page_ids, jnp.int32)))
 

@@ -21,8 +21,9 @@ def test_lease_respects_the_watermark_and_reclaim_tells_the_owner():
     assert table.usage() == {"free": 5, "kv": 0, "lease": 5}
     assert table.grow_kv("r1", 4 * 7)  # 7 pages: needs 2 more than are free -> reclaims the newest lease
     assert reclaimed == [Owner("lease", "b")] and table.reclaims == 1
-    assert not table.grow_kv("r2", 4 * 9)  # no lease left big enough
-    assert table.release("a") == 3
+    assert not table.grow_kv("r2", 4 * 9)  # not enough even with every lease: still, KV comes first
+    assert reclaimed == [Owner("lease", "b"), Owner("lease", "a")]
+    assert table.release("a") == 0
     table.check_invariants()
     assert table.usage() == {"free": 3, "kv": 7, "lease": 0}
 

@@ -1,0 +1,173 @@
+"""Co-location policies: after each inference step, which training micro-steps run before the next one.
+
+A window is one inference step plus the micro-steps after it; the gap between two tokens of a request is a
+window. Every policy sees the same `WindowContext` and answers with the micro-steps to run, as
+(kind, layers) pairs in execution order:
+
+- `harli`: predictor-driven. The budget is the time until the earliest next-token deadline of the decoding
+  requests (a request ahead of its TPOT target has banked slack; the bank is capped), minus the predicted
+  bound of the next inference step and a safety margin. Micro-steps are added greedily, each as large as
+  fits, while the window's predicted bound stays within the budget.
+- `decode-only`: no training while requests run (a separate-instances baseline).
+- `temporal-K`: K micro-steps after every K inference steps, SLO-blind (FlexLLM's temporal sharing).
+- `static`: a fixed number of layers of micro-steps after every inference step, set offline for the peak.
+
+When no request runs, the engine trains through the single-program path regardless of the policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from harli_jax.errors import ConfigError
+
+POLICIES = ("harli", "decode-only", "temporal-K", "static")
+MicroStep = tuple[str, int]  # (kind, layers): kind is forward, forward+loss, backward or backward+commit
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowContext:
+    now: float
+    slo: float  # TPOT SLO, seconds
+    margin: float  # safety margin, seconds
+    next_step_bound: float  # predicted bound of the next inference step, seconds
+    deadlines: Sequence[float]  # next-token deadline of every decoding request (TPOT-banked)
+    num_layers: int
+    pending: tuple[str, int] | None  # the in-flight micro-batch's phase and layers left in it, or None
+    can_start: bool  # a new micro-batch may lease its stash now
+    inference_steps: int  # inference steps since the last window that trained
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    steps: tuple[MicroStep, ...]
+    budget: float  # seconds the policy allowed for training (inf when SLO-blind)
+    predicted: float  # sum of the steps' predicted bounds
+
+
+def micro_sequence(pending: tuple[str, int] | None, can_start: bool, num_layers: int,
+                   chunk: int) -> list[MicroStep]:
+    """The micro-steps that follow, in `chunk`-layer pieces, up to the end of the (next) micro-batch."""
+    out = []
+    phase, left = pending if pending is not None else ("forward", num_layers) if can_start else (None, 0)
+    while phase is not None:
+        n = min(chunk, left)
+        out.append((kind_of(phase, n, left), n))
+        left -= n
+        if left == 0:
+            if phase == "backward":
+                break
+            phase, left = "backward", num_layers
+    return out
+
+
+def kind_of(phase: str, layers: int, left: int) -> str:
+    """The micro-step kind: the forward chunk that ends the forward also runs the loss; the backward chunk that
+    ends the backward commits."""
+    if layers < left:
+        return phase
+    return "forward+loss" if phase == "forward" else "backward+commit"
+
+
+def plan_greedy(budget: float, ctx: WindowContext, cost: Callable[[MicroStep], float],
+                chunks: Sequence[int], max_microbatches: int = 4) -> WindowPlan:
+    """Micro-steps in execution order, each the largest chunk whose predicted bound still fits the budget."""
+    steps: list[MicroStep] = []
+    used = 0.0
+    pending = ctx.pending if ctx.pending is not None else (("forward", ctx.num_layers) if ctx.can_start else None)
+    started = 0 if ctx.pending is not None else 1
+    while pending is not None:
+        phase, left = pending
+        fits = [(n, cost((kind_of(phase, n, left), n))) for n in sorted({*chunks, left}) if n <= left]
+        fits = [(n, c) for n, c in fits if used + c <= budget]
+        if not fits:
+            break
+        n, c = max(fits)
+        steps.append((kind_of(phase, n, left), n))
+        used += c
+        left -= n
+        if left:
+            pending = (phase, left)
+        elif phase == "forward":
+            pending = ("backward", ctx.num_layers)
+        elif ctx.can_start and started < max_microbatches:
+            pending, started = ("forward", ctx.num_layers), started + 1
+        else:
+            pending = None
+    return WindowPlan(tuple(steps), budget, used)
+
+
+class Policy:
+    name = "base"
+
+    def plan(self, ctx: WindowContext) -> WindowPlan:
+        raise NotImplementedError
+
+
+class HarliPolicy(Policy):
+    name = "harli"
+
+    def __init__(self, cost: Callable[[MicroStep], float], chunks: Sequence[int], bank_cap: float = 1.0):
+        self.cost, self.chunks, self.bank_cap = cost, tuple(chunks), bank_cap
+
+    def budget(self, ctx: WindowContext) -> float:
+        room = ctx.slo * (1 + self.bank_cap)
+        if ctx.deadlines:
+            room = min(room, min(ctx.deadlines) - ctx.now)
+        else:
+            room = min(room, ctx.slo)
+        return room - ctx.next_step_bound - ctx.margin
+
+    def plan(self, ctx: WindowContext) -> WindowPlan:
+        return plan_greedy(self.budget(ctx), ctx, self.cost, self.chunks)
+
+
+class DecodeOnlyPolicy(Policy):
+    name = "decode-only"
+
+    def plan(self, ctx: WindowContext) -> WindowPlan:
+        return WindowPlan((), 0.0, 0.0)
+
+
+class TemporalPolicy(Policy):
+    """K micro-steps of `chunk` layers after every K inference steps."""
+
+    name = "temporal-K"
+
+    def __init__(self, k: int, chunk: int):
+        self.k, self.chunk = k, chunk
+
+    def plan(self, ctx: WindowContext) -> WindowPlan:
+        if ctx.inference_steps < self.k:
+            return WindowPlan((), 0.0, 0.0)
+        seq = micro_sequence(ctx.pending, ctx.can_start, ctx.num_layers, self.chunk)
+        return WindowPlan(tuple(seq[: self.k]), float("inf"), 0.0)
+
+
+class StaticPolicy(Policy):
+    """`layers` layers of micro-steps (one chunk) after every inference step."""
+
+    name = "static"
+
+    def __init__(self, layers: int):
+        self.layers = layers
+
+    def plan(self, ctx: WindowContext) -> WindowPlan:
+        if self.layers == 0:
+            return WindowPlan((), 0.0, 0.0)
+        seq = micro_sequence(ctx.pending, ctx.can_start, ctx.num_layers, self.layers)
+        return WindowPlan(tuple(seq[:1]), float("inf"), 0.0)
+
+
+def make_policy(name: str, cost: Callable[[MicroStep], float], chunks: Sequence[int], *, temporal_k: int = 2,
+                temporal_chunk: int = 1, static_layers: int = 1, bank_cap: float = 1.0) -> Policy:
+    if name == "harli":
+        return HarliPolicy(cost, chunks, bank_cap)
+    if name == "decode-only":
+        return DecodeOnlyPolicy()
+    if name == "temporal-K":
+        return TemporalPolicy(temporal_k, temporal_chunk)
+    if name == "static":
+        return StaticPolicy(static_layers)
+    raise ConfigError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
