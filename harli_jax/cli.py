@@ -12,6 +12,7 @@ from harli_jax import Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingPar
 from harli_jax.errors import HarliError
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
+from harli_jax.runtime.trace import synthesize, write_trace
 
 
 def _positive_int(text: str) -> int:
@@ -63,7 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the checkpoint's)")
     ft.add_argument("--seed", type=int, default=0)
     ft.set_defaults(run=_finetune)
+
+    trace = commands.add_parser("trace", help="inference traces").add_subparsers(dest="trace_command",
+                                                                                  required=True)
+    synth = trace.add_parser("synth", help="write a synthetic trace (native CSV)",
+                             description="Writes a synthetic inference trace as native CSV "
+                                         "(arrival_s,prompt_tokens,output_tokens).")
+    synth.add_argument("--kind", choices=("poisson", "gamma", "bursts", "diurnal"), default="gamma")
+    synth.add_argument("--requests", type=_positive_int, default=200)
+    synth.add_argument("--rate", type=float, default=5.0, help="mean requests per second (default 5)")
+    synth.add_argument("--cv", type=float, default=2.0, help="gamma: inter-arrival coefficient of variation")
+    synth.add_argument("--burst-rate", type=float, help="bursts: rate during a burst (default 5x --rate)")
+    synth.add_argument("--period", type=float, default=10.0, help="bursts/diurnal: period in seconds")
+    synth.add_argument("--prompt-mean", type=float, default=100.0)
+    synth.add_argument("--output-mean", type=float, default=40.0)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="CSV file to write")
+    synth.set_defaults(run=_trace_synth)
     return parser
+
+
+def _trace_synth(args: argparse.Namespace) -> None:
+    made = synthesize(args.kind, num_requests=args.requests, rate=args.rate, seed=args.seed, cv=args.cv,
+                      burst_rate=args.burst_rate, period=args.period, prompt_mean=args.prompt_mean,
+                      output_mean=args.output_mean)
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "trace_command", "run", "out")}
+    comment = "harli trace synth " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items()
+                                               if v is not None)
+    comment += f"\n{len(made)} requests over {made.duration:.1f}s"
+    print(f"wrote {write_trace(made, args.out, comment)} ({len(made)} requests, {made.duration:.1f}s)",
+          file=sys.stderr)
 
 
 def _finetune(args: argparse.Namespace) -> None:

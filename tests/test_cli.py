@@ -51,3 +51,12 @@ def test_finetune_bad_dataset_is_a_clear_error(tiny_yaml, tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
     assert main(["finetune", "--model", str(tiny_yaml), "--dataset", str(missing), "--steps", "1"]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_trace_synth_writes_a_loadable_trace(tmp_path):
+    from harli_jax.runtime.trace import load_trace
+
+    out = tmp_path / "t.csv"
+    assert main(["trace", "synth", "--kind", "bursts", "--requests", "50", "--rate", "4", "--out", str(out)]) == 0
+    trace = load_trace(out)
+    assert len(trace) == 50 and out.read_text().startswith("# harli trace synth")
