@@ -12,6 +12,7 @@ from harli_jax import Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingPar
 from harli_jax.errors import HarliError
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
+from harli_jax.replay import main as replay_main
 from harli_jax.runtime.trace import synthesize, write_trace
 
 
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harli", description=harli_jax.__doc__)
     parser.add_argument("--version", action="version", version=f"harli_jax {harli_jax.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("replay", add_help=False, help="replay a trace with a finetune job and report "
+                                                        "(harli replay --help)")
 
     gen = commands.add_parser("generate", help="generate from a prompt",
                               description="Generates from a prompt with an HF checkpoint or a YAML model config "
@@ -146,6 +149,9 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["replay"]:
+        return replay_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -6,6 +6,7 @@ The scheduler (policy) decides who runs, the page table (memory) who owns which 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -124,6 +125,15 @@ class Engine:
                  len(runner.train_set), len(runner.eval_set) if runner.eval_set is not None else 0,
                  runner.total_steps)
         return JobHandle(runner, self)
+
+    @contextlib.contextmanager
+    def profile(self, directory: str | Path):
+        """Records a JAX profiler session (Perfetto trace) while the block runs: inference steps are
+        `StepTraceAnnotation("inference")`, training windows `train_micro_step` / `train_alone`, the policy's
+        decisions `schedule`; inside the programs every block has a named scope."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+            yield Path(directory)
 
     def _micro_cost(self, kind) -> float:
         return self.predictor.micro(kind).bound
@@ -281,11 +291,14 @@ class Engine:
                             counter=len(state.output_ids)) for state, n in plan.work]
             events, self._events = self._events, []
         if not work:
+            if self.predictor.unfitted >= 64:  # refit off the serving path, while nothing is to be served
+                self.predictor.fit()
             if self._job is not None and self._job.active:
                 self._train_alone()
             return events
         start = time.perf_counter()
-        next_tokens, bucket = self.runner.execute(work)
+        with jax.profiler.StepTraceAnnotation("inference", step_num=len(self.step_records)):
+            next_tokens, bucket = self.runner.execute(work)
         end = time.perf_counter()
         with self._lock:
             decode = 0
@@ -309,13 +322,13 @@ class Engine:
         if window.get("train"):
             self.predictor.observe_window(key, sum(contexts), window.pop("micro"), end - start + window["train_time"])
         window.pop("micro", None)
+        usage = self.page_table.usage()
         self.step_records.append(StepRecord(
             index=len(self.step_records), start=start, end=end, decode_seqs=decode,
             prefill_seqs=len(work) - decode, prefill_tokens=sum(len(w.tokens) for w in work) - decode,
             total_context=sum(contexts), max_context=max(contexts), bucket_seqs=bucket.seqs,
-            bucket_tokens=bucket.tokens, bucket_pages=bucket.pages, preempted=len(plan.preempted), **window))
-        if len(self.step_records) % 64 == 0:
-            self.predictor.fit()
+            bucket_tokens=bucket.tokens, bucket_pages=bucket.pages, preempted=len(plan.preempted),
+            kv_pages=usage["kv"], lease_pages=usage["lease"], free_pages=usage["free"], **window))
         return events
 
     # Co-location -------------------------------------------------------------------------------------------
@@ -323,11 +336,12 @@ class Engine:
     def _train_alone(self) -> None:
         """No request to serve: finish a micro-batch in flight, then train at full speed in one program."""
         job = self._job
-        if job.current is not None:
-            while job.current is not None:
-                job.micro_step(self.cfg.num_layers)
-        else:
-            job.train_microbatch()
+        with jax.profiler.TraceAnnotation("train_alone"):
+            if job.current is not None:
+                while job.current is not None:
+                    job.micro_step(self.cfg.num_layers)
+            else:
+                job.train_microbatch()
 
     def _next_step_prediction(self) -> float:
         """Predicted bound of the next inference step, assuming a prefill chunk whenever a prompt waits."""
@@ -368,13 +382,15 @@ class Engine:
                             next_step_bound=self._next_step_prediction() if slo else 0.0, deadlines=deadlines,
                             num_layers=self.cfg.num_layers, pending=job.pending_micro_step(), can_start=can_start,
                             inference_steps=self._steps_since_train)
-        plan = self.policy.plan(ctx)
+        with jax.profiler.TraceAnnotation("schedule"):
+            plan = self.policy.plan(ctx)
         decision_time = time.perf_counter() - decided
         ran, micro, train_time = [], [], 0.0
         for _, layers in plan.steps:
             if job.current is None and not job.start_microbatch(layers, watermark=reserve):
                 break
-            done = job.micro_step(layers)
+            with jax.profiler.TraceAnnotation(f"train_micro_step layers={layers}"):
+                done = job.micro_step(layers)
             if done == "abandoned":
                 break
             ran.append(f"{done}:{layers}")
@@ -398,14 +414,12 @@ class Engine:
             return loaded
         started = time.perf_counter()
         runs = self.config.calibration_runs
-        scratch = Owner("calibration", "scratch")  # the synthetic batches write their K/V into a free page
-        page = self.page_table.allocate(scratch, 1)[0] if self.page_table.num_free else 0
-        for bucket in self.runner.buckets:
-            for i in range(runs + 1):
-                context, seconds = self.runner.time_synthetic(bucket, seed=i, scratch_page=page)
-                if i:  # the first run of each program only warms it
-                    self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), context, seconds)
-        self.page_table.free(scratch)
+        with self._scratch_page() as page:
+            for bucket in self.runner.buckets:
+                for i in range(runs + 1):
+                    context, seconds = self.runner.time_synthetic(bucket, seed=i, scratch_page=page)
+                    if i:  # the first run of each program only warms it
+                        self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), context, seconds)
         job = self._job
         if job is not None and job.current is None:
             for chunk in self.chunk_options():
@@ -421,6 +435,23 @@ class Engine:
         if cache is not None and job is not None:
             self.predictor.save(cache)
         return self.predictor
+
+    @contextlib.contextmanager
+    def _scratch_page(self):
+        """A free page that synthetic timing batches write their K/V into (0, nothing written, if none is free)."""
+        scratch = Owner("calibration", "scratch")
+        page = self.page_table.allocate(scratch, 1)[0] if self.page_table.num_free else 0
+        try:
+            yield page
+        finally:
+            self.page_table.free(scratch)
+
+    def time_decode_step(self, batch: int, runs: int = 7) -> float:
+        """Median latency of a solo decode step of `batch` sequences at the longest context bucket."""
+        bucket = self.runner.bucket_for(batch, batch, self.runner.page_buckets[-1])
+        with self._scratch_page() as page:
+            times = sorted(self.runner.time_synthetic(bucket, seed=i, scratch_page=page)[1] for i in range(runs))
+        return times[len(times) // 2]
 
     def chunk_options(self) -> tuple[int, ...]:
         """Layers per micro-step the scheduler chooses from: powers of two, and all layers."""

@@ -25,6 +25,9 @@ class StepRecord:
     budget: float | None = None  # seconds the policy allowed for training
     predicted: float | None = None  # predicted bound of the window
     decision_time: float = 0.0  # the policy's own time
+    kv_pages: int = 0  # arena occupancy after the window
+    lease_pages: int = 0
+    free_pages: int = 0
 
     @property
     def latency(self) -> float:

@@ -37,16 +37,21 @@ class Prediction:
 
 
 def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(intercept, slope) of y over x; a constant when x does not vary."""
-    if len(x) < 2 or np.ptp(x) == 0:
-        return float(np.mean(y)), 0.0
-    reg = LinearRegression().fit(x[:, None], y)
-    return float(reg.intercept_), float(max(reg.coef_[0], 0.0))
+    """(intercept, slope) of y over x, both non-negative so every prediction is positive; the median when x
+    does not vary or a line does not fit that way."""
+    if len(x) >= 4 and np.ptp(x) > 0:
+        reg = LinearRegression(positive=True).fit(x[:, None], y)
+        if reg.intercept_ > 0:
+            return float(reg.intercept_), float(reg.coef_[0])
+    return float(np.median(y)), 0.0
 
 
 def _margin(predicted: np.ndarray, actual: np.ndarray, quantile: float) -> float:
-    rel = actual / np.maximum(predicted, 1e-9) - 1.0
-    return float(max(np.quantile(rel, quantile), 0.0)) if len(rel) else 0.25
+    """The `quantile` of actual / predicted - 1: the relative margin that covers that share of the samples."""
+    if not len(actual):
+        return 0.25
+    rel = actual / np.maximum(predicted, 0.5 * np.min(actual)) - 1.0
+    return float(max(np.quantile(rel, quantile), 0.0))
 
 
 class LatencyPredictor:
@@ -62,14 +67,17 @@ class LatencyPredictor:
         self._micro: dict[MicroKind, deque] = defaultdict(lambda: deque(maxlen=256))
         self._windows: deque = deque(maxlen=history)
         self.evaluations: deque = deque(maxlen=history)  # (predicted bound, predicted mean, actual) per window
+        self.unfitted = 0  # observations since the last fit
 
     # Fitting ------------------------------------------------------------------------------------------------
 
     def observe_step(self, bucket: tuple, total_context: int, latency: float) -> None:
         self._steps[bucket].append((total_context, latency))
+        self.unfitted += 1
 
     def observe_micro(self, kind: MicroKind, latency: float) -> None:
         self._micro[kind].append(latency)
+        self.unfitted += 1
 
     def observe_window(self, bucket: tuple, total_context: int, micro: Sequence[MicroKind], latency: float) -> None:
         """A measured window; also scored against what the predictor says now (held-out: before any refit
@@ -80,6 +88,7 @@ class LatencyPredictor:
 
     def fit(self) -> None:
         """Refits every stage from what was observed (calibration sweep and online measurements)."""
+        self.unfitted = 0
         preds, actual = [], []
         for bucket, samples in self._steps.items():
             ctx, lat = np.array(samples, float).T

@@ -100,9 +100,10 @@ def _trace(n, rate, seed=0, prompt=(8, 48), output=(8, 32)):
 
 
 def test_harli_keeps_the_slo_while_training(tiny, tmp_path):
-    # A loose SLO for a shared 2-core CI machine: 40 ms per token, where a solo step takes about 1 ms.
+    # Loose for a shared 2-core CI machine: a 40 ms SLO where a solo step takes about 1 ms, and half of it
+    # kept as the safety margin against the machine's timing noise.
     config = EngineConfig(max_batch=8, prefill_chunk=32, max_seq_len=128, num_pages=300, tpot_slo_ms=40.0,
-                          policy="harli", calibration_dir=str(tmp_path), compile_threads=2)
+                          slo_margin=0.5, policy="harli", calibration_dir=str(tmp_path), compile_threads=2)
     engine = Engine(tiny, config)
     handle = engine.finetune(FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=4, seq_len=64))
     before = handle.progress().tokens
