@@ -146,8 +146,10 @@ def load_trace(path: str | Path, fmt: str = "auto", *, strict: bool = False) -> 
     for row_no, row in _rows(path, fmt):
         try:
             arrival, prompt, output = _parse(fmt, row)
-            if not math.isfinite(arrival) or prompt <= 0 or output <= 0:
-                raise ValueError(f"needs a finite time and positive lengths, got {arrival}, {prompt}, {output}")
+            if not math.isfinite(arrival) or (fmt in ("native", "burstgpt", "mooncake") and arrival < 0):
+                raise ValueError(f"the time must be a finite number >= 0, got {arrival}")
+            if prompt <= 0 or output <= 0:
+                raise ValueError(f"token counts must be positive, got prompt {prompt}, output {output}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             message = f"{path}:{row_no}: {e if not isinstance(e, KeyError) else f'missing column {e}'}"
             if strict:

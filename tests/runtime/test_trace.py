@@ -40,10 +40,18 @@ def test_every_format_reads_the_same_requests(tmp_path):
 
 def test_malformed_rows_are_reported_with_file_and_row(tmp_path):
     path = tmp_path / "t.csv"
-    path.write_text("arrival_s,prompt_tokens,output_tokens\n0,10,5\nsoon,10,5\n1,-3,5\n2,10\n3,8,8\n")
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n0,10,5\nsoon,10,5\n1,-3,5\n2,10\n-4,8,8\n3,8,8\n")
     trace = load_trace(path)
     assert len(trace) == 2
-    assert [p.split(": ", 1)[0] for p in trace.problems] == [f"{path}:3", f"{path}:4", f"{path}:5"]
+    assert [p.split(": ", 1)[0] for p in trace.problems] == [f"{path}:{row}" for row in (3, 4, 5, 6)]
+    assert "must be a finite number >= 0" in trace.problems[3]
+    azure = tmp_path / "azure.csv"
+    azure.write_text("TIMESTAMP,ContextTokens\n2023-11-16 18:15:50.0,100\n")
+    with pytest.raises(TraceError, match=r"azure\.csv:2: missing column 'GeneratedTokens'"):
+        load_trace(azure, "azure", strict=True)
+    (tmp_path / "blank.csv").write_text("")
+    with pytest.raises(TraceError, match="blank.csv"):
+        load_trace(tmp_path / "blank.csv")
     with pytest.raises(TraceError, match="t.csv:3"):
         load_trace(path, strict=True)
     (tmp_path / "empty.csv").write_text("arrival_s,prompt_tokens,output_tokens\nx,y,z\n")
@@ -54,6 +62,15 @@ def test_malformed_rows_are_reported_with_file_and_row(tmp_path):
         load_trace(tmp_path / "odd.csv")
     with pytest.raises(TraceError, match="not found"):
         load_trace(tmp_path / "nope.csv")
+
+
+def test_rescaling_keeps_the_inter_arrival_shape():
+    trace = synthesize("gamma", num_requests=200, rate=5.0, cv=2.0, seed=2)
+    gaps = np.diff([r.arrival for r in trace.requests])
+    for rate_scale, time_scale in ((2.0, 1.0), (1.0, 3.0), (4.0, 0.5)):
+        scaled = np.diff([r.arrival for r in trace.rescale(rate_scale=rate_scale, time_scale=time_scale).requests])
+        np.testing.assert_allclose(scaled, gaps * time_scale / rate_scale, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(scaled / scaled.mean(), gaps / gaps.mean(), rtol=1e-9, atol=1e-12)
 
 
 def test_rescale_and_round_trip(tmp_path):
