@@ -174,6 +174,7 @@ class FinetuneRunner:
         self.running_time = 0.0
         self.current: MicroBatchRun | None = None
         self.last_micro_time = 0.0  # seconds the last micro-step took, synchronized
+        self._spare_grads = None  # the zeroed gradient buffers `commit` hands back, for the next micro-batch
         self.committed_pieces: list[tuple[int, int]] = []  # (sample, window) of every accumulated micro-batch
         self._leases = 0
         self.checkpointer = TrainCheckpointer(job.checkpoint_dir) if job.checkpoint_dir is not None else None
@@ -381,7 +382,8 @@ class FinetuneRunner:
             kind = "forward"
             if run.next_layer == layers:
                 run.loss_sum, run.count, run.x = self._loss(self.params, self.cfg, run.x, run.device_batch)
-                run.grads = jax.tree.map(jnp.zeros_like, self.state.lora)
+                spare, self._spare_grads = self._spare_grads, None
+                run.grads = spare if spare is not None else jax.tree.map(jnp.zeros_like, self.state.lora)
                 run.phase = "backward"
                 kind = "forward+loss"
         else:
@@ -394,7 +396,7 @@ class FinetuneRunner:
                 self.abandon()
                 kind = "backward+commit"
             elif run.next_layer == 0:
-                self.state, _ = self._commit(self.state, run.grads, run.count)
+                self.state, self._spare_grads = self._commit(self.state, run.grads, run.count)
                 self.committed_pieces.extend(run.batch.pieces)
                 self.page_table.release(run.lease_id)
                 self.current = None
