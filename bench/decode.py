@@ -465,7 +465,8 @@ def main() -> None:
     profile = {}
     if args.profile:
         for batch in args.batches:
-            profile[batch] = profile_steps(engine, batch, args)
+            with load.measure(f"profile_batch_{batch}"):
+                profile[batch] = profile_steps(engine, batch, args)
             print_profile(batch, profile[batch])
 
     # The weights may fit in the last-level cache (this machine's L3 can be hundreds of MiB), where a copy of the
