@@ -20,12 +20,12 @@ def paged_attention_reference(q, arena, layer, block_tables, lengths, *, sm_scal
     batch, kv_heads, head_dim = dims.batch, dims.kv_heads, dims.head_dim
     context = dims.max_pages * dims.page_tokens
     with jax.named_scope("paged_attention_reference"):
-        pages = arena[block_tables, layer_index(layer)]  # [batch, max_pages, 2, kv_heads, page_tokens, head_dim]
-        kv = jnp.moveaxis(pages, (2, 3), (0, 2))  # [2, batch, kv_heads, max_pages, page_tokens, head_dim]
-        kv = kv.reshape(2, batch, kv_heads, context, head_dim)
+        # K and V gathered separately, straight into [batch, kv_heads, pages, page_tokens, head_dim] order.
+        pages, at, heads = block_tables[:, None, :], layer_index(layer), jnp.arange(kv_heads)[None, :, None]
+        k = arena[pages, at, 0, heads].reshape(batch, kv_heads, context, head_dim)
+        v = arena[pages, at, 1, heads].reshape(batch, kv_heads, context, head_dim)
         valid = jnp.arange(context)[None, :] < lengths[:, None]  # [batch, context]
-        k = kv[0]
-        v = jnp.where(valid[:, None, :, None], kv[1], 0)
+        v = jnp.where(valid[:, None, :, None], v, 0)
         qg = q.reshape(batch, kv_heads, dims.group, head_dim)
         logits = jnp.einsum(
             "bkgd,bktd->bkgt", qg, k, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
