@@ -111,6 +111,10 @@ def parse_args() -> argparse.Namespace:
                         help="extra harli runs per SLO with EngineConfig overrides, e.g. 'bank_cap=0;slo_margin=0.2' "
                              "(';' between variants, ',' between fields of one; default bank_cap=0: no banked slack, an ablation of the "
                              "bank; '' for none); reported as extra rows")
+    parser.add_argument("--quiet-share", type=float, default=0.1,
+                        help="before each run, wait until other processes use at most this share of the CPU "
+                             "(default 0.1; 1 disables)")
+    parser.add_argument("--quiet-timeout", type=float, default=600.0, help="longest wait for quiet, seconds")
     parser.add_argument("--calibrate-baselines", action="store_true",
                         help="also calibrate the predictor on the SLO-blind runs (their predictor error is then "
                              "reported; costs a calibration sweep per run)")
@@ -264,6 +268,31 @@ class LoadMeter:
             other = (end[1] - self.start[1]) - (end[2] - self.start[2])
             self.record["other_processes_cpu_share"] = round(max(other, 0.0) / (wall * (os.cpu_count() or 1)), 3)
         return False
+
+
+def other_cpu_share(seconds: float) -> float | None:
+    """The CPU share (of all cores) other processes use over `seconds` while this one sleeps."""
+    meter = LoadMeter()
+    with meter:
+        time.sleep(seconds)
+    return meter.record.get("other_processes_cpu_share")
+
+
+def wait_for_quiet(max_share: float, timeout: float, sample: float = 5.0) -> dict:
+    """Waits (up to `timeout` s) until other processes use at most `max_share` of the CPU over two consecutive
+    `sample`-second windows: the machine is shared, and a run under a neighbour's load is not comparable with
+    one without."""
+    start = time.perf_counter()
+    shares = []
+    while True:
+        shares.append(other_cpu_share(sample))
+        quiet = len(shares) >= 2 and all(x is not None and x <= max_share for x in shares[-2:])
+        waited = time.perf_counter() - start
+        if quiet or waited >= timeout or shares[-1] is None:
+            return {"waited_s": round(waited, 1), "quiet": quiet, "last_shares": shares[-2:]}
+        if len(shares) % 6 == 0:
+            say(f"  waiting for a quiet machine: other processes use {shares[-1]:.0%} of the CPU "
+                f"({waited:.0f}s so far)")
 
 
 # Helpers ---------------------------------------------------------------------------------------------------
@@ -503,6 +532,7 @@ def slo_independent(run: dict) -> dict:
         "peak_decode_batch": peak,
         "prefill_steps": sum(1 for r in records if r.prefill_tokens),
         "load": run["load"],
+        "quiet_wait": run.get("quiet_wait"),
     }
     if trained:
         budgets = [r.budget for r in trained if r.budget is not None and math.isfinite(r.budget)]
@@ -675,9 +705,11 @@ def main() -> None:
     runs: dict[str, dict] = {}
 
     def run_one(policy, slo_ms, label, **extra):
+        quiet = wait_for_quiet(args.quiet_share, args.quiet_timeout) if args.quiet_share < 1 else None
         index = probe_standalone(label)
         runs[label] = run_policy(model, args, rows, policy, slo_ms, label, **extra)
         runs[label]["standalone_index"] = index
+        runs[label]["quiet_wait"] = quiet
 
     # 2. decode-only, and the SLOs.
     say("decode-only:")
@@ -754,7 +786,8 @@ def main() -> None:
                            "reclaims": r["reclaims"], "abandoned": r["abandoned_microbatches"],
                            "overhead": r["scheduler_overhead"], "windows_trained": r["windows_trained"],
                            "mape": r.get("predictor", {}).get("mape"),
-                           "under_prediction_rate": r.get("predictor", {}).get("under_prediction_rate")}
+                           "under_prediction_rate": r.get("predictor", {}).get("under_prediction_rate"),
+                           "other_cpu_share": r["load"].get("other_processes_cpu_share")}
         baselines = {k: v for k, v in table.items() if not k.startswith("harli")}
         ok = {k: v for k, v in baselines.items() if v["attainment"] >= TARGETS["attainment_min"]}
         best = max(ok, key=lambda k: ok[k]["finetune_tokens_per_s"]) if ok else None
@@ -796,7 +829,7 @@ def main() -> None:
             f"{ {k: round(v, 3) for k, v in entry['static_sweep_attainment'].items()} } -> {entry['static_choice_layers']}")
         say(f"{'policy':<18} {'run':<23} {'attain':>7} {'tok-att':>7} {'TBTp99':>8} {'TTFTp50':>8} {'TTFTp99':>8} "
             f"{'dec t/s':>8} {'ft t/s':>7} {'co t/s':>7} {'harvest':>7} {'h/slack':>7} {'recl':>5} {'aband':>5} "
-            f"{'ovhd%':>6} {'trained':>7} {'MAPE':>6} {'under':>6}")
+            f"{'ovhd%':>6} {'trained':>7} {'MAPE':>6} {'under':>6} {'other%':>6}")
         for name, t in entry["table"].items():
             def f(x, fmt):
                 return format(x, fmt) if x is not None else "-"
@@ -805,7 +838,8 @@ def main() -> None:
                 f"{t['decode_tokens_per_s']:8.1f} {t['finetune_tokens_per_s']:7.1f} {t['colocated_tokens_per_s']:7.1f} "
                 f"{t['harvest_ratio']:7.3f} {f(t['harvest_of_slack'], '7.3f')} {t['reclaims']:5d} {t['abandoned']:5d} "
                 f"{f(t['overhead'] and 100 * t['overhead'], '6.2f')} {t['windows_trained']:7d} "
-                f"{f(t['mape'], '6.3f')} {f(t['under_prediction_rate'], '6.3f')}")
+                f"{f(t['mape'], '6.3f')} {f(t['under_prediction_rate'], '6.3f')} "
+                f"{f(t['other_cpu_share'] and 100 * t['other_cpu_share'], '6.1f')}")
         if "harli" in entry["table"]:
             ratio = entry["harli_vs_best_baseline"]
             say(f"harli / best baseline meeting 99% ({entry['best_baseline']}): "
