@@ -46,13 +46,19 @@ class WindowPlan:
     predicted: float  # sum of the steps' predicted bounds
 
 
-def micro_sequence(pending: tuple[str, int] | None, can_start: bool, num_layers: int,
-                   chunk: int) -> list[MicroStep]:
-    """The micro-steps that follow, in `chunk`-layer pieces, up to the end of the (next) micro-batch."""
+def largest_chunk(chunks: Sequence[int], limit: int) -> int:
+    """The largest compiled chunk size (layers per micro-step) of at most `limit` layers; `chunks` holds 1."""
+    return max(n for n in chunks if n <= limit)
+
+
+def micro_sequence(pending: tuple[str, int] | None, can_start: bool, num_layers: int, chunk: int,
+                   chunks: Sequence[int]) -> list[MicroStep]:
+    """The micro-steps that follow, in pieces of at most `chunk` layers, each a compiled chunk size, up to the
+    end of the (next) micro-batch."""
     out = []
     phase, left = pending if pending is not None else ("forward", num_layers) if can_start else (None, 0)
     while phase is not None:
-        n = min(chunk, left)
+        n = largest_chunk(chunks, min(chunk, left))
         out.append((kind_of(phase, n, left), n))
         left -= n
         if left == 0:
@@ -72,14 +78,15 @@ def kind_of(phase: str, layers: int, left: int) -> str:
 
 def plan_greedy(budget: float, ctx: WindowContext, cost: Callable[[MicroStep], float],
                 chunks: Sequence[int], max_microbatches: int = 4) -> WindowPlan:
-    """Micro-steps in execution order, each the largest chunk whose predicted bound still fits the budget."""
+    """Micro-steps in execution order, each the largest compiled chunk whose predicted bound still fits the
+    budget."""
     steps: list[MicroStep] = []
     used = 0.0
     pending = ctx.pending if ctx.pending is not None else (("forward", ctx.num_layers) if ctx.can_start else None)
     started = 0 if ctx.pending is not None else 1
     while pending is not None:
         phase, left = pending
-        fits = [(n, cost((kind_of(phase, n, left), n))) for n in sorted({*chunks, left}) if n <= left]
+        fits = [(n, cost((kind_of(phase, n, left), n))) for n in chunks if n <= left]
         fits = [(n, c) for n, c in fits if used + c <= budget]
         if not fits:
             break
@@ -135,13 +142,13 @@ class TemporalPolicy(Policy):
 
     name = "temporal-K"
 
-    def __init__(self, k: int, chunk: int):
-        self.k, self.chunk = k, chunk
+    def __init__(self, k: int, chunk: int, chunks: Sequence[int]):
+        self.k, self.chunk, self.chunks = k, chunk, tuple(chunks)
 
     def plan(self, ctx: WindowContext) -> WindowPlan:
         if ctx.inference_steps < self.k:
             return WindowPlan((), 0.0, 0.0)
-        seq = micro_sequence(ctx.pending, ctx.can_start, ctx.num_layers, self.chunk)
+        seq = micro_sequence(ctx.pending, ctx.can_start, ctx.num_layers, self.chunk, self.chunks)
         return WindowPlan(tuple(seq[: self.k]), float("inf"), 0.0)
 
 
@@ -150,13 +157,13 @@ class StaticPolicy(Policy):
 
     name = "static"
 
-    def __init__(self, layers: int):
-        self.layers = layers
+    def __init__(self, layers: int, chunks: Sequence[int]):
+        self.layers, self.chunks = layers, tuple(chunks)
 
     def plan(self, ctx: WindowContext) -> WindowPlan:
         if self.layers == 0:
             return WindowPlan((), 0.0, 0.0)
-        seq = micro_sequence(ctx.pending, ctx.can_start, ctx.num_layers, self.layers)
+        seq = micro_sequence(ctx.pending, ctx.can_start, ctx.num_layers, self.layers, self.chunks)
         return WindowPlan(tuple(seq[:1]), float("inf"), 0.0)
 
 
@@ -167,7 +174,7 @@ def make_policy(name: str, cost: Callable[[MicroStep], float], chunks: Sequence[
     if name == "decode-only":
         return DecodeOnlyPolicy()
     if name == "temporal-K":
-        return TemporalPolicy(temporal_k, temporal_chunk)
+        return TemporalPolicy(temporal_k, temporal_chunk, chunks)
     if name == "static":
-        return StaticPolicy(static_layers)
+        return StaticPolicy(static_layers, chunks)
     raise ConfigError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -25,10 +25,10 @@ from harli_jax.errors import HarliError
 from harli_jax.lora.adapters import load_peft
 from harli_jax.model.loader import LoadedModel, load_model
 from harli_jax.runtime.arena import Owner, PageTable, page_bytes, pages_from_memory
-from harli_jax.runtime.colocation import WindowContext, make_policy
+from harli_jax.runtime.colocation import WindowContext, largest_chunk, make_policy, micro_sequence
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.finetune import FinetuneJob, FinetuneRunner, JobHandle
-from harli_jax.runtime.metrics import StepRecord
+from harli_jax.runtime.metrics import IdleTraining, StepRecord
 from harli_jax.runtime.predictor import LatencyPredictor
 from harli_jax.runtime.request import (
     Event,
@@ -65,6 +65,7 @@ class Engine:
         self.runner = ModelRunner(cfg, params, config, num_pages)
         self.scheduler = Scheduler(self.page_table, config.max_batch, config.prefill_chunk)
         self.step_records: list[StepRecord] = []
+        self.idle_training = IdleTraining()
         self._requests: dict[str, RequestState] = {}
         self._inbox: deque[RequestState] = deque()  # submitted, not yet seen by the scheduler
         self._events: list[Event] = []  # produced outside a step (aborts), returned by the next one
@@ -298,7 +299,7 @@ class Engine:
             return events
         start = time.perf_counter()
         with jax.profiler.StepTraceAnnotation("inference", step_num=len(self.step_records)):
-            next_tokens, bucket = self.runner.execute(work)
+            next_tokens, bucket, pack_time = self.runner.execute(work)
         end = time.perf_counter()
         with self._lock:
             decode = 0
@@ -327,7 +328,7 @@ class Engine:
             index=len(self.step_records), start=start, end=end, decode_seqs=decode,
             prefill_seqs=len(work) - decode, prefill_tokens=sum(len(w.tokens) for w in work) - decode,
             total_context=sum(contexts), max_context=max(contexts), bucket_seqs=bucket.seqs,
-            bucket_tokens=bucket.tokens, bucket_pages=bucket.pages, preempted=len(plan.preempted),
+            bucket_tokens=bucket.tokens, bucket_pages=bucket.pages, preempted=len(plan.preempted), pack_time=pack_time,
             kv_pages=usage["kv"], lease_pages=usage["lease"], free_pages=usage["free"], **window))
         return events
 
@@ -336,12 +337,18 @@ class Engine:
     def _train_alone(self) -> None:
         """No request to serve: finish a micro-batch in flight, then train at full speed in one program."""
         job = self._job
+        started, tokens = time.perf_counter(), job.tokens
         with jax.profiler.TraceAnnotation("train_alone"):
             if job.current is not None:
-                while job.current is not None:
-                    job.micro_step(self.cfg.num_layers)
+                while (pending := job.pending_micro_step()) is not None:
+                    job.micro_step(largest_chunk(self.chunk_options(), pending[1]))
+                if job.current is not None:  # abandoned: its lease was reclaimed
+                    job.micro_step()
             else:
                 job.train_microbatch()
+        idle = self.idle_training
+        idle.calls, idle.seconds = idle.calls + 1, idle.seconds + time.perf_counter() - started
+        idle.tokens += job.tokens - tokens
 
     def _next_step_prediction(self) -> float:
         """Predicted bound of the next inference step, assuming a prefill chunk whenever a prompt waits."""
@@ -422,14 +429,15 @@ class Engine:
                         self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), context, seconds)
         job = self._job
         if job is not None and job.current is None:
-            for chunk in self.chunk_options():
+            chunks = self.chunk_options()
+            for chunk in chunks:
                 for i in range(runs + 1):
                     if not job.start_microbatch(chunk, calibration=True):
                         break
-                    while job.current is not None:
-                        kind = job.micro_step(chunk)
+                    for _, layers in micro_sequence(None, True, self.cfg.num_layers, chunk, chunks):
+                        kind = job.micro_step(layers)
                         if i:  # the first micro-batch compiles the programs
-                            self.predictor.observe_micro((kind, chunk), job.last_micro_time)
+                            self.predictor.observe_micro((kind, layers), job.last_micro_time)
         self.predictor.fit()
         log.info("predictor calibrated in %.1fs", time.perf_counter() - started)
         if cache is not None and job is not None:
@@ -454,9 +462,14 @@ class Engine:
         return times[len(times) // 2]
 
     def chunk_options(self) -> tuple[int, ...]:
-        """Layers per micro-step the scheduler chooses from: powers of two, and all layers."""
-        layers = self.cfg.num_layers
-        return tuple(sorted({1 << i for i in range(layers.bit_length()) if 1 << i <= layers} | {layers}))
+        """Layers per micro-step, each compiled at warm-up: powers of two, all layers, and the chunk of the
+        `static` or `temporal-K` policy. A micro-step over fewer layers than a chunk takes the largest that fits."""
+        layers, config = self.cfg.num_layers, self.config
+        sizes = {1 << i for i in range(layers.bit_length()) if 1 << i <= layers} | {layers}
+        own = {"static": config.static_layers, "temporal-K": config.temporal_chunk}.get(config.policy)
+        if own is not None and 0 < own <= layers:
+            sizes.add(own)
+        return tuple(sorted(sizes))
 
     def _calibration_file(self) -> Path | None:
         job = self._job

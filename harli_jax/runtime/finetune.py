@@ -26,6 +26,7 @@ from harli_jax.model.config import ModelConfig
 from harli_jax.model.params import Params
 from harli_jax.model.tokenizer import Tokenizer
 from harli_jax.runtime.arena import Owner, PageTable
+from harli_jax.runtime.colocation import micro_sequence
 
 log = logging.getLogger("harli_jax")
 
@@ -182,8 +183,10 @@ class FinetuneRunner:
             self._restore(self.checkpointer.latest_step())
 
     def warmup(self, chunks: Sequence[int] = ()) -> None:
-        """Compiles the training programs without changing anything: the single-program step and the update on
-        copies of the state, and one timing micro-batch per chunk size (dropped at its end)."""
+        """Compiles the training programs without changing anything: the single-program step, the update and the
+        eval loss on copies of the state, and one timing micro-batch per chunk size (dropped at its end), its
+        micro-steps cut as the policies cut them (`micro_sequence`), so every micro-step program a policy runs
+        is compiled."""
         batch = self.loader.next_batch()
         self.loader.push_back(batch)
         def copy():
@@ -193,10 +196,11 @@ class FinetuneRunner:
         jax.block_until_ready(self._grad_step(self.params, self.cfg, copy(), device_batch, self.job.remat))
         jax.block_until_ready(self._update(self.optimizer, copy()))
         jax.block_until_ready(self._commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
+        jax.block_until_ready(self._eval_loss(self.state.lora, self.params, self.cfg, device_batch))
         for chunk in chunks:
             if self.current is None and self.start_microbatch(chunk, calibration=True):
-                while self.current is not None:
-                    self.micro_step(chunk)
+                for _, layers in micro_sequence(None, True, self.cfg.num_layers, chunk, chunks):
+                    self.micro_step(layers)
 
     def _count_batches(self) -> int:
         probe = data_lib.DataLoader(self.train_set, self.job.micro_batch_rows, self.job.seq_len, seed=self.job.seed,

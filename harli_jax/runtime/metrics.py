@@ -19,6 +19,7 @@ class StepRecord:
     bucket_tokens: int
     bucket_pages: int
     preempted: int
+    pack_time: float = 0.0  # host seconds packing the step's inputs (inside start..end)
     # The training that ran after the inference step (its window), and the policy's decision.
     train: tuple[str, ...] = ()  # micro-step kinds ("forward:2" = a forward chunk of 2 layers)
     train_time: float = 0.0
@@ -38,3 +39,12 @@ class StepRecord:
     def window(self) -> float:
         """The inference step plus the training after it."""
         return self.latency + self.train_time
+
+
+@dataclasses.dataclass
+class IdleTraining:
+    """Training the engine ran while no request was to be served (the single-program path)."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    tokens: int = 0  # trained tokens

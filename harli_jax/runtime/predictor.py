@@ -6,8 +6,12 @@ bucket: latency = a + b * total_context, fitted with scikit-learn on a calibrati
 
 Stage 2 (co-run): the latency of a window = one inference step plus the training micro-steps run after it.
 Each micro-step kind (forward or backward chunk of n layers) has its own solo latency; a linear model over
-(stage-1 prediction, sum of micro-step predictions, number of micro-steps) captures their interference (on one
-compute stream: dispatch gaps, cache effects), refitted online from measured windows.
+(stage-1 prediction, sum of micro-step predictions, number of micro-steps) is meant to capture their
+interference (on one compute stream: dispatch gaps, cache effects). Today stage 2 only *scores*: every
+measured window is compared with its prediction (`error_report`, the MAPE and under-prediction that reports
+show), and its coefficients are fitted once 16 windows with training were seen, by a `fit()` that the engine
+runs only while nothing is being served. No decision uses it: the `harli` policy plans a window with the
+stage-1 bound of the next step and the solo bounds of the micro-steps (`micro`), summed.
 
 The scheduler needs a bound, not a mean: every prediction comes with `bound = mean * (1 + margin)`, the margin
 calibrated as the `quantile` of the relative residuals, so about 1 - quantile of steps run over their bound.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +73,7 @@ class LatencyPredictor:
         self._windows: deque = deque(maxlen=history)
         self.evaluations: deque = deque(maxlen=history)  # (predicted bound, predicted mean, actual) per window
         self.unfitted = 0  # observations since the last fit
+        self.fit_seconds: deque = deque(maxlen=history)  # how long each fit took
 
     # Fitting ------------------------------------------------------------------------------------------------
 
@@ -88,6 +94,7 @@ class LatencyPredictor:
 
     def fit(self) -> None:
         """Refits every stage from what was observed (calibration sweep and online measurements)."""
+        started = time.perf_counter()
         self.unfitted = 0
         preds, actual = [], []
         for bucket, samples in self._steps.items():
@@ -114,6 +121,7 @@ class LatencyPredictor:
             reg = LinearRegression(positive=True).fit(x, y)
             self.window_coef = (float(reg.intercept_), *map(float, reg.coef_))
             self.window_margin = _margin(reg.predict(x), y, self.quantile)
+        self.fit_seconds.append(time.perf_counter() - started)
 
     # Closed-form evaluation (no scikit-learn on the hot path) ------------------------------------------------
 
@@ -177,5 +185,5 @@ class LatencyPredictor:
     def load(cls, path: str | Path) -> LatencyPredictor | None:
         try:
             return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, IndexError):  # a damaged cache: recalibrate
             return None

@@ -68,6 +68,9 @@ class ModelRunner:
             Bucket(b, b + extra, p)
             for b in self.batch_buckets for extra in (0, engine_cfg.prefill_chunk) for p in self.page_buckets)
         self._programs: dict[Bucket, jax.stages.Compiled] = {}
+        # Whole-page copies (prefilled-KV import and export), one program each per page bucket: the page ids
+        # are padded with the null page, which `write_pages` never writes.
+        self._page_copies: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
         self.lora: Adapters | None = None  # the adapter decode applies (None: the base model)
 
     def set_lora(self, lora: Adapters | None) -> None:
@@ -97,8 +100,23 @@ class ModelRunner:
         return _step_jit.lower(self.params, self.cfg, self.arena, self._batch_struct(bucket),
                                self.engine_cfg.attention_impl, self.lora).compile()
 
+    def _compile_page_copies(self, pages: int) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
+        ids = jax.ShapeDtypeStruct((pages,), jnp.int32)
+        block = jax.ShapeDtypeStruct((pages, *self.arena.shape[1:]), self.arena.dtype)
+        return (_read_pages_jit.lower(self.arena, ids).compile(),
+                _write_pages_jit.lower(self.arena, ids, block).compile())
+
+    def _page_copy(self, num_pages: int) -> tuple[int, jax.stages.Compiled, jax.stages.Compiled]:
+        padded = self.page_buckets[bisect.bisect_left(self.page_buckets, num_pages)]
+        if padded not in self._page_copies:
+            self._page_copies[padded] = self._compile_page_copies(padded)
+        return padded, *self._page_copies[padded]
+
     def warmup(self) -> None:
-        """Compiles every bucket's program (in parallel threads: XLA compiles without the GIL)."""
+        """Compiles every bucket's program (in parallel threads: XLA compiles without the GIL), and the page
+        copies of every page bucket."""
+        for pages in self.page_buckets:
+            self._page_copy(pages)
         todo = [b for b in self.buckets if b not in self._programs]
         if not todo:
             return
@@ -111,17 +129,24 @@ class ModelRunner:
                 self._programs[bucket] = program
         log.info("compiled %d step programs in %.1fs", len(todo), time.perf_counter() - started)
 
-    def execute(self, work: Sequence[SeqWork]) -> tuple[np.ndarray, Bucket]:
-        """Runs one step; returns the next token of every sequence (meaningful where its prompt is done)."""
+    def program(self, bucket: Bucket) -> jax.stages.Compiled:
+        """The compiled step program of `bucket` (compiled now if warm-up did not)."""
+        program = self._programs.get(bucket)
+        if program is None:
+            program = self._programs[bucket] = self.compile(bucket)
+        return program
+
+    def execute(self, work: Sequence[SeqWork]) -> tuple[np.ndarray, Bucket, float]:
+        """Runs one step; returns the next token of every sequence (meaningful where its prompt is done), the
+        bucket it ran in and the host seconds spent packing its inputs."""
         total = sum(len(w.tokens) for w in work)
         pages = max(len(w.block_table) for w in work)
         bucket = self.bucket_for(len(work), total, pages)
+        packing = time.perf_counter()
         batch = self._pack(work, bucket)
-        program = self._programs.get(bucket)
-        if program is None:  # only reached without warm-up
-            program = self._programs[bucket] = self.compile(bucket)
-        self.arena, next_tokens = program(self.params, self.arena, batch, self.lora)
-        return np.asarray(next_tokens)[: len(work)], bucket
+        pack_time = time.perf_counter() - packing
+        self.arena, next_tokens = self.program(bucket)(self.params, self.arena, batch, self.lora)
+        return np.asarray(next_tokens)[: len(work)], bucket, pack_time
 
     def _pack(self, work: Sequence[SeqWork], bucket: Bucket) -> TokenBatch:
         t, b = bucket.tokens, bucket.seqs
@@ -165,14 +190,26 @@ class ModelRunner:
                            offsets=np.arange(t, dtype=np.int32) % self.page_tokens,
                            block_tables=rng.integers(1, max(num_pages, 2), (b, p)).astype(np.int32),
                            sample_index=np.arange(b, dtype=np.int32) * t // b, sampling=rows)
-        program = self._programs.get(bucket) or self._programs.setdefault(bucket, self.compile(bucket))
+        program = self.program(bucket)
         started = time.perf_counter()
         self.arena, tokens = program(self.params, self.arena, batch, self.lora)
         np.asarray(tokens)
         return int(contexts.sum()), time.perf_counter() - started
 
     def read_pages(self, page_ids: Sequence[int]) -> np.ndarray:
-        return np.asarray(_read_pages_jit(self.arena, jnp.asarray(page_ids, jnp.int32)))
+        """The K/V of whole pages, `[len(page_ids), layers, 2, kv_heads, page_tokens, head_dim]`."""
+        n = len(page_ids)
+        padded, read, _ = self._page_copy(n)
+        ids = np.zeros(padded, np.int32)
+        ids[:n] = page_ids
+        return np.asarray(read(self.arena, ids))[:n]
 
     def write_pages(self, page_ids: Sequence[int], pages: np.ndarray) -> None:
-        self.arena = _write_pages_jit(self.arena, jnp.asarray(page_ids, jnp.int32), jnp.asarray(pages))
+        """Writes whole pages (the inverse of `read_pages`) in place."""
+        n = len(page_ids)
+        padded, _, write = self._page_copy(n)
+        ids = np.zeros(padded, np.int32)
+        ids[:n] = page_ids
+        block = np.zeros((padded, *self.arena.shape[1:]), self.arena.dtype)
+        block[:n] = pages
+        self.arena = write(self.arena, ids, block)

@@ -2,6 +2,7 @@
 prefilled-KV import, no recompiles, bad requests."""
 
 import copy
+import dataclasses
 
 import jax
 import numpy as np
@@ -20,6 +21,8 @@ from harli_jax import (
     TokenEvent,
 )
 from harli_jax.model import load_model
+from harli_jax.model.loader import LoadedModel
+from harli_jax.runtime.arena import Owner
 
 PROMPT_LENGTHS = [1, 7, 33, 100, 20, 5, 64, 2]
 NEW_TOKENS = 32
@@ -83,23 +86,36 @@ def test_requests_arriving_at_different_steps(served):
     assert engine.page_table.usage()["kv"] == 0
 
 
-def test_prefilled_kv_import_gives_the_same_tokens(served):
-    engine, prompts, reference = served
-    prompt = prompts[3]
+def _exported(engine, prompt):
+    """Prefills `prompt` on `engine` and exports its K/V (the request is then aborted)."""
     rid = engine.submit(prompt, GREEDY)
     while not any(isinstance(e, TokenEvent) and e.request_id == rid for e in engine.step()):
         pass
     kv = engine.export_kv(rid)
     engine.abort(rid)
     engine.step()
+    return kv
+
+
+def test_prefilled_kv_import_into_another_engine(served):
+    engine, prompts, reference = served
+    kv = _exported(engine, prompts[3])  # 100 tokens: 7 pages
     assert kv.first_token == reference[3][0]
-    decoded = engine.submit(Request(prompt, GREEDY), prefilled_kv=kv)
-    outputs, _ = _run(engine, {})
+    # The decode engine has another arena size, and pages 1..20 are taken, so the request's K/V lands in
+    # other pages than it came from: only a real copy of the pages gives the reference tokens.
+    decoder = Engine(LoadedModel(engine.cfg, engine.runner.params, engine.tokenizer),
+                     dataclasses.replace(SMALL, num_pages=SMALL.num_pages + 9), warmup=False)
+    decoder.page_table.allocate(Owner("test", "occupied"), 20)
+    decoded = decoder.submit(Request(prompts[3], GREEDY), prefilled_kv=kv)
+    decoder.step()
+    assert min(decoder.page_table.block_table(decoded)) > 20
+    outputs, _ = _run(decoder, {})
     assert list(outputs[decoded].token_ids) == reference[3]
+    decoder.page_table.free(Owner("test", "occupied"))
+    assert decoder.page_table.usage()["kv"] == 0
 
 
-def test_no_recompiles_after_warmup(served):
-    engine, prompts, _ = served
+def _count_compiles():
     compiles = []
 
     def count(name, *_, **__):
@@ -107,16 +123,28 @@ def test_no_recompiles_after_warmup(served):
             compiles.append(name)
 
     monitoring.register_event_duration_secs_listener(count)
+    return compiles, count
+
+
+def test_no_recompiles_after_warmup(served):
+    engine, prompts, reference = served
+    compiles, listener = _count_compiles()
     try:
         engine.generate(prompts[:1], GREEDY)  # batch 1
         engine.generate(prompts[1:4], GREEDY)  # batch 3
         engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=1))
+        # Export and import of prompts of 1, 3 and 7 pages (three page buckets).
+        for i in (1, 2, 3):
+            kv = _exported(engine, prompts[i])
+            decoded = engine.submit(Request(prompts[i], GREEDY), prefilled_kv=kv)
+            outputs, _ = _run(engine, {})
+            assert list(outputs[decoded].token_ids) == reference[i]
         assert engine.step_records, "nothing ran"
         during = list(compiles)
         jax.jit(lambda x: x * 3 + 1)(np.float32(2))  # the counter does see a compile
         assert len(compiles) > len(during)
     finally:
-        monitoring.unregister_event_duration_listener(count)
+        monitoring.unregister_event_duration_listener(listener)
     assert during == []
 
 
