@@ -1,8 +1,10 @@
 """The `harli` command."""
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import train_bpe_tokenizer
 from harli_jax.cli import main
@@ -29,22 +31,58 @@ def test_bad_model_is_a_clear_error(tmp_path, capsys):
     assert err.startswith("harli: error: ") and "nope" in err and "Traceback" not in err
 
 
-def test_console_script_entry_point():
-    out = subprocess.run([sys.executable, "-m", "harli_jax.cli", "--version"], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.startswith("harli_jax ")
+def test_console_script_entry_point(tmp_path):
+    """The `harli` script pip installed next to this interpreter (not `python -m`), run outside the repo."""
+    import harli_jax
+
+    script = shutil.which("harli", path=Path(sys.executable).parent)
+    assert script is not None, f"no `harli` console script in {Path(sys.executable).parent}"
+    assert harli_jax.__version__ == importlib.metadata.version("harli_jax")
+    out = subprocess.run([script, "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert (out.returncode, out.stdout, out.stderr) == (0, f"harli_jax {harli_jax.__version__}\n", "")
+    out = subprocess.run([script, "generate", "--prompt", "hi"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.startswith("usage: harli generate ")
+    assert out.stderr.endswith("harli generate: error: the following arguments are required: --model\n"), out.stderr
 
 
 def test_finetune_exports_a_peft_adapter(tiny_yaml, tmp_path, capsys):
+    """The exported adapter holds the weights the same job trains through the Python API (the engine and job
+    `_finetune` builds from these flags; non-default --lr/--alpha/--seed so that a dropped flag shows)."""
+    import numpy as np
+
+    from harli_jax import Engine, EngineConfig, FinetuneJob, LoRAConfig
     from harli_jax.lora import load_peft
+    from harli_jax.lora.adapters import init_lora
     from harli_jax.model import ModelConfig
 
     out = tmp_path / "adapter"
     args = ["finetune", "--model", str(tiny_yaml), "--steps", "2", "--rows", "2", "--seq-len", "32", "--rank", "4",
-            "--targets", "q_proj,down_proj", "--out", str(out)]
+            "--alpha", "8", "--lr", "1e-2", "--seed", "3", "--targets", "q_proj,down_proj", "--out", str(out)]
     assert main(args) == 0
     assert "step 2/2" in capsys.readouterr().err
-    lora, adapters = load_peft(out, ModelConfig.from_yaml(tiny_yaml))
-    assert lora.rank == 4 and set(adapters) == {"q_proj", "down_proj"}
+    cfg = ModelConfig.from_yaml(tiny_yaml)
+    lora, exported = load_peft(out, cfg)
+    assert lora == LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "down_proj"))
+
+    engine = Engine.from_config(tiny_yaml, EngineConfig(max_batch=1, max_seq_len=32, num_pages=2), seed=3,
+                                warmup=False)
+    handle = engine.finetune(FinetuneJob(lora=lora, learning_rate=1e-2, micro_batch_rows=2, seq_len=32,
+                                         total_steps=2, seed=3, eval_interval=1))
+    assert handle.wait().step == 2 and handle.done()
+    trained = handle.adapters
+    initial = init_lora(cfg, lora, seed=3)
+    assert set(exported) == set(trained) == {"q_proj", "down_proj"}
+    for target, pair in trained.items():
+        for name in ("a", "b"):
+            got, want = np.asarray(getattr(exported[target], name)), np.asarray(getattr(pair, name))
+            assert got.shape == want.shape == (cfg.num_layers, *want.shape[1:])
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"{target}.{name}")
+        assert exported[target].scale == pair.scale == 2.0
+        # B starts at zero, so a non-zero B is training, not the initialisation. (A has not moved yet: its
+        # gradient is zero while B is, and the first step's warmup learning rate is 0.)
+        assert not np.any(np.asarray(initial[target].b))
+        assert np.abs(np.asarray(exported[target].b)).max() > 1e-4, target
 
 
 def test_finetune_bad_dataset_is_a_clear_error(tiny_yaml, tmp_path, capsys):
