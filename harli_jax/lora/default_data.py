@@ -7,15 +7,15 @@ then ``>``; the completion is the word in capitals. Words are distinct within a 
 
 The task is learnable by the random-init tiny model (``configs/models/tiny.yaml``) through LoRA alone: each
 completion letter is the capital of the prompt letter at the same index, which attention can find and which
-generalizes to unseen words. Measured with a plain LoRA loop (rank 8, alpha 16, q/k/v/o, AdamW 3e-3 with 20
-warmup steps + cosine, 8 x 128-token micro-batches, model seed 0) on ``split(default_dataset(2000), 0.1)``:
-completion-token accuracy on the 200 held-out words goes from 0% to 90% in 200 optimizer steps (95% in 400),
-and eval loss from 6.23 to 5.15 (5.05). The loss cannot go much lower on a random-init model: its frozen
-LM head (std 0.02, after an RMS norm of unit weight) bounds the logits to about +-1.3, so even a certain
-prediction keeps a loss near 5 over 512 tokens; accuracy is the clearer signal.
+generalizes to unseen words. ``held_out`` draws words that a dataset does not contain, to measure that;
+``bench/finetune_accuracy.py`` records the exact-match accuracy of the default finetune on such words. The
+loss cannot go much lower than about 5 on a random-init model: its frozen LM head (std 0.02, after an RMS
+norm of unit weight) bounds the logits to about +-1.3 over 512 tokens; accuracy is the clearer signal.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -51,3 +51,17 @@ def default_dataset(num_samples: int = 2000, seed: int = 0, *, alphabet: str = A
         seen.add(word)
         out.append({"prompt": word + SEPARATOR, "completion": word.upper()})
     return out
+
+
+def held_out(exclude: Sequence[dict[str, str]], num_samples: int, seed: int = 1, *, alphabet: str = ALPHABET,
+             min_len: int = MIN_LEN, max_len: int = MAX_LEN) -> list[dict[str, str]]:
+    """``num_samples`` records of the task whose words appear in none of ``exclude`` (e.g. a job's whole
+    dataset): an accuracy measured on them is on words the model never trained on."""
+    taken = {r["prompt"] for r in exclude}
+    pool = min(_num_words(alphabet, min_len, max_len), num_samples + len(taken))
+    fresh = [r for r in default_dataset(pool, seed, alphabet=alphabet, min_len=min_len, max_len=max_len)
+             if r["prompt"] not in taken]
+    if len(fresh) < num_samples:
+        raise ValueError(f"only {len(fresh)} words of {min_len}-{max_len} letters over {alphabet!r} are not "
+                         f"excluded; asked for {num_samples}")
+    return fresh[:num_samples]

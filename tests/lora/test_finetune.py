@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 from harli_jax import CheckpointError, Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingParams
 from harli_jax.lora.data import DataError, default_dataset
+from harli_jax.lora.default_data import held_out
 from harli_jax.model import load_model
 from harli_jax.runtime.finetune import JobStatus
 
@@ -42,8 +43,10 @@ def test_default_finetune_learns_and_the_engine_serves_the_adapter(engine, model
     assert progress.tokens > 0 and progress.tokens_per_s > 0
     assert [h["step"] for h in handle.history] == list(range(1, 201))
 
-    # Upper-casing the prompt word: the trained adapter gets answers right that the base model does not.
-    samples = default_dataset(num_samples=40, seed=99)
+    # Upper-casing the prompt word: the trained adapter gets answers right that the base model does not, on
+    # words that are nowhere in the job's data (dataset=None is default_dataset(seed=job seed)).
+    samples = held_out(default_dataset(seed=1), 40, seed=99)
+    assert not {s["prompt"] for s in samples} & {r["prompt"] for r in default_dataset(seed=1)}
     prompts = [s["prompt"] for s in samples]
     greedy = SamplingParams(max_tokens=8)
     base = engine.generate(prompts, greedy)
