@@ -1,43 +1,55 @@
 """Co-location: serve a bursty inference trace under a TPOT SLO while a LoRA finetune job trains in the slack,
-under every scheduling policy, one after another in one process on the same trace.
+under every scheduling policy, in one process on the same trace.
+
+(Its co-location figures are withdrawn from the README until a later redesign; the script still measures them.)
 
 The trace (`configs/traces/colocation-small.csv`, written by `--write-trace` with the seeded generator below):
 Gamma-renewal arrivals with a coefficient of variation > 1 (bursts and lulls), chat-like lengths (prompt
 lognormal, mean ~100 tokens; output lognormal, mean ~45 tokens), both clipped to the engine's context. Prompts
 are random token ids (seeded per request), every request decodes exactly its `output_tokens` (EOS ignored).
 
-Runs, each on a fresh `Engine` over the same weights (EngineConfig(policy=..., tpot_slo_ms=...,
-calibration_dir=<temp dir>)), with a fresh `engine.finetune(FinetuneJob(total_steps=huge, eval_interval=0))`
-of the default (embedded) task at the micro-batch shape `--micro-rows x --micro-seq-len`:
+1. The SLO base, measured ONCE before any policy runs, after `common.wait_for_quiet`, with its load: the trace
+   on a decode-only engine without a finetune job; its peak concurrent decode batch and the solo decode step
+   there (median latency of the decode-only steps -- no prefill tokens -- at that batch); SLO =
+   `--slo-multiples` x that step, the same for every policy. If other processes took more than
+   `--max-other-share` of the CPUs meanwhile, the SLO is marked invalid, and so is every ratio.
+   The same run gives the slack the trace leaves (below).
+2. Then every run, in a seeded random order per round (`--rounds`, recorded), through `common.interleave`
+   (each attempt with its load, repeated up to `--max-retries` times after waiting for quiet when other
+   processes took more than `--max-other-share`, else marked invalid). Each policy run is a fresh `Engine`
+   over the same weights (EngineConfig(policy=..., tpot_slo_ms=..., calibration_dir=<temp dir>)) with a fresh
+   `engine.finetune(FinetuneJob(total_steps=huge, eval_interval=0))` of the default (embedded) task at the
+   micro-batch shape `--micro-rows x --micro-seq-len`:
+   - standalone: the finetune job alone on its own engine (no requests), `handle.wait(max_steps=1)` for about
+     `--standalone-seconds`; trained tokens/s over its wall time (the harvest ratio's denominator);
+   - decode-only: the trace with training only while no request runs;
+   - temporal-K (K = `--temporal-k` inference steps, then K one-layer micro-steps), SLO-blind;
+   - static: one chunk of L layers after every inference step, for L in `--static-sweep`; per SLO the largest L
+     with >= 99% request-level TPOT attainment (valid runs only) is what a careful operator would configure (0 =
+     decode-only if none does). The SLO-blind runs are the same whatever the SLO: each runs once and is scored
+     at every SLO;
+   - harli, once per SLO (its budget depends on the SLO), and per `--harli-variants`.
+3. At the end, a drift check: the synthetic solo decode step (`Engine.time_decode_step`) at the peak batch,
+   against the same measurement in the SLO base run.
 
-1. standalone: the finetune job alone (no requests), `handle.wait(max_steps=N)`; trained tokens/s over its
-   wall time. Measured at the start and again at the end (the mean is the harvest ratio's denominator).
-2. decode-only: the trace with training only while no request runs. Its step records give the trace's peak
-   concurrent decode batch and the solo decode step there (median latency of the decode-only steps -- no
-   prefill tokens -- at that batch); SLO = `--slo-multiples` x that step.
-3. temporal-K (K = `--temporal-k` inference steps, then K one-layer micro-steps), SLO-blind.
-4. static: one chunk of L layers after every inference step, for L in `--static-sweep`; per SLO the largest L
-   with >= 99% request-level TPOT attainment is what a careful operator would configure (0 = decode-only if
-   none does). The SLO-blind runs (2-4) are the same whatever the SLO, so each runs once and is scored at
-   every SLO.
-5. harli, once per SLO (its budget depends on the SLO).
+Per policy and SLO (the median over the run's valid attempts): request-level TPOT attainment
+(GenerationOutput.tpot <= SLO), token-level attainment (gaps between consecutive tokens <= SLO), TBT P50/P90/P99,
+TTFT P50/P99, decode tokens/s, finetune trained tokens/s during the serve (split into co-located micro-steps and
+idle training, `engine.idle_training`), harvest ratio (÷ standalone) and harvest ÷ the slack the trace leaves at
+that SLO, reclaims, abandoned micro-batches (`handle.progress()`), predictor error
+(`engine.predictor.error_report()`) and refits (`engine.predictor.fit_seconds`), scheduler overhead (sum of
+decision_time ÷ sum of windows = inference step + training after it), windows that trained, and where the
+SLO-violating token gaps come from. Per SLO: harli's finetune tokens/s ÷ the best baseline that meets 99%
+attainment, computed only from valid runs and a valid SLO.
 
-Per policy and SLO: request-level TPOT attainment (GenerationOutput.tpot <= SLO), token-level attainment (gaps
-between consecutive tokens <= SLO), TBT P50/P90/P99, TTFT P50/P99, decode tokens/s, finetune trained tokens/s
-during the serve (split into co-located micro-steps and idle single-program training), harvest ratio (÷
-standalone) and harvest ÷ the slack the trace leaves at that SLO, reclaims, abandoned micro-batches, predictor
-error (`engine.predictor.error_report()`), scheduler overhead (sum of decision_time ÷ sum of windows =
-inference step + training after it), windows that trained, and where the SLO-violating token gaps come from.
-Per SLO: harli's finetune tokens/s ÷ the best baseline that meets 99% attainment.
-
-"Slack the trace leaves" at SLO S, from the decode-only run: (idle time + sum over inference steps of
+"Slack the trace leaves" at SLO S, from the SLO base run: (idle time + sum over inference steps of
 max(0, S - step latency)) ÷ (idle time + sum of max(S, step latency)) -- the share of device time a co-locator
 could train if it stretched every inference step to exactly the SLO, keeping the same schedule (no margin).
 
-Writes bench/results/colocation-<device>.json (machine, JAX version, date, `uptime` load per run).
+Writes bench/results/colocation-<device>.json (or into --out; a --quick run writes only with --out).
 
     python bench/colocation.py                       # small.yaml, the bundled trace, SLO 1.5x and 3x
-    python bench/colocation.py --quick               # smoke run: tiny.yaml, a short generated trace, no file
+    python bench/colocation.py --quick --out /tmp/bench   # smoke run: tiny.yaml, a short generated trace
     python bench/colocation.py --write-trace         # regenerate configs/traces/colocation-small.csv and exit
     python bench/colocation.py --policies harli,decode-only --slo-multiples 3
 """
@@ -47,20 +59,20 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import gc
 import json
 import math
 import os
-import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common  # bench/common.py: the script's directory is on sys.path
 import jax
 import numpy as np
-from common import write_result
+from common import say
 
 from harli_jax import Engine, EngineConfig, FinetuneJob, SamplingParams
 from harli_jax.model.loader import load_model
@@ -71,10 +83,6 @@ DEFAULT_TRACE = REPO / "configs/traces/colocation-small.csv"
 TARGETS = {"attainment_min": 0.99, "vs_best_baseline_min": 1.6, "harvest_of_slack_min": 0.8, "mape_max": 0.05,
            "under_prediction_max": 0.01, "overhead_max": 0.02}
 ALL_POLICIES = ("decode-only", "temporal-K", "static", "harli")
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
 
 
 def float_list(text: str) -> list[float]:
@@ -89,8 +97,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model YAML (default configs/models/small.yaml)")
     parser.add_argument("--trace", default=None, help=f"trace CSV (default {DEFAULT_TRACE.relative_to(REPO)})")
-    parser.add_argument("--slo-multiples", type=float_list, default=[1.5, 3.0],
-                        help="SLOs as multiples of the solo decode step at the peak batch (default 1.5,3)")
+    parser.add_argument("--slo-multiples", type=float_list, default=None,
+                        help="SLOs as multiples of the solo decode step at the peak batch (default 1.5,3; 3 quick)")
     parser.add_argument("--policies", default=",".join(ALL_POLICIES),
                         help="comma separated subset of " + ",".join(ALL_POLICIES) + " (decode-only always runs)")
     parser.add_argument("--static-sweep", type=int_list, default=None,
@@ -100,33 +108,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-seq-len", type=int, default=None, help="finetune micro-batch tokens per row "
                         "(default 64; 32 with --quick)")
     parser.add_argument("--standalone-seconds", type=float, default=None,
-                        help="approximate length of each standalone finetune measurement (default 20; 3 quick)")
-    parser.add_argument("--max-batch", type=int, default=16)
+                        help="approximate length of each standalone finetune measurement (default 20; 1 quick)")
+    parser.add_argument("--max-batch", type=int, default=None, help="engine batch (default 16; 4 quick)")
     parser.add_argument("--prefill-chunk", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=None, help="engine context (default 256; 128 quick)")
     parser.add_argument("--page-buckets", type=int_list, default=None, help="pages per sequence buckets "
-                        "(default 4,8,16; 4,8 quick)")
-    parser.add_argument("--seed", type=int, default=0, help="weights, prompts and the generated trace")
-    parser.add_argument("--harli-variants", default="bank_cap=0",
+                        "(default 4,8,16; 8 quick)")
+    parser.add_argument("--seed", type=int, default=0, help="weights, prompts, the generated trace and the order of "
+                        "the runs per round")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: attempts per run (default 1)")
+    parser.add_argument("--harli-variants", default=None,
                         help="extra harli runs per SLO with EngineConfig overrides, e.g. 'bank_cap=0;slo_margin=0.2' "
-                             "(';' between variants, ',' between fields of one; default bank_cap=0: no banked slack, an ablation of the "
-                             "bank; '' for none); reported as extra rows")
-    parser.add_argument("--quiet-share", type=float, default=0.1,
-                        help="before each run, wait until other processes use at most this share of the CPU "
-                             "(default 0.1; 1 disables)")
-    parser.add_argument("--quiet-timeout", type=float, default=600.0, help="longest wait for quiet, seconds")
+                             "(';' between variants, ',' between fields of one; default bank_cap=0: no banked "
+                             "slack, an ablation of the bank; '' for none, the --quick default); extra rows")
     parser.add_argument("--calibrate-baselines", action="store_true",
                         help="also calibrate the predictor on the SLO-blind runs (their predictor error is then "
                              "reported; costs a calibration sweep per run)")
     parser.add_argument("--dump", default=None, help="directory for each run's raw step records and token times "
                         "(JSON lines, for offline analysis)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: tiny.yaml, a short generated trace; writes no result unless --write")
-    parser.add_argument("--write", action="store_true", help="write the result file even with --quick")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny.yaml, a short generated trace, one SLO")
+    common.add_arguments(parser)
     # The trace generator.
     parser.add_argument("--write-trace", action="store_true", help="write the trace CSV (to --trace) and exit")
-    parser.add_argument("--requests", type=int, default=None, help="generated trace: requests (default 50)")
-    parser.add_argument("--rate", type=float, default=None, help="generated trace: mean arrivals/s (default 0.5)")
+    parser.add_argument("--requests", type=int, default=None, help="generated trace: requests (default 135)")
+    parser.add_argument("--rate", type=float, default=None, help="generated trace: mean arrivals/s (default 1.5)")
     parser.add_argument("--cv", type=float, default=2.0, help="generated trace: coefficient of variation of the "
                         "inter-arrival times (Gamma renewal process; > 1 is bursty)")
     parser.add_argument("--prompt-mean", type=float, default=None, help="generated trace: mean prompt tokens "
@@ -134,10 +139,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-mean", type=float, default=None, help="generated trace: mean output tokens "
                         "(default 45; 16 quick)")
     args = parser.parse_args()
-    quick = dict(model=REPO / "configs/models/tiny.yaml", micro_seq_len=32, standalone_seconds=3.0, max_seq_len=128,
-                 page_buckets=[4, 8], requests=24, rate=4.0, prompt_mean=40.0, output_mean=16.0)
+    quick = dict(model=REPO / "configs/models/tiny.yaml", micro_seq_len=32, standalone_seconds=1.0, max_seq_len=128,
+                 max_batch=4, page_buckets=[8], requests=10, rate=6.0, prompt_mean=40.0, output_mean=16.0,
+                 slo_multiples=[3.0], harli_variants="")
     full = dict(model=REPO / "configs/models/small.yaml", micro_seq_len=64, standalone_seconds=20.0, max_seq_len=256,
-                page_buckets=[4, 8, 16], requests=50, rate=0.5, prompt_mean=100.0, output_mean=45.0)
+                max_batch=16, page_buckets=[4, 8, 16], requests=135, rate=1.5, prompt_mean=100.0, output_mean=45.0,
+                slo_multiples=[1.5, 3.0], harli_variants="bank_cap=0")
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -147,6 +154,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"unknown policies {sorted(unknown)}; choose from {ALL_POLICIES}")
     if not args.slo_multiples or min(args.slo_multiples) <= 0:
         parser.error("--slo-multiples must be positive")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     return args
 
 
@@ -238,63 +247,6 @@ def make_requests(rows: list[TraceRow], vocab: int, seed: int) -> list[Request]:
     return out
 
 
-# Machine load ----------------------------------------------------------------------------------------------
-
-
-class LoadMeter:
-    """Load average and the CPU share other processes used while a phase ran (/proc/stat minus our own)."""
-
-    @staticmethod
-    def _snapshot():
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        except (OSError, ValueError, IndexError):
-            return None
-        tick = os.sysconf("SC_CLK_TCK")
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        busy = sum(fields[i] for i in (0, 1, 2, 5, 6)) / tick
-        return time.perf_counter(), busy, usage.ru_utime + usage.ru_stime
-
-    def __enter__(self):
-        self.start = self._snapshot()
-        self.load_before = [round(x, 2) for x in os.getloadavg()]
-        return self
-
-    def __exit__(self, *exc):
-        end = self._snapshot()
-        self.record = {"loadavg_before": self.load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
-        if self.start and end:
-            wall = end[0] - self.start[0]
-            other = (end[1] - self.start[1]) - (end[2] - self.start[2])
-            self.record["other_processes_cpu_share"] = round(max(other, 0.0) / (wall * (os.cpu_count() or 1)), 3)
-        return False
-
-
-def other_cpu_share(seconds: float) -> float | None:
-    """The CPU share (of all cores) other processes use over `seconds` while this one sleeps."""
-    meter = LoadMeter()
-    with meter:
-        time.sleep(seconds)
-    return meter.record.get("other_processes_cpu_share")
-
-
-def wait_for_quiet(max_share: float, timeout: float, sample: float = 5.0) -> dict:
-    """Waits (up to `timeout` s) until other processes use at most `max_share` of the CPU over two consecutive
-    `sample`-second windows: the machine is shared, and a run under a neighbour's load is not comparable with
-    one without."""
-    start = time.perf_counter()
-    shares = []
-    while True:
-        shares.append(other_cpu_share(sample))
-        quiet = len(shares) >= 2 and all(x is not None and x <= max_share for x in shares[-2:])
-        waited = time.perf_counter() - start
-        if quiet or waited >= timeout or shares[-1] is None:
-            return {"waited_s": round(waited, 1), "quiet": quiet, "last_shares": shares[-2:]}
-        if len(shares) % 6 == 0:
-            say(f"  waiting for a quiet machine: other processes use {shares[-1]:.0%} of the CPU "
-                f"({waited:.0f}s so far)")
-
-
 # Helpers ---------------------------------------------------------------------------------------------------
 
 
@@ -330,13 +282,45 @@ def finetune_job(args) -> FinetuneJob:
                        seq_len=args.micro_seq_len, seed=args.seed)
 
 
-# Standalone finetune ---------------------------------------------------------------------------------------
+# The SLO base and the standalone finetune -------------------------------------------------------------------
+
+
+def serve_trace(engine: Engine, rows: list[TraceRow], args, label: str, progress=None) -> tuple[list, list, float]:
+    """Serves the trace in real time; (outputs, the step records of the serve, wall seconds)."""
+    requests = make_requests(rows, engine.cfg.vocab_size, args.seed)
+    first_record = len(engine.step_records)
+    outputs: list[GenerationOutput] = []
+    start = last_print = time.perf_counter()
+    for event in engine.serve(requests):
+        if isinstance(event, FinishedEvent):
+            outputs.append(event.output)
+        now = time.perf_counter()
+        if now - last_print >= 15:
+            last_print = now
+            say(f"  [{label}] {now - start:6.1f}s: {len(outputs)}/{len(requests)} finished"
+                + (f", {progress()} finetune tokens" if progress else ""))
+    wall = time.perf_counter() - start
+    bad = [o for o in outputs if o.finish_reason is not FinishReason.LENGTH]
+    if bad or len(outputs) != len(requests):
+        raise RuntimeError(f"[{label}] {len(outputs)} outputs for {len(requests)} requests; "
+                           f"unexpected: {[(o.request_id, o.finish_reason, o.error) for o in bad[:3]]}")
+    return outputs, engine.step_records[first_record:], wall
+
+
+def measure_slo_base(engine: Engine, args, rows: list[TraceRow]) -> tuple[dict, dict]:
+    """The trace on a decode-only engine without a finetune job: the solo decode step at its peak concurrent
+    decode batch, and the synthetic solo step there (for the drift check); also the run itself (for the slack)."""
+    outputs, records, wall = serve_trace(engine, rows, args, "slo base")
+    peak = max(r.decode_seqs for r in records)
+    base, info = solo_decode_step(records, peak)
+    synthetic = engine.time_decode_step(peak)
+    return ({"solo_decode_step_s": base, **info, "synthetic_solo_step_ms": ms(synthetic), "serve_wall_s": wall},
+            {"wall_s": wall, "records": records, "outputs": outputs})
 
 
 def measure_standalone(handle, seconds: float) -> dict:
     """Trained tokens/s of the job alone (the engine has no requests: `wait` trains in single programs)."""
-    handle.wait(max_steps=2)  # warm: the first updates after compilation
-    runner = handle._runner
+    handle.wait(max_steps=1)  # warm: the first update after the previous attempt
     start_tokens, start = handle.progress().tokens, time.perf_counter()
     steps = 0
     while time.perf_counter() - start < seconds:
@@ -346,7 +330,7 @@ def measure_standalone(handle, seconds: float) -> dict:
     tokens = handle.progress().tokens - start_tokens
     return {"optimizer_steps": steps, "trained_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "microbatch_s": wall / steps, "trained_tokens_per_microbatch": tokens / steps,
-            "job_tokens_per_s_running_time": runner.progress().tokens_per_s}
+            "job_tokens_per_s_running_time": handle.progress().tokens_per_s}
 
 
 # One policy run --------------------------------------------------------------------------------------------
@@ -356,82 +340,42 @@ def run_policy(model, args, rows: list[TraceRow], policy: str, slo_ms: float | N
                **extra) -> dict:
     calib_dir = tempfile.mkdtemp(prefix="harli-colocation-calib-")
     config = engine_config(args, policy, slo_ms, calib_dir, **extra)
-    with LoadMeter() as load:
+    with common.LoadMeter() as setup_load:
         t0 = time.perf_counter()
         engine = Engine(model, config)
         handle = engine.finetune(finetune_job(args))
         setup_s = time.perf_counter() - t0
-        runner = handle._runner
-        # Instrumentation (instance attributes of this engine only): training done while no request runs.
-        alone = {"time": 0.0, "tokens": 0, "calls": 0, "durations": []}
-        original_alone = engine._train_alone
-
-        def counted_alone():
-            t, n = time.perf_counter(), runner.tokens
-            original_alone()
-            alone["time"] += time.perf_counter() - t
-            alone["durations"].append(time.perf_counter() - t)
-            alone["tokens"] += runner.tokens - n
-            alone["calls"] += 1
-
-        engine._train_alone = counted_alone
-        fits = []
-        original_fit = engine.predictor.fit
-
-        def timed_fit():
-            t = time.perf_counter()
-            original_fit()
-            fits.append(time.perf_counter() - t)
-
-        engine.predictor.fit = timed_fit
-        requests = make_requests(rows, engine.cfg.vocab_size, args.seed)
-        before = handle.progress()
-        first_record = len(engine.step_records)
-        outputs: list[GenerationOutput] = []
-        say(f"  [{label}] serving {len(requests)} requests (setup {setup_s:.1f}s, load {os.getloadavg()[0]:.2f})")
-        start = last_print = time.perf_counter()
-        for event in engine.serve(requests):
-            if isinstance(event, FinishedEvent):
-                outputs.append(event.output)
-            now = time.perf_counter()
-            if now - last_print >= 15:
-                last_print = now
-                say(f"  [{label}] {now - start:6.1f}s: {len(outputs)}/{len(requests)} finished, "
-                    f"{handle.progress().tokens - before.tokens} finetune tokens")
-        wall = time.perf_counter() - start
-        after = handle.progress()
-        records = engine.step_records[first_record:]
-        report = engine.predictor.error_report()
-        predictor_state = {"step_margin": engine.predictor.step_margin, "micro_margin": engine.predictor.micro_margin,
-                           "window_margin": engine.predictor.window_margin,
-                           "window_coef": list(engine.predictor.window_coef),
-                           "micro_mean_ms": {f"{k}:{n}": ms(v) for (k, n), v in
-                                             sorted(engine.predictor.micro_mean.items())}}
-        reclaims = engine.page_table.reclaims
-        handle.stop()
-    bad = [o for o in outputs if o.finish_reason is not FinishReason.LENGTH]
-    if bad or len(outputs) != len(requests):
-        raise RuntimeError(f"[{label}] {len(outputs)} outputs for {len(requests)} requests; "
-                           f"unexpected: {[(o.request_id, o.finish_reason, o.error) for o in bad[:3]]}")
-    del engine, handle, runner
-    gc.collect()
-    run = {"label": label, "policy": policy, "slo_ms": slo_ms, **{k: v for k, v in extra.items()},
-           "setup_s": setup_s, "wall_s": wall, "load": load.record,
+    before = handle.progress()
+    idle_before = dataclasses.replace(engine.idle_training)
+    predictor = engine.predictor  # the calibration may have replaced it; the serve does not
+    fits_before = len(predictor.fit_seconds)
+    say(f"  [{label}] serving {len(rows)} requests (setup {setup_s:.1f}s, load {os.getloadavg()[0]:.2f})")
+    with common.LoadMeter() as serve_load:
+        outputs, records, wall = serve_trace(engine, rows, args, label,
+                                             lambda: handle.progress().tokens - before.tokens)
+    after, idle = handle.progress(), engine.idle_training
+    predictor_state = {"step_margin": predictor.step_margin, "micro_margin": predictor.micro_margin,
+                       "window_margin": predictor.window_margin, "window_coef": list(predictor.window_coef),
+                       "micro_mean_ms": {f"{k}:{n}": ms(v) for (k, n), v in sorted(predictor.micro_mean.items())}}
+    run = {"label": label, "policy": policy, "slo_ms": slo_ms, **extra,
+           "setup_s": setup_s, "wall_s": wall, "serve_load": serve_load.record, "setup_load": setup_load.record,
            "outputs": outputs, "records": records, "finetune_tokens": after.tokens - before.tokens,
-           "alone": alone, "abandoned_microbatches": after.abandoned_microbatches - before.abandoned_microbatches,
-           "reclaims": reclaims, "predictor_error": report, "predictor": predictor_state,
-           "predictor_fit_s": fits, "optimizer_steps": after.step - before.step}
-    if args.dump:
-        dump_run(Path(args.dump), run)
+           "alone": {"calls": idle.calls - idle_before.calls, "seconds": idle.seconds - idle_before.seconds,
+                     "tokens": idle.tokens - idle_before.tokens},
+           "abandoned_microbatches": after.abandoned_microbatches - before.abandoned_microbatches,
+           "reclaims": engine.page_table.reclaims, "predictor_error": predictor.error_report(),
+           "predictor": predictor_state, "predictor_fit_s": list(predictor.fit_seconds)[fits_before:],
+           "optimizer_steps": after.step - before.step}
+    handle.stop()
     say(f"  [{label}] done in {wall:.1f}s: {run['finetune_tokens']} finetune tokens "
-        f"({alone['tokens']} idle), {len(records)} inference steps, "
+        f"({run['alone']['tokens']} idle), {len(records)} inference steps, "
         f"{sum(1 for r in records if r.train)} windows trained")
     return run
 
 
-def dump_run(directory: Path, run: dict) -> None:
+def dump_run(directory: Path, run: dict, name: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    with (directory / f"{run['label']}.jsonl").open("w") as f:
+    with (directory / f"{name}.jsonl").open("w") as f:
         for r in run["records"]:
             f.write(json.dumps({"record": dataclasses.asdict(r)}) + "\n")
         for o in run["outputs"]:
@@ -495,14 +439,12 @@ def slo_independent(run: dict) -> dict:
             "tokens_per_s": run["finetune_tokens"] / wall,
             "colocated_tokens": co_tokens,
             "colocated_tokens_per_s": co_tokens / wall,
-            "idle_single_program_tokens": run["alone"]["tokens"],
-            "idle_single_program_s": run["alone"]["time"],
-            # Each call: one single-program micro-batch, or the rest of a micro-batch in flight when requests ran
-            # out (in one micro-step per phase, over however many layers are left).
+            # engine.idle_training: each call is one single-program micro-batch, or the rest of a micro-batch in
+            # flight when requests ran out (in one micro-step per phase, over however many layers are left).
+            "idle_tokens": run["alone"]["tokens"],
+            "idle_s": run["alone"]["seconds"],
             "idle_calls": run["alone"]["calls"],
-            "idle_call_ms": {"p50": ms(pct(run["alone"]["durations"], 50)),
-                             "max": ms(max(run["alone"]["durations"], default=None)),
-                             "over_1s": sum(d > 1.0 for d in run["alone"]["durations"])},
+            "idle_call_ms_mean": ms(run["alone"]["seconds"] / run["alone"]["calls"]) if run["alone"]["calls"] else None,
             "optimizer_steps": run["optimizer_steps"],
             # Co-located micro-step efficiency: tokens per second of micro-step time.
             "micro_step_tokens_per_s": co_tokens / train_time if train_time else None,
@@ -520,9 +462,9 @@ def slo_independent(run: dict) -> dict:
                              "max_ms": ms(max(run["predictor_fit_s"])) if run["predictor_fit_s"] else None,
                              "total_s": sum(run["predictor_fit_s"])},
         "time_breakdown_s": {"inference_steps": infer_time, "colocated_micro_steps": train_time,
-                             "idle_single_program": run["alone"]["time"], "decision": decision,
+                             "idle_training": run["alone"]["seconds"], "decision": decision,
                              "predictor_refits": sum(run["predictor_fit_s"]),
-                             "other_host": wall - infer_time - train_time - run["alone"]["time"] - decision
+                             "other_host": wall - infer_time - train_time - run["alone"]["seconds"] - decision
                              - sum(run["predictor_fit_s"])},
         # Host time between windows outside the policy's decision (engine bookkeeping, starting micro-batches,
         # predictor observations; idle sleeps excluded by taking only gaps under 50 ms), per window.
@@ -531,8 +473,8 @@ def slo_independent(run: dict) -> dict:
         "idle_s": wall - busy,
         "peak_decode_batch": peak,
         "prefill_steps": sum(1 for r in records if r.prefill_tokens),
-        "load": run["load"],
-        "quiet_wait": run.get("quiet_wait"),
+        "serve_load": run["serve_load"],
+        "setup_load": run["setup_load"],
     }
     if trained:
         budgets = [r.budget for r in trained if r.budget is not None and math.isfinite(r.budget)]
@@ -558,8 +500,9 @@ def slo_independent(run: dict) -> dict:
     return out
 
 
-def per_slo(run: dict, slo: float, standalone_tps: float, slack: float | None) -> dict:
-    """Figures of a run scored at SLO `slo` (seconds)."""
+def per_slo(run: dict, slo: float) -> dict:
+    """Figures of a run scored at SLO `slo` (seconds); the harvest ratios are added once the standalone figure is
+    known."""
     outputs, records = run["outputs"], run["records"]
     tpots = np.array([o.tpot for o in outputs])
     gaps_all = [np.diff(o.token_times) for o in outputs if len(o.token_times) > 1]
@@ -588,11 +531,7 @@ def per_slo(run: dict, slo: float, standalone_tps: float, slack: float | None) -
                           "share_in_0.9_to_1.0": float(np.mean((tpots > 0.9 * slo) & (tpots <= slo)))},
         "violating_gaps": causes,
         "finetune_tokens_per_s": ft_tps,
-        "harvest_ratio": ft_tps / standalone_tps,
     }
-    if slack is not None:
-        out["slack_share"] = slack
-        out["harvest_of_slack"] = out["harvest_ratio"] / slack if slack else None
     return out
 
 
@@ -634,10 +573,9 @@ def dispatch_probe(reps: int = 200) -> dict:
     return {"p50_us": 1e6 * statistics.median(times), "p10_us": 1e6 * pct(times, 10)}
 
 
-def micro_path(run: dict, layers: int, single_microbatch_s: float) -> dict:
+def micro_path(means: dict, layers: int, single_microbatch_s: float | None) -> dict:
     """A whole micro-batch on the micro-step path, per chunk size, from the engine's calibrated micro-step means
-    (this run's predictor), against the single program's micro-batch time (standalone)."""
-    means = run["predictor"]["micro_mean_ms"]
+    (`micro_mean_ms` of a run's predictor), against the single program's micro-batch time (standalone)."""
     out = {}
     c = 1
     while c <= layers:
@@ -647,9 +585,146 @@ def micro_path(run: dict, layers: int, single_microbatch_s: float) -> dict:
         if all(means.get(k) is not None and math.isfinite(means[k]) for k in kinds):
             total = sum(means[k] for k in kinds) / 1e3
             out[str(c)] = {"microbatch_ms": ms(total), "micro_steps": len(kinds),
-                           "vs_single_program_time": total / single_microbatch_s}
+                           "vs_single_program_time": total / single_microbatch_s if single_microbatch_s else None}
         c *= 2
     return out
+
+
+# Scoring ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    policy: str
+    slo_ms: float | None  # the engine's tpot_slo_ms (None: SLO-blind without calibration)
+    scored_at: tuple[float, ...]  # the SLO multiples the run is scored at
+    extra: dict = dataclasses.field(default_factory=dict)  # EngineConfig overrides
+
+
+TABLE_KEYS = ("attainment", "token_attainment", "tbt_p99_ms", "ttft_p50_ms", "ttft_p99_ms", "decode_tokens_per_s",
+              "finetune_tokens_per_s", "colocated_tokens_per_s", "reclaims", "abandoned", "overhead",
+              "windows_trained", "mape", "under_prediction_rate", "other_cpu_share")
+
+
+def table_row(attempt: dict, key: str) -> dict:
+    """One attempt's figures for the summary table at SLO `key` (e.g. "3.0x")."""
+    fig, s = attempt["result"]["figures"], attempt["result"]["per_slo"][key]
+    pred = fig.get("predictor", {})
+    return {"attainment": s["attainment"], "token_attainment": s["token_attainment"],
+            "tbt_p99_ms": fig["tbt_ms"]["p99"], "ttft_p50_ms": fig["ttft_ms"]["p50"],
+            "ttft_p99_ms": fig["ttft_ms"]["p99"],
+            "decode_tokens_per_s": fig["decode_tokens_per_s"], "finetune_tokens_per_s": s["finetune_tokens_per_s"],
+            "colocated_tokens_per_s": fig["finetune"]["colocated_tokens_per_s"], "reclaims": fig["reclaims"],
+            "abandoned": fig["abandoned_microbatches"], "overhead": fig["scheduler_overhead"],
+            "windows_trained": fig["windows_trained"], "mape": pred.get("mape"),
+            "under_prediction_rate": pred.get("under_prediction_rate") if pred.get("windows") else None,
+            "other_cpu_share": attempt["load"]["other_processes_cpu_share"]}
+
+
+def median_row(attempts: list[dict], key: str) -> dict:
+    """The table row of a run at SLO `key`: each figure's median over the run's valid attempts (None without)."""
+    rows = [table_row(a, key) for a in attempts if a["valid"]]
+    out: dict = {"valid_attempts": len(rows), "attempts": len(attempts)}
+    for k in TABLE_KEYS:
+        values = [r[k] for r in rows if r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
+        out[k] = statistics.median(values) if values else None
+    return out
+
+
+def summarize_slo(m: float, slo: float, plan: dict[str, Run], comparison: dict, args, standalone_tps: float | None,
+                  slack: float, slo_valid: bool) -> dict:
+    key = f"{m}x"
+    rows = {label: median_row([a for a in comparison["attempts"] if a["side"] == label], key)
+            for label, run in plan.items() if m in run.scored_at}
+    for row in rows.values():
+        harvest = common.ratio(row["finetune_tokens_per_s"], standalone_tps)["value"]
+        row["harvest_ratio"] = harvest
+        row["harvest_of_slack"] = common.ratio(harvest, slack)["value"]
+    sweep = {run.extra["static_layers"]: rows[label]["attainment"] for label, run in plan.items()
+             if run.policy == "static" and rows[label]["valid_attempts"]}
+    meeting = [layers for layers, a in sweep.items() if a >= TARGETS["attainment_min"]]
+    static_choice = max(meeting) if meeting else 0
+    candidates = {"decode-only": "decode-only"}
+    if f"temporal-{args.temporal_k}" in plan:
+        candidates["temporal-K"] = f"temporal-{args.temporal_k}"
+    if sweep:
+        candidates["static"] = f"static-{static_choice}" if static_choice else "decode-only"
+    variants = [(f"harli[{v}]", f"harli[{v}]@{key}") for v, _ in harli_variants(args.harli_variants)]
+    table = {name: {"run": label, **rows[label]} for name, label in
+             [*candidates.items(), ("harli", f"harli@{key}"), *variants] if label in rows}
+    # Only valid runs compete: a baseline without a valid attempt cannot be the best one.
+    baselines = {k: v for k, v in table.items() if not k.startswith("harli") and v["valid_attempts"]}
+    ok = {k: v for k, v in baselines.items() if v["attainment"] >= TARGETS["attainment_min"]}
+    best = max(ok, key=lambda k: ok[k]["finetune_tokens_per_s"]) if ok else None
+    entry = {"slo_ms": ms(slo), "slo_valid": slo_valid, "slack_share": slack, "static_sweep_attainment": sweep,
+             "static_choice_layers": static_choice, "best_baseline": best, "table": table}
+    if "harli" not in table:
+        return entry
+    h = table["harli"]
+
+    def vs(numerator, denominator) -> dict:
+        r = common.ratio(numerator, denominator)
+        if not slo_valid:
+            return {"value": None, "valid": False, "why": "the SLO base was measured under load"}
+        if not r["valid"]:
+            r["why"] = "no valid run on one side" if h["valid_attempts"] else "harli has no valid run"
+        return r
+
+    entry["harli_vs_best_baseline"] = vs(h["finetune_tokens_per_s"],
+                                         ok[best]["finetune_tokens_per_s"] if best else None)
+    entry["harli_colocated_vs_best_baseline_colocated"] = vs(
+        h["colocated_tokens_per_s"], ok[best]["colocated_tokens_per_s"] if best else None)
+    # Relaxed: a baseline whose attainment is within 1 point of decode-only's (the trace's own prefill
+    # interference, without any training) -- meaningful where no policy can reach 99% at this SLO.
+    decode_only = table["decode-only"]
+    if decode_only["valid_attempts"]:
+        floor = decode_only["attainment"] - 0.01
+        ok_relaxed = {k: v for k, v in baselines.items() if v["attainment"] >= floor}
+        best_relaxed = max(ok_relaxed, key=lambda k: ok_relaxed[k]["finetune_tokens_per_s"])
+        entry["relaxed"] = {"attainment_floor": floor, "best_baseline": best_relaxed,
+                            "harli_meets_floor": h["attainment"] >= floor if h["valid_attempts"] else None,
+                            "harli_vs_best_baseline": vs(h["finetune_tokens_per_s"],
+                                                         ok_relaxed[best_relaxed]["finetune_tokens_per_s"])}
+    ratio = entry["harli_vs_best_baseline"]
+    entry["targets"] = None if not h["valid_attempts"] else {
+        "attainment": h["attainment"] >= TARGETS["attainment_min"],
+        "vs_best_baseline": ratio["valid"] and ratio["value"] >= TARGETS["vs_best_baseline_min"],
+        "harvest_of_slack": (h["harvest_of_slack"] or 0) >= TARGETS["harvest_of_slack_min"],
+        "mape": (h["mape"] if h["mape"] is not None else math.inf) <= TARGETS["mape_max"],
+        "under_prediction": (h["under_prediction_rate"] if h["under_prediction_rate"] is not None else math.inf)
+        <= TARGETS["under_prediction_max"],
+        "overhead": (h["overhead"] or 0) <= TARGETS["overhead_max"]}
+    return entry
+
+
+def print_summary(summary: dict, slo: dict) -> None:
+    def f(x, fmt):
+        return format(x, fmt) if x is not None else "-"
+
+    say("\n" + "=" * 132)
+    for key, entry in summary.items():
+        say(f"SLO {key} = {entry['slo_ms']:.1f} ms (solo decode step {slo['solo_decode_step_ms']:.1f} ms at peak batch "
+            f"{slo['peak_decode_batch']}{'' if slo['valid'] else ', INVALID: measured under load'}); slack share "
+            f"{entry['slack_share']:.2f}; static sweep {entry['static_sweep_attainment']} -> "
+            f"{entry['static_choice_layers']}")
+        say(f"{'policy':<18} {'run':<23} {'valid':>5} {'attain':>7} {'tok-att':>7} {'TBTp99':>8} {'TTFTp99':>8} "
+            f"{'dec t/s':>8} {'ft t/s':>8} {'co t/s':>8} {'harvest':>7} {'h/slack':>7} {'recl':>5} {'aband':>5} "
+            f"{'ovhd%':>6} {'trained':>7} {'MAPE':>6} {'under':>6} {'other%':>6}")
+        for name, t in entry["table"].items():
+            say(f"{name:<18} {t['run']:<23} {t['valid_attempts']:>2}/{t['attempts']:<2} "
+                f"{f(t['attainment'], '7.3f')} {f(t['token_attainment'], '7.3f')} {f(t['tbt_p99_ms'], '8.1f')} "
+                f"{f(t['ttft_p99_ms'], '8.1f')} {f(t['decode_tokens_per_s'], '8.1f')} "
+                f"{f(t['finetune_tokens_per_s'], '8.1f')} {f(t['colocated_tokens_per_s'], '8.1f')} "
+                f"{f(t['harvest_ratio'], '7.3f')} {f(t['harvest_of_slack'], '7.3f')} {f(t['reclaims'], '5.0f')} "
+                f"{f(t['abandoned'], '5.0f')} {f(t['overhead'] and 100 * t['overhead'], '6.2f')} "
+                f"{f(t['windows_trained'], '7.0f')} {f(t['mape'], '6.3f')} {f(t['under_prediction_rate'], '6.3f')} "
+                f"{f(t['other_cpu_share'] and 100 * t['other_cpu_share'], '6.1f')}")
+        if "harli_vs_best_baseline" in entry:
+            r = entry["harli_vs_best_baseline"]
+            say(f"harli / best baseline meeting 99% ({entry['best_baseline']}): "
+                + (f"{r['value']:.2f}x" if r["valid"] else f"invalid ({r.get('why')})")
+                + f"; targets {entry['targets']}")
+        say("")
 
 
 # Main ------------------------------------------------------------------------------------------------------
@@ -657,6 +732,7 @@ def micro_path(run: dict, layers: int, single_microbatch_s: float) -> dict:
 
 def main() -> None:
     args = parse_args()
+    settings = common.comparison_settings(args)
     trace_path = Path(args.trace) if args.trace else DEFAULT_TRACE
     if args.write_trace:
         rows = generate_trace(args.requests, args.rate, args.cv, args.prompt_mean, args.output_mean,
@@ -675,10 +751,9 @@ def main() -> None:
         trace_source = {"path": str(trace_path.relative_to(REPO) if trace_path.is_relative_to(REPO) else trace_path),
                         "comment": comment}
     stats = trace_stats(rows)
-    load_start = [round(x, 2) for x in os.getloadavg()]
     say(f"colocation: {args.model}, trace {trace_source.get('path', 'generated')} ({stats['requests']} requests over "
         f"{stats['duration_s']:.0f}s), micro-batch {args.micro_rows}x{args.micro_seq_len}, "
-        f"SLO multiples {args.slo_multiples}, load {load_start}")
+        f"SLO multiples {args.slo_multiples}, load {[round(x, 2) for x in os.getloadavg()]}")
     model = load_model(args.model, seed=args.seed)
     cfg = model.cfg
     static_sweep = args.static_sweep or [1 << i for i in range(cfg.num_layers.bit_length())
@@ -686,172 +761,89 @@ def main() -> None:
     if max(r.prompt_tokens + r.output_tokens for r in rows) > args.max_seq_len:
         raise SystemExit(f"the trace has requests longer than --max-seq-len {args.max_seq_len}")
 
-    # 1. Standalone finetune, measured before every policy run and once at the end: the machine is shared and
-    # its load drifts, so each run's harvest ratio uses the measurements just before and after it.
-    say("standalone finetune (no requests):")
+    # 1. The SLO base: once, on a quiet machine, before any policy runs; every policy is held to it.
+    say("SLO base (the trace, decode only, no finetune job):")
+    base_engine = Engine(model, engine_config(args, "decode-only", None, tempfile.mkdtemp(prefix="harli-colocation-")))
+    quiet = common.wait_for_quiet(args.max_other_share, settings["quiet_timeout"], settings["quiet_sample"], say)
+    with common.LoadMeter() as slo_load:
+        base_info, base_run = measure_slo_base(base_engine, args, rows)
+    del base_engine
+    gc.collect()
+    share = slo_load.record["other_processes_cpu_share"]
+    slo_valid = share is not None and share <= args.max_other_share
+    base = base_info.pop("solo_decode_step_s")
+    slos = {m: m * base for m in args.slo_multiples}
+    slacks = {m: slack_share(base_run, s) for m, s in slos.items()}
+    say(f"  solo decode step at the peak batch {base_info['peak_decode_batch']}: {base * 1e3:.2f} ms -> SLOs "
+        + ", ".join(f"{m}x = {s * 1e3:.2f} ms" for m, s in slos.items())
+        + f" (other processes {share}: {'valid' if slo_valid else 'INVALID'})")
+    del base_run
+
+    # 2. Every run, in a random order per round.
+    calib_slo = slos[min(slos)] * 1e3 if args.calibrate_baselines else None
+    blind = tuple(args.slo_multiples)
+    plan: dict[str, Run] = {"decode-only": Run("decode-only", None, blind)}
+    if "temporal-K" in args.policies:
+        plan[f"temporal-{args.temporal_k}"] = Run("temporal-K", calib_slo, blind)
+    if "static" in args.policies:
+        for layers in static_sweep:
+            plan[f"static-{layers}"] = Run("static", calib_slo, blind, {"static_layers": layers})
+    if "harli" in args.policies:
+        for m, slo in slos.items():
+            plan[f"harli@{m}x"] = Run("harli", slo * 1e3, (m,))
+            for variant, overrides in harli_variants(args.harli_variants):
+                plan[f"harli[{variant}]@{m}x"] = Run("harli", slo * 1e3, (m,), overrides)
+
     standalone_engine = Engine(model, engine_config(args, "decode-only", None,
                                                     tempfile.mkdtemp(prefix="harli-colocation-calib-")))
     standalone_handle = standalone_engine.finetune(finetune_job(args))
-    standalone: list[dict] = []
+    dumped: dict[str, int] = {}
 
-    def probe_standalone(before: str) -> int:
-        with LoadMeter() as load:
-            m = measure_standalone(standalone_handle, args.standalone_seconds)
-        standalone.append({"before": before, **m, "load": load.record})
-        say(f"  standalone finetune: {m['tokens_per_s']:.1f} trained tokens/s ({m['microbatch_s'] * 1e3:.0f} ms "
-            f"per micro-batch of {m['trained_tokens_per_microbatch']:.1f} trained tokens)")
-        return len(standalone) - 1
+    def attempt(label: str) -> dict:
+        run_plan = plan[label]
+        say(f"{label}:")
+        run = run_policy(model, args, rows, run_plan.policy, run_plan.slo_ms, label, **run_plan.extra)
+        gc.collect()  # the run's engine
+        if args.dump:
+            dumped[label] = dumped.get(label, 0) + 1
+            dump_run(Path(args.dump), run, f"{label}-attempt{dumped[label]}")
+        return {"figures": slo_independent(run),
+                "per_slo": {f"{m}x": per_slo(run, slos[m]) for m in run_plan.scored_at}}
 
-    runs: dict[str, dict] = {}
+    def describe(result: dict) -> str:
+        if "tokens_per_s" in result:
+            return f"standalone {result['tokens_per_s']:.1f} trained tokens/s"
+        fig = result["figures"]
+        return (f"{fig['finetune']['tokens_per_s']:.1f} finetune tokens/s, TPOT p99 {fig['tpot_ms']['p99']:.2f} ms, "
+                f"wall {fig['wall_s']:.1f} s")
 
-    def run_one(policy, slo_ms, label, **extra):
-        quiet = wait_for_quiet(args.quiet_share, args.quiet_timeout) if args.quiet_share < 1 else None
-        index = probe_standalone(label)
-        runs[label] = run_policy(model, args, rows, policy, slo_ms, label, **extra)
-        runs[label]["standalone_index"] = index
-        runs[label]["quiet_wait"] = quiet
+    sides = {"standalone": lambda: measure_standalone(standalone_handle, args.standalone_seconds),
+             **{label: functools.partial(attempt, label) for label in plan}}
+    comparison = common.interleave(sides, args.rounds, seed=args.seed, log=say, describe=describe,
+                                   quiet_before_each=True, **settings)
 
-    # 2. decode-only, and the SLOs.
-    say("decode-only:")
-    run_one("decode-only", None, "decode-only")
-    base, base_info = solo_decode_step(runs["decode-only"]["records"],
-                                       max(r.decode_seqs for r in runs["decode-only"]["records"]))
-    slos = {m: m * base for m in args.slo_multiples}
-    say(f"  solo decode step at the peak batch {base_info['peak_decode_batch']}: {base * 1e3:.1f} ms -> SLOs "
-        + ", ".join(f"{m}x = {s * 1e3:.1f} ms" for m, s in slos.items()))
-    calib_slo = slos[min(slos)] * 1e3 if args.calibrate_baselines else None
-    # 3-4. SLO-blind baselines.
-    if "temporal-K" in args.policies:
-        say(f"temporal-K (K={args.temporal_k}):")
-        run_one("temporal-K", calib_slo, f"temporal-{args.temporal_k}")
-    if "static" in args.policies:
-        for layers in static_sweep:
-            say(f"static ({layers} layers per window):")
-            run_one("static", calib_slo, f"static-{layers}", static_layers=layers)
-    # 5. harli per SLO.
-    if "harli" in args.policies:
-        for m, slo in slos.items():
-            say(f"harli (SLO {m}x = {slo * 1e3:.1f} ms):")
-            run_one("harli", slo * 1e3, f"harli@{m}x")
-            for variant, overrides in harli_variants(args.harli_variants):
-                say(f"harli[{variant}] (SLO {m}x = {slo * 1e3:.1f} ms):")
-                run_one("harli", slo * 1e3, f"harli[{variant}]@{m}x", **overrides)
-    # decode-only once more: how far the machine drifted between the first run (which set the SLO) and the last.
-    say("decode-only again (drift check):")
-    run_one("decode-only", None, "decode-only-repeat")
-    probe_standalone("end")
-    for r in runs.values():
-        i = r["standalone_index"]
-        r["standalone_tps"] = (standalone[i]["tokens_per_s"] + standalone[i + 1]["tokens_per_s"]) / 2
-    standalone_tps = statistics.mean(s["tokens_per_s"] for s in standalone)
-    say(f"standalone finetune: mean {standalone_tps:.1f} trained tokens/s over {len(standalone)} measurements "
-        f"(min {min(s['tokens_per_s'] for s in standalone):.1f}, max {max(s['tokens_per_s'] for s in standalone):.1f})")
-    standalone_microbatch_s = statistics.median(s["microbatch_s"] for s in standalone)
+    # 3. Drift: the synthetic solo decode step at the peak batch, now against the SLO base run's.
+    with common.LoadMeter() as drift_load:
+        drift_ms = ms(standalone_engine.time_decode_step(base_info["peak_decode_batch"]))
+    standalone = common.figure(comparison, "standalone", "tokens_per_s")
+    standalone_microbatch = common.figure(comparison, "standalone", "microbatch_s")["median"]
     dispatch = dispatch_probe()
-    del standalone_engine, standalone_handle
-    gc.collect()
 
-    # Scoring.
-    results = {label: {"policy": run["policy"], "static_layers": run.get("static_layers"), "slo_ms": run["slo_ms"],
-                       **slo_independent(run)} for label, run in runs.items()}
-    slacks = {m: slack_share(runs["decode-only"], slo) for m, slo in slos.items()}
-    summary = {}
-    for m, slo in slos.items():
-        scored = {}
-        for label, run in runs.items():
-            if run["policy"] == "harli" and not label.endswith(f"@{m}x"):
-                continue
-            scored[label] = per_slo(run, slo, run["standalone_tps"], slacks[m])
-            results[label].setdefault("per_slo", {})[f"{m}x"] = scored[label]
-        sweep = {runs[k]["static_layers"]: scored[k]["attainment"] for k in scored if k.startswith("static-")}
-        meeting = [layers for layers, a in sweep.items() if a >= TARGETS["attainment_min"]]
-        static_choice = max(meeting) if meeting else 0
-        candidates = {"decode-only": "decode-only"}
-        if f"temporal-{args.temporal_k}" in runs:
-            candidates["temporal-K"] = f"temporal-{args.temporal_k}"
-        if sweep:
-            candidates["static"] = f"static-{static_choice}" if static_choice else "decode-only"
-        table = {}
-        variants = [(f"harli[{v}]", f"harli[{v}]@{m}x") for v, _ in harli_variants(args.harli_variants)]
-        for name, label in [*candidates.items(), ("harli", f"harli@{m}x"), *variants]:
-            if label not in scored:
-                continue
-            s, r = scored[label], results[label]
-            table[name] = {"run": label, "attainment": s["attainment"], "token_attainment": s["token_attainment"],
-                           "tbt_p99_ms": r["tbt_ms"]["p99"], "ttft_p50_ms": r["ttft_ms"]["p50"],
-                           "ttft_p99_ms": r["ttft_ms"]["p99"], "decode_tokens_per_s": r["decode_tokens_per_s"],
-                           "finetune_tokens_per_s": s["finetune_tokens_per_s"],
-                           "colocated_tokens_per_s": r["finetune"]["colocated_tokens_per_s"],
-                           "harvest_ratio": s["harvest_ratio"], "harvest_of_slack": s.get("harvest_of_slack"),
-                           "reclaims": r["reclaims"], "abandoned": r["abandoned_microbatches"],
-                           "overhead": r["scheduler_overhead"], "windows_trained": r["windows_trained"],
-                           "mape": r.get("predictor", {}).get("mape"),
-                           "under_prediction_rate": r.get("predictor", {}).get("under_prediction_rate"),
-                           "other_cpu_share": r["load"].get("other_processes_cpu_share")}
-        baselines = {k: v for k, v in table.items() if not k.startswith("harli")}
-        ok = {k: v for k, v in baselines.items() if v["attainment"] >= TARGETS["attainment_min"]}
-        best = max(ok, key=lambda k: ok[k]["finetune_tokens_per_s"]) if ok else None
-        # Relaxed: a baseline whose attainment is within 1 point of decode-only's (the trace's own prefill
-        # interference, without any training) -- meaningful where no policy can reach 99% at this SLO.
-        floor = scored["decode-only"]["attainment"] - 0.01
-        ok_relaxed = {k: v for k, v in baselines.items() if v["attainment"] >= floor}
-        best_relaxed = max(ok_relaxed, key=lambda k: ok_relaxed[k]["finetune_tokens_per_s"])
-        entry = {"slo_ms": ms(slo), "slack_share": slacks[m], "static_sweep_attainment": sweep,
-                 "static_choice_layers": static_choice, "best_baseline": best, "table": table}
-        if "harli" in table:
-            h = table["harli"]
-            entry["harli_vs_best_baseline"] = (h["finetune_tokens_per_s"] / ok[best]["finetune_tokens_per_s"]
-                                               if best else None)
-            entry["harli_colocated_vs_best_baseline_colocated"] = (
-                h["colocated_tokens_per_s"] / ok[best]["colocated_tokens_per_s"]
-                if best and ok[best]["colocated_tokens_per_s"] else None)
-            entry["relaxed"] = {
-                "attainment_floor": floor, "best_baseline": best_relaxed,
-                "harli_meets_floor": h["attainment"] >= floor,
-                "harli_vs_best_baseline": h["finetune_tokens_per_s"] / ok_relaxed[best_relaxed]["finetune_tokens_per_s"]}
-            pred = results[f"harli@{m}x"].get("predictor", {})
-            entry["targets"] = {
-                "attainment": h["attainment"] >= TARGETS["attainment_min"],
-                "vs_best_baseline": entry["harli_vs_best_baseline"] is not None
-                and entry["harli_vs_best_baseline"] >= TARGETS["vs_best_baseline_min"],
-                "harvest_of_slack": (h["harvest_of_slack"] or 0) >= TARGETS["harvest_of_slack_min"],
-                "mape": (pred.get("mape") or math.inf) <= TARGETS["mape_max"],
-                "under_prediction": (pred.get("under_prediction_rate") if pred.get("windows") else math.inf)
-                <= TARGETS["under_prediction_max"],
-                "overhead": (h["overhead"] or 0) <= TARGETS["overhead_max"]}
-        summary[f"{m}x"] = entry
+    slo = {"valid": slo_valid, "load": slo_load.record, "quiet_wait": quiet, "solo_decode_step_ms": ms(base),
+           **base_info, "slo_ms": {f"{m}x": ms(s) for m, s in slos.items()},
+           "definition": "median latency of decode-only steps (no prefill tokens) at the peak concurrent decode batch "
+                         "of the trace served by a decode-only engine without a finetune job (widened to lower "
+                         "batches until >= 5 steps); measured once, before any policy run",
+           "drift_check": {"synthetic_solo_step_ms_end": drift_ms, "load": drift_load.record,
+                           "end_over_start": common.ratio(drift_ms, base_info["synthetic_solo_step_ms"])["value"]}}
+    summary = {f"{m}x": summarize_slo(m, s, plan, comparison, args, standalone["median"], slacks[m], slo_valid)
+               for m, s in slos.items()}
+    print_summary(summary, slo)
+    median = "-" if standalone["median"] is None else f"{standalone['median']:.1f}"
+    say(f"standalone finetune {median} trained tokens/s (median of {standalone['valid_attempts']} valid of "
+        f"{standalone['attempts']}); run order per round {comparison['order']}")
 
-    # The table.
-    say("\n" + "=" * 132)
-    for key, entry in summary.items():
-        say(f"SLO {key} = {entry['slo_ms']:.1f} ms (solo decode step {base * 1e3:.1f} ms at peak batch "
-            f"{base_info['peak_decode_batch']}); slack share {entry['slack_share']:.2f}; static sweep "
-            f"{ {k: round(v, 3) for k, v in entry['static_sweep_attainment'].items()} } -> {entry['static_choice_layers']}")
-        say(f"{'policy':<18} {'run':<23} {'attain':>7} {'tok-att':>7} {'TBTp99':>8} {'TTFTp50':>8} {'TTFTp99':>8} "
-            f"{'dec t/s':>8} {'ft t/s':>7} {'co t/s':>7} {'harvest':>7} {'h/slack':>7} {'recl':>5} {'aband':>5} "
-            f"{'ovhd%':>6} {'trained':>7} {'MAPE':>6} {'under':>6} {'other%':>6}")
-        for name, t in entry["table"].items():
-            def f(x, fmt):
-                return format(x, fmt) if x is not None else "-"
-            say(f"{name:<18} {t['run']:<23} {t['attainment']:7.3f} {t['token_attainment']:7.3f} "
-                f"{t['tbt_p99_ms']:8.1f} {t['ttft_p50_ms']:8.1f} {t['ttft_p99_ms']:8.1f} "
-                f"{t['decode_tokens_per_s']:8.1f} {t['finetune_tokens_per_s']:7.1f} {t['colocated_tokens_per_s']:7.1f} "
-                f"{t['harvest_ratio']:7.3f} {f(t['harvest_of_slack'], '7.3f')} {t['reclaims']:5d} {t['abandoned']:5d} "
-                f"{f(t['overhead'] and 100 * t['overhead'], '6.2f')} {t['windows_trained']:7d} "
-                f"{f(t['mape'], '6.3f')} {f(t['under_prediction_rate'], '6.3f')} "
-                f"{f(t['other_cpu_share'] and 100 * t['other_cpu_share'], '6.1f')}")
-        if "harli" in entry["table"]:
-            ratio = entry["harli_vs_best_baseline"]
-            say(f"harli / best baseline meeting 99% ({entry['best_baseline']}): "
-                f"{'-' if ratio is None else f'{ratio:.2f}x'}; targets {entry['targets']}")
-            r = entry["relaxed"]
-            say(f"relaxed (baselines within 1 point of decode-only's attainment, >= {r['attainment_floor']:.3f}): "
-                f"best {r['best_baseline']}, harli {r['harli_vs_best_baseline']:.2f}x"
-                f"{'' if r['harli_meets_floor'] else ' (harli itself is below that floor)'}")
-        say("")
-    say(f"standalone finetune {standalone_tps:.1f} tokens/s; load at start {load_start}, "
-        f"at end {[round(x, 2) for x in os.getloadavg()]}")
-
+    last_valid = {a["side"]: a["result"] for a in comparison["attempts"] if a["valid"] and a["side"] != "standalone"}
     payload = {
         "config": {"model": str(Path(args.model).relative_to(REPO)) if Path(args.model).is_relative_to(REPO)
                    else str(args.model),
@@ -859,41 +851,36 @@ def main() -> None:
                               if k not in ("policy", "tpot_slo_ms")},
                    "finetune_job": {k: str(v) if isinstance(v, Path) else v
                                     for k, v in dataclasses.asdict(finetune_job(args)).items()},
-                   "slo_multiples": args.slo_multiples, "static_sweep": static_sweep,
-                   "temporal_k": args.temporal_k, "seed": args.seed, "quick": args.quick,
-                   "command": " ".join(["colocation.py", *sys.argv[1:]])},
+                   "slo_multiples": args.slo_multiples, "static_sweep": static_sweep, "temporal_k": args.temporal_k,
+                   "seed": args.seed, "rounds": args.rounds, "quick": args.quick,
+                   "harli_variants": args.harli_variants, "standalone_seconds": args.standalone_seconds},
         "model": {"name": cfg.name, "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "dtype": cfg.dtype,
                   "params": int(sum(x.size for x in jax.tree.leaves(model.params)))},
         "trace": {**trace_source, **stats},
-        "cpu_count": os.cpu_count(),
-        "load_start": load_start,
-        "load_end": [round(x, 2) for x in os.getloadavg()],
-        "standalone_finetune": {"runs": standalone, "tokens_per_s": standalone_tps,
-                                "path": "single program per micro-batch (engine idle)"},
-        "slo": {"solo_decode_step_ms": ms(base), **base_info,
-                "repeat_at_end": {"solo_decode_step_ms": ms(solo_decode_step(runs["decode-only-repeat"]["records"],
-                                                                             base_info["peak_decode_batch"])[0]),
-                                  "peak_decode_batch": max(r.decode_seqs for r in runs["decode-only-repeat"]["records"]),
-                                  "attainment": {k: v["attainment"] for k, v in
-                                                 results["decode-only-repeat"]["per_slo"].items()}},
-                "definition": "median latency of decode-only steps (no prefill tokens) at the peak concurrent decode "
-                              "batch of the decode-only run (widened to lower batches until >= 5 steps)",
-                "slo_ms": {f"{m}x": ms(s) for m, s in slos.items()}},
         "targets": TARGETS,
+        "slo": slo,
+        "policy_order": comparison["order"],
+        "runs": {label: {"policy": r.policy, "slo_ms": r.slo_ms, "scored_at": [f"{m}x" for m in r.scored_at],
+                         **r.extra, "valid_attempts": len(common.valid_results(comparison, label)),
+                         "attempts": sum(a["side"] == label for a in comparison["attempts"])}
+                 for label, r in plan.items()},
+        "standalone_finetune": {"tokens_per_s": standalone["median"], "microbatch_s": standalone_microbatch,
+                                "valid_attempts": standalone["valid_attempts"], "attempts": standalone["attempts"],
+                                "path": "single program per micro-batch (engine idle)"},
+        "summary": summary,
         "analysis": {
             "dispatch_sync_probe": dispatch,
-            "standalone_microbatch_s_median": standalone_microbatch_s,
-            "micro_path_vs_single_program": {label: micro_path(r, cfg.num_layers, standalone_microbatch_s)
-                                             for label, r in runs.items() if r["policy"] == "harli"},
+            "micro_path_vs_single_program": {
+                label: micro_path(res["figures"]["predictor"]["micro_mean_ms"], cfg.num_layers, standalone_microbatch)
+                for label, res in last_valid.items() if plan[label].policy == "harli"},
         },
-        "summary": summary,
-        "runs": results,
+        "comparison": comparison,
     }
-    if args.quick and not args.write:
-        say("--quick: no result file written")
+    out = common.output_dir(args)
+    if out is None:
+        say("--quick without --out: no result file written")
         return
-    path = write_result("colocation", payload)
-    say(f"wrote {path}")
+    say(f"wrote {common.write_result('colocation', payload, out)}")
 
 
 if __name__ == "__main__":

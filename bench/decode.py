@@ -3,23 +3,31 @@ time against the memory floor.
 
 For each batch size, B random prompts of `--prompt-len` tokens each get `--new-tokens` greedy tokens (EOS
 ignored) from our engine (`Engine.generate`) and from HF transformers' `generate` (torch on the CPU, the same
-weights through an HF checkpoint written from our parameters), in the same run.
+weights through an HF checkpoint written from our parameters), in the same process.
+
+Every timed call goes through `common.interleave`: `--repeats` rounds, each running every side once (ours and
+HF at every batch, and the copy-bandwidth probes) in a seeded random order, each attempt with the machine's
+load; an attempt during which other processes took more than `--max-other-share` of the CPUs is repeated
+(`--max-retries`), then marked invalid. A side's figure is the median over its valid attempts; a ratio is
+computed from valid figures only (else reported invalid). Before the rounds, one untimed call per side warms
+it up (compiles, allocator) and gives the greedy tokens compared between the systems.
 
 - Our decode tokens/s: decode tokens of the decode-only steps (no prefill tokens in the step) over the time of
   those steps, from `engine.step_records`. With continuous batching the requests enter one prefill chunk
   apart, so they also leave apart: the decode-only steps include a tail where the batch drains. The
   steady-state figure counts only the steps that decode all B sequences.
 - HF decode tokens/s: B * (new_tokens - 1) over (time of generate with new_tokens) - (time with 1 token,
-  i.e. the prefill).
+  i.e. the prefill), both timed in the same attempt.
 - End-to-end tokens/s for both: B * new_tokens over the wall time of the whole generate call (with prefill).
 - Memory floor: the weight bytes over the machine's copy bandwidth (a numpy copy of a large buffer into a
-  preallocated one, best of several, read + write bytes counted), against our median batch-1 decode step.
+  preallocated one, best of `--copy-repeats` per attempt, read + write bytes counted), against our median
+  batch-1 decode step.
 
 Writes bench/results/decode-<device>.json (or into --out). With --profile it also traces a few steady decode
 steps per batch with jax.profiler and reports where the step time goes (XLA ops by model scope, host time).
 
-    python bench/decode.py                     # batches 1 8 32, 128-token prompts, 128 new tokens
-    python bench/decode.py --quick             # smoke run: batches 1 2, 16-token prompts, 16 new tokens
+    python bench/decode.py                     # batches 1 8 32, 128-token prompts, 128 new tokens, 3 rounds
+    python bench/decode.py --quick --out /tmp/bench   # smoke run: tiny.yaml, batches 1 2, 16 + 16 tokens
     python bench/decode.py --batches 1 8 --profile
 """
 
@@ -35,9 +43,7 @@ import json
 import logging
 import os
 import re
-import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +52,7 @@ import common  # bench/common.py: the script's directory is on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import say
 
 from harli_jax import Engine, EngineConfig, SamplingParams
 from harli_jax.model import load_model, save_hf_checkpoint
@@ -61,88 +68,36 @@ def batch_list(text: str) -> list[int]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REPO / "configs/models/small.yaml"), help="YAML model config")
+    parser.add_argument("--model", default=None, help="YAML model config (default configs/models/small.yaml)")
     parser.add_argument("--batches", type=batch_list, nargs="+", default=None,
                         help="batch sizes, space or comma separated (default 1 8 32)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 128)")
-    parser.add_argument("--seed", type=int, default=0, help="weights and prompts")
+    parser.add_argument("--seed", type=int, default=0, help="weights, prompts and the order of the sides per round")
     parser.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch and system (median kept)")
-    parser.add_argument("--copy-mib", type=int, default=512, help="size of the copy-bandwidth probe")
-    parser.add_argument("--copy-repeats", type=int, default=7, help="copies timed (best kept)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved rounds: timed attempts per side (default 3; 2 with --quick)")
+    parser.add_argument("--copy-mib", type=int, default=None, help="size of the copy-bandwidth probe (default 512)")
+    parser.add_argument("--copy-repeats", type=int, default=None, help="copies per probe attempt, best kept "
+                        "(default 7)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers (no ratios)")
     parser.add_argument("--profile", action="store_true",
                         help="after the timings, trace 10 steady decode steps per batch and break the step down")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
-    parser.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
+    common.add_arguments(parser)
     args = parser.parse_args()
-    quick = dict(batches=[1, 2], prompt_len=16, new_tokens=16)
-    full = dict(batches=[1, 8, 32], prompt_len=128, new_tokens=128)
+    quick = dict(model=str(REPO / "configs/models/tiny.yaml"), batches=[1, 2], prompt_len=16, new_tokens=16,
+                 repeats=2, copy_mib=32, copy_repeats=3)
+    full = dict(model=str(REPO / "configs/models/small.yaml"), batches=[1, 8, 32], prompt_len=128, new_tokens=128,
+                repeats=3, copy_mib=512, copy_repeats=7)
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if isinstance(args.batches[0], list):
         args.batches = sorted({b for group in args.batches for b in group})
-    if args.quick:
-        args.copy_mib = min(args.copy_mib, 128)
-    if min(args.batches) < 1 or args.prompt_len < 1 or args.new_tokens < 2:
-        parser.error("batches and --prompt-len must be >= 1, --new-tokens >= 2")
+    if min(args.batches) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1:
+        parser.error("batches, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
     return args
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
-
-
-# Machine load ----------------------------------------------------------------------------------------------
-
-
-class LoadMeter:
-    """CPU time the rest of the machine used while a phase ran (from /proc/stat minus our own CPU time)."""
-
-    def __init__(self):
-        self.phases: dict[str, dict] = {}
-
-    @staticmethod
-    def _snapshot() -> tuple[float, float, float, float] | None:
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        except (OSError, ValueError, IndexError):
-            return None
-        tick = os.sysconf("SC_CLK_TCK")
-        user, nice, system, idle, iowait, irq, softirq = fields[:7]
-        steal = fields[7] if len(fields) > 7 else 0
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return (time.perf_counter(), (user + nice + system + irq + softirq) / tick, steal / tick,
-                usage.ru_utime + usage.ru_stime)
-
-    def measure(self, name: str):
-        meter = self
-
-        class Phase:
-            def __enter__(self):
-                self.start = meter._snapshot()
-                return self
-
-            def __exit__(self, *exc):
-                end = meter._snapshot()
-                record = {"loadavg_1min_after": round(os.getloadavg()[0], 2)}
-                if self.start and end:
-                    wall = end[0] - self.start[0]
-                    cpus = os.cpu_count() or 1
-                    other = (end[1] - self.start[1]) - (end[3] - self.start[3])
-                    record.update(wall_s=round(wall, 2),
-                                  other_processes_cpu_share=round(max(other, 0.0) / (wall * cpus), 3),
-                                  steal_share=round((end[2] - self.start[2]) / (wall * cpus), 3))
-                meter.phases[name] = record
-                return False
-
-        return Phase()
-
-
-def machine_load_now() -> dict:
-    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count()}
 
 
 # Memory floor ----------------------------------------------------------------------------------------------
@@ -167,10 +122,8 @@ def copy_bandwidth(mib: int, repeats: int) -> dict:
         start = time.perf_counter()
         jax_copy(x).block_until_ready()
         jax_seconds.append(time.perf_counter() - start)
-    return {"method": "numpy.copyto into a preallocated buffer; bytes = read + write", "mib": mib,
-            "bytes": moved, "seconds_best": min(seconds), "seconds_median": statistics.median(seconds),
-            "bytes_per_s": moved / min(seconds),
-            "jax_copy_bytes_per_s_for_reference": moved / min(jax_seconds)}
+    return {"mib": mib, "bytes": moved, "seconds_best": min(seconds), "seconds_median": statistics.median(seconds),
+            "bytes_per_s": moved / min(seconds), "jax_copy_bytes_per_s_for_reference": moved / min(jax_seconds)}
 
 
 # Our engine ------------------------------------------------------------------------------------------------
@@ -181,28 +134,14 @@ def prompts_for(batch: int, args, vocab: int) -> list[list[int]]:
     return [[int(t) for t in rng.integers(3, vocab, args.prompt_len)] for _ in range(batch)]
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], args) -> dict:
-    """One timed `generate`; the step records of that call summarized."""
+def run_engine(engine: Engine, prompts: list[list[int]], args) -> tuple[dict, list[list[int]]]:
+    """One timed `generate`: the step records of that call summarized, and the tokens."""
     batch = len(prompts)
     sampling = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     first = len(engine.step_records)
-    pack_times: list[float] = []
-    runner = engine.runner
-    original_pack = runner._pack
-
-    def timed_pack(*a, **k):
-        start = time.perf_counter()
-        out = original_pack(*a, **k)
-        pack_times.append(time.perf_counter() - start)
-        return out
-
-    runner._pack = timed_pack  # an instance attribute: only this engine, only this call
-    try:
-        start = time.perf_counter()
-        outputs = engine.generate(prompts, sampling)
-        wall = time.perf_counter() - start
-    finally:
-        del runner._pack
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, sampling)
+    wall = time.perf_counter() - start
     records = engine.step_records[first:]
     tokens = [list(o.token_ids) for o in outputs]
     if any(len(t) != args.new_tokens for t in tokens):
@@ -234,15 +173,8 @@ def run_engine(engine: Engine, prompts: list[list[int]], args) -> dict:
         "prefill_step_median_s": statistics.median(r.latency for r in prefill) if prefill else None,
         "prefill_buckets": sorted({f"{r.bucket_seqs}x{r.bucket_tokens}t{r.bucket_pages}p" for r in prefill}),
         "host_outside_steps_s": wall - step_time,
-        "pack_s_total": sum(pack_times),
-        "_tokens": tokens,
-    }
-
-
-def median_run(runs: list[dict], key: str) -> dict:
-    """The run with the median `key` (the middle one, by value)."""
-    ordered = sorted(runs, key=lambda r: r[key] or 0.0)
-    return ordered[len(ordered) // 2]
+        "pack_s_total": sum(r.pack_time for r in records),  # StepRecord.pack_time: host packing inside each step
+    }, tokens
 
 
 # transformers ----------------------------------------------------------------------------------------------
@@ -260,23 +192,23 @@ def hf_generate(model, input_ids, new_tokens: int) -> tuple[float, list[list[int
 
 
 def run_hf(model, prompts: list[list[int]], args) -> dict:
+    """One timed attempt: generate with 1 new token (the prefill), then with all of them."""
     import torch
 
     batch = len(prompts)
     ids = torch.tensor(prompts, dtype=torch.long)
-    hf_generate(model, ids, min(8, args.new_tokens))  # warm-up: kernels and allocator for these shapes
-    prefill = sorted(hf_generate(model, ids, 1)[0] for _ in range(3))[1]
-    runs = [hf_generate(model, ids, args.new_tokens) for _ in range(args.repeats)]
-    full, tokens = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    prefill = hf_generate(model, ids, 1)[0]
+    full, tokens = hf_generate(model, ids, args.new_tokens)
+    if any(len(t) != args.new_tokens for t in tokens):
+        raise RuntimeError(f"HF returned {[len(t) for t in tokens]} tokens, expected {args.new_tokens} each")
     decode_time = full - prefill
     return {
         "wall_s": full,
         "prefill_wall_s": prefill,
         "decode_time_s": decode_time,
-        "decode_tokens_per_s": batch * (args.new_tokens - 1) / decode_time,
-        "decode_step_s": decode_time / (args.new_tokens - 1),
+        "decode_tokens_per_s": batch * (args.new_tokens - 1) / decode_time if decode_time > 0 else None,
+        "decode_step_s": decode_time / (args.new_tokens - 1) if decode_time > 0 else None,
         "end_to_end_tokens_per_s": batch * args.new_tokens / full,
-        "_tokens": tokens,
     }
 
 
@@ -294,8 +226,9 @@ def load_hf(checkpoint: Path):
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "settings": "generate(input_ids [B, prompt], attention_mask=ones, max_new_tokens=N, min_new_tokens=N, "
                         "do_sample=False, pad_token_id=0), generation_config.eos_token_id=None, "
-                        "torch.inference_mode, float32, default (dynamic) KV cache; warm-up generate of 8 tokens "
-                        "per batch; prefill = median of 3 generate calls with 1 new token"}
+                        "torch.inference_mode, float32, default (dynamic) KV cache; per batch one untimed "
+                        "generate(1) and generate(N) before the rounds; each attempt times generate(1) (the "
+                        "prefill) then generate(N)"}
     return model, info
 
 
@@ -339,7 +272,7 @@ def profile_steps(engine: Engine, batch: int, args, steps: int = 10) -> dict:
     if trace is None or not records:
         return {"error": "no trace written"}
     r0 = records[0]
-    program = engine.runner._programs[Bucket(r0.bucket_seqs, r0.bucket_tokens, r0.bucket_pages)]
+    program = engine.runner.program(Bucket(r0.bucket_seqs, r0.bucket_tokens, r0.bucket_pages))
     scope_of = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]+)"', program.as_text(), re.M))
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
@@ -398,23 +331,42 @@ def print_profile(batch: int, prof: dict) -> None:
 
 # Main ------------------------------------------------------------------------------------------------------
 
+OURS_KEYS = ("decode_tokens_per_s", "steady_decode_tokens_per_s", "end_to_end_tokens_per_s", "decode_step_median_s",
+             "decode_step_min_s", "wall_s", "pack_s_total", "host_outside_steps_s")
+HF_KEYS = ("decode_tokens_per_s", "end_to_end_tokens_per_s", "decode_step_s", "wall_s", "prefill_wall_s")
+
+
+def side_figures(comparison: dict, side: str, keys) -> dict:
+    """{key: median over the side's valid attempts}, with the attempt counts."""
+    figures = {key: common.figure(comparison, side, key) for key in keys}
+    first = next(iter(figures.values()))
+    return {"valid_attempts": first["valid_attempts"], "attempts": first["attempts"],
+            **{key: f["median"] for key, f in figures.items()}}
+
+
+def describe(result: dict) -> str:
+    if "bytes_per_s" in result:
+        return f"{result['bytes_per_s'] / 1e9:6.1f} GB/s"
+    return f"decode {result['decode_tokens_per_s'] or float('nan'):8.1f} tok/s, wall {result['wall_s']:.3f} s"
+
+
+def greedy_agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
+    """Greedy tokens of both systems on the same weights (float32 near-ties can make them part ways)."""
+    pairs = list(zip(ours, theirs, strict=True))
+    same = sum(a == b for x, y in pairs for a, b in zip(x, y, strict=True))
+    prefix = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x)) for x, y in pairs]
+    return {"greedy_tokens_equal_share": same / sum(len(x) for x in ours),
+            "greedy_identical_prefix_mean": sum(prefix) / len(prefix)}
+
 
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("jax", "absl", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.out:
-        common.RESULTS_DIR = Path(args.out)
-    load = LoadMeter()
+    settings = common.comparison_settings(args)
     say(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-
-    with load.measure("copy_bandwidth"):
-        copy_bw = copy_bandwidth(args.copy_mib, args.copy_repeats)
-    say(f"copy bandwidth {copy_bw['bytes_per_s'] / 1e9:.1f} GB/s (read + write, {args.copy_mib} MiB numpy copy, "
-        f"best of {args.copy_repeats}); jitted jnp.copy {copy_bw['jax_copy_bytes_per_s_for_reference'] / 1e9:.1f} "
-        f"GB/s")
 
     loaded = load_model(args.model, seed=args.seed)
     cfg, params = loaded.cfg, loaded.params
@@ -423,127 +375,123 @@ def main() -> None:
     say(f"model {cfg.name}: {n_params / 1e6:.1f}M parameters, {weight_bytes / 2**20:.1f} MiB ({cfg.dtype})")
     engine_config = EngineConfig(max_batch=max(args.batches), prefill_chunk=args.prefill_chunk,
                                  max_seq_len=args.prompt_len + args.new_tokens)
-    with load.measure("engine_compile"):
-        started = time.perf_counter()
+    with common.LoadMeter() as compile_load:
         engine = Engine(loaded, engine_config)
-        compile_s = time.perf_counter() - started
+    weight_mib = max(1, weight_bytes // 2**20)
 
-    ours: dict[int, dict] = {}
-    theirs: dict[int, dict] = {}
     hf_info = None
+    tokens: dict[str, list[list[int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = None
         if not args.no_hf:
             save_hf_checkpoint(tmp, cfg, params)
             model, hf_info = load_hf(Path(tmp))
-        # Both systems run each batch back to back: this machine's speed drifts over minutes (a shared host).
-        for batch in args.batches:
-            prompts = prompts_for(batch, args, cfg.vocab_size)
-            with load.measure(f"ours_batch_{batch}"):
-                run_engine(engine, prompts, args)  # warm-up: first use of each program, allocator, caches
-                runs = [run_engine(engine, prompts, args) for _ in range(args.repeats)]
-            row = ours[batch] = median_run(runs, "decode_tokens_per_s")
-            say(f"ours batch {batch:3d}: decode {row['decode_tokens_per_s']:8.1f} tok/s (steady "
-                f"{row['steady_decode_tokens_per_s'] or float('nan'):8.1f}), end-to-end "
-                f"{row['end_to_end_tokens_per_s']:8.1f} tok/s, decode step median "
-                f"{row['decode_step_median_s'] * 1e3:.2f} ms, wall {row['wall_s']:.2f} s")
-            if model is None:
-                continue
-            with load.measure(f"hf_batch_{batch}"):
-                row = theirs[batch] = run_hf(model, prompts, args)
-            say(f"HF   batch {batch:3d}: decode {row['decode_tokens_per_s']:8.1f} tok/s, end-to-end "
-                f"{row['end_to_end_tokens_per_s']:8.1f} tok/s, decode step {row['decode_step_s'] * 1e3:.2f} ms, "
-                f"wall {row['wall_s']:.2f} s (prefill {row['prefill_wall_s']:.2f} s)")
-        del model
+        sides = {"copy": lambda: copy_bandwidth(args.copy_mib, args.copy_repeats),
+                 "copy_weight_sized": lambda: copy_bandwidth(weight_mib, args.copy_repeats)}
+        with common.LoadMeter() as warmup_load:  # untimed: first use of each program, allocator, caches
+            for batch in args.batches:
+                prompts = prompts_for(batch, args, cfg.vocab_size)
+                tokens[f"ours@{batch}"] = run_engine(engine, prompts, args)[1]
+                sides[f"ours@{batch}"] = lambda p=prompts: run_engine(engine, p, args)[0]
+                if model is not None:
+                    import torch
 
-    with load.measure("copy_bandwidth_again"):
-        copy_again = copy_bandwidth(args.copy_mib, args.copy_repeats)
-    say(f"copy bandwidth again {copy_again['bytes_per_s'] / 1e9:.1f} GB/s")
-    copy_bw["bytes_per_s_start_end"] = [copy_bw["bytes_per_s"], copy_again["bytes_per_s"]]
-    copy_bw["bytes_per_s"] = max(copy_bw["bytes_per_s_start_end"])  # the faster: the lower (stricter) floor
+                    ids = torch.tensor(prompts, dtype=torch.long)
+                    hf_generate(model, ids, 1)
+                    tokens[f"hf@{batch}"] = hf_generate(model, ids, args.new_tokens)[1]
+                    sides[f"hf@{batch}"] = lambda p=prompts, m=model: run_hf(m, p, args)
+        quiet = common.wait_for_quiet(args.max_other_share, settings["quiet_timeout"], settings["quiet_sample"], say)
+        say(f"{args.repeats} interleaved rounds over {len(sides)} sides (quiet wait: {quiet['waited_s']} s, "
+            f"other processes' shares {quiet['shares'][-2:]})")
+        comparison = common.interleave(sides, args.repeats, seed=args.seed, log=say, describe=describe, **settings)
+        del model, sides
+    ours = {b: side_figures(comparison, f"ours@{b}", OURS_KEYS) for b in args.batches}
+    theirs = {b: side_figures(comparison, f"hf@{b}", HF_KEYS) for b in args.batches} if hf_info else {}
+    copy_bw = side_figures(comparison, "copy", ("bytes_per_s", "jax_copy_bytes_per_s_for_reference"))
+    copy_small = side_figures(comparison, "copy_weight_sized", ("bytes_per_s",))
+    for b in args.batches:
+        o = ours[b]
+        say(f"ours batch {b:3d}: decode {o['decode_tokens_per_s'] or float('nan'):8.1f} tok/s (steady "
+            f"{o['steady_decode_tokens_per_s'] or float('nan'):8.1f}), end-to-end "
+            f"{o['end_to_end_tokens_per_s'] or float('nan'):8.1f} tok/s ({o['valid_attempts']}/{o['attempts']} valid)")
+        if b in theirs:
+            h = theirs[b]
+            say(f"HF   batch {b:3d}: decode {h['decode_tokens_per_s'] or float('nan'):8.1f} tok/s, end-to-end "
+                f"{h['end_to_end_tokens_per_s'] or float('nan'):8.1f} tok/s ({h['valid_attempts']}/{h['attempts']} "
+                f"valid)")
+
+    # The floor: the weights over the large copy's bandwidth (the weights may fit in the last-level cache, where a
+    # weight-sized copy runs faster: recorded as context only).
+    bandwidth = copy_bw["bytes_per_s"]
+    floor_s = weight_bytes / bandwidth if bandwidth else None
+    b1 = ours.get(1)
+    step_over_floor = common.ratio(b1["decode_step_median_s"] if b1 else None, floor_s)
+    memory_floor = {"weight_bytes": weight_bytes, "copy_bytes_per_s": bandwidth, "floor_s": floor_s,
+                    "floor_s_at_weight_sized_copy_bandwidth": weight_bytes / copy_small["bytes_per_s"]
+                    if copy_small["bytes_per_s"] else None,
+                    "batch1_decode_step_median_s": b1["decode_step_median_s"] if b1 else None,
+                    "step_over_floor": step_over_floor["value"], "valid": step_over_floor["valid"],
+                    "target_max": TARGETS["batch1_step_vs_floor_max"],
+                    "met": step_over_floor["value"] <= TARGETS["batch1_step_vs_floor_max"]
+                    if step_over_floor["valid"] else None}
+    if 1 in theirs:
+        memory_floor["hf_batch1_decode_step_over_floor"] = common.ratio(theirs[1]["decode_step_s"], floor_s)["value"]
+    if step_over_floor["valid"]:
+        say(f"batch-1 decode step {b1['decode_step_median_s'] * 1e3:.2f} ms vs memory floor {floor_s * 1e3:.2f} ms "
+            f"({weight_bytes / 2**20:.0f} MiB at {bandwidth / 1e9:.1f} GB/s): {step_over_floor['value']:.2f}x "
+            f"(target <= {TARGETS['batch1_step_vs_floor_max']}x)")
+    else:
+        say("batch-1 decode step vs memory floor: invalid (no valid attempt on one side)")
+
+    ratios = []
+    for batch in theirs:
+        o, h = ours[batch], theirs[batch]
+        decode = common.ratio(o["decode_tokens_per_s"], h["decode_tokens_per_s"])
+        row = {"batch": batch, "valid": decode["valid"], "decode": decode["value"],
+               "steady_decode": common.ratio(o["steady_decode_tokens_per_s"], h["decode_tokens_per_s"])["value"],
+               "end_to_end": common.ratio(o["end_to_end_tokens_per_s"], h["end_to_end_tokens_per_s"])["value"],
+               **greedy_agreement(tokens[f"ours@{batch}"], tokens[f"hf@{batch}"])}
+        if batch in TARGETS["decode_vs_hf_batches"]:
+            row["target_min"] = TARGETS["decode_vs_hf_min"]
+            row["met"] = row["decode"] >= TARGETS["decode_vs_hf_min"] if row["valid"] else None
+        ratios.append(row)
+        say(f"ours / HF batch {batch:3d}: " + (f"decode {row['decode']:.2f}x, end-to-end {row['end_to_end']:.2f}x"
+                                              if row["valid"] else "invalid (no valid attempt on one side)")
+            + f"; same greedy tokens {100 * row['greedy_tokens_equal_share']:.0f}%")
 
     profile = {}
     if args.profile:
         for batch in args.batches:
-            with load.measure(f"profile_batch_{batch}"):
+            with common.LoadMeter() as meter:
                 profile[batch] = profile_steps(engine, batch, args)
+            profile[batch]["load"] = meter.record
             print_profile(batch, profile[batch])
 
-    # The weights may fit in the last-level cache (this machine's L3 can be hundreds of MiB), where a copy of the
-    # weights' size runs faster than the large probe: recorded as context, the floor stays the large copy's.
-    with load.measure("copy_bandwidth_weight_sized"):
-        copy_small = copy_bandwidth(max(1, weight_bytes // 2**20), args.copy_repeats)
-    copy_bw["weight_sized_copy"] = {"mib": copy_small["mib"], "bytes_per_s": copy_small["bytes_per_s"]}
-    say(f"copy bandwidth of a weight-sized copy ({copy_small['mib']} MiB): {copy_small['bytes_per_s'] / 1e9:.1f} GB/s")
-    floor_s = weight_bytes / copy_bw["bytes_per_s"]
-    b1 = ours.get(1)
-    memory_floor = {"weight_bytes": weight_bytes, "copy_bytes_per_s": copy_bw["bytes_per_s"], "floor_s": floor_s,
-                    "floor_s_at_weight_sized_copy_bandwidth": weight_bytes / copy_small["bytes_per_s"]}
-    if b1:
-        ratio = b1["decode_step_median_s"] / floor_s
-        memory_floor.update(batch1_decode_step_median_s=b1["decode_step_median_s"],
-                            batch1_decode_step_min_s=b1["decode_step_min_s"],
-                            step_over_floor=ratio, step_min_over_floor=b1["decode_step_min_s"] / floor_s,
-                            target_max=TARGETS["batch1_step_vs_floor_max"],
-                            met=ratio <= TARGETS["batch1_step_vs_floor_max"])
-        if 1 in theirs:
-            memory_floor["hf_batch1_decode_step_over_floor"] = theirs[1]["decode_step_s"] / floor_s
-        say(f"batch-1 decode step {b1['decode_step_median_s'] * 1e3:.2f} ms (median) vs memory floor "
-            f"{floor_s * 1e3:.2f} ms ({weight_bytes / 2**20:.0f} MiB at {copy_bw['bytes_per_s'] / 1e9:.1f} GB/s): "
-            f"{ratio:.2f}x (target <= {TARGETS['batch1_step_vs_floor_max']}x)")
-
-    ratios = []
-    for batch in args.batches:
-        if batch not in theirs:
-            continue
-        o, h = ours[batch], theirs[batch]
-        row = {"batch": batch,
-               "decode": o["decode_tokens_per_s"] / h["decode_tokens_per_s"],
-               "steady_decode": (o["steady_decode_tokens_per_s"] or 0.0) / h["decode_tokens_per_s"],
-               "end_to_end": o["end_to_end_tokens_per_s"] / h["end_to_end_tokens_per_s"]}
-        if batch in TARGETS["decode_vs_hf_batches"]:
-            row["target_min"] = TARGETS["decode_vs_hf_min"]
-            row["met"] = row["decode"] >= TARGETS["decode_vs_hf_min"]
-        # Greedy tokens of both systems on the same weights (float32 near-ties can make them part ways).
-        same = [sum(a == b for a, b in zip(x, y, strict=True)) for x, y in zip(o["_tokens"], h["_tokens"],
-                                                                            strict=True)]
-        prefix = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
-                  for x, y in zip(o["_tokens"], h["_tokens"], strict=True)]
-        row["greedy_tokens_equal_share"] = sum(same) / (batch * args.new_tokens)
-        row["greedy_identical_prefix_mean"] = sum(prefix) / batch
-        ratios.append(row)
-        say(f"ours / HF batch {batch:3d}: decode {row['decode']:.2f}x (steady {row['steady_decode']:.2f}x), "
-            f"end-to-end {row['end_to_end']:.2f}x" + (f" (target >= {row['target_min']}x: "
-                                                      f"{'met' if row['met'] else 'not met'})"
-                                                      if "met" in row else "")
-            + f"; same greedy tokens {100 * row['greedy_tokens_equal_share']:.0f}%")
-
-    for rows in (ours, theirs):
-        for row in rows.values():
-            row.pop("_tokens", None)
-    say("machine load per phase (other processes' share of all CPUs): " + ", ".join(
-        f"{k} {v.get('other_processes_cpu_share', '?')}" for k, v in load.phases.items()))
     payload = {
         "config": {
             "model": os.path.relpath(args.model, REPO) if Path(args.model).is_absolute() else args.model,
             "parameters": n_params, "weight_bytes": weight_bytes, "dtype": cfg.dtype, "batches": args.batches,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "seed": args.seed,
-            "repeats": args.repeats, "quick": args.quick,
+            "repeats": args.repeats, "quick": args.quick, "copy_mib": args.copy_mib,
+            "copy_repeats": args.copy_repeats, "weight_sized_copy_mib": weight_mib,
             "sampling": "SamplingParams(max_tokens=new_tokens, ignore_eos=True): greedy",
-            "engine": {k: v for k, v in dataclasses.asdict(engine_config).items()},
-            "engine_compile_s": compile_s,
-            "engine_warmup": "one untimed generate of the same prompts before the timed ones, per batch",
+            "engine": dataclasses.asdict(engine_config),
+            "warmup": "one untimed generate per batch and system before the rounds (its tokens are compared)",
             "hf": hf_info,
-            "cpu_count": os.cpu_count(),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         },
-        "copy_bandwidth": copy_bw,
-        "memory_floor": memory_floor,
+        "phases": {"engine_compile": compile_load.record, "warmup": warmup_load.record},
+        "quiet_wait": quiet,
+        "comparison": comparison,
         "ours": [{"batch": b, **row} for b, row in ours.items()],
         "hf": [{"batch": b, **row} for b, row in theirs.items()],
         "ratios_ours_over_hf": ratios,
-        "load": {"phases": load.phases, "at_end": machine_load_now()},
+        "copy_bandwidth": {**copy_bw, "weight_sized_bytes_per_s": copy_small["bytes_per_s"],
+                           "method": "numpy.copyto into a preallocated buffer, best of copy_repeats per attempt; "
+                                     "bytes = read + write"},
+        "memory_floor": memory_floor,
         "definitions": {
+            "figure": "median over the side's valid attempts (None without one); every attempt is in comparison",
+            "ratio": "ours figure / HF figure, both from valid attempts; None and valid=false otherwise",
             "ours.decode_tokens_per_s": "decode tokens of the steps without prefill tokens / the time of those steps "
                                         "(StepRecord latencies); includes the drain tail at shrinking batch",
             "ours.steady_decode_tokens_per_s": "the same over the steps that decode all B sequences",
@@ -554,8 +502,11 @@ def main() -> None:
     }
     if profile:
         payload["profile"] = [{"batch": b, **p} for b, p in profile.items()]
-    path = common.write_result("decode", payload)
-    say(f"wrote {path}")
+    out = common.output_dir(args)
+    if out is None:
+        say("--quick without --out: no result file written")
+        return
+    say(f"wrote {common.write_result('decode', payload, out)}")
 
 
 if __name__ == "__main__":

@@ -2,42 +2,47 @@
 
 Modes, all on the same engine weights and arena, the same LoRA (rank 8 on q/k/v/o by default) and the same
 micro-batch of `--rows x --seq-len` tokens (synthetic `{"text"}` records of exactly `--seq-len` tokens, so
-every row is full and has `seq_len - 1` trained tokens):
+every row is full and has `seq_len - 1` trained tokens), each its own `FinetuneRunner` (the public trainer
+`Engine.finetune` builds) driven through its public methods:
 
-- `single`: `FinetuneRunner.train_microbatch()` with `remat=False` (every activation kept for backward);
-- `single-remat`: the same with `remat=True` (each layer recomputed in backward from its input);
+- `single`: `train_microbatch()` with `remat=False` (every activation kept for backward): the DEFAULT program
+  and the headline reference of every ratio;
+- `single-remat`: the same with `remat=True` (each layer recomputed in backward from its input): the secondary
+  reference;
 - `micro-K`: `start_microbatch(layers_per_chunk=K)` then `micro_step()` until done, for K in `--chunks`
   (default 1, 4 and all layers): forward chunks stashing each layer's input into leased arena pages, the loss,
   backward chunks recomputing each layer from its stash with `jax.vjp`, the commit.
 
 `--grad-accum` is 1 by default, so each micro-batch also pays the Optax update (the same for every mode; its
-program time alone is reported in the profile). The modes run interleaved, one micro-batch each per round,
-so load from other processes falls on all of them alike; the median micro-batch time per mode gives
-trained tokens/s (loss tokens) and packed tokens/s (all non-padding tokens).
+program time alone is reported in the profile). After one untimed warm-up micro-batch per mode, the modes run
+through `common.interleave`: `--iters` rounds, one micro-batch per mode per round in a seeded random order,
+each attempt with the machine's load; an attempt during which other processes took more than
+`--max-other-share` of the CPUs is repeated (`--max-retries`), then marked invalid. A mode's time is the median
+over its valid attempts (trained tokens/s: loss tokens; packed tokens/s: all non-padding tokens); a ratio is
+computed only when both modes have a valid attempt.
 
-Then a breakdown: the micro-step path once more with a block after every micro-step (time per kind:
-start = lease + packing + embed, forward, forward+loss, backward, backward+commit), and a profile of the
-jitted programs alone on fixed inputs (median of `--profile-reps` calls, each blocked): the forward chunk with
-and without its stash write, the stash write and read alone (also on a 4x larger arena, to see whether the
-scatter copies the arena), the backward chunk with and without its stash gather, one layer with pre-sliced
-weights (no dynamic index into the stacked weights), a scan over all layers, the loss, commit, update, the
-single-program step with and without remat, and an empty jitted call (dispatch cost); programs are timed
-round-robin too. Model flops come from XLA's estimate of one layer's forward and vjp (its estimate of a
-program with a loop counts the body once).
+Then two diagnostic sections, not part of the comparison (their load is recorded, they are not repeated):
+the micro-step path once more with a block after every micro-step (time per kind: start = lease + packing +
+embed, forward, forward+loss, backward, backward+commit), and (unless --no-profile) a profile of the jitted
+programs alone on fixed inputs, which reaches into private trainer/runner internals (median of
+`--profile-reps` calls, each blocked): the forward chunk with and without its stash write, the stash write and
+read alone (also on a 4x larger arena, to see whether the scatter copies the arena), the backward chunk with
+and without its stash gather, one layer with pre-sliced weights (no dynamic index into the stacked weights), a
+scan over all layers, the loss, commit, update, the single-program step with and without remat, and an empty
+jitted call (dispatch cost); programs are timed round-robin. Model flops come from XLA's estimate of one
+layer's forward and vjp (its estimate of a program with a loop counts the body once).
 
 Every timing also records the process's minor page faults (on a CPU, XLA allocates a program's temporaries
 on each call and glibc serves large blocks from fresh, zero-filled mmap pages, so a program pays about one
 fault per 4 KiB of temporaries per call: many small programs pay it many times) and the cores it used (CPU
-time over wall time: about the core count on a quiet machine, less when another process takes cores; such
-timings are not representative). `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:
+time over wall time). `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:
 glibc.malloc.trim_threshold=4000000000` keeps freed memory for reuse and removes the faults.
 
-Writes bench/results/finetune-<device>.json (machine, JAX version, date, `uptime` load before and after,
-GLIBC_TUNABLES / LD_PRELOAD / XLA_FLAGS when set), or into --out-dir.
+Writes bench/results/finetune-<device>.json (GLIBC_TUNABLES / LD_PRELOAD / XLA_FLAGS when set), or into --out.
 
-    python bench/finetune.py                          # small.yaml, 4 x 256 tokens, chunks 1 4 8
+    python bench/finetune.py                          # small.yaml, 4 x 256 tokens, chunks 1 4 8, 5 rounds
     python bench/finetune.py --rows 8 --seq-len 128 --iters 7
-    python bench/finetune.py --quick                  # smoke run: tiny.yaml, 2 x 32 tokens, nothing written
+    python bench/finetune.py --quick --out /tmp/bench # smoke run: tiny.yaml, 2 x 32 tokens, 2 rounds
 """
 
 from __future__ import annotations
@@ -75,32 +80,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 256)")
     parser.add_argument("--chunks", type=int, nargs="+", default=None,
                         help="layers per chunk of the micro-step path (default 1 4 and all layers)")
-    parser.add_argument("--iters", type=int, default=None, help="timed micro-batches per mode (default 5)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="interleaved rounds: timed micro-batches per mode (default 5; 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed micro-batches per mode (compiles)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
-    parser.add_argument("--breakdown-iters", type=int, default=2, help="micro-batches per chunk size, blocked per step")
-    parser.add_argument("--profile-reps", type=int, default=3, help="timed calls per program in the profile")
+    parser.add_argument("--seed", type=int, default=0, help="the order of the modes per round")
+    parser.add_argument("--breakdown-iters", type=int, default=None,
+                        help="micro-batches per chunk size, blocked per step (default 2; 1 with --quick)")
+    parser.add_argument("--profile-reps", type=int, default=None,
+                        help="timed calls per program in the profile (default 3; 2 with --quick)")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-program profile")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: tiny.yaml, 2 x 32 tokens, 2 iterations; writes no result unless --write")
-    parser.add_argument("--write", action="store_true", help="write the result file even with --quick")
-    parser.add_argument("--out-dir", default=None, help="write the result there instead of bench/results")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny.yaml, 2 x 32 tokens, 2 rounds")
+    common.add_arguments(parser)
     args = parser.parse_args()
     quick = args.quick
     defaults = dict(config="configs/models/tiny.yaml" if quick else "configs/models/small.yaml",
-                    rows=2 if quick else 4, seq_len=32 if quick else 256, iters=2 if quick else 5)
+                    rows=2 if quick else 4, seq_len=32 if quick else 256, iters=2 if quick else 5,
+                    breakdown_iters=1 if quick else 2, profile_reps=2 if quick else 3)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if quick:
-        args.breakdown_iters, args.profile_reps = 1, 2
+    if args.iters < 1:
+        parser.error("--iters must be >= 1")
     return args
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def synthetic_records(tokenizer, seq_len: int, n: int = 64, seed: int = 0) -> list[dict]:
@@ -146,15 +150,13 @@ class Mode:
     name: str
     runner: FinetuneRunner
     chunk: int | None  # layers per chunk on the micro-step path; None: the single program
-    times: list[float] = dataclasses.field(default_factory=list)
-    faults: list[int] = dataclasses.field(default_factory=list)
-    cores: list[float] = dataclasses.field(default_factory=list)
+    arena_holder: object  # the engine's ModelRunner, whose `arena` the micro-steps thread through
 
-    def run_microbatch(self) -> tuple[float, int, int, float]:
-        """One micro-batch (and the update when grad_accum is reached); (seconds, trained tokens, minor page
-        faults, cores used)."""
+    def run_microbatch(self) -> dict:
+        """One micro-batch (and the update when grad_accum is reached), blocked: seconds, trained tokens,
+        minor page faults, cores used."""
         r = self.runner
-        before = r.tokens
+        before = r.progress().tokens
         faults, cpu = minor_faults(), time.process_time()
         started = time.perf_counter()
         if self.chunk is None:
@@ -164,26 +166,22 @@ class Mode:
                 raise RuntimeError(f"{self.name}: no stash lease granted (arena too small?)")
             while r.current is not None:
                 r.micro_step()
-        block(r.state, r.arena_holder.arena)
+        block(r.state, self.arena_holder.arena)
         wall = time.perf_counter() - started
-        return wall, r.tokens - before, minor_faults() - faults, cores_used(time.process_time() - cpu, wall)
+        return {"seconds": wall, "trained_tokens": r.progress().tokens - before,
+                "minor_faults": minor_faults() - faults, "cores_used": cores_used(time.process_time() - cpu, wall)}
 
 
 def make_runner(engine: Engine, args, records, name: str, remat: bool) -> FinetuneRunner:
-    """What `Engine.finetune` builds, without registering it, so that several jobs can be timed side by side
-    (only one micro-batch is ever in flight, so one stash's worth of pages is enough)."""
+    """The trainer `Engine.finetune` builds, through its public constructor over the engine's public weights,
+    tokenizer, page table and arena holder, without registering it, so that several jobs can be timed side by
+    side (only one micro-batch is ever in flight, so one stash's worth of pages is enough)."""
     job = FinetuneJob(dataset=records, lora=LoRAConfig(rank=args.rank, alpha=2.0 * args.rank,
                                                        targets=tuple(args.targets)),
                       micro_batch_rows=args.rows, seq_len=args.seq_len, grad_accum=args.grad_accum,
                       total_steps=10**9, eval_interval=0, eval_fraction=0.0, warmup_steps=1, remat=remat,
                       learning_rate=1e-4, name=name)
     return FinetuneRunner(job, engine.cfg, engine.runner.params, engine.tokenizer, engine.page_table, engine.runner)
-
-
-def summarize(times: list[float], loss_tokens: int, packed_tokens: int) -> dict:
-    med = statistics.median(times)
-    return {"seconds_median": med, "seconds_min": min(times), "seconds_all": times,
-            "trained_tokens_per_s": loss_tokens / med, "packed_tokens_per_s": packed_tokens / med}
 
 
 def breakdown(mode: Mode, iters: int) -> dict:
@@ -203,7 +201,7 @@ def breakdown(mode: Mode, iters: int) -> dict:
         while r.current is not None:
             f, t = minor_faults(), time.perf_counter()
             kind = r.micro_step()
-            block(r.arena_holder.arena, r.state, r.current.x if r.current is not None else None)
+            block(mode.arena_holder.arena, r.state, r.current.x if r.current is not None else None)
             per_kind.setdefault(kind, []).append(time.perf_counter() - t)
             faults.setdefault(kind, []).append(minor_faults() - f)
         totals.append(time.perf_counter() - t_mb)
@@ -214,7 +212,7 @@ def breakdown(mode: Mode, iters: int) -> dict:
     return {"kinds": out, "microbatch_seconds_median": statistics.median(totals)}
 
 
-# Profile of the programs alone --------------------------------------------------------------------------------
+# Diagnostic: the programs alone, through private trainer/runner internals (not the comparison) -------------
 
 
 def _fwd_nostash(params, cfg, lora, x, batch, start, num_layers):
@@ -452,9 +450,9 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
 
 def main() -> None:
     args = parse_args()
-    load_before = load()
+    settings = common.comparison_settings(args)
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"load {load_before}", flush=True)
+          f"load {[round(x, 2) for x in os.getloadavg()]}", flush=True)
     config_path = str(REPO / args.config) if not Path(args.config).is_absolute() else args.config
     cfg = ModelConfig.from_yaml(config_path)
     layers = cfg.num_layers
@@ -471,59 +469,74 @@ def main() -> None:
           f"{engine.runner.arena.nbytes / 2**20:.1f} MiB)", flush=True)
 
     records = synthetic_records(engine.tokenizer, args.seq_len)
-    modes = [Mode("single", make_runner(engine, args, records, "single", remat=False), None),
-             Mode("single-remat", make_runner(engine, args, records, "single-remat", remat=True), None)]
-    modes += [Mode(f"micro-{k}", make_runner(engine, args, records, f"micro-{k}", remat=False), k) for k in chunks]
+    specs = [("single", None, False), ("single-remat", None, True)] + [(f"micro-{k}", k, False) for k in chunks]
+    modes = [Mode(name, make_runner(engine, args, records, name, remat), chunk, engine.runner)
+             for name, chunk, remat in specs]
     probe = make_runner(engine, args, records, "probe", remat=False).loader.next_batch()
     packed, trained = probe.num_tokens, probe.num_loss_tokens
     lora_params = sum(x.size for x in jax.tree.leaves(modes[0].runner.state.lora))
     print(f"tokens per micro-batch: {packed} packed, {trained} trained; LoRA {lora_params / 1e6:.2f}M params",
           flush=True)
 
+    warmup = {}
     for mode in modes:
-        t = time.perf_counter()
-        for _ in range(args.warmup):
-            mode.run_microbatch()
-        print(f"warm-up {mode.name:<13} {time.perf_counter() - t:7.1f} s", flush=True)
-    for i in range(args.iters):
-        line = []
-        for mode in modes:
-            seconds, loss_tokens, faults, cores = mode.run_microbatch()
-            if loss_tokens != trained:
-                raise RuntimeError(f"{mode.name}: {loss_tokens} trained tokens, expected {trained}")
-            mode.times.append(seconds)
-            mode.faults.append(faults)
-            mode.cores.append(cores)
-            line.append(f"{mode.name} {seconds:.3f}s/{cores:.2f}c")
-        print(f"round {i + 1}/{args.iters}: " + ", ".join(line) + f"  (load {load()[0]})", flush=True)
+        with common.LoadMeter() as meter:
+            for _ in range(args.warmup):
+                mode.run_microbatch()
+        warmup[mode.name] = meter.record
+        print(f"warm-up {mode.name:<13} {meter.record['wall_s']:7.1f} s", flush=True)
 
-    results = {m.name: {"layers_per_chunk": m.chunk, "remat": m.runner.job.remat,
-                        "last_loss": m.runner.last_loss, "minor_faults_median": statistics.median(m.faults),
-                        "cores_used_median": statistics.median(m.cores),
-                        **summarize(m.times, trained, packed)} for m in modes}
-    base_a, base_b = results["single"]["seconds_median"], results["single-remat"]["seconds_median"]
-    min_a, min_b = results["single"]["seconds_min"], results["single-remat"]["seconds_min"]
+    def timed(mode: Mode):
+        def run() -> dict:
+            result = mode.run_microbatch()
+            if result["trained_tokens"] != trained:
+                raise RuntimeError(f"{mode.name}: {result['trained_tokens']} trained tokens, expected {trained}")
+            return result
+        return run
+
+    quiet = common.wait_for_quiet(args.max_other_share, settings["quiet_timeout"], settings["quiet_sample"])
+    comparison = common.interleave({m.name: timed(m) for m in modes}, args.iters, seed=args.seed,
+                                   describe=lambda r: f"{r['seconds']:.4f} s, {r['cores_used']:.2f} cores", **settings)
+
+    results = {}
+    for m in modes:
+        seconds = common.figure(comparison, m.name, "seconds")
+        valid = [r["seconds"] for r in common.valid_results(comparison, m.name)]
+        med = seconds["median"]
+        results[m.name] = {
+            "layers_per_chunk": m.chunk, "remat": m.runner.job.remat, "last_loss": m.runner.progress().loss,
+            "valid_attempts": seconds["valid_attempts"], "attempts": seconds["attempts"],
+            "seconds_median": med, "seconds_min": min(valid) if valid else None,
+            "trained_tokens_per_s": trained / med if med else None,
+            "packed_tokens_per_s": packed / med if med else None,
+            "minor_faults_median": common.figure(comparison, m.name, "minor_faults")["median"],
+            "cores_used_median": common.figure(comparison, m.name, "cores_used")["median"]}
+    # Throughput ratios (> 1: faster than the reference), from valid medians only. The headline reference is the
+    # default single program (activations kept, remat=False); the remat program is the secondary one.
     for r in results.values():
-        # throughput ratios: > 1 is faster than the reference; the _best ones compare the fastest micro-batches
-        # (less sensitive to other processes taking the CPU now and then)
-        r["throughput_vs_single"] = base_a / r["seconds_median"]
-        r["throughput_vs_single_remat"] = base_b / r["seconds_median"]
-        r["throughput_vs_single_best"] = min_a / r["seconds_min"]
-        r["throughput_vs_single_remat_best"] = min_b / r["seconds_min"]
-    print(f"\n{'mode':<14}{'s/micro-batch':>14}{'trained tok/s':>15}{'packed tok/s':>14}{'vs (a)':>9}{'vs (b)':>9}"
-          f"{'faults':>9}{'best s':>9}")
-    for name, r in results.items():
-        print(f"{name:<14}{r['seconds_median']:>14.3f}{r['trained_tokens_per_s']:>15.1f}"
-              f"{r['packed_tokens_per_s']:>14.1f}{r['throughput_vs_single']:>9.3f}"
-              f"{r['throughput_vs_single_remat']:>9.3f}{r['minor_faults_median']:>9.0f}{r['seconds_min']:>9.3f}",
-              flush=True)
+        r["throughput_vs_single"] = common.ratio(results["single"]["seconds_median"], r["seconds_median"])["value"]
+        r["throughput_vs_single_remat"] = common.ratio(results["single-remat"]["seconds_median"],
+                                                       r["seconds_median"])["value"]
 
-    print("\nmicro-step breakdown (blocked after each micro-step):", flush=True)
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    print(f"\n{'mode':<14}{'s/micro-batch':>14}{'trained tok/s':>15}{'packed tok/s':>14}{'vs single':>11}"
+          f"{'vs remat':>10}{'faults':>9}{'valid':>7}")
+    for name, r in results.items():
+        print(f"{name:<14}{f(r['seconds_median'], '14.4f')}{f(r['trained_tokens_per_s'], '15.1f')}"
+              f"{f(r['packed_tokens_per_s'], '14.1f')}{f(r['throughput_vs_single'], '11.3f')}"
+              f"{f(r['throughput_vs_single_remat'], '10.3f')}{f(r['minor_faults_median'], '9.0f')}"
+              f"{r['valid_attempts']:>4}/{r['attempts']}", flush=True)
+
+    print("\nmicro-step breakdown (diagnostic, blocked after each micro-step):", flush=True)
     breakdowns = {}
     for mode in modes:
         if mode.chunk is None:
             continue
-        breakdowns[mode.name] = b = breakdown(mode, args.breakdown_iters)
+        with common.LoadMeter() as meter:
+            b = breakdown(mode, args.breakdown_iters)
+        breakdowns[mode.name] = {**b, "load": meter.record}
         parts = ", ".join(f"{kind} {v['calls_per_microbatch']}x{v['seconds_median'] * 1e3:.0f}ms"
                           f"/{v['minor_faults_median']:.0f}flt"
                           for kind, v in b["kinds"].items())
@@ -531,16 +544,17 @@ def main() -> None:
 
     programs = None
     if not args.no_profile:
-        print("\nprograms alone (median, blocked per call):", flush=True)
+        print("\nprograms alone (diagnostic, median, blocked per call):", flush=True)
         micro = next(m for m in modes if m.chunk is not None)
-        programs = profile(engine, micro.runner, chunks, args.profile_reps)
-        f = programs["flops"]
+        with common.LoadMeter() as meter:
+            programs = profile(engine, micro.runner, chunks, args.profile_reps)
+        programs["load"] = meter.record
+        fl = programs["flops"]
         for r in results.values():  # model flops of a micro-batch: remat and micro-steps recompute each layer
-            per_layer = f["layer_vjp"] + (f["layer_forward"] if r["remat"] or r["layers_per_chunk"] else 0.0)
-            r["model_flops"] = layers * per_layer + f["loss"]
-            r["gflop_per_s"] = r["model_flops"] / r["seconds_median"] / 1e9
+            per_layer = fl["layer_vjp"] + (fl["layer_forward"] if r["remat"] or r["layers_per_chunk"] else 0.0)
+            r["model_flops"] = layers * per_layer + fl["loss"]
+            r["gflop_per_s"] = r["model_flops"] / r["seconds_median"] / 1e9 if r["seconds_median"] else None
 
-    load_after = load()
     payload = {
         "config": {**vars(args), "chunks": chunks},
         "model": {"config": args.config, "name": cfg.name, "params": int(n_params), "layers": layers,
@@ -550,21 +564,20 @@ def main() -> None:
                        "trained_tokens": int(trained)},
         "arena": {"num_pages": num_pages, "stash_pages": stash_pages, "page_tokens": page_tokens,
                   "bytes": int(engine.runner.arena.nbytes)},
-        "cpu_count": os.cpu_count(),
         "env": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS") if os.environ.get(k)},
-        "load_before": load_before,
-        "load_after": load_after,
+        "warmup_load": warmup,
+        "quiet_wait": quiet,
+        "comparison": comparison,
+        "reference": {"headline": "single", "secondary": "single-remat"},
         "results": results,
         "micro_step_breakdown": breakdowns,
         "programs": programs,
     }
-    if args.quick and not args.write:
-        print(f"\nload before {load_before}, after {load_after}; --quick: no result file written")
+    out = common.output_dir(args)
+    if out is None:
+        print("\n--quick without --out: no result file written")
         return
-    if args.out_dir:
-        common.RESULTS_DIR = Path(args.out_dir)
-    path = common.write_result("finetune", payload)
-    print(f"\nload before {load_before}, after {load_after}; wrote {path}")
+    print(f"\nwrote {common.write_result('finetune', payload, out)}")
 
 
 if __name__ == "__main__":
