@@ -68,6 +68,7 @@ from harli_jax.lora.adapters import LoRAConfig
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.transformer import causal_mask, decoder_layer
 from harli_jax.runtime import Engine, EngineConfig
+from harli_jax.runtime import finetune as ft
 from harli_jax.runtime.finetune import FinetuneJob, FinetuneRunner, _to_device
 
 REPO = Path(__file__).resolve().parent.parent
@@ -354,8 +355,9 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
     x = trainer.embed_step(params, batch)
     arena = holder.arena
     holder.arena = None  # threaded through the donating programs below, handed back at the end
-    arena = runner._fwd(params, cfg, lora, arena, x, batch, stash_pages, jnp.int32(0), layers)[0]  # fill the stash
-    _, _, g = runner._loss(params, cfg, x, batch)
+    # Fill the stash.
+    arena = ft._forward_chunk(params, cfg, lora, arena, x, batch, stash_pages, jnp.int32(0), layers)[0]
+    _, _, g = ft._loss_step(params, cfg, x, batch)
     grads = jax.tree.map(jnp.zeros_like, lora)
     state = runner.state
     runner.state = None
@@ -367,7 +369,7 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
     layer_vjp = jax.jit(_layer_vjp_static, static_argnames=("cfg",))
     f_layer = _flops(layer_static, lp0, cfg, lora0, x, batch)
     v_layer = _flops(layer_vjp, lp0, cfg, lora0, x, g, batch)
-    f_loss = _flops(runner._loss, params, cfg, x, batch)
+    f_loss = _flops(ft._loss_step, params, cfg, x, batch)
     flops = {"layer_forward": f_layer, "layer_vjp": v_layer, "loss": f_loss}
     print(f"  XLA flops: layer forward {f_layer / 1e9:.2f} G, layer vjp {v_layer / 1e9:.2f} G, "
           f"loss {f_loss / 1e9:.2f} G", flush=True)
@@ -381,7 +383,7 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
 
     def fwd(k):
         nonlocal arena
-        arena, y = runner._fwd(params, cfg, lora, arena, x, batch, stash_pages, jnp.int32(0), k)
+        arena, y = ft._forward_chunk(params, cfg, lora, arena, x, batch, stash_pages, jnp.int32(0), k)
         return y
 
     def write(k, big_arena=False):
@@ -395,24 +397,25 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
     def bwd(k, gather=True):
         nonlocal grads
         if gather:
-            g_out, grads = runner._bwd(params, cfg, lora, arena, g, grads, batch, stash_pages, jnp.int32(layers), k)
+            g_out, grads = ft._backward_chunk(params, cfg, lora, arena, g, grads, batch, stash_pages,
+                                              jnp.int32(layers), k)
         else:
             g_out, grads = bwd_nogather(params, cfg, lora, x, g, grads, batch, jnp.int32(layers), k)
         return g_out
 
     def commit():
         nonlocal state, grads
-        state, grads = runner._commit(state, grads, jnp.float32(1))
+        state, grads = ft._commit(state, grads, jnp.float32(1))
         return state
 
     def update():
         nonlocal state
-        state = runner._update(runner.optimizer, state)[0]
+        state = ft._update(runner.optimizer, state)[0]
         return state
 
     def single(remat):
         nonlocal state
-        state = runner._grad_step(params, cfg, state, batch, remat)[0]
+        state = ft._grad_step(params, cfg, state, batch, remat)[0]
         return state
 
     one = jnp.int32(0)
@@ -428,7 +431,7 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
               functools.partial(fwd_nostash, params, cfg, lora, x, batch, jnp.int32(0), k), k * f_layer)
         p.add(f"stash write {k} layers", functools.partial(write, k))
     p.add(f"stash write {layers} layers, 4x arena", functools.partial(write, layers, True))
-    p.add("loss (norm, head, CE, grad)", lambda: runner._loss(params, cfg, x, batch), f_loss)
+    p.add("loss (norm, head, CE, grad)", lambda: ft._loss_step(params, cfg, x, batch), f_loss)
     for k in chunks:
         p.add(f"backward chunk {k}", functools.partial(bwd, k), k * v_layer)
         p.add(f"backward chunk {k} without gather", functools.partial(bwd, k, False), k * v_layer)

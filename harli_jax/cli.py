@@ -129,6 +129,8 @@ def _generate(args: argparse.Namespace) -> None:
     if model.tokenizer is None:
         raise HarliError(f"{args.model} has no tokenizer.json and its vocabulary ({model.cfg.vocab_size}) is too "
                          "small for the byte-level tokenizer")
+    if not args.prompt:
+        raise HarliError("the prompt is empty")  # as the engine says of an empty prompt
     prompt_ids = model.tokenizer.encode(args.prompt)
     # One request: one batch slot, a context just long enough, the whole prompt in one chunk.
     config = EngineConfig(max_batch=1, max_seq_len=len(prompt_ids) + args.max_tokens,
@@ -138,7 +140,7 @@ def _generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     engine = Engine(model, config)
     compiled = time.perf_counter()
-    output = engine.generate([prompt_ids], sampling)[0]
+    output = engine.generate(args.prompt, sampling)[0]
     if output.error:
         raise HarliError(output.error)
     elapsed = time.perf_counter() - compiled

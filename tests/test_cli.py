@@ -98,3 +98,8 @@ def test_trace_synth_writes_a_loadable_trace(tmp_path):
     assert main(["trace", "synth", "--kind", "bursts", "--requests", "50", "--rate", "4", "--out", str(out)]) == 0
     trace = load_trace(out)
     assert len(trace) == 50 and out.read_text().startswith("# harli trace synth")
+
+
+def test_generate_refuses_an_empty_prompt_as_the_api_does(tiny_yaml, capsys):
+    assert main(["generate", "--model", str(tiny_yaml), "--prompt", ""]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err

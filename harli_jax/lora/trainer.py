@@ -106,9 +106,11 @@ def grad_step(params: Params, cfg: ModelConfig, state: TrainState, batch: TrainB
     return state, total, count
 
 
-def apply_update(optimizer: optax.GradientTransformation, state: TrainState):
-    """The Optax step on the mean gradient of the accumulated micro-batches. A non-finite gradient skips the
-    update (weights and optimizer state unchanged). Returns (state, applied, grad norm); clears the accumulator."""
+def apply_update(config: OptimizerConfig, state: TrainState):
+    """The Optax step (`make_optimizer(config)`) on the mean gradient of the accumulated micro-batches. A
+    non-finite gradient skips the update (weights and optimizer state unchanged). Returns (state, applied,
+    grad norm); clears the accumulator."""
+    optimizer = make_optimizer(config)
     grads = jax.tree.map(lambda g: g / jnp.maximum(state.accum_tokens, 1.0), state.accum)
     norm = optax.tree.norm(grads)
     finite = jnp.isfinite(norm)

@@ -2,14 +2,14 @@
 
 Two tenants share the pages. A request's KV cache owns pages as its context grows; the trainer leases pages
 for activation stashes. KV has priority: a lease is granted only while the free pool stays above a
-watermark, and when KV needs pages the table reclaims leases (newest first), whose owners are told so they
-can abandon that work. Page 0 is the null page: never allocated, the padding of every block table.
+watermark, and when KV needs pages the table reclaims leases (newest first) and returns which, so that the
+caller can abandon that work: the table never calls back. Page 0 is the null page: never allocated, the
+padding of every block table.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,17 @@ NULL_PAGE = 0
 class Owner:
     kind: str  # "kv" (a request's cache) or "lease" (a trainer stash)
     key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Growth:
+    """What growing a KV cache did: whether it fits now, and the leases taken back for it."""
+
+    ok: bool
+    reclaimed: tuple[Owner, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.ok
 
 
 class OutOfPages(Exception):
@@ -43,7 +54,6 @@ class PageTable:
         self._free = list(range(num_pages - 1, NULL_PAGE, -1))  # a stack: low ids are handed out first
         self._owner: list[Owner | None] = [None] * num_pages
         self._pages: dict[Owner, list[int]] = {}
-        self.on_reclaim: Callable[[Owner], None] | None = None  # told when a lease is taken back
         self.reclaims = 0
 
     @property
@@ -88,16 +98,18 @@ class PageTable:
     def pages_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_tokens)
 
-    def grow_kv(self, request_id: str, num_tokens: int) -> bool:
-        """Makes the request's KV cover `num_tokens` tokens, reclaiming leases if needed; False if it cannot."""
+    def grow_kv(self, request_id: str, num_tokens: int) -> Growth:
+        """Makes the request's KV cover `num_tokens` tokens, reclaiming leases if needed (not ok if even that
+        is not enough)."""
         owner = Owner("kv", request_id)
         need = self.pages_for_tokens(num_tokens) - len(self.pages(owner))
         if need <= 0:
-            return True
-        if need > self.num_free and not self.reclaim(need):
-            return False
+            return Growth(True)
+        reclaimed = tuple(self.reclaim(need)) if need > self.num_free else ()
+        if need > self.num_free:
+            return Growth(False, reclaimed)
         self.allocate(owner, need)
-        return True
+        return Growth(True, reclaimed)
 
     def block_table(self, request_id: str) -> list[int]:
         return self.pages(Owner("kv", request_id))
@@ -113,17 +125,17 @@ class PageTable:
     def release(self, lease_id: str) -> int:
         return self.free(Owner("lease", lease_id))
 
-    def reclaim(self, need: int) -> bool:
+    def reclaim(self, need: int) -> list[Owner]:
         """Takes leases back, newest first, until `need` pages are free (all of them if that is not enough: KV
-        has priority, so no request waits for memory while the trainer holds any)."""
+        has priority, so no request waits for memory while the trainer holds any); returns those taken."""
+        taken = []
         for owner in reversed(self.owners("lease")):
             if self.num_free >= need:
                 break
             self.free(owner)
             self.reclaims += 1
-            if self.on_reclaim is not None:
-                self.on_reclaim(owner)
-        return self.num_free >= need
+            taken.append(owner)
+        return taken
 
     def check_invariants(self) -> None:
         """No page has two owners, used + free = total, the null page is never handed out."""

@@ -39,9 +39,10 @@ class EngineConfig:
     predictor_quantile: float = 0.99  # the predictor's bound covers this share of steps
     calibration_runs: int = 5  # timed runs per program in the calibration sweep
     calibration_dir: str | None = None  # predictor cache; default ~/.cache/harli_jax
+    step_record_limit: int = 100_000  # newest step records kept (Engine.step_records)
 
     def __post_init__(self):
-        for name in ("max_batch", "prefill_chunk", "page_tokens", "cpu_arena_mb"):
+        for name in ("max_batch", "prefill_chunk", "page_tokens", "cpu_arena_mb", "step_record_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"EngineConfig.{name} must be a positive integer, got {value!r}")

@@ -9,7 +9,8 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,12 @@ class FinetuneJob:
     overflow: str = "truncate"  # samples longer than seq_len: "truncate" or "split" (see harli_jax.lora.data)
     remat: bool = False  # single-program path: recompute each layer in backward instead of storing activations
     max_nonfinite: int = 3  # consecutive non-finite updates (skipped) before the job pauses
+    history_limit: int = 100_000  # optimizer steps kept in `history` (and its checkpoints): the newest
     name: str = "finetune"
 
     def __post_init__(self):
-        for field in ("micro_batch_rows", "seq_len", "grad_accum", "checkpoint_interval", "max_nonfinite"):
+        for field in ("micro_batch_rows", "seq_len", "grad_accum", "checkpoint_interval", "max_nonfinite",
+                      "history_limit"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"FinetuneJob.{field} must be a positive integer, got {value!r}")
@@ -117,8 +120,18 @@ class MicroBatchRun:
     grads: Any = None
     loss_sum: jax.Array | None = None
     count: jax.Array | None = None
-    abandoned: bool = False
     calibration: bool = False  # a timing run: dropped instead of committed at the end
+
+
+# The training programs, traced once per shape and static config for every job (the optimizer is static by its
+# config, a hashable dataclass, so a second job with the same settings reuses the first one's programs).
+_grad_step = jax.jit(trainer.grad_step, static_argnames=("cfg", "remat"), donate_argnames=("state",))
+_update = jax.jit(trainer.apply_update, static_argnums=0, donate_argnames=("state",))
+_eval_loss = jax.jit(trainer.loss_sum, static_argnames=("cfg", "remat"))
+_forward_chunk = jax.jit(trainer.forward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("arena",))
+_backward_chunk = jax.jit(trainer.backward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("grads",))
+_loss_step = jax.jit(trainer.loss_step, static_argnames=("cfg",))
+_commit = jax.jit(trainer.commit, donate_argnames=("state", "grads"))
 
 
 def _to_device(batch: data_lib.MicroBatch) -> trainer.TrainBatch:
@@ -149,17 +162,10 @@ class FinetuneRunner:
             batches = self._count_batches()
             total = max(1, batches // job.grad_accum)
         self.total_steps = total
-        self.optimizer = trainer.make_optimizer(trainer.OptimizerConfig(
-            learning_rate=job.learning_rate, warmup_steps=job.warmup_steps, total_steps=total,
-            weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm))
-        self.state = trainer.init_state(init_lora(cfg, job.lora, seed=job.seed), self.optimizer)
-        self._grad_step = jax.jit(trainer.grad_step, static_argnames=("cfg", "remat"), donate_argnames=("state",))
-        self._update = jax.jit(trainer.apply_update, static_argnums=0, donate_argnames=("state",))
-        self._eval_loss = jax.jit(trainer.loss_sum, static_argnames=("cfg", "remat"))
-        self._fwd = jax.jit(trainer.forward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("arena",))
-        self._bwd = jax.jit(trainer.backward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("grads",))
-        self._loss = jax.jit(trainer.loss_step, static_argnames=("cfg",))
-        self._commit = jax.jit(trainer.commit, donate_argnames=("state", "grads"))
+        self.optimizer = trainer.OptimizerConfig(learning_rate=job.learning_rate, warmup_steps=job.warmup_steps,
+                                                 total_steps=total, weight_decay=job.weight_decay,
+                                                 max_grad_norm=job.max_grad_norm)
+        self.state = trainer.init_state(init_lora(cfg, job.lora, seed=job.seed), trainer.make_optimizer(self.optimizer))
 
         self.status, self.reason = JobStatus.RUNNING, None
         self.step = 0
@@ -168,7 +174,7 @@ class FinetuneRunner:
         self.step_loss_sum, self.step_tokens = 0.0, 0.0
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
-        self.history: list[dict[str, float]] = []  # per optimizer step: step, loss, tokens, time
+        self.history: deque[dict[str, float]] = deque(maxlen=job.history_limit)  # step, loss, tokens, time
         self.skipped_updates = 0
         self.consecutive_nonfinite = 0
         self.abandoned = 0
@@ -176,7 +182,8 @@ class FinetuneRunner:
         self.current: MicroBatchRun | None = None
         self.last_micro_time = 0.0  # seconds the last micro-step took, synchronized
         self._spare_grads = None  # the zeroed gradient buffers `commit` hands back, for the next micro-batch
-        self.committed_pieces: list[tuple[int, int]] = []  # (sample, window) of every accumulated micro-batch
+        # Told the (sample, window) pieces of every micro-batch whose gradient is accumulated.
+        self.commit_observers: list[Callable[[Sequence[tuple[int, int]]], None]] = []
         self._leases = 0
         self.checkpointer = TrainCheckpointer(job.checkpoint_dir) if job.checkpoint_dir is not None else None
         if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
@@ -193,10 +200,10 @@ class FinetuneRunner:
             return jax.tree.map(jnp.copy, self.state)
 
         device_batch = _to_device(batch)
-        jax.block_until_ready(self._grad_step(self.params, self.cfg, copy(), device_batch, self.job.remat))
-        jax.block_until_ready(self._update(self.optimizer, copy()))
-        jax.block_until_ready(self._commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
-        jax.block_until_ready(self._eval_loss(self.state.lora, self.params, self.cfg, device_batch))
+        jax.block_until_ready(_grad_step(self.params, self.cfg, copy(), device_batch, self.job.remat))
+        jax.block_until_ready(_update(self.optimizer, copy()))
+        jax.block_until_ready(_commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
+        jax.block_until_ready(_eval_loss(self.state.lora, self.params, self.cfg, device_batch))
         for chunk in chunks:
             if self.current is None and self.start_microbatch(chunk, calibration=True):
                 for _, layers in micro_sequence(None, True, self.cfg.num_layers, chunk, chunks):
@@ -234,11 +241,15 @@ class FinetuneRunner:
         batch = self._next_batch()
         if batch is None:
             return
-        self.state, total, count = self._grad_step(self.params, self.cfg, self.state, _to_device(batch),
+        self.state, total, count = _grad_step(self.params, self.cfg, self.state, _to_device(batch),
                                                    self.job.remat)
-        self.committed_pieces.extend(batch.pieces)
+        self._committed(batch.pieces)
         self._accumulated(total, count)
         self.running_time += time.perf_counter() - started
+
+    def _committed(self, pieces: Sequence[tuple[int, int]]) -> None:
+        for observer in self.commit_observers:
+            observer(pieces)
 
     def _accumulated(self, total, count) -> None:
         self.step_loss_sum += float(total)
@@ -249,7 +260,7 @@ class FinetuneRunner:
             self._apply_update()
 
     def _apply_update(self) -> None:
-        self.state, applied, norm = self._update(self.optimizer, self.state)
+        self.state, applied, norm = _update(self.optimizer, self.state)
         loss = self.step_loss_sum / max(self.step_tokens, 1.0)
         self.microbatches_in_step, self.step_loss_sum, self.step_tokens = 0, 0.0, 0.0
         if not bool(applied) or not np.isfinite(loss):
@@ -304,7 +315,7 @@ class FinetuneRunner:
                                      shuffle=False, overflow=self.job.overflow)
         total = count = 0.0
         for batch in loader:
-            t, c = self._eval_loss(self.state.lora, self.params, self.cfg, _to_device(batch))
+            t, c = _eval_loss(self.state.lora, self.params, self.cfg, _to_device(batch))
             total, count = total + float(t), count + float(c)
         self.eval_loss = total / max(count, 1.0)
         if self.history:
@@ -339,10 +350,9 @@ class FinetuneRunner:
         self.current = run
         return True
 
-    def on_reclaim(self, owner: Owner) -> None:
-        """The page table took a lease back: abandon the micro-batch that used it."""
-        if self.current is not None and owner.key == self.current.lease_id:
-            self.current.abandoned = True
+    def _lease_lost(self, run: MicroBatchRun) -> bool:
+        """Whether the page table took the micro-batch's stash pages back (reclaimed for KV)."""
+        return not self.page_table.pages(Owner("lease", run.lease_id))
 
     def abandon(self) -> None:
         """Drops the micro-batch in flight: its samples go back to the front of the queue, no gradient is applied."""
@@ -359,7 +369,7 @@ class FinetuneRunner:
         """The phase of the next micro-step ("forward" or "backward") and the most layers it may cover, or None
         when no micro-batch is in flight. The forward chunk that reaches the last layer also runs the loss."""
         run = self.current
-        if run is None or run.abandoned:
+        if run is None or self._lease_lost(run):
             return None
         if run.phase == "forward":
             return "forward", self.cfg.num_layers - run.next_layer
@@ -371,7 +381,7 @@ class FinetuneRunner:
         run = self.current
         if run is None:
             raise RuntimeError("no micro-batch in flight")
-        if run.abandoned:
+        if self._lease_lost(run):
             self.abandon()
             return "abandoned"
         started = time.perf_counter()
@@ -380,19 +390,19 @@ class FinetuneRunner:
         holder = self.arena_holder
         if run.phase == "forward":
             n = min(chunk, layers - run.next_layer)
-            holder.arena, run.x = self._fwd(self.params, self.cfg, self.state.lora, holder.arena, run.x,
+            holder.arena, run.x = _forward_chunk(self.params, self.cfg, self.state.lora, holder.arena, run.x,
                                             run.device_batch, run.stash_pages, jnp.int32(run.next_layer), n)
             run.next_layer += n
             kind = "forward"
             if run.next_layer == layers:
-                run.loss_sum, run.count, run.x = self._loss(self.params, self.cfg, run.x, run.device_batch)
+                run.loss_sum, run.count, run.x = _loss_step(self.params, self.cfg, run.x, run.device_batch)
                 spare, self._spare_grads = self._spare_grads, None
                 run.grads = spare if spare is not None else jax.tree.map(jnp.zeros_like, self.state.lora)
                 run.phase = "backward"
                 kind = "forward+loss"
         else:
             n = min(chunk, run.next_layer)
-            run.x, run.grads = self._bwd(self.params, self.cfg, self.state.lora, holder.arena, run.x, run.grads,
+            run.x, run.grads = _backward_chunk(self.params, self.cfg, self.state.lora, holder.arena, run.x, run.grads,
                                          run.device_batch, run.stash_pages, jnp.int32(run.next_layer), n)
             run.next_layer -= n
             kind = "backward"
@@ -400,8 +410,8 @@ class FinetuneRunner:
                 self.abandon()
                 kind = "backward+commit"
             elif run.next_layer == 0:
-                self.state, self._spare_grads = self._commit(self.state, run.grads, run.count)
-                self.committed_pieces.extend(run.batch.pieces)
+                self.state, self._spare_grads = _commit(self.state, run.grads, run.count)
+                self._committed(run.batch.pieces)
                 self.page_table.release(run.lease_id)
                 self.current = None
                 self._accumulated(run.loss_sum, run.count)
@@ -415,7 +425,7 @@ class FinetuneRunner:
     # Checkpoints and export -------------------------------------------------------------------------------
 
     def _record(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "data": self.loader.state(), "history": self.history,
+        return {"step": self.step, "tokens": self.tokens, "data": self.loader.state(), "history": list(self.history),
                 "skipped_updates": self.skipped_updates, "abandoned": self.abandoned, "seed": self.job.seed,
                 "lora": dataclasses.asdict(self.job.lora)}
 
@@ -434,7 +444,7 @@ class FinetuneRunner:
                               f"not {dataclasses.asdict(self.job.lora)}")
         self.loader.restore(record["data"])
         self.step, self.tokens = record["step"], record["tokens"]
-        self.history = record["history"]
+        self.history = deque(record["history"], maxlen=self.job.history_limit)
         self.skipped_updates, self.abandoned = record["skipped_updates"], record["abandoned"]
         self.last_loss = self.history[-1]["loss"] if self.history else None
         log.info("%s: resumed from %s at step %d", self.job.name, self.job.checkpoint_dir, self.step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,3 +49,35 @@ class IdleTraining:
     calls: int = 0
     seconds: float = 0.0
     tokens: int = 0  # trained tokens
+
+
+class StepLog:
+    """The newest `limit` step records, indexed by step number: `log[i]`, `log[i:]`, `len(log)` (every step so
+    far), iteration over what is kept. Older records are dropped, so a long serve does not grow."""
+
+    def __init__(self, limit: int):
+        self._records: deque[StepRecord] = deque(maxlen=limit)
+        self._count = 0
+
+    def append(self, record: StepRecord) -> None:
+        self._records.append(record)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return bool(self._records)
+
+    def __iter__(self):
+        return iter(self._records)
+
+    def __getitem__(self, index):
+        first = self._count - len(self._records)  # step number of the oldest record kept
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._count)
+            return [self._records[i - first] for i in range(max(start, first), stop, step)]
+        i = index + self._count if index < 0 else index
+        if not first <= i < self._count:
+            raise IndexError(f"step record {index} is not kept (steps {first}..{self._count - 1} are)")
+        return self._records[i - first]

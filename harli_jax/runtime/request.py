@@ -76,6 +76,7 @@ class TokenEvent:
     token: int
     index: int  # 0 for the first generated token
     time: float
+    text: str | None = None  # the text this token adds (None without a tokenizer; may be "" mid-character)
 
 
 @dataclasses.dataclass(frozen=True)

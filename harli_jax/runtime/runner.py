@@ -21,20 +21,9 @@ from harli_jax.model.params import Adapters, Params
 from harli_jax.model.sampling import SamplingRows
 from harli_jax.runtime.arena import allocate_arena
 from harli_jax.runtime.config import EngineConfig
-from harli_jax.runtime.request import SamplingParams
+from harli_jax.runtime.scheduler import SeqWork, StepPlan
 
 log = logging.getLogger("harli_jax")
-
-
-@dataclasses.dataclass(frozen=True)
-class SeqWork:
-    """One sequence's part of a step: `tokens` at positions `start..`, written into its pages."""
-
-    block_table: Sequence[int]
-    tokens: Sequence[int]
-    start: int
-    sampling: SamplingParams
-    counter: int  # tokens generated so far (the sampling RNG's position)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -44,6 +33,16 @@ class Bucket:
     seqs: int
     tokens: int
     pages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What a step gave: the next token of every planned sequence (meaningful where its prompt is done), the
+    program shape it ran in, and the host seconds spent packing its inputs."""
+
+    tokens: np.ndarray
+    bucket: Bucket
+    pack_time: float
 
 
 def _step(params, cfg, arena, batch, attention_impl, lora):
@@ -136,17 +135,17 @@ class ModelRunner:
             program = self._programs[bucket] = self.compile(bucket)
         return program
 
-    def execute(self, work: Sequence[SeqWork]) -> tuple[np.ndarray, Bucket, float]:
-        """Runs one step; returns the next token of every sequence (meaningful where its prompt is done), the
-        bucket it ran in and the host seconds spent packing its inputs."""
-        total = sum(len(w.tokens) for w in work)
-        pages = max(len(w.block_table) for w in work)
-        bucket = self.bucket_for(len(work), total, pages)
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Imports the plan's prefilled K/V pages, then runs its sequences as one step."""
+        for page_ids, pages in plan.imports:
+            self.write_pages(page_ids, pages)
+        work = plan.work
+        bucket = self.bucket_for(len(work), plan.num_tokens, max(len(w.block_table) for w in work))
         packing = time.perf_counter()
         batch = self._pack(work, bucket)
         pack_time = time.perf_counter() - packing
         self.arena, next_tokens = self.program(bucket)(self.params, self.arena, batch, self.lora)
-        return np.asarray(next_tokens)[: len(work)], bucket, pack_time
+        return StepOutput(np.asarray(next_tokens)[: len(work)], bucket, pack_time)
 
     def _pack(self, work: Sequence[SeqWork], bucket: Bucket) -> TokenBatch:
         t, b = bucket.tokens, bucket.seqs

@@ -1,95 +1,183 @@
-"""The inference scheduler (policy): which sequences run in the next step, with how many tokens each, and
-whom to preempt when the arena is full. Continuous batching with chunked prefill; decode first."""
+"""The inference scheduler (policy) and the only writer of request state.
+
+`schedule()` decides the next step: which sequences run with how many tokens (continuous batching with chunked
+prefill, decode first), whom to preempt when the arena is full, which prefilled K/V to import, and which
+trainer leases the page table took back to make room. `update(plan, tokens, now)` applies the step's output:
+it appends tokens, asks the output processor whether a request ends, finishes and frees it. `add` and `abort`
+are the other two ways a request's state changes; all of them run on the engine thread.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Sequence
 
-from harli_jax.runtime.arena import PageTable
+import numpy as np
+
+from harli_jax.runtime.arena import Owner, PageTable
+from harli_jax.runtime.processing import OutputProcessor
+from harli_jax.runtime.request import Event, FinishedEvent, FinishReason, SamplingParams, TokenEvent
 from harli_jax.runtime.state import RequestState
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqWork:
+    """One sequence's part of a step: `tokens` at positions `start..`, written into its pages."""
+
+    block_table: Sequence[int]
+    tokens: Sequence[int]
+    start: int
+    sampling: SamplingParams
+    counter: int  # tokens generated so far (the sampling RNG's position)
 
 
 @dataclasses.dataclass
 class StepPlan:
-    """The sequences of one step with the number of pending tokens each feeds, and who was preempted."""
+    """Everything one step needs: the sequences (their state and their work, in the same order), the K/V
+    pages to import before it runs, who was preempted and which leases were reclaimed to make room."""
 
-    work: list[tuple[RequestState, int]] = dataclasses.field(default_factory=list)
+    states: list[RequestState] = dataclasses.field(default_factory=list)
+    work: list[SeqWork] = dataclasses.field(default_factory=list)
+    imports: list[tuple[list[int], np.ndarray]] = dataclasses.field(default_factory=list)
     preempted: list[RequestState] = dataclasses.field(default_factory=list)
+    reclaimed: list[Owner] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.work)
+        return sum(len(w.tokens) for w in self.work)
 
 
 class Scheduler:
-    def __init__(self, page_table: PageTable, max_batch: int, prefill_chunk: int):
+    def __init__(self, page_table: PageTable, max_batch: int, prefill_chunk: int, output: OutputProcessor):
         self.pages = page_table
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.output = output
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []  # in admission order: the last is the youngest
+        self._requests: dict[str, RequestState] = {}
 
-    def add(self, seq: RequestState) -> None:
-        self.waiting.append(seq)
+    # Request state: the only writers -------------------------------------------------------------------------
 
-    def remove(self, seq: RequestState) -> None:
-        """Drops a finished or aborted sequence and frees its pages."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.pages.free(seq.owner)
+    def add(self, state: RequestState, now: float) -> list[Event]:
+        """Queues a request. One with prefilled K/V (the decode role) arrives with its first token, sampled
+        by the prefill side: that is its first output."""
+        self._requests[state.request_id] = state
+        if state.prefilled is None:
+            self.waiting.append(state)
+            return []
+        state.num_computed = len(state.prompt_ids)
+        events = self._append(state, state.prefilled.first_token, now)
+        if state.request_id in self._requests:
+            self.waiting.append(state)
+        return events
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+    def abort(self, request_id: str) -> list[Event]:
+        """Finishes a request as aborted; nothing if it already finished."""
+        state = self._requests.get(request_id)
+        return [] if state is None else [self._finish(state, FinishReason.ABORTED)]
+
+    def update(self, plan: StepPlan, tokens: Sequence[int], now: float) -> list[Event]:
+        """Applies a step's output: every sequence's K/V advanced; past its prompt, it gained one token."""
+        events: list[Event] = []
+        for state, work, token in zip(plan.states, plan.work, tokens, strict=True):
+            state.num_computed += len(work.tokens)
+            state.prefilled = None  # imported before the step ran
+            if not state.num_pending:
+                events.extend(self._append(state, int(token), now))
+        return events
+
+    def _append(self, state: RequestState, token: int, now: float) -> list[Event]:
+        state.output_ids.append(token)
+        state.token_times.append(now)
+        text, reason = self.output.new_token(state)
+        events: list[Event] = [TokenEvent(state.request_id, token, len(state.output_ids) - 1, now, text)]
+        if reason is not None:
+            events.append(self._finish(state, reason))
+        return events
+
+    def _finish(self, state: RequestState, reason: FinishReason) -> FinishedEvent:
+        if state in self.running:
+            self.running.remove(state)
+        elif state in self.waiting:
+            self.waiting.remove(state)
+        self.pages.free(state.owner)
+        del self._requests[state.request_id]
+        state.text = self.output.finished_text(state)
+        return FinishedEvent(state.output(reason))
 
     def _preempt(self, seq: RequestState, plan: StepPlan) -> None:
         """Frees the sequence's pages; it waits at the front and recomputes its KV when readmitted."""
         self.running.remove(seq)
         self.pages.free(seq.owner)
         seq.num_computed = 0
+        seq.prefilled = None  # its pages are gone: the prompt is recomputed
         seq.preemptions += 1
         self.waiting.appendleft(seq)
         plan.preempted.append(seq)
 
+    # Queries ------------------------------------------------------------------------------------------------
+
+    def get(self, request_id: str) -> RequestState | None:
+        return self._requests.get(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # Scheduling ---------------------------------------------------------------------------------------------
+
+    def _grow(self, seq: RequestState, num_tokens: int, plan: StepPlan) -> bool:
+        growth = self.pages.grow_kv(seq.request_id, num_tokens)
+        plan.reclaimed.extend(growth.reclaimed)
+        return growth.ok
+
+    def _run(self, seq: RequestState, n: int, plan: StepPlan) -> None:
+        plan.states.append(seq)
+        plan.work.append(SeqWork(block_table=tuple(self.pages.block_table(seq.request_id)),
+                                 tokens=seq.pending_ids(n), start=seq.num_computed, sampling=seq.sampling,
+                                 counter=len(seq.output_ids)))
+
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         # 1. Decode: one token for every sequence past its prompt; preempt the youngest when pages run out.
-        decoding = [s for s in self.running if s.num_pending == 1]
-        for seq in list(decoding):
+        for seq in [s for s in self.running if s.num_pending == 1]:
             if seq not in self.running:
                 continue
-            while not self.pages.grow_kv(seq.request_id, seq.num_computed + 1):
+            while not self._grow(seq, seq.num_computed + 1, plan):
                 victim = self.running[-1]
                 self._preempt(victim, plan)
                 if victim is seq:
                     break
             if seq in self.running:
-                plan.work.append((seq, 1))
+                self._run(seq, 1, plan)
         # 2. Prefill: continue partly prefilled sequences, then admit waiting ones, within the chunk budget.
         budget = self.prefill_chunk
         for seq in [s for s in self.running if s.num_pending > 1]:
             if budget == 0:
                 break
             n = min(seq.num_pending, budget)
-            if not self.pages.grow_kv(seq.request_id, seq.num_computed + n):
+            if not self._grow(seq, seq.num_computed + n, plan):
                 continue
-            plan.work.append((seq, n))
+            self._run(seq, n, plan)
             budget -= n
         while budget > 0 and self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             n = min(seq.num_pending, budget)
-            if not self.pages.grow_kv(seq.request_id, seq.num_computed + n):
+            if not self._grow(seq, seq.num_computed + n, plan):
                 break  # new requests wait for memory; they never preempt running ones
             self.waiting.popleft()
             self.running.append(seq)
-            plan.work.append((seq, n))
+            self._run(seq, n, plan)
             budget -= n
         if not plan.work and self.running:
             # Every running sequence is stuck mid-prompt without pages: free the youngest so the rest go on.
             self._preempt(self.running[-1], plan)
             retry = self.schedule()
             retry.preempted[:0] = plan.preempted
+            retry.reclaimed[:0] = plan.reclaimed
             return retry
+        for seq, work in zip(plan.states, plan.work, strict=True):
+            if seq.prefilled is not None:
+                plan.imports.append((list(work.block_table[: len(seq.prefilled.kv)]), seq.prefilled.kv))
         return plan

@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax import monitoring
 
 from conftest import REPO
 from harli_jax import CheckpointError, Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingParams
@@ -164,3 +165,26 @@ def test_nonfinite_loss_skips_updates_then_pauses(model):
         np.testing.assert_array_equal(a1, a2)
         np.testing.assert_array_equal(b1, b2)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(handle.adapters))
+
+
+def test_a_second_job_reuses_the_first_ones_programs(engine):
+    def job(seed):
+        return FinetuneJob(total_steps=2, eval_interval=0, micro_batch_rows=4, seq_len=32, seed=seed,
+                           name=f"retrace-{seed}")
+
+    engine.finetune(job(0)).wait()
+    traces = []
+
+    def count(name, *_, **__):
+        if name.endswith("jaxpr_trace_duration"):
+            traces.append(name)
+
+    monitoring.register_event_duration_secs_listener(count)
+    try:
+        second = engine.finetune(job(1))  # other data order and init: same shapes and optimizer settings
+        second.wait()
+        jax.jit(lambda x: x - 1)(np.float32(1))  # the counter does see a trace
+    finally:
+        monitoring.unregister_event_duration_listener(count)
+    assert second.progress().step == 2
+    assert len(traces) == 1

@@ -8,21 +8,20 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from harli_jax import Engine, EngineConfig, RequestError, SamplingParams
 from harli_jax.model import load_model
-from harli_jax.runtime.arena import Owner, PageTable
+from harli_jax.runtime.arena import Growth, Owner, PageTable
 
 
-def test_lease_respects_the_watermark_and_reclaim_tells_the_owner():
+def test_lease_respects_the_watermark_and_growth_returns_what_it_reclaimed():
     table = PageTable(num_pages=11, page_tokens=4, max_pages_per_seq=8)
-    reclaimed = []
-    table.on_reclaim = reclaimed.append
     assert table.lease("a", 3, watermark=5) == [1, 2, 3]
     assert table.lease("b", 3, watermark=5) is None  # would leave 4 < 5 free
     assert table.lease("b", 2, watermark=5) == [4, 5]
     assert table.usage() == {"free": 5, "kv": 0, "lease": 5}
-    assert table.grow_kv("r1", 4 * 7)  # 7 pages: needs 2 more than are free -> reclaims the newest lease
-    assert reclaimed == [Owner("lease", "b")] and table.reclaims == 1
-    assert not table.grow_kv("r2", 4 * 9)  # not enough even with every lease: still, KV comes first
-    assert reclaimed == [Owner("lease", "b"), Owner("lease", "a")]
+    assert table.grow_kv("r1", 4 * 3) == Growth(True)  # fits in the free pages: no lease is touched
+    grown = table.grow_kv("r1", 4 * 7)  # 4 more pages, 2 free: the newest lease goes
+    assert grown == Growth(True, (Owner("lease", "b"),)) and table.reclaims == 1
+    failed = table.grow_kv("r2", 4 * 9)  # not enough even with every lease: still, KV comes first
+    assert not failed and failed.reclaimed == (Owner("lease", "a"),)
     assert table.release("a") == 0
     table.check_invariants()
     assert table.usage() == {"free": 3, "kv": 7, "lease": 0}
@@ -49,11 +48,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        engine = self.engine
-        for rid in list(engine._requests):
-            engine.abort(rid)
-        while engine.has_unfinished():
-            engine.step()
+        assert not self.engine.has_unfinished()  # the last example's teardown drained it
         self.live: set[str] = set()
 
     @rule(length=st.integers(1, 40), max_tokens=st.integers(1, 24), seed=st.integers(0, 3))

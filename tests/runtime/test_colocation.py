@@ -184,6 +184,8 @@ def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path):
     engine = Engine(tiny, config)
     handle = engine.finetune(FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=4, seq_len=64))
     runner = handle._runner
+    committed_pieces = []  # the audit: every micro-batch whose gradient was accumulated
+    runner.commit_observers.append(committed_pieces.extend)
     need = runner.stash_pages_needed()
     assert need < engine.page_table.capacity
     waits = []
@@ -214,7 +216,7 @@ def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path):
     handle.wait(max_steps=3)  # the job goes on after the burst
     assert handle.progress().step >= progress.step + 3
     # Every sample trained once, in the loader's order, none lost or counted twice.
-    committed = runner.committed_pieces
+    committed = committed_pieces
     order = _loader_order(runner, len(committed))
     assert committed == order
 

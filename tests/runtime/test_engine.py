@@ -1,8 +1,11 @@
 """The decode engine against transformers' greedy generate: continuous batching, chunked prefill, preemption,
 prefilled-KV import, no recompiles, bad requests."""
 
+import contextlib
 import copy
 import dataclasses
+import threading
+import time
 
 import jax
 import numpy as np
@@ -13,6 +16,7 @@ from jax import monitoring
 from harli_jax import (
     Engine,
     EngineConfig,
+    FinetuneJob,
     FinishedEvent,
     FinishReason,
     Request,
@@ -197,3 +201,42 @@ def test_tiny_arena_preempts_and_still_matches(hf_checkpoint):
         assert list(outputs[rid].token_ids) == reference[prompts.index(prompt)]
     assert sum(o.preemptions for o in outputs.values()) > 0, "the arena was not tight enough to preempt"
     assert engine.page_table.usage() == {"free": 11, "kv": 0, "lease": 0}
+
+
+def test_threads_submit_and_abort_while_the_engine_serves_and_trains(tiny_yaml):
+    engine = Engine(load_model(tiny_yaml), EngineConfig(max_batch=4, prefill_chunk=16, max_seq_len=64, num_pages=40,
+                                                        policy="static", static_layers=1, compile_threads=2))
+    handle = engine.finetune(FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=2, seq_len=32))
+    submitted: list[str] = []
+    errors: list[BaseException] = []
+
+    def client(seed):
+        rng = np.random.default_rng(seed)
+        mine = []
+        try:
+            for _ in range(12):
+                prompt = rng.integers(3, 500, int(rng.integers(1, 30))).tolist()
+                mine.append(engine.submit(prompt, SamplingParams(max_tokens=int(rng.integers(1, 20)),
+                                                                 ignore_eos=True)))
+                if rng.random() < 0.4:
+                    with contextlib.suppress(RequestError):  # it may have finished already
+                        engine.abort(mine[int(rng.integers(len(mine)))])
+                time.sleep(float(rng.uniform(0, 0.01)))
+        except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+            errors.append(e)
+        submitted.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    finished, deadline = [], time.monotonic() + 120
+    while (any(t.is_alive() for t in threads) or engine.has_unfinished()) and time.monotonic() < deadline:
+        finished += [e.request_id for e in engine.step() if isinstance(e, FinishedEvent)]
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not engine.has_unfinished(), "the engine still counts requests as running"
+    assert len(submitted) == 48 and sorted(finished) == sorted(submitted)  # exactly one finished event each
+    engine.page_table.check_invariants()
+    assert engine.page_table.usage()["kv"] == 0
+    assert handle.progress().tokens > 0, "the job did not train"

@@ -6,6 +6,9 @@ import pytest
 
 from harli_jax import Engine, EngineConfig, FinishedEvent, FinishReason, Request, SamplingParams, TokenEvent
 from harli_jax.model import greedy_generate, load_model
+from harli_jax.model.tokenizer import ByteTokenizer
+from harli_jax.runtime.processing import OutputProcessor
+from harli_jax.runtime.state import RequestState
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +79,44 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny):
     other_seed = engine.generate(["sample me"], SamplingParams(max_tokens=12, temperature=1.0, seed=12,
                                                                ignore_eos=True))[0]
     assert other_seed.token_ids != alone.token_ids
+
+
+def test_a_string_is_one_prompt_and_token_events_carry_the_new_text(tiny):
+    engine, model = tiny
+    (alone,) = engine.generate("hello", SamplingParams(max_tokens=24, ignore_eos=True))
+    assert alone.prompt_ids == tuple(model.tokenizer.encode("hello"))
+    (as_ids,) = engine.generate(list(alone.prompt_ids), SamplingParams(max_tokens=24, ignore_eos=True))
+    assert as_ids.token_ids == alone.token_ids
+    events = list(engine.serve([Request("hello", SamplingParams(max_tokens=24, ignore_eos=True))], realtime=False))
+    streamed = "".join(e.text for e in events if isinstance(e, TokenEvent))
+    assert streamed == events[-1].output.text == alone.text  # every token's text, in order, spells the output
+
+
+def _streamed(processor, state, ids):
+    """Feeds `ids` one by one as the scheduler does; the texts of the token events and the finish reason."""
+    texts = []
+    for token in ids:
+        state.output_ids.append(token)
+        text, reason = processor.new_token(state)
+        texts.append(text)
+        if reason is not None:
+            return texts, reason, processor.finished_text(state)
+    return texts, None, None
+
+
+def test_incremental_detokenization_and_stop_strings_on_new_text():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo wörld", add_special_tokens=False)  # é and ö are two bytes each
+
+    def state(**sampling):
+        return RequestState("r", (1,), SamplingParams(max_tokens=len(ids), **sampling), frozenset({2}), 0.0)
+
+    texts, reason, final = _streamed(OutputProcessor(tok), state(), ids)
+    assert texts[1:3] == ["", "é"]  # the first byte of é alone is no character yet
+    assert "".join(texts) == final == "héllo wörld" and reason is FinishReason.LENGTH
+    # "o w" straddles tokens; text that could begin it is held back, then the rest comes with the last token.
+    texts, reason, final = _streamed(OutputProcessor(tok), state(stop=("o w",)), ids)
+    assert reason is FinishReason.STOP and final == "héll" and "".join(texts) == final
+    assert len(texts) == len(tok.encode("héllo w", add_special_tokens=False))
+    texts, reason, final = _streamed(OutputProcessor(tok), state(stop=("xyz",)), [*ids[:3], 2])  # a stop id
+    assert reason is FinishReason.STOP and final == "hé" and "".join(texts) == final
