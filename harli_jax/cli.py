@@ -12,8 +12,8 @@ from harli_jax import Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingPar
 from harli_jax.errors import HarliError
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
-from harli_jax.replay import main as replay_main
-from harli_jax.runtime.trace import synthesize, write_trace
+from harli_jax.replay.run import main as replay_main
+from harli_jax.replay.trace import synthesize, write_trace
 
 
 def _positive_int(text: str) -> int:

@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -81,3 +82,22 @@ def hf_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_yaml() -> Path:
     return REPO / "configs" / "models" / "tiny.yaml"
+
+
+@contextlib.contextmanager
+def jax_events(suffix: str = "backend_compile_duration"):
+    """Collects the names of the JAX monitoring events ending in `suffix` (XLA compiles by default, or
+    "jaxpr_trace_duration" for traces) that happen inside the block."""
+    from jax import monitoring
+
+    seen: list[str] = []
+
+    def listen(name, *_, **__):
+        if name.endswith(suffix):
+            seen.append(name)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield seen
+    finally:
+        monitoring.unregister_event_duration_listener(listen)

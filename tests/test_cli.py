@@ -92,7 +92,7 @@ def test_finetune_bad_dataset_is_a_clear_error(tiny_yaml, tmp_path, capsys):
 
 
 def test_trace_synth_writes_a_loadable_trace(tmp_path):
-    from harli_jax.runtime.trace import load_trace
+    from harli_jax.replay.trace import load_trace
 
     out = tmp_path / "t.csv"
     assert main(["trace", "synth", "--kind", "bursts", "--requests", "50", "--rate", "4", "--out", str(out)]) == 0

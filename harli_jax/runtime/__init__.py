@@ -1,4 +1,4 @@
-"""Arena, engine loop, scheduler, metrics (and later the predictor, co-location policies and traces)."""
+"""Arena, scheduler, engine loop, runner, co-location, predictor and finetune jobs."""
 
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.engine import Engine, RequestError

@@ -8,9 +8,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax import monitoring
 
-from conftest import REPO
+from conftest import REPO, jax_events
 from harli_jax import CheckpointError, Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingParams
 from harli_jax.lora.data import DataError, default_dataset
 from harli_jax.lora.default_data import held_out
@@ -173,18 +172,9 @@ def test_a_second_job_reuses_the_first_ones_programs(engine):
                            name=f"retrace-{seed}")
 
     engine.finetune(job(0)).wait()
-    traces = []
-
-    def count(name, *_, **__):
-        if name.endswith("jaxpr_trace_duration"):
-            traces.append(name)
-
-    monitoring.register_event_duration_secs_listener(count)
-    try:
+    with jax_events("jaxpr_trace_duration") as traces:
         second = engine.finetune(job(1))  # other data order and init: same shapes and optimizer settings
         second.wait()
         jax.jit(lambda x: x - 1)(np.float32(1))  # the counter does see a trace
-    finally:
-        monitoring.unregister_event_duration_listener(count)
     assert second.progress().step == 2
     assert len(traces) == 1

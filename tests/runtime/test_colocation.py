@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax import monitoring
 
+from conftest import jax_events
 from harli_jax import Engine, EngineConfig, FinetuneJob, FinishedEvent, FinishReason, Request, SamplingParams
 from harli_jax.lora.data import DataLoader
 from harli_jax.model import init_params, load_model
@@ -153,20 +153,11 @@ def test_training_windows_do_not_recompile(tiny, tmp_path, policy):
                           calibration_dir=str(tmp_path), compile_threads=2, **policy)
     engine = Engine(_deeper(tiny, 7), config)
     handle = engine.finetune(FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=2, seq_len=64))
-    compiles = []
-
-    def count(name, *_, **__):
-        if name.endswith("backend_compile_duration"):
-            compiles.append(name)
-
-    monitoring.register_event_duration_secs_listener(count)
-    try:
+    with jax_events() as compiles:
         # One step: static runs a 4-layer forward after it and leaves 3 layers to the idle path that follows.
         engine.generate([[5, 6, 7]], SamplingParams(max_tokens=1, ignore_eos=True))
         _attainment(engine, _trace(12, rate=50, prompt=(4, 24), output=(4, 24)), slo=1.0)
         handle.wait(max_steps=1)  # finishes the micro-batch in flight through the idle path
-    finally:
-        monitoring.unregister_event_duration_listener(count)
     trained = [k for r in engine.step_records for k in r.train]
     assert trained, "no training window ran"
     if policy["policy"] != "harli":  # the forward's last 3 (or 1) layers ran in compiled sizes, the loss on 1

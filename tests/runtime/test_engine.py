@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from jax import monitoring
 
+from conftest import jax_events
 from harli_jax import (
     Engine,
     EngineConfig,
@@ -119,21 +119,9 @@ def test_prefilled_kv_import_into_another_engine(served):
     assert decoder.page_table.usage()["kv"] == 0
 
 
-def _count_compiles():
-    compiles = []
-
-    def count(name, *_, **__):
-        if name.endswith("backend_compile_duration"):
-            compiles.append(name)
-
-    monitoring.register_event_duration_secs_listener(count)
-    return compiles, count
-
-
 def test_no_recompiles_after_warmup(served):
     engine, prompts, reference = served
-    compiles, listener = _count_compiles()
-    try:
+    with jax_events() as compiles:
         engine.generate(prompts[:1], GREEDY)  # batch 1
         engine.generate(prompts[1:4], GREEDY)  # batch 3
         engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=1))
@@ -147,8 +135,6 @@ def test_no_recompiles_after_warmup(served):
         during = list(compiles)
         jax.jit(lambda x: x * 3 + 1)(np.float32(2))  # the counter does see a compile
         assert len(compiles) > len(during)
-    finally:
-        monitoring.unregister_event_duration_listener(listener)
     assert during == []
 
 

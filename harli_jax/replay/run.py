@@ -20,15 +20,15 @@ import yaml
 from harli_jax.errors import ConfigError, HarliError
 from harli_jax.lora.adapters import LoRAConfig
 from harli_jax.model.loader import LoadedModel, load_model
+from harli_jax.replay.report import RunResult, format_table, plot, summarize, write_csvs
+from harli_jax.replay.trace import Trace, load_trace, peak_concurrency
 from harli_jax.runtime.colocation import POLICIES
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.engine import Engine
 from harli_jax.runtime.finetune import FinetuneJob
-from harli_jax.runtime.report import RunResult, format_table, plot, summarize, write_csvs
 from harli_jax.runtime.request import FinishedEvent, TokenEvent
-from harli_jax.runtime.trace import Trace, load_trace, peak_concurrency
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULTS = {
     "model": str(REPO / "configs" / "models" / "tiny.yaml"),
     "trace": str(REPO / "configs" / "traces" / "default.csv"),

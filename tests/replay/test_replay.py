@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from harli_jax import replay
-from harli_jax.runtime.trace import synthesize, write_trace
+from harli_jax.replay import run as replay
+from harli_jax.replay.trace import synthesize, write_trace
 
 
 @pytest.fixture(scope="module")

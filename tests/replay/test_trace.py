@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from harli_jax.runtime.trace import (
+from harli_jax.replay.trace import (
     Trace,
     TraceError,
     TraceRequest,

@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
+from harli_jax.replay.report import RunResult, format_table, summarize
 from harli_jax.runtime.metrics import StepRecord
-from harli_jax.runtime.report import RunResult, format_table, summarize
 from harli_jax.runtime.request import FinishReason, GenerationOutput
 
 
