@@ -7,11 +7,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import contextlib  # noqa: E402
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The package's log goes through the root logger, where pytest captures it (harli_jax.logs leaves a logger
+# whose level is set alone).
+logging.getLogger("harli_jax").setLevel(logging.INFO)
 
 # name -> (HF class, config kwargs). Heads/KV heads give GQA ratios 1, 2 and 4; "llama-gqa2" also has an
 # explicit head_dim different from hidden/heads.

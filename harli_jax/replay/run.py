@@ -230,6 +230,7 @@ def write_report(results: list[RunResult], options: dict, trace: Trace, out: Pat
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("harli_jax").setLevel(logging.WARNING)  # the replay prints its own progress
     try:
         options = resolve_options(args)
         out = Path(options["out"] or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))

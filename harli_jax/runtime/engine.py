@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 
 from harli_jax.errors import HarliError
+from harli_jax.logs import show_progress
 from harli_jax.lora.adapters import load_peft
 from harli_jax.model.loader import LoadedModel, load_model
 from harli_jax.runtime.arena import PageTable, page_bytes, pages_from_memory
@@ -48,6 +49,7 @@ __all__ = ["Engine", "RequestError"]
 
 class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None, *, warmup: bool = True):
+        show_progress()
         config = config or EngineConfig()
         cfg, params = model.cfg, model.params
         if config.dtype and config.dtype != cfg.dtype:
@@ -153,6 +155,7 @@ class Engine:
             lora = None
         else:
             lora = load_peft(adapter, self.cfg)[1]
+        log.info("serving %s", "the base model" if lora is None else f"adapter {getattr(adapter, 'name', adapter)}")
         self.runner.set_lora(lora)
         self.runner.warmup()
 

@@ -458,6 +458,8 @@ class FinetuneRunner:
 class JobHandle:
     """What `Engine.finetune` returns: progress, control, and the trained adapter."""
 
+    progress_interval_s = 10.0  # how often `wait` logs the job's progress
+
     def __init__(self, runner: FinetuneRunner, engine):
         self._runner, self._engine = runner, engine
 
@@ -504,8 +506,14 @@ class JobHandle:
         """Drives the engine (serving whatever requests arrive) until the job finishes, pauses, or has made
         `max_steps` more optimizer steps."""
         target = None if max_steps is None else self._runner.step + max_steps
+        reported = time.perf_counter()
         while self._runner.active and (target is None or self._runner.step < target):
             self._engine.step()
+            if time.perf_counter() - reported >= self.progress_interval_s:
+                reported = time.perf_counter()
+                p = self.progress()
+                log.info("%s: step %d/%d, loss %s, %.0f trained tokens/s", self.name, p.step, p.total_steps,
+                         "-" if p.loss is None else f"{p.loss:.4f}", p.tokens_per_s)
         return self.progress()
 
     def export_peft(self, path: str | Path) -> Path:
