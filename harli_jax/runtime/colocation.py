@@ -18,12 +18,38 @@ When no request runs, the engine trains through the single-program path regardle
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Sequence
 
 from harli_jax.errors import ConfigError
 
 POLICIES = ("harli", "decode-only", "temporal-K", "static")
-MicroStep = tuple[str, int]  # (kind, layers): kind is forward, forward+loss, backward or backward+commit
+
+
+class MicroKind(enum.StrEnum):
+    """What a training micro-step runs: a chunk of the forward or of the backward; the forward chunk that
+    reaches the last layer also runs the loss, the backward chunk that reaches the first layer commits."""
+
+    FORWARD = "forward"
+    FORWARD_LOSS = "forward+loss"
+    BACKWARD = "backward"
+    BACKWARD_COMMIT = "backward+commit"
+
+
+MicroStep = tuple[MicroKind, int]  # (kind, layers)
+Phase = tuple[str, int]  # where a micro-batch is: "forward" or "backward", and the layers left in that phase
+
+
+def advance(phase: Phase, layers: int, num_layers: int) -> tuple[MicroKind, Phase | None]:
+    """The one phase machine of a micro-batch, shared by the policies and the trainer: running `layers` of the
+    layers left in `phase` is a micro-step of this kind, after which the micro-batch is in the returned phase
+    (None: committed, done)."""
+    name, left = phase
+    if layers < left:
+        return MicroKind(name), (name, left - layers)
+    if name == "forward":
+        return MicroKind.FORWARD_LOSS, ("backward", num_layers)
+    return MicroKind.BACKWARD_COMMIT, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +60,7 @@ class WindowContext:
     next_step_bound: float  # predicted bound of the next inference step, seconds
     deadlines: Sequence[float]  # next-token deadline of every decoding request (TPOT-banked)
     num_layers: int
-    pending: tuple[str, int] | None  # the in-flight micro-batch's phase and layers left in it, or None
+    pending: Phase | None  # the in-flight micro-batch's phase and layers left in it, or None
     can_start: bool  # a new micro-batch may lease its stash now
     inference_steps: int  # inference steps since the last window that trained
 
@@ -51,29 +77,17 @@ def largest_chunk(chunks: Sequence[int], limit: int) -> int:
     return max(n for n in chunks if n <= limit)
 
 
-def micro_sequence(pending: tuple[str, int] | None, can_start: bool, num_layers: int, chunk: int,
+def micro_sequence(pending: Phase | None, can_start: bool, num_layers: int, chunk: int,
                    chunks: Sequence[int]) -> list[MicroStep]:
     """The micro-steps that follow, in pieces of at most `chunk` layers, each a compiled chunk size, up to the
     end of the (next) micro-batch."""
     out = []
-    phase, left = pending if pending is not None else ("forward", num_layers) if can_start else (None, 0)
+    phase = pending if pending is not None else ("forward", num_layers) if can_start else None
     while phase is not None:
-        n = largest_chunk(chunks, min(chunk, left))
-        out.append((kind_of(phase, n, left), n))
-        left -= n
-        if left == 0:
-            if phase == "backward":
-                break
-            phase, left = "backward", num_layers
+        n = largest_chunk(chunks, min(chunk, phase[1]))
+        kind, phase = advance(phase, n, num_layers)
+        out.append((kind, n))
     return out
-
-
-def kind_of(phase: str, layers: int, left: int) -> str:
-    """The micro-step kind: the forward chunk that ends the forward also runs the loss; the backward chunk that
-    ends the backward commits."""
-    if layers < left:
-        return phase
-    return "forward+loss" if phase == "forward" else "backward+commit"
 
 
 def plan_greedy(budget: float, ctx: WindowContext, cost: Callable[[MicroStep], float],
@@ -85,23 +99,15 @@ def plan_greedy(budget: float, ctx: WindowContext, cost: Callable[[MicroStep], f
     pending = ctx.pending if ctx.pending is not None else (("forward", ctx.num_layers) if ctx.can_start else None)
     started = 0 if ctx.pending is not None else 1
     while pending is not None:
-        phase, left = pending
-        fits = [(n, cost((kind_of(phase, n, left), n))) for n in chunks if n <= left]
-        fits = [(n, c) for n, c in fits if used + c <= budget]
+        options = [(n, *advance(pending, n, ctx.num_layers)) for n in chunks if n <= pending[1]]
+        fits = [(n, kind, after) for n, kind, after in options if used + cost((kind, n)) <= budget]
         if not fits:
             break
-        n, c = max(fits)
-        steps.append((kind_of(phase, n, left), n))
-        used += c
-        left -= n
-        if left:
-            pending = (phase, left)
-        elif phase == "forward":
-            pending = ("backward", ctx.num_layers)
-        elif ctx.can_start and started < max_microbatches:
+        n, kind, pending = max(fits, key=lambda fit: fit[0])
+        steps.append((kind, n))
+        used += cost((kind, n))
+        if pending is None and ctx.can_start and started < max_microbatches:
             pending, started = ("forward", ctx.num_layers), started + 1
-        else:
-            pending = None
     return WindowPlan(tuple(steps), budget, used)
 
 

@@ -27,7 +27,7 @@ from harli_jax.model.config import ModelConfig
 from harli_jax.model.params import Params
 from harli_jax.model.tokenizer import Tokenizer
 from harli_jax.runtime.arena import Owner, PageTable
-from harli_jax.runtime.colocation import micro_sequence
+from harli_jax.runtime.colocation import MicroKind, Phase, advance, micro_sequence
 
 log = logging.getLogger("harli_jax")
 
@@ -114,8 +114,7 @@ class MicroBatchRun:
     lease_id: str
     stash_pages: jax.Array
     layers_per_chunk: int
-    next_layer: int = 0  # forward: the next layer to run; backward: one past the next layer to run
-    phase: str = "forward"  # forward -> backward -> done
+    phase: Phase  # "forward" or "backward" and the layers left in it (colocation.advance moves it on)
     x: jax.Array | None = None  # hidden state (forward) or its gradient (backward)
     grads: Any = None
     loss_sum: jax.Array | None = None
@@ -345,7 +344,7 @@ class FinetuneRunner:
             return False
         run = MicroBatchRun(batch=batch, device_batch=_to_device(batch), lease_id=lease_id,
                             stash_pages=jnp.asarray(pages, jnp.int32), layers_per_chunk=layers_per_chunk,
-                            calibration=calibration)
+                            phase=("forward", self.cfg.num_layers), calibration=calibration)
         run.x = trainer.embed_step(self.params, run.device_batch)
         self.current = run
         return True
@@ -365,19 +364,17 @@ class FinetuneRunner:
         self.current = None
         self.abandoned += not run.calibration
 
-    def pending_micro_step(self) -> tuple[str, int] | None:
-        """The phase of the next micro-step ("forward" or "backward") and the most layers it may cover, or None
-        when no micro-batch is in flight. The forward chunk that reaches the last layer also runs the loss."""
+    def pending_micro_step(self) -> Phase | None:
+        """Where the micro-batch in flight is: its phase ("forward" or "backward") and the layers left in it,
+        the most the next micro-step may cover; None when no micro-batch is in flight."""
         run = self.current
         if run is None or self._lease_lost(run):
             return None
-        if run.phase == "forward":
-            return "forward", self.cfg.num_layers - run.next_layer
-        return "backward", run.next_layer
+        return run.phase
 
-    def micro_step(self, layers: int | None = None) -> str:
-        """Runs the next micro-step of the micro-batch in flight over `layers` layers (default: its chunk size);
-        returns what ran (forward, forward+loss, backward, backward+commit) or 'abandoned'."""
+    def micro_step(self, layers: int | None = None) -> MicroKind | str:
+        """Runs the next micro-step of the micro-batch in flight over `layers` layers (default: its chunk size,
+        at most what its phase has left); returns its kind, or 'abandoned'."""
         run = self.current
         if run is None:
             raise RuntimeError("no micro-batch in flight")
@@ -385,37 +382,28 @@ class FinetuneRunner:
             self.abandon()
             return "abandoned"
         started = time.perf_counter()
-        chunk = layers or run.layers_per_chunk
-        layers = self.cfg.num_layers
+        (phase, left), num_layers = run.phase, self.cfg.num_layers
+        n = min(layers or run.layers_per_chunk, left)
+        kind, run.phase = advance(run.phase, n, num_layers)
         holder = self.arena_holder
-        if run.phase == "forward":
-            n = min(chunk, layers - run.next_layer)
+        if phase == "forward":
             holder.arena, run.x = _forward_chunk(self.params, self.cfg, self.state.lora, holder.arena, run.x,
-                                            run.device_batch, run.stash_pages, jnp.int32(run.next_layer), n)
-            run.next_layer += n
-            kind = "forward"
-            if run.next_layer == layers:
+                                                 run.device_batch, run.stash_pages, jnp.int32(num_layers - left), n)
+            if kind is MicroKind.FORWARD_LOSS:
                 run.loss_sum, run.count, run.x = _loss_step(self.params, self.cfg, run.x, run.device_batch)
                 spare, self._spare_grads = self._spare_grads, None
                 run.grads = spare if spare is not None else jax.tree.map(jnp.zeros_like, self.state.lora)
-                run.phase = "backward"
-                kind = "forward+loss"
         else:
-            n = min(chunk, run.next_layer)
-            run.x, run.grads = _backward_chunk(self.params, self.cfg, self.state.lora, holder.arena, run.x, run.grads,
-                                         run.device_batch, run.stash_pages, jnp.int32(run.next_layer), n)
-            run.next_layer -= n
-            kind = "backward"
-            if run.next_layer == 0 and run.calibration:
+            run.x, run.grads = _backward_chunk(self.params, self.cfg, self.state.lora, holder.arena, run.x,
+                                               run.grads, run.device_batch, run.stash_pages, jnp.int32(left), n)
+            if kind is MicroKind.BACKWARD_COMMIT and run.calibration:
                 self.abandon()
-                kind = "backward+commit"
-            elif run.next_layer == 0:
+            elif kind is MicroKind.BACKWARD_COMMIT:
                 self.state, self._spare_grads = _commit(self.state, run.grads, run.count)
                 self._committed(run.batch.pieces)
                 self.page_table.release(run.lease_id)
                 self.current = None
                 self._accumulated(run.loss_sum, run.count)
-                kind = "backward+commit"
         jax.block_until_ready((run.x, self.state.accum))
         self.last_micro_time = time.perf_counter() - started
         if not run.calibration:

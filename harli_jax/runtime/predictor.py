@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LinearRegression
 
-MicroKind = tuple[str, int]  # ("forward" | "backward", layers)
+MicroStepKey = tuple[str, int]  # (micro-step kind, layers), e.g. ("forward+loss", 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +64,12 @@ class LatencyPredictor:
         self.quantile = quantile
         self.step_coef: dict[tuple, tuple[float, float]] = {}  # bucket -> (a, b) over total_context
         self.step_margin = 0.25
-        self.micro_mean: dict[MicroKind, float] = {}
+        self.micro_mean: dict[MicroStepKey, float] = {}
         self.micro_margin = 0.25
         self.window_coef = (0.0, 1.0, 1.0, 0.0)  # intercept, x inference, x sum(micro), x count
         self.window_margin = 0.25
         self._steps: dict[tuple, deque] = defaultdict(lambda: deque(maxlen=256))
-        self._micro: dict[MicroKind, deque] = defaultdict(lambda: deque(maxlen=256))
+        self._micro: dict[MicroStepKey, deque] = defaultdict(lambda: deque(maxlen=256))
         self._windows: deque = deque(maxlen=history)
         self.evaluations: deque = deque(maxlen=history)  # (predicted bound, predicted mean, actual) per window
         self.unfitted = 0  # observations since the last fit
@@ -81,11 +81,11 @@ class LatencyPredictor:
         self._steps[bucket].append((total_context, latency))
         self.unfitted += 1
 
-    def observe_micro(self, kind: MicroKind, latency: float) -> None:
+    def observe_micro(self, kind: MicroStepKey, latency: float) -> None:
         self._micro[kind].append(latency)
         self.unfitted += 1
 
-    def observe_window(self, bucket: tuple, total_context: int, micro: Sequence[MicroKind], latency: float) -> None:
+    def observe_window(self, bucket: tuple, total_context: int, micro: Sequence[MicroStepKey], latency: float) -> None:
         """A measured window; also scored against what the predictor says now (held-out: before any refit
         that includes it)."""
         p = self.window(bucket, total_context, micro)
@@ -133,11 +133,11 @@ class LatencyPredictor:
             mean = coef[0] + coef[1] * total_context
         return Prediction(mean, mean * (1 + self.step_margin))
 
-    def micro(self, kind: MicroKind) -> Prediction:
+    def micro(self, kind: MicroStepKey) -> Prediction:
         mean = self.micro_mean.get(kind, math.inf)
         return Prediction(mean, mean * (1 + self.micro_margin))
 
-    def window(self, bucket: tuple, total_context: int, micro: Sequence[MicroKind]) -> Prediction:
+    def window(self, bucket: tuple, total_context: int, micro: Sequence[MicroStepKey]) -> Prediction:
         c0, c_step, c_micro, c_count = self.window_coef
         step = self.step(bucket, total_context)
         if not micro:

@@ -11,7 +11,16 @@ from harli_jax import Engine, EngineConfig, FinetuneJob, FinishedEvent, FinishRe
 from harli_jax.lora.data import DataLoader
 from harli_jax.model import init_params, load_model
 from harli_jax.model.loader import LoadedModel
-from harli_jax.runtime.colocation import HarliPolicy, StaticPolicy, TemporalPolicy, WindowContext, make_policy
+from harli_jax.runtime.colocation import (
+    HarliPolicy,
+    MicroKind,
+    StaticPolicy,
+    TemporalPolicy,
+    WindowContext,
+    advance,
+    make_policy,
+    micro_sequence,
+)
 
 LAYERS = 8
 
@@ -71,6 +80,18 @@ def test_harli_uses_banked_slack_but_respects_the_earliest_deadline():
 def test_micro_steps_follow_the_phases_in_compiled_chunk_sizes():
     plan = HarliPolicy(fake_cost, chunks=(1, 2, 8)).plan(_ctx(50, pending=("forward", 3)))
     assert plan.steps[:3] == (("forward", 2), ("forward+loss", 1), ("backward+commit", 8))
+
+
+def test_one_phase_machine_for_policies_and_trainer():
+    assert advance(("forward", 3), 2, LAYERS) == (MicroKind.FORWARD, ("forward", 1))
+    assert advance(("forward", 1), 1, LAYERS) == (MicroKind.FORWARD_LOSS, ("backward", LAYERS))
+    assert advance(("backward", 5), 4, LAYERS) == (MicroKind.BACKWARD, ("backward", 1))
+    assert advance(("backward", 2), 2, LAYERS) == (MicroKind.BACKWARD_COMMIT, None)
+    # A whole micro-batch in chunks of 3 over compiled sizes (1, 2, 3, 8): every layer once each way.
+    steps = micro_sequence(None, True, LAYERS, 3, (1, 2, 3, 8))
+    assert steps == [("forward", 3), ("forward", 3), ("forward+loss", 2), ("backward", 3), ("backward", 3),
+                     ("backward+commit", 2)]
+    assert micro_sequence(None, False, LAYERS, 3, (1, 2, 3, 8)) == []
 
 
 def test_baselines():
