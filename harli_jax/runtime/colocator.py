@@ -101,8 +101,7 @@ class CoLocator:
     def after_step(self, plan: StepPlan, bucket: Bucket, seconds: float, next_plan: StepPlan) -> dict:
         """Scores the step, then runs the training window the policy puts before `next_plan`; returns the
         window's fields of the step record."""
-        key = (bucket.seqs, bucket.tokens, bucket.pages)
-        context = sum(w.start + len(w.tokens) for w in plan.work)
+        key, context = (bucket.seqs, bucket.tokens, bucket.pages), plan.context
         self.predictor.observe_step(key, context, seconds)
         if not self.training:
             return {}
@@ -115,10 +114,8 @@ class CoLocator:
     def _next_step_bound(self, next_plan: StepPlan) -> float:
         if not next_plan.work:
             return 0.0
-        bucket = self.runner.bucket_for(len(next_plan.work), next_plan.num_tokens,
-                                        max(len(w.block_table) for w in next_plan.work))
-        context = sum(w.start + len(w.tokens) for w in next_plan.work)
-        return self.predictor.step((bucket.seqs, bucket.tokens, bucket.pages), context).bound
+        bucket = self.runner.bucket_of(next_plan)
+        return self.predictor.step((bucket.seqs, bucket.tokens, bucket.pages), next_plan.context).bound
 
     def _kv_reserve(self) -> int:
         """Pages the running and waiting requests may still need: the trainer leases only above it."""

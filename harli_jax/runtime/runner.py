@@ -135,12 +135,16 @@ class ModelRunner:
             program = self._programs[bucket] = self.compile(bucket)
         return program
 
+    def bucket_of(self, plan: StepPlan) -> Bucket:
+        """The program shape a (non-empty) plan runs in."""
+        return self.bucket_for(len(plan.work), plan.num_tokens, max(len(w.block_table) for w in plan.work))
+
     def execute(self, plan: StepPlan) -> StepOutput:
         """Imports the plan's prefilled K/V pages, then runs its sequences as one step."""
         for page_ids, pages in plan.imports:
             self.write_pages(page_ids, pages)
         work = plan.work
-        bucket = self.bucket_for(len(work), plan.num_tokens, max(len(w.block_table) for w in work))
+        bucket = self.bucket_of(plan)
         packing = time.perf_counter()
         batch = self._pack(work, bucket)
         pack_time = time.perf_counter() - packing

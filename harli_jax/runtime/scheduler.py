@@ -47,6 +47,11 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(len(w.tokens) for w in self.work)
 
+    @property
+    def context(self) -> int:
+        """Tokens of K/V the step attends, summed over its sequences."""
+        return sum(w.start + len(w.tokens) for w in self.work)
+
 
 class Scheduler:
     def __init__(self, page_table: PageTable, max_batch: int, prefill_chunk: int, output: OutputProcessor):

@@ -27,16 +27,15 @@ class RequestState:
         return Owner("kv", self.request_id)
 
     @property
-    def all_ids(self) -> list[int]:
-        return [*self.prompt_ids, *self.output_ids]
-
-    @property
     def num_pending(self) -> int:
         """Tokens whose K/V is still to be computed; 1 while decoding."""
         return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
 
     def pending_ids(self, n: int) -> list[int]:
-        return self.all_ids[self.num_computed: self.num_computed + n]
+        """The next `n` tokens whose K/V is to be computed (without joining prompt and output: O(n))."""
+        start, prompt = self.num_computed, len(self.prompt_ids)
+        head = list(self.prompt_ids[start:start + n]) if start < prompt else []
+        return head + self.output_ids[max(start - prompt, 0):max(start + n - prompt, 0)]
 
     def output(self, reason: FinishReason, error: str | None = None) -> GenerationOutput:
         return GenerationOutput(

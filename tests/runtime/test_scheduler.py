@@ -132,3 +132,13 @@ def test_only_the_scheduler_writes_request_state():
                         isinstance(target.value, ast.Name) and target.value.id == "self"):
                     writers.add(Path(path).relative_to(REPO).as_posix())
     assert writers == {"harli_jax/runtime/scheduler.py"}
+
+
+def test_pending_ids_cross_from_prompt_into_output():
+    state = _state("r", 5)
+    state.output_ids = [6, 7, 8]
+    tokens = [*state.prompt_ids, 6, 7, 8]
+    for start in range(len(tokens) + 1):
+        state.num_computed = start
+        assert [state.pending_ids(n) for n in range(len(tokens) - start + 1)] == [
+            tokens[start:start + n] for n in range(len(tokens) - start + 1)]
