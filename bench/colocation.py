@@ -363,7 +363,7 @@ def run_policy(model, args, rows: list[TraceRow], policy: str, slo_ms: float | N
            "alone": {"calls": idle.calls - idle_before.calls, "seconds": idle.seconds - idle_before.seconds,
                      "tokens": idle.tokens - idle_before.tokens},
            "abandoned_microbatches": after.abandoned_microbatches - before.abandoned_microbatches,
-           "reclaims": engine.page_table.reclaims, "predictor_error": predictor.error_report(),
+           "reclaims": engine.arena.table.reclaims, "predictor_error": predictor.error_report(),
            "predictor": predictor_state, "predictor_fit_s": list(predictor.fit_seconds)[fits_before:],
            "optimizer_steps": after.step - before.step}
     handle.stop()

@@ -9,7 +9,7 @@ every row is full and has `seq_len - 1` trained tokens), each its own `FinetuneR
   and the headline reference of every ratio;
 - `single-remat`: the same with `remat=True` (each layer recomputed in backward from its input): the secondary
   reference;
-- `micro-K`: `start_microbatch(layers_per_chunk=K)` then `micro_step()` until done, for K in `--chunks`
+- `micro-K`: `micro.start(layers_per_chunk=K)` then `micro.run()` until done, for K in `--chunks`
   (default 1, 4 and all layers): forward chunks stashing each layer's input into leased arena pages, the loss,
   backward chunks recomputing each layer from its stash with `jax.vjp`, the commit.
 
@@ -66,9 +66,12 @@ from harli_jax.lora import data as data_lib
 from harli_jax.lora import trainer
 from harli_jax.lora.adapters import LoRAConfig
 from harli_jax.model.config import ModelConfig
+from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.transformer import causal_mask, decoder_layer
 from harli_jax.runtime import Engine, EngineConfig
 from harli_jax.runtime import finetune as ft
+from harli_jax.runtime import microbatch as mb
+from harli_jax.runtime.arena import Arena
 from harli_jax.runtime.finetune import FinetuneJob, FinetuneRunner, _to_device
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,11 +125,6 @@ def synthetic_records(tokenizer, seq_len: int, n: int = 64, seed: int = 0) -> li
     return records
 
 
-def page_elements(cfg, page_tokens: int) -> int:
-    """Elements of one arena page: [layers, 2 (K/V), kv_heads, page_tokens, head_dim]."""
-    return cfg.num_layers * 2 * cfg.num_kv_heads * page_tokens * cfg.head_dim
-
-
 def block(*xs) -> None:
     jax.block_until_ready([x for x in xs if x is not None])
 
@@ -151,7 +149,7 @@ class Mode:
     name: str
     runner: FinetuneRunner
     chunk: int | None  # layers per chunk on the micro-step path; None: the single program
-    arena_holder: object  # the engine's ModelRunner, whose `arena` the micro-steps thread through
+    arena: Arena  # the engine's arena, which the micro-steps run over
 
     def run_microbatch(self) -> dict:
         """One micro-batch (and the update when grad_accum is reached), blocked: seconds, trained tokens,
@@ -163,11 +161,11 @@ class Mode:
         if self.chunk is None:
             r.train_microbatch()
         else:
-            if not r.start_microbatch(layers_per_chunk=self.chunk):
+            if not r.micro.start(layers_per_chunk=self.chunk):
                 raise RuntimeError(f"{self.name}: no stash lease granted (arena too small?)")
-            while r.current is not None:
-                r.micro_step()
-        block(r.state, self.arena_holder.arena)
+            while r.micro.current is not None:
+                r.micro.run()
+        block(r.state, self.arena.buffer)
         wall = time.perf_counter() - started
         return {"seconds": wall, "trained_tokens": r.progress().tokens - before,
                 "minor_faults": minor_faults() - faults, "cores_used": cores_used(time.process_time() - cpu, wall)}
@@ -175,14 +173,14 @@ class Mode:
 
 def make_runner(engine: Engine, args, records, name: str, remat: bool) -> FinetuneRunner:
     """The trainer `Engine.finetune` builds, through its public constructor over the engine's public weights,
-    tokenizer, page table and arena holder, without registering it, so that several jobs can be timed side by
+    tokenizer and arena, without registering it, so that several jobs can be timed side by
     side (only one micro-batch is ever in flight, so one stash's worth of pages is enough)."""
     job = FinetuneJob(dataset=records, lora=LoRAConfig(rank=args.rank, alpha=2.0 * args.rank,
                                                        targets=tuple(args.targets)),
                       micro_batch_rows=args.rows, seq_len=args.seq_len, grad_accum=args.grad_accum,
                       total_steps=10**9, eval_interval=0, eval_fraction=0.0, warmup_steps=1, remat=remat,
                       learning_rate=1e-4, name=name)
-    return FinetuneRunner(job, engine.cfg, engine.runner.params, engine.tokenizer, engine.page_table, engine.runner)
+    return FinetuneRunner(job, engine.cfg, engine.runner.params, engine.tokenizer, engine.arena)
 
 
 def breakdown(mode: Mode, iters: int) -> dict:
@@ -194,15 +192,15 @@ def breakdown(mode: Mode, iters: int) -> dict:
     for _ in range(iters):
         t_mb = time.perf_counter()
         f, t = minor_faults(), time.perf_counter()
-        if not r.start_microbatch(layers_per_chunk=mode.chunk):
+        if not r.micro.start(layers_per_chunk=mode.chunk):
             raise RuntimeError("no stash lease granted")
-        block(r.current.x)
+        block(r.micro.current.x)
         per_kind.setdefault("start", []).append(time.perf_counter() - t)
         faults.setdefault("start", []).append(minor_faults() - f)
-        while r.current is not None:
+        while r.micro.current is not None:
             f, t = minor_faults(), time.perf_counter()
-            kind = r.micro_step()
-            block(mode.arena_holder.arena, r.state, r.current.x if r.current is not None else None)
+            kind = r.micro.run().kind
+            block(mode.arena.buffer, r.state, r.micro.current.x if r.micro.current is not None else None)
             per_kind.setdefault(kind, []).append(time.perf_counter() - t)
             faults.setdefault(kind, []).append(minor_faults() - f)
         totals.append(time.perf_counter() - t_mb)
@@ -228,21 +226,22 @@ def _fwd_nostash(params, cfg, lora, x, batch, start, num_layers):
     return jax.lax.fori_loop(0, num_layers, body, x)
 
 
-def _stash_write(cfg, arena, x, stash_pages, start, num_layers):
+def _stash_write(layout, arena, x, stash_pages, start, num_layers):
     """forward_chunk's stash scatter alone."""
-    _, row, per_layer, per_page = trainer._stash_layout(cfg, arena, x.shape[0] * x.shape[1])
+    per_layer, per_page = trainer._stash_sizes(layout, x.shape[0] * x.shape[1])
 
     def body(i, arena):
         pages, slots = trainer._stash_index(stash_pages, start + i, per_layer, per_page)
-        rows = arena.reshape(arena.shape[0], per_page, row)
-        return rows.at[pages, slots].set(x.reshape(per_layer, row)).reshape(arena.shape)
+        rows = layout.stash_rows(arena)
+        return rows.at[pages, slots].set(x.reshape(per_layer, layout.stash_row)).reshape(arena.shape)
 
     return jax.lax.fori_loop(0, num_layers, body, arena)
 
 
-def _stash_read(cfg, arena, g, stash_pages, end, num_layers):
+def _stash_read(layout, arena, g, stash_pages, end, num_layers):
     """backward_chunk's stash gather alone (summed so that nothing is dead)."""
-    arena_rows, _, per_layer, per_page = trainer._stash_layout(cfg, arena, g.shape[0] * g.shape[1])
+    arena_rows = layout.stash_rows(arena)
+    per_layer, per_page = trainer._stash_sizes(layout, g.shape[0] * g.shape[1])
 
     def body(i, acc):
         pages, slots = trainer._stash_index(stash_pages, end - 1 - i, per_layer, per_page)
@@ -346,18 +345,19 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
     forward (F) and vjp (V, which includes the recompute) with static weights, and of the loss, times the layers
     each program runs: forward chunk k = k F, backward chunk k = k V, single program = L V + loss (remat:
     L (F + V) + loss)."""
-    cfg, params, holder = runner.cfg, runner.params, runner.arena_holder
+    cfg, params, owner = runner.cfg, runner.params, engine.arena
+    layout = owner.layout
     layers = cfg.num_layers
     batch = _to_device(runner.loader.next_batch())
     lora = jax.tree.map(jnp.copy, runner.state.lora)  # the state (and its LoRA) is donated below
-    pages = engine.page_table.lease("bench-profile", runner.stash_pages_needed())
+    pages = owner.table.lease("bench-profile", runner.micro.stash_pages_needed)
     stash_pages = jnp.asarray(pages, jnp.int32)
     x = trainer.embed_step(params, batch)
-    arena = holder.arena
-    holder.arena = None  # threaded through the donating programs below, handed back at the end
+    arena = owner.buffer
+    owner.buffer = None  # threaded through the donating programs below, handed back at the end
     # Fill the stash.
-    arena = ft._forward_chunk(params, cfg, lora, arena, x, batch, stash_pages, jnp.int32(0), layers)[0]
-    _, _, g = ft._loss_step(params, cfg, x, batch)
+    arena = mb._forward_chunk(params, layout, lora, arena, x, batch, stash_pages, jnp.int32(0), layers)[0]
+    _, _, g = mb._loss_step(params, cfg, x, batch)
     grads = jax.tree.map(jnp.zeros_like, lora)
     state = runner.state
     runner.state = None
@@ -369,35 +369,35 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
     layer_vjp = jax.jit(_layer_vjp_static, static_argnames=("cfg",))
     f_layer = _flops(layer_static, lp0, cfg, lora0, x, batch)
     v_layer = _flops(layer_vjp, lp0, cfg, lora0, x, g, batch)
-    f_loss = _flops(ft._loss_step, params, cfg, x, batch)
+    f_loss = _flops(mb._loss_step, params, cfg, x, batch)
     flops = {"layer_forward": f_layer, "layer_vjp": v_layer, "loss": f_loss}
     print(f"  XLA flops: layer forward {f_layer / 1e9:.2f} G, layer vjp {v_layer / 1e9:.2f} G, "
           f"loss {f_loss / 1e9:.2f} G", flush=True)
 
     noop = jax.jit(lambda a: a + 1)
     fwd_nostash = jax.jit(_fwd_nostash, static_argnames=("cfg", "num_layers"))
-    stash_write = jax.jit(_stash_write, static_argnames=("cfg", "num_layers"), donate_argnames=("arena",))
-    stash_read = jax.jit(_stash_read, static_argnames=("cfg", "num_layers"))
+    stash_write = jax.jit(_stash_write, static_argnames=("layout", "num_layers"), donate_argnames=("arena",))
+    stash_read = jax.jit(_stash_read, static_argnames=("layout", "num_layers"))
     bwd_nogather = jax.jit(_bwd_nogather, static_argnames=("cfg", "num_layers"), donate_argnames=("grads",))
     scan_fwd = jax.jit(_scan_forward, static_argnames=("cfg",))
 
     def fwd(k):
         nonlocal arena
-        arena, y = ft._forward_chunk(params, cfg, lora, arena, x, batch, stash_pages, jnp.int32(0), k)
+        arena, y = mb._forward_chunk(params, layout, lora, arena, x, batch, stash_pages, jnp.int32(0), k)
         return y
 
     def write(k, big_arena=False):
         nonlocal arena, big
         if big_arena:
-            big = stash_write(cfg, big, x, stash_pages, jnp.int32(0), k)
+            big = stash_write(layout, big, x, stash_pages, jnp.int32(0), k)
             return big
-        arena = stash_write(cfg, arena, x, stash_pages, jnp.int32(0), k)
+        arena = stash_write(layout, arena, x, stash_pages, jnp.int32(0), k)
         return arena
 
     def bwd(k, gather=True):
         nonlocal grads
         if gather:
-            g_out, grads = ft._backward_chunk(params, cfg, lora, arena, g, grads, batch, stash_pages,
+            g_out, grads = mb._backward_chunk(params, layout, lora, arena, g, grads, batch, stash_pages,
                                               jnp.int32(layers), k)
         else:
             g_out, grads = bwd_nogather(params, cfg, lora, x, g, grads, batch, jnp.int32(layers), k)
@@ -431,20 +431,20 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
               functools.partial(fwd_nostash, params, cfg, lora, x, batch, jnp.int32(0), k), k * f_layer)
         p.add(f"stash write {k} layers", functools.partial(write, k))
     p.add(f"stash write {layers} layers, 4x arena", functools.partial(write, layers, True))
-    p.add("loss (norm, head, CE, grad)", lambda: ft._loss_step(params, cfg, x, batch), f_loss)
+    p.add("loss (norm, head, CE, grad)", lambda: mb._loss_step(params, cfg, x, batch), f_loss)
     for k in chunks:
         p.add(f"backward chunk {k}", functools.partial(bwd, k), k * v_layer)
         p.add(f"backward chunk {k} without gather", functools.partial(bwd, k, False), k * v_layer)
         p.add(f"stash read {k} layers",
-              lambda k=k: stash_read(cfg, arena, g, stash_pages, jnp.int32(layers), k))  # the current arena
+              lambda k=k: stash_read(layout, arena, g, stash_pages, jnp.int32(layers), k))  # the current arena
     p.add("commit", commit)
     p.add("optax update", update)
     p.add("single program, remat=False", functools.partial(single, False), layers * v_layer + f_loss)
     p.add("single program, remat=True", functools.partial(single, True), layers * (f_layer + v_layer) + f_loss)
     res = p.run(reps)
     runner.state = state
-    holder.arena = arena
-    engine.page_table.release("bench-profile")
+    owner.buffer = arena
+    owner.table.release("bench-profile")
     return {"flops": flops, "programs": res}
 
 
@@ -461,19 +461,18 @@ def main() -> None:
     layers = cfg.num_layers
     chunks = sorted({min(c, layers) for c in (args.chunks or [1, 4, layers])})
     page_tokens = EngineConfig().page_tokens
-    tokens = args.rows * args.seq_len
-    stash_pages = trainer.stash_pages_needed(cfg, page_elements(cfg, page_tokens), tokens)
+    stash_pages = ArenaLayout(cfg, page_tokens).stash_pages(args.rows * args.seq_len)
     num_pages = stash_pages + 1  # + the null page
     engine = Engine.from_config(config_path, EngineConfig(max_batch=1, max_seq_len=args.seq_len,
                                                           num_pages=num_pages), warmup=False)
     n_params = sum(x.size for x in jax.tree.leaves(engine.runner.params))
     print(f"{cfg.name}: {n_params / 1e6:.1f}M params, {layers} layers, hidden {cfg.hidden_size}, {cfg.dtype}; "
           f"micro-batch {args.rows} x {args.seq_len}; arena {num_pages} pages ({stash_pages} for the stash, "
-          f"{engine.runner.arena.nbytes / 2**20:.1f} MiB)", flush=True)
+          f"{engine.arena.buffer.nbytes / 2**20:.1f} MiB)", flush=True)
 
     records = synthetic_records(engine.tokenizer, args.seq_len)
     specs = [("single", None, False), ("single-remat", None, True)] + [(f"micro-{k}", k, False) for k in chunks]
-    modes = [Mode(name, make_runner(engine, args, records, name, remat), chunk, engine.runner)
+    modes = [Mode(name, make_runner(engine, args, records, name, remat), chunk, engine.arena)
              for name, chunk, remat in specs]
     probe = make_runner(engine, args, records, "probe", remat=False).loader.next_batch()
     packed, trained = probe.num_tokens, probe.num_loss_tokens
@@ -566,7 +565,7 @@ def main() -> None:
         "microbatch": {"rows": args.rows, "seq_len": args.seq_len, "packed_tokens": int(packed),
                        "trained_tokens": int(trained)},
         "arena": {"num_pages": num_pages, "stash_pages": stash_pages, "page_tokens": page_tokens,
-                  "bytes": int(engine.runner.arena.nbytes)},
+                  "bytes": int(engine.arena.buffer.nbytes)},
         "env": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS") if os.environ.get(k)},
         "warmup_load": warmup,
         "quiet_wait": quiet,

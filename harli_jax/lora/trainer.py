@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from harli_jax.model.config import ModelConfig
+from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.params import Adapters, Params
 from harli_jax.model.transformer import causal_mask, decoder_layer, embed, lm_logits
 
@@ -130,27 +130,9 @@ def apply_update(config: OptimizerConfig, state: TrainState):
 # Micro-steps ------------------------------------------------------------------------------------------------
 
 
-def stash_row_size(cfg: ModelConfig, page_elements: int) -> int:
-    """Elements per stash row: the largest size that divides both a hidden state and an arena page, so a
-    page holds whole rows and a hidden state is whole rows, whatever the two sizes are."""
-    return math.gcd(cfg.hidden_size, page_elements)
-
-
-def stash_pages_needed(cfg: ModelConfig, page_elements: int, tokens: int) -> int:
-    """Pages that hold the input of every layer for a micro-batch of `tokens` tokens."""
-    return -(-cfg.num_layers * tokens * cfg.hidden_size // page_elements)
-
-
 def _stash_index(stash_pages: Array, layer: Array, rows_per_layer: int, rows_per_page: int) -> tuple[Array, Array]:
     rows = layer * rows_per_layer + jnp.arange(rows_per_layer)
     return stash_pages[rows // rows_per_page], rows % rows_per_page
-
-
-def _stash_layout(cfg: ModelConfig, arena: Array, tokens: int) -> tuple[Array, int, int, int]:
-    """(arena viewed as [pages, rows, row size], row size, rows per layer, rows per page)."""
-    row = stash_row_size(cfg, arena[0].size)
-    rows = arena.reshape(arena.shape[0], -1, row)
-    return rows, row, tokens * cfg.hidden_size // row, rows.shape[1]
 
 
 def _layer_slice(tree, layer: Array):
@@ -161,18 +143,25 @@ def embed_step(params: Params, batch: TrainBatch) -> Array:
     return embed(params, batch.tokens)
 
 
-def forward_chunk(params: Params, cfg: ModelConfig, lora: Adapters, arena: Array, x: Array, batch: TrainBatch,
+def _stash_sizes(layout: ArenaLayout, tokens: int) -> tuple[int, int]:
+    """(stash rows per layer of a `tokens`-token micro-batch, stash rows per page)."""
+    return tokens * layout.cfg.hidden_size // layout.stash_row, layout.page_elements // layout.stash_row
+
+
+def forward_chunk(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, x: Array, batch: TrainBatch,
                   stash_pages: Array, start: Array, num_layers: int) -> tuple[Array, Array]:
-    """Layers `start .. start + num_layers - 1`, stashing each layer's input; returns (arena, output)."""
-    _, row, per_layer, per_page = _stash_layout(cfg, arena, x.shape[0] * x.shape[1])
+    """Layers `start .. start + num_layers - 1`, stashing each layer's input in `arena`'s stash view; returns
+    (arena, output)."""
+    cfg = layout.cfg
+    per_layer, per_page = _stash_sizes(layout, x.shape[0] * x.shape[1])
     mask = causal_mask(batch.segment_ids)
 
     def body(i, carry):
         arena, x = carry
         layer = start + i
         pages, slots = _stash_index(stash_pages, layer, per_layer, per_page)
-        rows = arena.reshape(arena.shape[0], per_page, row)
-        arena = rows.at[pages, slots].set(x.reshape(per_layer, row)).reshape(arena.shape)
+        rows = layout.stash_rows(arena)
+        arena = rows.at[pages, slots].set(x.reshape(per_layer, layout.stash_row)).reshape(arena.shape)
         x = decoder_layer(_layer_slice(params.layers, layer), cfg, x, batch.positions, mask,
                           _layer_slice(lora, layer))
         return arena, x
@@ -191,11 +180,13 @@ def loss_step(params: Params, cfg: ModelConfig, x: Array, batch: TrainBatch) -> 
     return total, count, g
 
 
-def backward_chunk(params: Params, cfg: ModelConfig, lora: Adapters, arena: Array, g: Array, grads: Adapters,
+def backward_chunk(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, g: Array, grads: Adapters,
                    batch: TrainBatch, stash_pages: Array, end: Array, num_layers: int) -> tuple[Array, Adapters]:
     """Layers `end - 1` down to `end - num_layers`, each recomputed from its stash: returns (d loss / d input of
     the first layer, the micro-batch's LoRA gradients with these layers added)."""
-    arena_rows, _, per_layer, per_page = _stash_layout(cfg, arena, g.shape[0] * g.shape[1])
+    cfg = layout.cfg
+    arena_rows = layout.stash_rows(arena)
+    per_layer, per_page = _stash_sizes(layout, g.shape[0] * g.shape[1])
     mask = causal_mask(batch.segment_ids)
 
     def body(i, carry):

@@ -8,6 +8,7 @@ position, so a prefill chunk sees its prefix and itself causally, and a decode t
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +38,47 @@ class TokenBatch:
     sampling: SamplingRows  # [B]
 
 
-def arena_shape(cfg: ModelConfig, num_pages: int, page_tokens: int) -> tuple[int, ...]:
-    """`[num_pages, layers, 2 (K, V), kv_heads, page_tokens, head_dim]`; one page id covers all layers."""
-    return (num_pages, cfg.num_layers, 2, cfg.num_kv_heads, page_tokens, cfg.head_dim)
+@dataclasses.dataclass(frozen=True)
+class ArenaLayout:
+    """The one definition of the arena's bytes. The KV view is `[pages, layers, 2 (K, V), kv_heads, page_tokens,
+    head_dim]`: one page id covers every layer. The stash view is the same pages as rows of `stash_row`
+    elements, a size that divides both a page and a hidden state, so a page holds whole rows and a hidden state
+    is whole rows."""
+
+    cfg: ModelConfig
+    page_tokens: int
+
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        cfg = self.cfg
+        return (cfg.num_layers, 2, cfg.num_kv_heads, self.page_tokens, cfg.head_dim)
+
+    def shape(self, num_pages: int) -> tuple[int, ...]:
+        return (num_pages, *self.page_shape)
+
+    @property
+    def page_elements(self) -> int:
+        return math.prod(self.page_shape)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_elements * jnp.dtype(self.cfg.dtype).itemsize
+
+    def zeros(self, num_pages: int) -> Array:
+        """A zero-filled arena (never `jnp.empty`)."""
+        return jnp.zeros(self.shape(num_pages), jnp.dtype(self.cfg.dtype))
+
+    @property
+    def stash_row(self) -> int:
+        return math.gcd(self.cfg.hidden_size, self.page_elements)
+
+    def stash_pages(self, tokens: int) -> int:
+        """Pages that hold the input of every layer for a micro-batch of `tokens` tokens."""
+        return -(-self.cfg.num_layers * tokens * self.cfg.hidden_size // self.page_elements)
+
+    def stash_rows(self, arena: Array) -> Array:
+        """The stash view of `arena`: `[pages, rows per page, stash_row]`."""
+        return arena.reshape(arena.shape[0], -1, self.stash_row)
 
 
 def paged_step(params: Params, cfg: ModelConfig, arena: Array, batch: TokenBatch, *,

@@ -196,7 +196,7 @@ def run_policy(model: LoadedModel, trace: Trace, policy: str, options: dict, out
                        outputs=outputs, steps=list(engine.step_records), wall_s=wall, start=start,
                        finetune_tokens=handle.progress().tokens - tokens_before, loss_history=history,
                        standalone_tokens_per_s=standalone, predictor=engine.predictor.error_report(),
-                       reclaims=engine.page_table.reclaims, abandoned=handle.progress().abandoned_microbatches,
+                       reclaims=engine.arena.table.reclaims, abandoned=handle.progress().abandoned_microbatches,
                        interrupted=interrupted)
     return result, standalone
 

@@ -1,4 +1,4 @@
-"""The unified arena: one device array of pages, and the host page table that says who owns each page.
+"""The unified arena: one device array of pages (Arena), and the host page table that says who owns each page.
 
 Two tenants share the pages. A request's KV cache owns pages as its context grows; the trainer leases pages
 for activation stashes. KV has priority: a lease is granted only while the free pool stays above a
@@ -10,15 +10,15 @@ padding of every block table.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from harli_jax.model.config import ModelConfig
-from harli_jax.model.paged import arena_shape
+from harli_jax.model.paged import ArenaLayout
 
 NULL_PAGE = 0
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -150,21 +150,29 @@ class PageTable:
                 assert len(pages) <= self.max_pages_per_seq, f"{owner} exceeds max_pages_per_seq"
 
 
-def page_bytes(cfg: ModelConfig, page_tokens: int, dtype: str) -> int:
-    return int(np.prod(arena_shape(cfg, 1, page_tokens))) * jnp.dtype(dtype).itemsize
+class Arena:
+    """The one owner of the arena: the device buffer, the page table that says who owns each page, and the layout
+    that the model, the kernels' callers and the trainer view it through. Programs take the buffer and return it
+    through `update`; nothing else stores it."""
+
+    def __init__(self, layout: ArenaLayout, num_pages: int, max_pages_per_seq: int):
+        self.layout = layout
+        self.table = PageTable(num_pages, layout.page_tokens, max_pages_per_seq)
+        self.buffer = layout.zeros(num_pages)
+
+    def update(self, program: Callable[[jax.Array], tuple[jax.Array, T]]) -> T:
+        """Runs `program(buffer) -> (buffer, out)`, keeps the buffer it returns (the old one may be donated) and
+        returns `out`."""
+        self.buffer, out = program(self.buffer)
+        return out
 
 
-def allocate_arena(cfg: ModelConfig, num_pages: int, page_tokens: int, dtype: str) -> jax.Array:
-    """The arena, zero-filled once (never `jnp.empty`)."""
-    return jnp.zeros(arena_shape(cfg, num_pages, page_tokens), jnp.dtype(dtype))
-
-
-def pages_from_memory(cfg: ModelConfig, page_tokens: int, dtype: str, memory_fraction: float,
-                      weight_bytes: int, workspace_bytes: int, device: jax.Device) -> int:
+def pages_from_memory(layout: ArenaLayout, memory_fraction: float, weight_bytes: int, workspace_bytes: int,
+                      device: jax.Device) -> int:
     """Pages that fit in `memory_fraction` of the device's memory limit after weights and step workspace."""
     stats = device.memory_stats() or {}
     limit = stats.get("bytes_limit")
     if not limit:
         raise ValueError(f"{device} reports no memory limit; set EngineConfig.num_pages")
     available = int(limit * memory_fraction) - weight_bytes - workspace_bytes
-    return max(available // page_bytes(cfg, page_tokens, dtype), 0)
+    return max(available // layout.page_bytes, 0)

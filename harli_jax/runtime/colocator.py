@@ -20,8 +20,8 @@ from pathlib import Path
 import jax
 
 from harli_jax.model.config import ModelConfig
-from harli_jax.runtime.arena import Owner, PageTable
-from harli_jax.runtime.colocation import WindowContext, largest_chunk, make_policy, micro_sequence
+from harli_jax.runtime.arena import Arena, Owner
+from harli_jax.runtime.colocation import WindowContext, make_policy, micro_sequence
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.finetune import FinetuneRunner
 from harli_jax.runtime.metrics import IdleTraining
@@ -44,10 +44,10 @@ def chunk_options(cfg: ModelConfig, config: EngineConfig) -> tuple[int, ...]:
 
 
 class CoLocator:
-    def __init__(self, cfg: ModelConfig, config: EngineConfig, scheduler: Scheduler, page_table: PageTable,
+    def __init__(self, cfg: ModelConfig, config: EngineConfig, scheduler: Scheduler, arena: Arena,
                  runner: ModelRunner):
         self.cfg, self.config = cfg, config
-        self.scheduler, self.page_table, self.runner = scheduler, page_table, runner
+        self.scheduler, self.page_table, self.runner = scheduler, arena.table, runner
         self.chunks = chunk_options(cfg, config)
         self.predictor = LatencyPredictor(config.predictor_quantile)
         self.policy = make_policy(config.policy, lambda kind: self.predictor.micro(kind).bound, self.chunks,
@@ -71,9 +71,8 @@ class CoLocator:
 
     def reclaimed(self, owners: list[Owner]) -> None:
         """The page table took these leases back for KV: the micro-batch that used one is abandoned now."""
-        job = self.job
-        if job is not None and job.current is not None and Owner("lease", job.current.lease_id) in owners:
-            job.abandon()
+        if self.job is not None:
+            self.job.micro.reclaimed(owners)
 
     # Training -----------------------------------------------------------------------------------------------
 
@@ -87,11 +86,8 @@ class CoLocator:
         job = self.job
         started, tokens = time.perf_counter(), job.tokens
         with jax.profiler.TraceAnnotation("train_alone"):
-            if job.current is not None:
-                while (pending := job.pending_micro_step()) is not None:
-                    job.micro_step(largest_chunk(self.chunks, pending[1]))
-                if job.current is not None:  # its lease was taken back
-                    job.abandon()
+            if job.micro.current is not None:
+                job.micro.run_to_end(self.chunks)
             else:
                 job.train_microbatch()
         idle = self.idle_training
@@ -132,34 +128,34 @@ class CoLocator:
         if not slo and config.policy == "harli":
             return {}  # no SLO to protect: nothing is banked while requests run
         reserve = self._kv_reserve()
-        held = len(self.page_table.pages(Owner("lease", job.current.lease_id))) if job.current is not None else 0
-        can_start = self.page_table.num_free + held - job.stash_pages_needed() >= reserve
+        micro = job.micro
+        can_start = self.page_table.num_free + micro.held_pages - micro.stash_pages_needed >= reserve
         deadlines = [s.token_times[0] + len(s.output_ids) * slo for s in self.scheduler.running
                      if s.output_ids and s.num_pending <= 1]
         ctx = WindowContext(now=decided, slo=slo, margin=slo * config.slo_margin,
                             next_step_bound=self._next_step_bound(next_plan) if slo else 0.0, deadlines=deadlines,
-                            num_layers=self.cfg.num_layers, pending=job.pending_micro_step(), can_start=can_start,
+                            num_layers=self.cfg.num_layers, pending=micro.status(), can_start=can_start,
                             inference_steps=self._steps_since_train)
         with jax.profiler.TraceAnnotation("schedule"):
             plan = self.policy.plan(ctx)
         decision_time = time.perf_counter() - decided
-        ran, micro, train_time = [], [], 0.0
+        ran, timed, train_time = [], [], 0.0
         for _, layers in plan.steps:
-            if job.current is None and not job.start_microbatch(layers, watermark=reserve):
+            if micro.current is None and not micro.start(layers, watermark=reserve):
                 break
             with jax.profiler.TraceAnnotation(f"train_micro_step layers={layers}"):
-                done = job.micro_step(layers)
-            if done == "abandoned":
+                done = micro.run(layers)
+            if done.kind is None:
                 break
-            ran.append(f"{done}:{layers}")
-            micro.append((done, layers))
-            train_time += job.last_micro_time
-            self.predictor.observe_micro((done, layers), job.last_micro_time)
+            ran.append(f"{done.kind}:{layers}")
+            timed.append((done.kind, layers))
+            train_time += done.seconds
+            self.predictor.observe_micro((done.kind, layers), done.seconds)
             if not job.active:
                 break
         self._steps_since_train = 0 if ran else self._steps_since_train + 1
         return {"train": tuple(ran), "train_time": train_time, "budget": plan.budget, "predicted": plan.predicted,
-                "decision_time": decision_time, "micro": micro}
+                "decision_time": decision_time, "micro": timed}
 
     # Calibration --------------------------------------------------------------------------------------------
 
@@ -181,15 +177,15 @@ class CoLocator:
                     if i:  # the first run of each program only warms it
                         self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), context, seconds)
         job = self.job
-        if job is not None and job.current is None:
+        if job is not None and job.micro.current is None:
             for chunk in self.chunks:
                 for i in range(runs + 1):
-                    if not job.start_microbatch(chunk, calibration=True):
+                    if not job.micro.start(chunk, calibration=True):
                         break
                     for _, layers in micro_sequence(None, True, self.cfg.num_layers, chunk, self.chunks):
-                        kind = job.micro_step(layers)
+                        done = job.micro.run(layers)
                         if i:  # the first micro-batch compiles the programs
-                            self.predictor.observe_micro((kind, layers), job.last_micro_time)
+                            self.predictor.observe_micro((done.kind, layers), done.seconds)
         self.predictor.fit()
         log.info("predictor calibrated in %.1fs", time.perf_counter() - started)
         if job is not None:

@@ -23,7 +23,8 @@ from harli_jax.errors import HarliError
 from harli_jax.logs import show_progress
 from harli_jax.lora.adapters import load_peft
 from harli_jax.model.loader import LoadedModel, load_model
-from harli_jax.runtime.arena import PageTable, page_bytes, pages_from_memory
+from harli_jax.model.paged import ArenaLayout
+from harli_jax.runtime.arena import Arena, pages_from_memory
 from harli_jax.runtime.colocator import CoLocator
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.finetune import FinetuneJob, FinetuneRunner, JobHandle
@@ -57,13 +58,14 @@ class Engine:
             params = jax.tree.map(lambda x: x.astype(config.dtype), params)
         self.cfg, self.config, self.tokenizer = cfg, config, model.tokenizer
         self.seq_len = config.seq_len(cfg)
-        num_pages = self._num_pages(params)
-        self.page_table = PageTable(num_pages, config.page_tokens, config.max_pages_per_seq(cfg))
-        self.runner = ModelRunner(cfg, params, config, num_pages)
-        self.inputs = InputProcessor(cfg, model.tokenizer, self.seq_len, config.page_tokens, self.page_table.capacity)
-        self.scheduler = Scheduler(self.page_table, config.max_batch, config.prefill_chunk,
+        layout = ArenaLayout(cfg, config.page_tokens)
+        num_pages = self._num_pages(layout, params)
+        self.arena = Arena(layout, num_pages, config.max_pages_per_seq(cfg))
+        self.runner = ModelRunner(cfg, params, config, self.arena)
+        self.inputs = InputProcessor(cfg, model.tokenizer, self.seq_len, config.page_tokens, self.arena.table.capacity)
+        self.scheduler = Scheduler(self.arena.table, config.max_batch, config.prefill_chunk,
                                    OutputProcessor(model.tokenizer))
-        self.colocation = CoLocator(cfg, config, self.scheduler, self.page_table, self.runner)
+        self.colocation = CoLocator(cfg, config, self.scheduler, self.arena, self.runner)
         self.step_records = StepLog(config.step_record_limit)
         self._next_plan: StepPlan | None = None  # scheduled after the last step, before its training window
         self._messages: deque[tuple[str, object]] = deque()  # submits and aborts, applied by the engine thread
@@ -86,21 +88,20 @@ class Engine:
         """An engine over a YAML model config with random weights from `seed`."""
         return cls(load_model(yaml_path, dtype=config.dtype if config else None, seed=seed), config, **kwargs)
 
-    def _num_pages(self, params) -> int:
+    def _num_pages(self, layout: ArenaLayout, params) -> int:
         config = self.config
         if config.num_pages is not None:
             return config.num_pages
         device = jax.devices()[0]
         if device.platform == "cpu":
-            per_page = page_bytes(self.cfg, config.page_tokens, self.cfg.dtype)
+            per_page = layout.page_bytes
             # Room for every slot at full context twice over (the trainer leases the rest), within the budget.
             enough = 2 * config.max_batch * config.max_pages_per_seq(self.cfg) + 1
             return max(2, min(config.cpu_arena_mb * 2**20 // per_page, enough))
         weights = sum(x.nbytes for x in jax.tree.leaves(params))
-        probe = ModelRunner(self.cfg, params, config, num_pages=2)
+        probe = ModelRunner(self.cfg, params, config, Arena(layout, 2, config.max_pages_per_seq(self.cfg)))
         workspace = probe.compile(probe.buckets[-1]).memory_analysis().temp_size_in_bytes
-        return pages_from_memory(self.cfg, config.page_tokens, self.cfg.dtype, config.memory_fraction,
-                                 weights, workspace, device)
+        return pages_from_memory(layout, config.memory_fraction, weights, workspace, device)
 
     # Co-location, finetuning and adapters --------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class Engine:
         current = self.colocation.job
         if current is not None and not JobHandle(current, self).done():
             raise HarliError(f"job {current.job.name!r} is still registered; stop it first")
-        runner = FinetuneRunner(job, self.cfg, self.runner.params, self.tokenizer, self.page_table, self.runner)
+        runner = FinetuneRunner(job, self.cfg, self.runner.params, self.tokenizer, self.arena)
         self.colocation.register(runner)
         log.info("finetune job %r: %d training samples, %s eval samples, %d optimizer steps", job.name,
                  len(runner.train_set), len(runner.eval_set) if runner.eval_set is not None else 0,
@@ -198,7 +199,7 @@ class Engine:
             raise RequestError(f"unknown request id {request_id!r}")
         if not state.output_ids or state.num_computed < len(state.prompt_ids):
             raise RequestError(f"request {request_id!r} has not finished its prefill yet")
-        pages = self.page_table.block_table(request_id)[: self.page_table.pages_for_tokens(len(state.prompt_ids))]
+        pages = self.arena.table.block_table(request_id)[: self.arena.table.pages_for_tokens(len(state.prompt_ids))]
         return PrefilledKV(prompt_ids=state.prompt_ids, first_token=state.output_ids[0],
                            kv=self.runner.read_pages(pages), page_tokens=self.config.page_tokens)
 
@@ -244,7 +245,7 @@ class Engine:
     def _record(self, plan: StepPlan, output, start: float, end: float, window: dict) -> None:
         decode = sum(len(w.tokens) == 1 and w.counter > 0 for w in plan.work)
         contexts = [w.start + len(w.tokens) for w in plan.work]
-        usage = self.page_table.usage()
+        usage = self.arena.table.usage()
         bucket = output.bucket
         self.step_records.append(StepRecord(
             index=len(self.step_records), start=start, end=end, decode_seqs=decode,

@@ -1,6 +1,6 @@
-"""Finetune jobs: what the user registers (FinetuneJob), what they hold (JobHandle), and the host side of the
-trainer (FinetuneRunner) that feeds micro-batches to the LoRA programs, leases stash pages from the arena,
-abandons a micro-batch whose lease is reclaimed, applies Optax updates, evaluates and checkpoints."""
+"""Finetune jobs: what the user registers (FinetuneJob), what they hold (JobHandle), and the job's training state
+(FinetuneRunner): data, Optax updates, counters and history, evaluation, checkpoints and resume. Its micro-step
+path is the micro-batch executor (runtime/microbatch.py)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from harli_jax.lora.checkpoint import TrainCheckpointer
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.params import Params
 from harli_jax.model.tokenizer import Tokenizer
-from harli_jax.runtime.arena import Owner, PageTable
-from harli_jax.runtime.colocation import MicroKind, Phase, advance, micro_sequence
+from harli_jax.runtime.arena import Arena
+from harli_jax.runtime.colocation import micro_sequence
+from harli_jax.runtime.microbatch import MicroBatchExecutor
 
 log = logging.getLogger("harli_jax")
 
@@ -105,31 +106,11 @@ class JobProgress:
     abandoned_microbatches: int  # whose lease was reclaimed
 
 
-@dataclasses.dataclass
-class MicroBatchRun:
-    """A micro-batch on the micro-step path: where it is, what it holds, which pages it leased."""
-
-    batch: data_lib.MicroBatch
-    device_batch: trainer.TrainBatch
-    lease_id: str
-    stash_pages: jax.Array
-    layers_per_chunk: int
-    phase: Phase  # "forward" or "backward" and the layers left in it (colocation.advance moves it on)
-    x: jax.Array | None = None  # hidden state (forward) or its gradient (backward)
-    grads: Any = None
-    loss_sum: jax.Array | None = None
-    count: jax.Array | None = None
-    calibration: bool = False  # a timing run: dropped instead of committed at the end
-
-
 # The training programs, traced once per shape and static config for every job (the optimizer is static by its
 # config, a hashable dataclass, so a second job with the same settings reuses the first one's programs).
 _grad_step = jax.jit(trainer.grad_step, static_argnames=("cfg", "remat"), donate_argnames=("state",))
 _update = jax.jit(trainer.apply_update, static_argnums=0, donate_argnames=("state",))
 _eval_loss = jax.jit(trainer.loss_sum, static_argnames=("cfg", "remat"))
-_forward_chunk = jax.jit(trainer.forward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("arena",))
-_backward_chunk = jax.jit(trainer.backward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("grads",))
-_loss_step = jax.jit(trainer.loss_step, static_argnames=("cfg",))
 _commit = jax.jit(trainer.commit, donate_argnames=("state", "grads"))
 
 
@@ -138,14 +119,14 @@ def _to_device(batch: data_lib.MicroBatch) -> trainer.TrainBatch:
 
 
 class FinetuneRunner:
-    """The trainer of one job over the engine's weights and arena."""
+    """A job's training state over the engine's weights: data, adapter and optimizer state, counters, history,
+    evaluation, checkpoints, and the single-program path; its micro-step path is `micro`."""
 
     def __init__(self, job: FinetuneJob, cfg: ModelConfig, params: Params, tokenizer: Tokenizer | None,
-                 page_table: PageTable | None = None, arena_holder: Any = None):
+                 arena: Arena):
         if tokenizer is None:
             raise ConfigError("finetuning needs a tokenizer to encode the dataset; this model has none")
         self.job, self.cfg, self.params = job, cfg, params
-        self.page_table, self.arena_holder = page_table, arena_holder
         records = data_lib.default_dataset(seed=job.seed) if job.dataset is None else job.dataset
         if isinstance(records, (str, Path)):
             dataset = data_lib.load_jsonl(records, tokenizer, strict=job.strict_data)
@@ -177,13 +158,10 @@ class FinetuneRunner:
         self.skipped_updates = 0
         self.consecutive_nonfinite = 0
         self.abandoned = 0
-        self.running_time = 0.0
-        self.current: MicroBatchRun | None = None
-        self.last_micro_time = 0.0  # seconds the last micro-step took, synchronized
-        self._spare_grads = None  # the zeroed gradient buffers `commit` hands back, for the next micro-batch
+        self.single_program_time = 0.0
         # Told the (sample, window) pieces of every micro-batch whose gradient is accumulated.
         self.commit_observers: list[Callable[[Sequence[tuple[int, int]]], None]] = []
-        self._leases = 0
+        self.micro = MicroBatchExecutor(self, arena)
         self.checkpointer = TrainCheckpointer(job.checkpoint_dir) if job.checkpoint_dir is not None else None
         if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
             self._restore(self.checkpointer.latest_step())
@@ -204,9 +182,9 @@ class FinetuneRunner:
         jax.block_until_ready(_commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
         jax.block_until_ready(_eval_loss(self.state.lora, self.params, self.cfg, device_batch))
         for chunk in chunks:
-            if self.current is None and self.start_microbatch(chunk, calibration=True):
+            if self.micro.current is None and self.micro.start(chunk, calibration=True):
                 for _, layers in micro_sequence(None, True, self.cfg.num_layers, chunk, chunks):
-                    self.micro_step(layers)
+                    self.micro.run(layers)
 
     def _count_batches(self) -> int:
         probe = data_lib.DataLoader(self.train_set, self.job.micro_batch_rows, self.job.seq_len, seed=self.job.seed,
@@ -217,16 +195,22 @@ class FinetuneRunner:
     def active(self) -> bool:
         return self.status is JobStatus.RUNNING
 
+    @property
+    def running_time(self) -> float:
+        """Seconds the job has trained, on either path."""
+        return self.single_program_time + self.micro.busy_time
+
     def progress(self) -> JobProgress:
+        running = self.running_time
         return JobProgress(step=self.step, total_steps=self.total_steps, tokens=self.tokens, loss=self.last_loss,
-                           eval_loss=self.eval_loss,
-                           tokens_per_s=self.tokens / self.running_time if self.running_time else 0.0,
+                           eval_loss=self.eval_loss, tokens_per_s=self.tokens / running if running else 0.0,
                            status=self.status, reason=self.reason, skipped_updates=self.skipped_updates,
                            abandoned_microbatches=self.abandoned)
 
     # The single-program path ------------------------------------------------------------------------------
 
-    def _next_batch(self) -> data_lib.MicroBatch | None:
+    def next_batch(self) -> data_lib.MicroBatch | None:
+        """The next micro-batch of the training data; None (and the job finishes) when it is exhausted."""
         try:
             return self.loader.next_batch()
         except StopIteration:
@@ -237,14 +221,27 @@ class FinetuneRunner:
         """One micro-batch through the single program (forward, loss, backward, accumulate), and the update
         when `grad_accum` micro-batches are in."""
         started = time.perf_counter()
-        batch = self._next_batch()
+        batch = self.next_batch()
         if batch is None:
             return
-        self.state, total, count = _grad_step(self.params, self.cfg, self.state, _to_device(batch),
-                                                   self.job.remat)
+        self.state, total, count = _grad_step(self.params, self.cfg, self.state, _to_device(batch), self.job.remat)
         self._committed(batch.pieces)
         self._accumulated(total, count)
-        self.running_time += time.perf_counter() - started
+        self.single_program_time += time.perf_counter() - started
+
+    def commit_microbatch(self, grads, loss_sum, count, pieces: Sequence[tuple[int, int]]):
+        """Adds a micro-batch's gradient from the micro-step path to the step; returns the zeroed gradient buffers
+        for the next micro-batch."""
+        self.state, spare = _commit(self.state, grads, count)
+        self._committed(pieces)
+        self._accumulated(loss_sum, count)
+        return spare
+
+    def return_batch(self, batch: data_lib.MicroBatch, abandoned: bool) -> None:
+        """Puts a micro-batch that was not trained back at the front of the queue (`abandoned`: its lease was
+        taken back or the job stopped, not a timing run)."""
+        self.loader.push_back(batch)
+        self.abandoned += abandoned
 
     def _committed(self, pieces: Sequence[tuple[int, int]]) -> None:
         for observer in self.commit_observers:
@@ -286,7 +283,7 @@ class FinetuneRunner:
     def _finish(self) -> None:
         if self.status in (JobStatus.FINISHED, JobStatus.STOPPED):
             return
-        self.abandon()
+        self.micro.abandon()
         if self.eval_loss is None or not self.history or self.history[-1].get("eval_step") != self.step:
             self.evaluate()
         self.status = JobStatus.FINISHED
@@ -300,7 +297,7 @@ class FinetuneRunner:
         """Stops the job for good, with a final checkpoint."""
         if self.status in (JobStatus.FINISHED, JobStatus.STOPPED):
             return
-        self.abandon()
+        self.micro.abandon()
         self.status = JobStatus.STOPPED
         if self.checkpointer is not None:
             self.save()
@@ -321,95 +318,6 @@ class FinetuneRunner:
             self.history[-1].update(eval_loss=self.eval_loss, eval_step=self.step)
         return self.eval_loss
 
-    # The micro-step path -----------------------------------------------------------------------------------
-
-    def stash_pages_needed(self) -> int:
-        page_elements = int(np.prod(self.arena_holder.arena.shape[1:]))
-        return trainer.stash_pages_needed(self.cfg, page_elements, self.job.micro_batch_rows * self.job.seq_len)
-
-    def start_microbatch(self, layers_per_chunk: int = 1, watermark: int = 0, calibration: bool = False) -> bool:
-        """Leases stash pages and starts a micro-batch on the micro-step path; False if no lease was granted.
-        A `calibration` micro-batch runs for timing only: at its end it is dropped like an abandoned one (its
-        samples go back to the queue, nothing is applied) without counting as abandoned."""
-        if self.current is not None:
-            raise RuntimeError("a micro-batch is already in flight")
-        lease_id = f"{self.job.name}-{self._leases}"
-        pages = self.page_table.lease(lease_id, self.stash_pages_needed(), watermark)
-        if pages is None:
-            return False
-        self._leases += 1
-        batch = self._next_batch()
-        if batch is None:
-            self.page_table.release(lease_id)
-            return False
-        run = MicroBatchRun(batch=batch, device_batch=_to_device(batch), lease_id=lease_id,
-                            stash_pages=jnp.asarray(pages, jnp.int32), layers_per_chunk=layers_per_chunk,
-                            phase=("forward", self.cfg.num_layers), calibration=calibration)
-        run.x = trainer.embed_step(self.params, run.device_batch)
-        self.current = run
-        return True
-
-    def _lease_lost(self, run: MicroBatchRun) -> bool:
-        """Whether the page table took the micro-batch's stash pages back (reclaimed for KV)."""
-        return not self.page_table.pages(Owner("lease", run.lease_id))
-
-    def abandon(self) -> None:
-        """Drops the micro-batch in flight: its samples go back to the front of the queue, no gradient is applied."""
-        run = self.current
-        if run is None:
-            return
-        self.loader.push_back(run.batch)
-        if self.page_table is not None:
-            self.page_table.release(run.lease_id)
-        self.current = None
-        self.abandoned += not run.calibration
-
-    def pending_micro_step(self) -> Phase | None:
-        """Where the micro-batch in flight is: its phase ("forward" or "backward") and the layers left in it,
-        the most the next micro-step may cover; None when no micro-batch is in flight."""
-        run = self.current
-        if run is None or self._lease_lost(run):
-            return None
-        return run.phase
-
-    def micro_step(self, layers: int | None = None) -> MicroKind | str:
-        """Runs the next micro-step of the micro-batch in flight over `layers` layers (default: its chunk size,
-        at most what its phase has left); returns its kind, or 'abandoned'."""
-        run = self.current
-        if run is None:
-            raise RuntimeError("no micro-batch in flight")
-        if self._lease_lost(run):
-            self.abandon()
-            return "abandoned"
-        started = time.perf_counter()
-        (phase, left), num_layers = run.phase, self.cfg.num_layers
-        n = min(layers or run.layers_per_chunk, left)
-        kind, run.phase = advance(run.phase, n, num_layers)
-        holder = self.arena_holder
-        if phase == "forward":
-            holder.arena, run.x = _forward_chunk(self.params, self.cfg, self.state.lora, holder.arena, run.x,
-                                                 run.device_batch, run.stash_pages, jnp.int32(num_layers - left), n)
-            if kind is MicroKind.FORWARD_LOSS:
-                run.loss_sum, run.count, run.x = _loss_step(self.params, self.cfg, run.x, run.device_batch)
-                spare, self._spare_grads = self._spare_grads, None
-                run.grads = spare if spare is not None else jax.tree.map(jnp.zeros_like, self.state.lora)
-        else:
-            run.x, run.grads = _backward_chunk(self.params, self.cfg, self.state.lora, holder.arena, run.x,
-                                               run.grads, run.device_batch, run.stash_pages, jnp.int32(left), n)
-            if kind is MicroKind.BACKWARD_COMMIT and run.calibration:
-                self.abandon()
-            elif kind is MicroKind.BACKWARD_COMMIT:
-                self.state, self._spare_grads = _commit(self.state, run.grads, run.count)
-                self._committed(run.batch.pieces)
-                self.page_table.release(run.lease_id)
-                self.current = None
-                self._accumulated(run.loss_sum, run.count)
-        jax.block_until_ready((run.x, self.state.accum))
-        self.last_micro_time = time.perf_counter() - started
-        if not run.calibration:
-            self.running_time += self.last_micro_time
-        return kind
-
     # Checkpoints and export -------------------------------------------------------------------------------
 
     def _record(self) -> dict[str, Any]:
@@ -420,7 +328,7 @@ class FinetuneRunner:
     def save(self) -> None:
         """Checkpoints at a micro-batch boundary (a micro-batch in flight is abandoned first). A step that is
         already saved is not saved again: a resume from it redoes the micro-batches since."""
-        self.abandon()
+        self.micro.abandon()
         if self.checkpointer.latest_step() == self.step:
             return
         self.checkpointer.save(self.step, self.state, self._record())
@@ -476,7 +384,7 @@ class JobHandle:
 
     def pause(self) -> None:
         if self._runner.status is JobStatus.RUNNING:
-            self._runner.abandon()
+            self._runner.micro.abandon()
             self._runner.status, self._runner.reason = JobStatus.PAUSED, "paused by the user"
 
     def resume(self) -> None:

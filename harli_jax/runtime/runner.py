@@ -1,5 +1,5 @@
-"""The model runner (mechanism): owns the weights and the arena, compiles the step programs over the shape
-buckets at warm-up, packs a step's sequences into padded device arrays and runs the matching program."""
+"""The model runner (mechanism): owns the weights and the step programs, compiled over the shape buckets at
+warm-up; packs a step's sequences into padded device arrays and runs the matching program over the arena."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import TokenBatch, paged_step, read_pages, write_pages
 from harli_jax.model.params import Adapters, Params
 from harli_jax.model.sampling import SamplingRows
-from harli_jax.runtime.arena import allocate_arena
+from harli_jax.runtime.arena import Arena
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.scheduler import SeqWork, StepPlan
 
@@ -55,12 +55,12 @@ _write_pages_jit = jax.jit(write_pages, donate_argnames=("arena",))
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params: Params, engine_cfg: EngineConfig, num_pages: int):
+    def __init__(self, cfg: ModelConfig, params: Params, engine_cfg: EngineConfig, arena: Arena):
         self.cfg = cfg
         self.params = params
         self.engine_cfg = engine_cfg
         self.page_tokens = engine_cfg.page_tokens
-        self.arena = allocate_arena(cfg, num_pages, engine_cfg.page_tokens, cfg.dtype)
+        self.arena = arena
         self.batch_buckets = engine_cfg.resolved_batch_buckets()
         self.page_buckets = engine_cfg.resolved_page_buckets(cfg)
         self.buckets = sorted(
@@ -96,14 +96,14 @@ class ModelRunner:
                           block_tables=i32(b, bucket.pages), sample_index=i32(b), sampling=rows)
 
     def compile(self, bucket: Bucket) -> jax.stages.Compiled:
-        return _step_jit.lower(self.params, self.cfg, self.arena, self._batch_struct(bucket),
+        return _step_jit.lower(self.params, self.cfg, self.arena.buffer, self._batch_struct(bucket),
                                self.engine_cfg.attention_impl, self.lora).compile()
 
     def _compile_page_copies(self, pages: int) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
         ids = jax.ShapeDtypeStruct((pages,), jnp.int32)
-        block = jax.ShapeDtypeStruct((pages, *self.arena.shape[1:]), self.arena.dtype)
-        return (_read_pages_jit.lower(self.arena, ids).compile(),
-                _write_pages_jit.lower(self.arena, ids, block).compile())
+        buffer = self.arena.buffer
+        block = jax.ShapeDtypeStruct(self.arena.layout.shape(pages), buffer.dtype)
+        return (_read_pages_jit.lower(buffer, ids).compile(), _write_pages_jit.lower(buffer, ids, block).compile())
 
     def _page_copy(self, num_pages: int) -> tuple[int, jax.stages.Compiled, jax.stages.Compiled]:
         padded = self.page_buckets[bisect.bisect_left(self.page_buckets, num_pages)]
@@ -148,7 +148,8 @@ class ModelRunner:
         packing = time.perf_counter()
         batch = self._pack(work, bucket)
         pack_time = time.perf_counter() - packing
-        self.arena, next_tokens = self.program(bucket)(self.params, self.arena, batch, self.lora)
+        program = self.program(bucket)
+        next_tokens = self.arena.update(lambda buffer: program(self.params, buffer, batch, self.lora))
         return StepOutput(np.asarray(next_tokens)[: len(work)], bucket, pack_time)
 
     def _pack(self, work: Sequence[SeqWork], bucket: Bucket) -> TokenBatch:
@@ -181,7 +182,7 @@ class ModelRunner:
         every K/V write into `scratch_page` (a page nobody owns), so no cache is changed. With scratch page 0
         nothing is written and the attention sees empty sequences. Returns (attended context, seconds)."""
         rng = np.random.default_rng(seed)
-        num_pages = self.arena.shape[0]
+        num_pages = self.arena.table.num_pages
         b, t, p = bucket.seqs, bucket.tokens, bucket.pages
         contexts = rng.integers(1, p * self.page_tokens + 1, b)
         seq_index = np.minimum(np.arange(t) * b // t, b - 1).astype(np.int32)
@@ -195,8 +196,7 @@ class ModelRunner:
                            sample_index=np.arange(b, dtype=np.int32) * t // b, sampling=rows)
         program = self.program(bucket)
         started = time.perf_counter()
-        self.arena, tokens = program(self.params, self.arena, batch, self.lora)
-        np.asarray(tokens)
+        np.asarray(self.arena.update(lambda buffer: program(self.params, buffer, batch, self.lora)))
         return int(contexts.sum()), time.perf_counter() - started
 
     def read_pages(self, page_ids: Sequence[int]) -> np.ndarray:
@@ -205,7 +205,7 @@ class ModelRunner:
         padded, read, _ = self._page_copy(n)
         ids = np.zeros(padded, np.int32)
         ids[:n] = page_ids
-        return np.asarray(read(self.arena, ids))[:n]
+        return np.asarray(read(self.arena.buffer, ids))[:n]
 
     def write_pages(self, page_ids: Sequence[int], pages: np.ndarray) -> None:
         """Writes whole pages (the inverse of `read_pages`) in place."""
@@ -213,6 +213,6 @@ class ModelRunner:
         padded, _, write = self._page_copy(n)
         ids = np.zeros(padded, np.int32)
         ids[:n] = page_ids
-        block = np.zeros((padded, *self.arena.shape[1:]), self.arena.dtype)
+        block = np.zeros(self.arena.layout.shape(padded), self.arena.buffer.dtype)
         block[:n] = pages
-        self.arena = write(self.arena, ids, block)
+        self.arena.update(lambda buffer: (write(buffer, ids, block), None))

@@ -104,17 +104,19 @@ def _micro_step_job(engine, abandon_at=None):
     handle = engine.finetune(FinetuneJob(total_steps=4, eval_interval=0, micro_batch_rows=4, seq_len=32, seed=2,
                                          name=f"micro-{abandon_at}"))
     runner = handle._runner
+    micro = runner.micro
     started = 0
     while runner.active:
-        assert runner.start_microbatch(layers_per_chunk=1)
+        assert micro.start(layers_per_chunk=1)
         started += 1
-        while runner.current is not None:
-            kind = runner.micro_step()
+        while micro.current is not None:
+            kind = micro.run().kind
             if started == abandon_at and kind == "forward":
-                assert engine.page_table.reclaim(engine.page_table.capacity)
-                assert runner.micro_step() == "abandoned"
+                assert engine.arena.table.reclaim(engine.arena.table.capacity)
+                assert micro.run() == (None, 0.0)
+                assert micro.current is None
                 break
-    assert engine.page_table.usage()["lease"] == 0
+    assert engine.arena.table.usage()["lease"] == 0
     return handle
 
 

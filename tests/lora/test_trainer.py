@@ -18,11 +18,10 @@ from harli_jax.lora.trainer import (
     init_state,
     loss_step,
     make_optimizer,
-    stash_pages_needed,
 )
 from harli_jax.model import ModelConfig, forward, init_params
+from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.params import LoRAPair
-from harli_jax.runtime.arena import allocate_arena
 
 ROWS, SEQ = 2, 16
 
@@ -68,21 +67,22 @@ def _single_program(cfg, params, lora, batch, remat):
 
 
 def _micro_steps(cfg, params, lora, batch, layers_per_chunk, page_tokens=8):
-    arena = allocate_arena(cfg, 40, page_tokens, cfg.dtype)
-    need = stash_pages_needed(cfg, arena[0].size, ROWS * SEQ)
+    layout = ArenaLayout(cfg, page_tokens)
+    arena = layout.zeros(40)
+    need = layout.stash_pages(ROWS * SEQ)
     stash = jnp.asarray(np.random.default_rng(0).permutation(np.arange(1, 40))[:need], jnp.int32)
-    fwd = jax.jit(forward_chunk, static_argnames=("cfg", "num_layers"), donate_argnames=("arena",))
-    bwd = jax.jit(backward_chunk, static_argnames=("cfg", "num_layers"))
+    fwd = jax.jit(forward_chunk, static_argnames=("layout", "num_layers"), donate_argnames=("arena",))
+    bwd = jax.jit(backward_chunk, static_argnames=("layout", "num_layers"))
     x = embed_step(params, batch)
     starts = list(range(0, cfg.num_layers, layers_per_chunk))
     for start in starts:
         n = min(layers_per_chunk, cfg.num_layers - start)
-        arena, x = fwd(params, cfg, lora, arena, x, batch, stash, jnp.int32(start), n)
+        arena, x = fwd(params, layout, lora, arena, x, batch, stash, jnp.int32(start), n)
     total, count, g = jax.jit(loss_step, static_argnames="cfg")(params, cfg, x, batch)
     grads = jax.tree.map(jnp.zeros_like, lora)
     for start in reversed(starts):
         n = min(layers_per_chunk, cfg.num_layers - start)
-        g, grads = bwd(params, cfg, lora, arena, g, grads, batch, stash, jnp.int32(start + n), n)
+        g, grads = bwd(params, layout, lora, arena, g, grads, batch, stash, jnp.int32(start + n), n)
     state = init_state(lora, make_optimizer(OptimizerConfig()))
     state, _ = commit(state, grads, count)
     return total, count, state.accum

@@ -1,4 +1,5 @@
-"""The page table: ownership invariants under random submit/step/abort, and the trainer's lease API."""
+"""The arena: its layout, the page table's ownership invariants under random submit/step/abort, and the trainer's
+lease API."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,31 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from harli_jax import Engine, EngineConfig, RequestError, SamplingParams
 from harli_jax.model import load_model
-from harli_jax.runtime.arena import Growth, Owner, PageTable
+from harli_jax.model.config import ModelConfig
+from harli_jax.model.paged import ArenaLayout
+from harli_jax.runtime.arena import Arena, Growth, Owner, PageTable
+
+
+@pytest.mark.parametrize("hidden,page_tokens", [(64, 16), (96, 4), (100, 3)])
+def test_the_stash_view_holds_whole_rows_of_pages_and_hidden_states(hidden, page_tokens):
+    tiny = ModelConfig.from_yaml("configs/models/tiny.yaml")
+    layout = ArenaLayout(tiny.replace(hidden_size=hidden), page_tokens)
+    arena = Arena(layout, num_pages=7, max_pages_per_seq=4)
+    assert arena.buffer.shape == layout.shape(7) and arena.buffer.nbytes == 7 * layout.page_bytes
+    rows = layout.stash_rows(arena.buffer)
+    assert rows.shape[0] == 7 and rows.shape[1] * rows.shape[2] == layout.page_elements
+    assert hidden % layout.stash_row == 0  # a hidden state is whole rows
+    tokens = 24
+    assert layout.stash_pages(tokens) * layout.page_elements >= tiny.num_layers * tokens * hidden
+    assert (layout.stash_pages(tokens) - 1) * layout.page_elements < tiny.num_layers * tokens * hidden
+
+
+def test_programs_hand_the_buffer_back_to_its_one_owner():
+    layout = ArenaLayout(ModelConfig.from_yaml("configs/models/tiny.yaml"), 4)
+    arena = Arena(layout, num_pages=3, max_pages_per_seq=2)
+    old = arena.buffer
+    assert arena.update(lambda buffer: (buffer + 1, "out")) == "out"
+    assert arena.buffer is not old and float(arena.buffer.min()) == 1.0
 
 
 def test_lease_respects_the_watermark_and_growth_returns_what_it_reclaimed():
@@ -74,7 +99,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     @invariant()
     def pages_are_consistent(self):
-        table = self.engine.page_table
+        table = self.engine.arena.table
         table.check_invariants()
         for state in self.engine.scheduler.running:
             assert len(table.block_table(state.request_id)) >= table.pages_for_tokens(state.num_computed)
@@ -84,7 +109,7 @@ class EngineMachine(RuleBasedStateMachine):
     def teardown(self):
         while self.engine.has_unfinished():
             self.engine.step()
-        assert self.engine.page_table.usage() == {"free": 9, "kv": 0, "lease": 0}
+        assert self.engine.arena.table.usage() == {"free": 9, "kv": 0, "lease": 0}
 
 
 def test_page_table_invariants_under_random_traffic(tight_engine):

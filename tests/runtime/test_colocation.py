@@ -198,22 +198,22 @@ def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path):
     runner = handle._runner
     committed_pieces = []  # the audit: every micro-batch whose gradient was accumulated
     runner.commit_observers.append(committed_pieces.extend)
-    need = runner.stash_pages_needed()
-    assert need < engine.page_table.capacity
+    need = runner.micro.stash_pages_needed
+    assert need < engine.arena.table.capacity
     waits = []
-    grow = engine.page_table.grow_kv
+    grow = engine.arena.table.grow_kv
 
     def watched(request_id, tokens):
         granted = grow(request_id, tokens)
         if not granted:
-            waits.append(engine.page_table.usage()["lease"])
+            waits.append(engine.arena.table.usage()["lease"])
         return granted
 
-    engine.page_table.grow_kv = watched
+    engine.arena.table.grow_kv = watched
     # A long, light request keeps the trainer on the micro-step path; the burst comes while it holds a lease.
     engine.submit([5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True))
     events = []
-    while engine.page_table.usage()["lease"] == 0:
+    while engine.arena.table.usage()["lease"] == 0:
         events += engine.step()
     for _ in range(6):
         engine.submit(list(range(3, 100)), SamplingParams(max_tokens=28, ignore_eos=True))
@@ -221,7 +221,7 @@ def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path):
         events += engine.step()
     outputs = [e.output for e in events if isinstance(e, FinishedEvent)]
     assert len(outputs) == 7 and all(o.finish_reason is FinishReason.LENGTH for o in outputs)
-    assert engine.page_table.reclaims > 0, "the burst never needed the trainer's pages"
+    assert engine.arena.table.reclaims > 0, "the burst never needed the trainer's pages"
     assert all(lease == 0 for lease in waits), "a request waited for memory while the trainer held pages"
     progress = handle.progress()
     assert progress.abandoned_microbatches > 0

@@ -57,7 +57,7 @@ def _run(engine, submissions):
         for event in engine.step():
             if isinstance(event, FinishedEvent):
                 outputs[event.request_id] = event.output
-        engine.page_table.check_invariants()
+        engine.arena.table.check_invariants()
         step += 1
     return outputs, ids
 
@@ -87,7 +87,7 @@ def test_requests_arriving_at_different_steps(served):
     outputs, ids = _run(engine, arrivals)
     for rid, prompt in ids.items():
         assert list(outputs[rid].token_ids) == reference[prompts.index(prompt)]
-    assert engine.page_table.usage()["kv"] == 0
+    assert engine.arena.table.usage()["kv"] == 0
 
 
 def _exported(engine, prompt):
@@ -109,14 +109,14 @@ def test_prefilled_kv_import_into_another_engine(served):
     # other pages than it came from: only a real copy of the pages gives the reference tokens.
     decoder = Engine(LoadedModel(engine.cfg, engine.runner.params, engine.tokenizer),
                      dataclasses.replace(SMALL, num_pages=SMALL.num_pages + 9), warmup=False)
-    decoder.page_table.allocate(Owner("test", "occupied"), 20)
+    decoder.arena.table.allocate(Owner("test", "occupied"), 20)
     decoded = decoder.submit(Request(prompts[3], GREEDY), prefilled_kv=kv)
     decoder.step()
-    assert min(decoder.page_table.block_table(decoded)) > 20
+    assert min(decoder.arena.table.block_table(decoded)) > 20
     outputs, _ = _run(decoder, {})
     assert list(outputs[decoded].token_ids) == reference[3]
-    decoder.page_table.free(Owner("test", "occupied"))
-    assert decoder.page_table.usage()["kv"] == 0
+    decoder.arena.table.free(Owner("test", "occupied"))
+    assert decoder.arena.table.usage()["kv"] == 0
 
 
 def test_no_recompiles_after_warmup(served):
@@ -172,7 +172,7 @@ def test_abort_frees_pages_and_spares_the_others(served):
     outputs, _ = _run(engine, {})
     assert outputs[drop].finish_reason is FinishReason.ABORTED
     assert list(outputs[keep].token_ids) == reference[2]
-    assert engine.page_table.usage()["kv"] == 0
+    assert engine.arena.table.usage()["kv"] == 0
 
 
 def test_tiny_arena_preempts_and_still_matches(hf_checkpoint):
@@ -186,7 +186,7 @@ def test_tiny_arena_preempts_and_still_matches(hf_checkpoint):
     for rid, prompt in ids.items():
         assert list(outputs[rid].token_ids) == reference[prompts.index(prompt)]
     assert sum(o.preemptions for o in outputs.values()) > 0, "the arena was not tight enough to preempt"
-    assert engine.page_table.usage() == {"free": 11, "kv": 0, "lease": 0}
+    assert engine.arena.table.usage() == {"free": 11, "kv": 0, "lease": 0}
 
 
 def test_threads_submit_and_abort_while_the_engine_serves_and_trains(tiny_yaml):
@@ -223,6 +223,6 @@ def test_threads_submit_and_abort_while_the_engine_serves_and_trains(tiny_yaml):
     assert not errors, errors
     assert not engine.has_unfinished(), "the engine still counts requests as running"
     assert len(submitted) == 48 and sorted(finished) == sorted(submitted)  # exactly one finished event each
-    engine.page_table.check_invariants()
-    assert engine.page_table.usage()["kv"] == 0
+    engine.arena.table.check_invariants()
+    assert engine.arena.table.usage()["kv"] == 0
     assert handle.progress().tokens > 0, "the job did not train"
