@@ -41,8 +41,16 @@ class RunResult:
     interrupted: bool = False
 
 
-def _pct(values: Sequence[float], q: float) -> float | None:
-    return float(np.quantile(values, q)) if len(values) else None
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The `q`-th percentile (0 to 100, linear interpolation) of `values`; None when there are none."""
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def to_ms(seconds: float | None, decimals: int | None = None) -> float | None:
+    """Seconds in milliseconds, rounded to `decimals` when given; None stays None."""
+    if seconds is None:
+        return None
+    return seconds * 1e3 if decimals is None else round(seconds * 1e3, decimals)
 
 
 def summarize(r: RunResult) -> dict[str, Any]:
@@ -64,9 +72,10 @@ def summarize(r: RunResult) -> dict[str, Any]:
         "rejected": len(r.outputs) - len(served),
         "slo_attainment": float(np.mean([meets(o) for o in served])) if served else None,
         "token_slo_attainment": float(np.mean(np.array(gaps) <= r.tpot_slo)) if gaps else None,
-        "tbt_p50_ms": _ms(_pct(gaps, 0.5)), "tbt_p90_ms": _ms(_pct(gaps, 0.9)), "tbt_p99_ms": _ms(_pct(gaps, 0.99)),
-        "tpot_p50_ms": _ms(_pct(tpots, 0.5)), "tpot_p99_ms": _ms(_pct(tpots, 0.99)),
-        "ttft_p50_ms": _ms(_pct(ttfts, 0.5)), "ttft_p99_ms": _ms(_pct(ttfts, 0.99)),
+        "tbt_p50_ms": to_ms(percentile(gaps, 50)), "tbt_p90_ms": to_ms(percentile(gaps, 90)),
+        "tbt_p99_ms": to_ms(percentile(gaps, 99)),
+        "tpot_p50_ms": to_ms(percentile(tpots, 50)), "tpot_p99_ms": to_ms(percentile(tpots, 99)),
+        "ttft_p50_ms": to_ms(percentile(ttfts, 50)), "ttft_p99_ms": to_ms(percentile(ttfts, 99)),
         "decode_tokens_per_s": sum(len(o.token_ids) for o in served) / r.wall_s if r.wall_s else 0.0,
         "finetune_tokens": r.finetune_tokens,
         "finetune_tokens_per_s": tokens_per_s,
@@ -82,10 +91,6 @@ def summarize(r: RunResult) -> dict[str, Any]:
         "wall_s": r.wall_s,
         "interrupted": r.interrupted,
     }
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1e3
 
 
 COLUMNS = [("policy", "policy", "{}"), ("slo_attainment", "SLO ok", "{:.1%}"), ("tbt_p50_ms", "TBT p50", "{:.1f}"),
@@ -131,7 +136,7 @@ def write_csvs(r: RunResult, directory: Path) -> None:
 
 
 def _round_ms(seconds: float | None) -> float | str:
-    return "" if seconds is None else round(seconds * 1e3, 3)
+    return "" if seconds is None else to_ms(seconds, 3)
 
 
 def plot(results: Sequence[RunResult], directory: Path) -> list[Path]:

@@ -3,14 +3,15 @@
 Formats (`load_trace(path, fmt="auto")`):
 
 - ``native``: CSV with the header ``arrival_s,prompt_tokens,output_tokens`` (seconds from the start); lines
-  starting with ``#`` are comments. `write_trace` writes it.
+  starting with ``#`` are comments (`Trace.comment`). `write_trace` writes it.
 - ``azure``: the Azure LLM inference trace CSV, ``TIMESTAMP,ContextTokens,GeneratedTokens`` (TIMESTAMP a
   date-time such as ``2023-11-16 18:15:46.6805900``).
 - ``burstgpt``: the BurstGPT CSV, ``Timestamp,Model,Request tokens,Response tokens,...`` (seconds).
 - ``mooncake``: Mooncake JSONL, one ``{"timestamp": ms, "input_length": n, "output_length": m}`` per line.
 
-Arrivals are shifted so the first is at 0 and sorted. Malformed rows are skipped and reported with the file
-and row number (`Trace.problems`); `strict=True` raises at the first. A trace with no usable row is an error.
+Arrivals are shifted so the first is at 0 and sorted (simultaneous ones keep the file's order). Malformed rows
+are skipped and reported with the file and row number (`Trace.problems`); `strict=True` raises at the first. A
+trace with no usable row is an error.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Trace:
     requests: tuple[TraceRequest, ...]
     source: str = "<generated>"
     problems: tuple[str, ...] = ()
+    comment: str = ""  # the file's ``#`` lines (how the trace was made), one per line
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -106,6 +108,11 @@ def _rows(path: Path, fmt: str) -> Iterator[tuple[int, dict]]:
             yield reader.line_num, row
 
 
+def _comment(path: Path) -> str:
+    with path.open(encoding="utf-8") as f:
+        return "\n".join(line[1:].strip() for line in f if line.startswith("#"))
+
+
 def _parse(fmt: str, row: dict) -> tuple[float, int, int]:
     if "__error__" in row:
         raise ValueError(row["__error__"])
@@ -159,10 +166,10 @@ def load_trace(path: str | Path, fmt: str = "auto", *, strict: bool = False) -> 
         parsed.append((arrival, prompt, output))
     if not parsed:
         raise TraceError(f"{path}: no usable request" + (f" ({problems[0]})" if problems else ""))
-    parsed.sort()
+    parsed.sort(key=lambda row: row[0])
     start = parsed[0][0]
     requests = tuple(TraceRequest(a - start, p, o) for a, p, o in parsed)
-    return Trace(requests, str(path), tuple(problems))
+    return Trace(requests, str(path), tuple(problems), "" if fmt == "mooncake" else _comment(path))
 
 
 def write_trace(trace: Trace, path: str | Path, comment: str = "") -> Path:

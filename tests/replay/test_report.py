@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from harli_jax.replay.report import RunResult, format_table, summarize
+from harli_jax.replay.report import RunResult, format_table, percentile, summarize, to_ms
 from harli_jax.runtime.metrics import StepRecord
 from harli_jax.runtime.request import FinishReason, GenerationOutput
 
@@ -83,6 +83,16 @@ def test_latency_percentiles():
     # TTFTs sorted: 0.0625, 0.25, 0.5, 0.5 (positions q * 3).
     assert s["ttft_p50_ms"] == pytest.approx(375.0)
     assert s["ttft_p99_ms"] == pytest.approx(500.0)
+
+
+def test_percentile_and_milliseconds_helpers():
+    values = [0.25, 0.0625, 0.125, 0.125]  # sorted: 0.0625, 0.125, 0.125, 0.25 (positions q / 100 * 3)
+    assert percentile(values, 50) == 0.125
+    assert percentile(values, 90) == pytest.approx(0.125 + 0.7 * 0.125)
+    assert (percentile(values, 0), percentile(values, 100)) == (0.0625, 0.25)
+    assert percentile([], 50) is None
+    assert to_ms(0.0125) == 12.5 and to_ms(None) is None and to_ms(None, 3) is None
+    assert to_ms(0.0123456789, 3) == 12.346 and to_ms(0.0123456789) == pytest.approx(12.3456789)
 
 
 def test_rejected_requests_count_nowhere_but_in_rejected():

@@ -36,6 +36,13 @@ def test_every_format_reads_the_same_requests(tmp_path):
         got = [(pytest.approx(r.arrival), r.prompt_tokens, r.output_tokens) for r in trace.requests]
         assert got == want, name
         assert trace.problems == ()
+        assert trace.comment == ("made by hand" if name == "native.csv" else ""), name
+
+
+def test_simultaneous_arrivals_keep_the_file_order(tmp_path):
+    path = tmp_path / "ties.csv"
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n1.5,90,9\n0.5,70,7\n0.5,10,1\n0.5,50,5\n")
+    assert [(r.arrival, r.prompt_tokens) for r in load_trace(path).requests] == [(0, 70), (0, 10), (0, 50), (1, 90)]
 
 
 def test_malformed_rows_are_reported_with_file_and_row(tmp_path):
@@ -82,7 +89,8 @@ def test_rescale_and_round_trip(tmp_path):
     assert len(trace.rescale(duration=2.5)) == 2 and len(trace.rescale(max_requests=1)) == 1
     path = write_trace(trace, tmp_path / "t.csv", comment="three requests\nby hand")
     assert path.read_text().startswith("# three requests\n# by hand\narrival_s")
-    assert load_trace(path).requests == trace.requests
+    loaded = load_trace(path)
+    assert loaded.requests == trace.requests and loaded.comment == "three requests\nby hand"
     requests = trace.to_requests(vocab_size=512, seed=1)
     assert [len(r.prompt) for r in requests] == [300, 50, 10]
     assert [r.sampling.max_tokens for r in requests] == [100, 10, 10] and requests[1].arrival == 2.0
