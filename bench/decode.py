@@ -56,6 +56,7 @@ from common import say
 
 from harli_jax import Engine, EngineConfig, SamplingParams
 from harli_jax.model import load_model, save_hf_checkpoint
+from harli_jax.runtime.config import SchedulerConfig
 from harli_jax.runtime.runner import Bucket
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="weights, prompts and the order of the sides per round")
-    parser.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
+    parser.add_argument("--prefill-chunk", type=int, default=SchedulerConfig().prefill_chunk)
     parser.add_argument("--repeats", type=int, default=None,
                         help="interleaved rounds: timed attempts per side (default 3; 2 with --quick)")
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the copy-bandwidth probe (default 512)")

@@ -460,7 +460,7 @@ def main() -> None:
     cfg = ModelConfig.from_yaml(config_path)
     layers = cfg.num_layers
     chunks = sorted({min(c, layers) for c in (args.chunks or [1, 4, layers])})
-    page_tokens = EngineConfig().page_tokens
+    page_tokens = EngineConfig().cache.page_tokens
     stash_pages = ArenaLayout(cfg, page_tokens).stash_pages(args.rows * args.seq_len)
     num_pages = stash_pages + 1  # + the null page
     engine = Engine.from_config(config_path, EngineConfig(max_batch=1, max_seq_len=args.seq_len,

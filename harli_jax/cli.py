@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -12,8 +13,10 @@ from harli_jax import Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingPar
 from harli_jax.errors import HarliError
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
+from harli_jax.options import add_option, default_of, given
 from harli_jax.replay.run import main as replay_main
 from harli_jax.replay.trace import synthesize, write_trace
+from harli_jax.runtime.config import RunnerConfig
 
 
 def _positive_int(text: str) -> int:
@@ -21,6 +24,10 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,36 +43,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, metavar="DIR_OR_YAML",
                      help="HF checkpoint directory, or a model config such as configs/models/tiny.yaml")
     gen.add_argument("--prompt", required=True, help="prompt text")
-    gen.add_argument("--max-tokens", type=_positive_int, default=32, help="new tokens to generate (default 32)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
-    gen.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the checkpoint's)")
-    gen.add_argument("--seed", type=int, default=0,
-                     help="seed of the sampler and of the random weights of a YAML config (default 0)")
+    add_option(gen, "--max-tokens", SamplingParams, "max_tokens", type=_positive_int)
+    add_option(gen, "--temperature", SamplingParams, "temperature", type=float)
+    add_option(gen, "--top-k", SamplingParams, "top_k", type=int)
+    add_option(gen, "--top-p", SamplingParams, "top_p", type=float)
+    add_option(gen, "--dtype", RunnerConfig, "dtype", choices=DTYPES)
+    add_option(gen, "--seed", SamplingParams, "seed", type=int)
     gen.set_defaults(run=_generate)
 
     ft = commands.add_parser("finetune", help="train a LoRA adapter",
                              description="Trains a LoRA adapter on a JSONL dataset (or the embedded default task) "
                                          "and exports it in the HF PEFT format.")
     ft.add_argument("--model", required=True, metavar="DIR_OR_YAML", help="HF checkpoint directory or model YAML")
-    ft.add_argument("--dataset", help="JSONL of {text} | {prompt, completion} | {messages} records "
-                                      "(default: the embedded upper-casing task)")
-    ft.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default 200)")
-    ft.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8)")
-    ft.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    ft.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj",
-                    help="comma-separated projections (default q_proj,k_proj,v_proj,o_proj)")
-    ft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    ft.add_argument("--rows", type=_positive_int, default=8, help="rows per micro-batch (default 8)")
-    ft.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per row (default 128)")
-    ft.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (default 1)")
-    ft.add_argument("--checkpoint-dir", help="Orbax checkpoints; an existing one is resumed")
-    ft.add_argument("--checkpoint-interval", type=_positive_int, default=100)
-    ft.add_argument("--strict", action="store_true", help="malformed dataset lines are an error, not skipped")
+    add_option(ft, "--dataset", FinetuneJob, "dataset")
+    add_option(ft, "--steps", FinetuneJob, "total_steps", type=_positive_int)
+    add_option(ft, "--rank", LoRAConfig, "rank", type=_positive_int)
+    add_option(ft, "--alpha", LoRAConfig, "alpha", type=float)
+    add_option(ft, "--targets", LoRAConfig, "targets", type=_names)
+    add_option(ft, "--lr", FinetuneJob, "learning_rate", type=float)
+    add_option(ft, "--rows", FinetuneJob, "micro_batch_rows", type=_positive_int)
+    add_option(ft, "--seq-len", FinetuneJob, "seq_len", type=_positive_int)
+    add_option(ft, "--grad-accum", FinetuneJob, "grad_accum", type=_positive_int)
+    add_option(ft, "--checkpoint-dir", FinetuneJob, "checkpoint_dir")
+    add_option(ft, "--checkpoint-interval", FinetuneJob, "checkpoint_interval", type=_positive_int)
+    add_option(ft, "--strict", FinetuneJob, "strict_data", action="store_true")
     ft.add_argument("--out", help="directory to export the PEFT adapter to")
-    ft.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the checkpoint's)")
-    ft.add_argument("--seed", type=int, default=0)
+    add_option(ft, "--dtype", RunnerConfig, "dtype", choices=DTYPES)
+    add_option(ft, "--seed", FinetuneJob, "seed", type=int)
     ft.set_defaults(run=_finetune)
 
     trace = commands.add_parser("trace", help="inference traces").add_subparsers(dest="trace_command",
@@ -76,12 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--kind", choices=("poisson", "gamma", "bursts", "diurnal"), default="gamma")
     synth.add_argument("--requests", type=_positive_int, default=200)
     synth.add_argument("--rate", type=float, default=5.0, help="mean requests per second (default 5)")
-    synth.add_argument("--cv", type=float, default=2.0, help="gamma: inter-arrival coefficient of variation")
+    for flag, name, help in (("--cv", "cv", "gamma: inter-arrival coefficient of variation"),
+                             ("--period", "period", "bursts/diurnal: period in seconds"),
+                             ("--prompt-mean", "prompt_mean", "mean prompt tokens"),
+                             ("--output-mean", "output_mean", "mean output tokens")):
+        default = default_of(synthesize, name)
+        synth.add_argument(flag, type=float, default=default, help=f"{help} (default {default})")
     synth.add_argument("--burst-rate", type=float, help="bursts: rate during a burst (default 5x --rate)")
-    synth.add_argument("--period", type=float, default=10.0, help="bursts/diurnal: period in seconds")
-    synth.add_argument("--prompt-mean", type=float, default=100.0)
-    synth.add_argument("--output-mean", type=float, default=40.0)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=default_of(synthesize, "seed"))
     synth.add_argument("--out", required=True, help="CSV file to write")
     synth.set_defaults(run=_trace_synth)
     return parser
@@ -100,16 +106,13 @@ def _trace_synth(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    model = load_model(args.model, dtype=args.dtype, seed=args.seed)
-    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=args.seq_len, num_pages=2), warmup=False)
-    lora = LoRAConfig(rank=args.rank, alpha=args.alpha, targets=tuple(t for t in args.targets.split(",") if t))
-    job = FinetuneJob(dataset=args.dataset, lora=lora, learning_rate=args.lr, micro_batch_rows=args.rows,
-                      seq_len=args.seq_len, grad_accum=args.grad_accum, total_steps=args.steps,
-                      checkpoint_dir=args.checkpoint_dir, checkpoint_interval=args.checkpoint_interval,
-                      strict_data=args.strict, seed=args.seed, eval_interval=max(args.steps // 4, 1))
+    job = FinetuneJob(lora=LoRAConfig(**given(args, LoRAConfig)), **given(args, FinetuneJob))
+    job = dataclasses.replace(job, eval_interval=max(job.total_steps // 4, 1))
+    model = load_model(args.model, seed=job.seed, **given(args, RunnerConfig))
+    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=job.seq_len, num_pages=2), warmup=False)
     handle = engine.finetune(job)
     print(f"eval loss before training: {handle.evaluate():.4f}", file=sys.stderr)
-    every = max(args.steps // 20, 1)
+    every = max(job.total_steps // 20, 1)
     while not handle.done():
         progress = handle.wait(max_steps=every)
         print(f"step {progress.step}/{progress.total_steps}  loss {progress.loss:.4f}  "
@@ -123,7 +126,8 @@ def _finetune(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype, seed=args.seed)
+    sampling = SamplingParams(**given(args, SamplingParams))
+    model = load_model(args.model, seed=sampling.seed, **given(args, RunnerConfig))
     print(f"loaded {model.cfg.name} ({model.params.num_parameters() / 1e6:.1f}M parameters, {model.cfg.dtype}) "
           f"in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     if model.tokenizer is None:
@@ -133,10 +137,8 @@ def _generate(args: argparse.Namespace) -> None:
         raise HarliError("the prompt is empty")  # as the engine says of an empty prompt
     prompt_ids = model.tokenizer.encode(args.prompt)
     # One request: one batch slot, a context just long enough, the whole prompt in one chunk.
-    config = EngineConfig(max_batch=1, max_seq_len=len(prompt_ids) + args.max_tokens,
+    config = EngineConfig(max_batch=1, max_seq_len=len(prompt_ids) + sampling.max_tokens,
                           prefill_chunk=max(1, min(len(prompt_ids), 512)))
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed)
     started = time.perf_counter()
     engine = Engine(model, config)
     compiled = time.perf_counter()

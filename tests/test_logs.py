@@ -1,11 +1,13 @@
 """Progress of long calls: visible on stderr unless the application configured the package's logger;
 `JobHandle.wait` reports the job's progress."""
 
+import io
 import logging
 import subprocess
 import sys
 
 from conftest import REPO
+from harli_jax.logs import StatusLine
 
 SCRIPT = """
 import logging, sys
@@ -40,4 +42,31 @@ def test_wait_logs_the_jobs_progress(tiny_yaml, caplog):
     with caplog.at_level(logging.INFO, logger="harli_jax"):
         handle.wait()
     steps = [r.getMessage() for r in caplog.records if "trained tokens/s" in r.getMessage()]
-    assert steps and steps[-1].startswith("finetune: step 3/3, loss ")
+    assert steps and steps[-1].startswith("finetune: step 3/3  loss ")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_status_line_draws_a_bar_on_a_terminal_and_logs_elsewhere(caplog):
+    screen = _Terminal()
+    line = StatusLine("compiling", 4, stream=screen, always=True, tty_interval_s=0.0)
+    details = []
+    line.update(1, lambda: details.append(1) or "slow detail")
+    line.update(4)
+    line.close()
+    assert screen.getvalue() == (f"\rcompiling [{'#' * 7}{'.' * 23}] 1/4  slow detail\033[K"
+                                 f"\rcompiling [{'#' * 30}] 4/4\033[K\n")
+    throttled = StatusLine("waiting", stream=_Terminal(), always=True, tty_interval_s=60.0)
+    throttled.update(1)
+    throttled.update(2, lambda: details.append(2) or "")  # within the interval: not drawn, detail not computed
+    assert details == [1]
+    with caplog.at_level(logging.INFO, logger="harli_jax"):
+        StatusLine("job: step", 10, stream=io.StringIO()).update(3, "loss 1.0")
+    assert [r.getMessage() for r in caplog.records] == ["job: step 3/10  loss 1.0"]
+    quiet = _Terminal()
+    with caplog.at_level(logging.WARNING, logger="harli_jax"):
+        StatusLine("quiet", 2, stream=quiet).update(1)
+    assert quiet.getvalue() == ""

@@ -15,6 +15,7 @@ import safetensors.numpy
 from harli_jax.errors import CheckpointError, ConfigError
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.params import PROJECTIONS, Adapters, LoRAPair, layer_shapes
+from harli_jax.options import option
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 _HF_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
@@ -26,10 +27,10 @@ _HF_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_pro
 class LoRAConfig:
     """Low-rank adapters on `targets`: `W x + (alpha / rank) * B A x`, B = 0 at init."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    rank: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha (the delta is scaled by alpha / rank)")
+    dropout: float = option(0.0, "LoRA dropout (only 0 is supported)")
+    targets: tuple[str, ...] = option(("q_proj", "k_proj", "v_proj", "o_proj"), "projections that get adapters")
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:

@@ -50,11 +50,13 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    learning_rate: float = 2e-4
-    warmup_steps: int = 10
-    total_steps: int = 1000
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    """AdamW on a schedule; a job (runtime.finetune.FinetuneJob) gives every value but Adam's betas."""
+
+    learning_rate: float
+    warmup_steps: int
+    total_steps: int
+    weight_decay: float
+    max_grad_norm: float
     b1: float = 0.9
     b2: float = 0.999
 

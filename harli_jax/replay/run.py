@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import re
@@ -18,75 +19,81 @@ import jax
 import yaml
 
 from harli_jax.errors import ConfigError, HarliError
+from harli_jax.logs import StatusLine
 from harli_jax.lora.adapters import LoRAConfig
 from harli_jax.model.loader import LoadedModel, load_model
+from harli_jax.options import field_of, help_of
 from harli_jax.replay.report import RunResult, format_table, plot, summarize, write_csvs
 from harli_jax.replay.trace import Trace, load_trace, peak_concurrency
 from harli_jax.runtime.colocation import POLICIES
-from harli_jax.runtime.config import EngineConfig
+from harli_jax.runtime.config import CacheConfig, CoLocationConfig, EngineConfig, SchedulerConfig
 from harli_jax.runtime.engine import Engine
 from harli_jax.runtime.finetune import FinetuneJob
 from harli_jax.runtime.request import FinishedEvent, TokenEvent
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULTS = {
-    "model": str(REPO / "configs" / "models" / "tiny.yaml"),
-    "trace": str(REPO / "configs" / "traces" / "default.csv"),
-    "dataset": None,
-    "policy": "harli",
-    "tpot_slo": "4x",
-    "ttft_slo": None,
-    "rate_scale": 1.0,
-    "time_scale": 1.0,
-    "duration": None,
-    "max_requests": None,
-    "lora_rank": 8,
-    "seed": 0,
-    "out": None,
-    "profile": None,
-    "max_batch": 8,
-    "max_seq_len": 256,
-    "micro_batch_rows": 4,
-    "seq_len": 64,
+PRESET = REPO / "configs" / "replay" / "default.yaml"  # the engine and job sizes a replay runs with by default
+# Options of the replay itself; the engine's and the job's (FIELDS) take their defaults from their dataclasses.
+OWN = {
+    "model": (str(REPO / "configs" / "models" / "tiny.yaml"), "HF checkpoint directory or model YAML"),
+    "trace": (str(REPO / "configs" / "traces" / "default.csv"),
+              "trace file: native CSV, Azure CSV, BurstGPT CSV or Mooncake JSONL"),
+    "dataset": (None, "finetune JSONL; unset: the embedded upper-casing task"),
+    "tpot_slo": ("4x", "'50ms', or 'Nx' = N times the solo decode step at the trace's peak batch"),
+    "ttft_slo": (None, "'500ms'; unset: none"),
+    "rate_scale": (1.0, "multiply the arrival rate"),
+    "time_scale": (1.0, "stretch the trace's time axis"),
+    "duration": (None, "replay only the first N seconds of the trace"),
+    "max_requests": (None, "replay only the first N requests"),
+    "out": (None, "report directory; unset: runs/<timestamp>/"),
+    "profile": (None, "record a JAX profiler session per policy into this directory"),
 }
+FIELDS = {"policy": (CoLocationConfig, "policy"), "lora_rank": (LoRAConfig, "rank"), "seed": (FinetuneJob, "seed"),
+          "max_batch": (SchedulerConfig, "max_batch"), "max_seq_len": (CacheConfig, "max_seq_len"),
+          "micro_batch_rows": (FinetuneJob, "micro_batch_rows"), "seq_len": (FinetuneJob, "seq_len")}
+TYPES = {"rate_scale": float, "time_scale": float, "duration": float, "max_requests": int, "lora_rank": int,
+         "seed": int, "max_batch": int, "max_seq_len": int, "micro_batch_rows": int, "seq_len": int}
 log = logging.getLogger("harli_jax")
+
+
+def _defaults() -> dict:
+    own = {name: default for name, (default, _) in OWN.items()}
+    return {**own, **{name: field_of(cls, field).default for name, (cls, field) in FIELDS.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harli replay", description=__doc__)
-    p.add_argument("--model", help="HF checkpoint directory or model YAML (default: configs/models/tiny.yaml)")
-    p.add_argument("--trace", help="trace file: native CSV, Azure CSV, BurstGPT CSV or Mooncake JSONL "
-                                   "(default: configs/traces/default.csv)")
-    p.add_argument("--dataset", help="finetune JSONL (default: the embedded upper-casing task)")
-    p.add_argument("--policy", help=f"comma-separated, one run each on the same trace: {', '.join(POLICIES)}")
-    p.add_argument("--tpot-slo", help="'50ms', or 'Nx' = N times the solo decode step at the trace's peak batch "
-                                      "(default 4x)")
-    p.add_argument("--ttft-slo", help="'500ms' (default: none)")
-    p.add_argument("--rate-scale", type=float, help="multiply the arrival rate (default 1)")
-    p.add_argument("--time-scale", type=float, help="stretch the trace's time axis (default 1)")
-    p.add_argument("--duration", type=float, help="replay only the first N seconds of the trace")
-    p.add_argument("--max-requests", type=int, help="replay only the first N requests")
-    p.add_argument("--lora-rank", type=int, help="LoRA rank of the finetune job (default 8)")
-    p.add_argument("--seed", type=int, help="seed of the prompts, the random weights of a YAML model and the job")
-    p.add_argument("--out", help="report directory (default runs/<timestamp>/)")
-    p.add_argument("--profile", help="record a JAX profiler session per policy into this directory")
-    p.add_argument("--config", help="YAML file with any of these options (flags override it), plus max_batch, "
-                                    "max_seq_len, micro_batch_rows, seq_len")
+    for name, (default, text) in OWN.items():
+        if default is not None:
+            text += f" (default {Path(default).relative_to(REPO) if name in ('model', 'trace') else default})"
+        p.add_argument(f"--{name.replace('_', '-')}", type=TYPES.get(name, str), help=text)
+    preset = _load_options(PRESET)
+    for name, (cls, field) in FIELDS.items():
+        text = help_of(cls, field, preset.get(name, dataclasses.MISSING))
+        text += {"policy": "; comma-separated: one run each on the same trace",
+                 "seed": "; also of the prompts and of a YAML model's weights"}.get(name, "")
+        p.add_argument(f"--{name.replace('_', '-')}", type=TYPES.get(name, str), help=text)
+    p.add_argument("--config", help=f"YAML file with any of these options (flags override it); unset: "
+                                    f"{PRESET.relative_to(REPO)}, the sizes of a replay of the tiny model on a CPU")
     return p
 
 
+def _load_options(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"replay config not found: {path}")
+    loaded = {k.replace("-", "_"): v for k, v in (yaml.safe_load(path.read_text()) or {}).items()}
+    known = set(OWN) | set(FIELDS)
+    unknown = sorted(set(loaded) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown replay option(s) {unknown}; known: {sorted(known)}")
+    return loaded
+
+
 def resolve_options(args: argparse.Namespace) -> dict:
-    options = dict(DEFAULTS)
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"replay config not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        unknown = sorted(set(loaded) - set(DEFAULTS))
-        if unknown:
-            raise ConfigError(f"{path}: unknown replay option(s) {unknown}; known: {sorted(DEFAULTS)}")
-        options.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    options.update({k: v for k, v in vars(args).items() if v is not None and k in DEFAULTS})
+    """The dataclasses' defaults, then the config file (the preset unless --config), then the flags."""
+    options = _defaults()
+    options.update(_load_options(Path(args.config) if args.config else PRESET))
+    options.update({k: v for k, v in vars(args).items() if v is not None and k in options})
     policies = [p.strip() for p in str(options["policy"]).split(",") if p.strip()]
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies:
@@ -108,33 +115,16 @@ def parse_slo(text: str | None, what: str) -> tuple[str, float] | None:
 
 def _solo_step(engine: Engine, trace: Trace) -> tuple[float, int]:
     """Median solo decode-step latency at the trace's peak batch (and that batch)."""
-    at_max = engine.time_decode_step(engine.config.max_batch)
-    peak = max(1, min(engine.config.max_batch, peak_concurrency(trace, at_max)))
+    max_batch = engine.config.scheduler.max_batch
+    at_max = engine.time_decode_step(max_batch)
+    peak = max(1, min(max_batch, peak_concurrency(trace, at_max)))
     return engine.time_decode_step(peak), peak
 
 
-class Progress:
-    """One status line, rewritten in place on a terminal, printed every few seconds otherwise."""
-
-    def __init__(self, total: int, policy: str):
-        self.total, self.policy = total, policy
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def update(self, done: int, tokens: int, job, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < (0.5 if self.tty else 5.0):
-            return
-        self.last = now
-        p = job.progress()
-        loss = "-" if p.loss is None else f"{p.loss:.3f}"
-        line = (f"[{self.policy}] requests {done}/{self.total}  decode tokens {tokens}  finetune step {p.step}  "
-                f"loss {loss}  trained {p.tokens} tokens")
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
+def _detail(decode_tokens: int, job) -> str:
+    p = job.progress()
+    loss = "-" if p.loss is None else f"{p.loss:.3f}"
+    return f"decode tokens {decode_tokens}  finetune step {p.step}  loss {loss}  trained {p.tokens} tokens"
 
 
 def run_policy(model: LoadedModel, trace: Trace, policy: str, options: dict, out: Path,
@@ -149,7 +139,7 @@ def run_policy(model: LoadedModel, trace: Trace, policy: str, options: dict, out
     ttft = parse_slo(options["ttft_slo"], "ttft-slo")
     if ttft is not None and ttft[0] == "x":
         raise ConfigError("--ttft-slo takes a time ('500ms'), not a multiple")
-    engine.config = dataclasses.replace(engine.config, tpot_slo_ms=slo_s * 1e3)
+    engine.set_tpot_slo(slo_s * 1e3)
     print(f"[{policy}] solo decode step at the peak batch {peak}: {solo * 1e3:.2f} ms -> TPOT SLO "
           f"{slo_s * 1e3:.2f} ms", file=sys.stderr)
     job = FinetuneJob(dataset=options["dataset"], lora=LoRAConfig(rank=options["lora_rank"],
@@ -169,7 +159,7 @@ def run_policy(model: LoadedModel, trace: Trace, policy: str, options: dict, out
     print(f"[{policy}] calibrating the latency predictor...", file=sys.stderr)
     handle = engine.finetune(job)
     requests = trace.to_requests(model.cfg.vocab_size, seed=options["seed"])
-    progress = Progress(len(requests), policy)
+    progress = StatusLine(f"[{policy}] requests", len(requests), interval_s=5.0, always=True)
     outputs, decode_tokens, interrupted = [], 0, False
     tokens_before, wall_start = handle.progress().tokens, time.time()
     start = time.perf_counter()
@@ -181,11 +171,11 @@ def run_policy(model: LoadedModel, trace: Trace, policy: str, options: dict, out
                     decode_tokens += 1
                 elif isinstance(event, FinishedEvent):
                     outputs.append(event.output)
-                progress.update(len(outputs), decode_tokens, handle)
+                progress.update(len(outputs), functools.partial(_detail, decode_tokens, handle))
     except KeyboardInterrupt:
         interrupted = True
     wall = time.perf_counter() - start
-    progress.update(len(outputs), decode_tokens, handle, force=True)
+    progress.update(len(outputs), functools.partial(_detail, decode_tokens, handle), force=True)
     progress.close()
     handle.stop()  # a final checkpoint
     if interrupted:
@@ -237,9 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         parse_slo(options["tpot_slo"], "tpot-slo")
         model = load_model(options["model"], seed=options["seed"])
+        context = CacheConfig(max_seq_len=options["max_seq_len"]).seq_len(model.cfg)
         trace = load_trace(options["trace"]).rescale(
-            rate_scale=options["rate_scale"], time_scale=options["time_scale"],
-            max_context=options["max_seq_len"], duration=options["duration"], max_requests=options["max_requests"])
+            rate_scale=options["rate_scale"], time_scale=options["time_scale"], max_context=context,
+            duration=options["duration"], max_requests=options["max_requests"])
         for problem in trace.problems[:5]:
             print(f"skipped {problem}", file=sys.stderr)
         print(f"replaying {len(trace)} requests over {trace.duration:.1f}s from {trace.source} on {model.cfg.name} "

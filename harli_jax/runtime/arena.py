@@ -173,6 +173,6 @@ def pages_from_memory(layout: ArenaLayout, memory_fraction: float, weight_bytes:
     stats = device.memory_stats() or {}
     limit = stats.get("bytes_limit")
     if not limit:
-        raise ValueError(f"{device} reports no memory limit; set EngineConfig.num_pages")
+        raise ValueError(f"{device} reports no memory limit; set EngineConfig.cache.num_pages")
     available = int(limit * memory_fraction) - weight_bytes - workspace_bytes
     return max(available // layout.page_bytes, 0)

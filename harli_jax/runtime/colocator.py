@@ -37,7 +37,8 @@ def chunk_options(cfg: ModelConfig, config: EngineConfig) -> tuple[int, ...]:
     or `temporal-K` policy. A micro-step over fewer layers than a chunk takes the largest that fits."""
     layers = cfg.num_layers
     sizes = {1 << i for i in range(layers.bit_length()) if 1 << i <= layers} | {layers}
-    own = {"static": config.static_layers, "temporal-K": config.temporal_chunk}.get(config.policy)
+    c = config.colocation
+    own = {"static": c.static_layers, "temporal-K": c.temporal_chunk}.get(c.policy)
     if own is not None and 0 < own <= layers:
         sizes.add(own)
     return tuple(sorted(sizes))
@@ -49,10 +50,11 @@ class CoLocator:
         self.cfg, self.config = cfg, config
         self.scheduler, self.page_table, self.runner = scheduler, arena.table, runner
         self.chunks = chunk_options(cfg, config)
-        self.predictor = LatencyPredictor(config.predictor_quantile)
-        self.policy = make_policy(config.policy, lambda kind: self.predictor.micro(kind).bound, self.chunks,
-                                  temporal_k=config.temporal_k, temporal_chunk=config.temporal_chunk,
-                                  static_layers=config.static_layers, bank_cap=config.bank_cap)
+        c = config.colocation
+        self.predictor = LatencyPredictor(config.predictor.quantile)
+        self.policy = make_policy(c.policy, lambda kind: self.predictor.micro(kind).bound, self.chunks,
+                                  temporal_k=c.temporal_k, temporal_chunk=c.temporal_chunk,
+                                  static_layers=c.static_layers, bank_cap=c.bank_cap)
         self.job: FinetuneRunner | None = None
         self.idle_training = IdleTraining()
         self._steps_since_train = 0
@@ -65,8 +67,8 @@ class CoLocator:
         """Takes the job: compiles its programs (every micro-step size unless the policy never trains while
         serving) and, under an SLO, calibrates the predictor."""
         self.job = job
-        job.warmup(self.chunks if self.config.policy != "decode-only" else ())
-        if self.config.tpot_slo_ms:
+        job.warmup(self.chunks if self.config.colocation.policy != "decode-only" else ())
+        if self.config.colocation.tpot_slo_ms:
             self.calibrate()
 
     def reclaimed(self, owners: list[Owner]) -> None:
@@ -122,7 +124,7 @@ class CoLocator:
         return need
 
     def _window(self, next_plan: StepPlan) -> dict:
-        job, config = self.job, self.config
+        job, config = self.job, self.config.colocation
         decided = time.perf_counter()
         slo = (config.tpot_slo_ms or 0.0) / 1e3
         if not slo and config.policy == "harli":
@@ -169,7 +171,7 @@ class CoLocator:
             self.predictor = loaded
             return loaded
         started = time.perf_counter()
-        runs = self.config.calibration_runs
+        runs = self.config.predictor.calibration_runs
         with self._scratch_page() as page:
             for bucket in self.runner.buckets:
                 for i in range(runs + 1):
@@ -215,12 +217,12 @@ class CoLocator:
         job, config = self.job, self.config
         key = json.dumps({"model": dataclasses.asdict(self.cfg), "buckets": [dataclasses.astuple(b) for b in
                                                                               self.runner.buckets],
-                          "page_tokens": config.page_tokens, "attention": config.attention_impl,
+                          "page_tokens": config.cache.page_tokens, "attention": config.runner.attention_impl,
                           "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                          "runs": config.calibration_runs, "quantile": config.predictor_quantile,
+                          "runs": config.predictor.calibration_runs, "quantile": config.predictor.quantile,
                           "chunks": self.chunks,
                           "job": None if job is None else [job.job.micro_batch_rows, job.job.seq_len,
                                                            dataclasses.asdict(job.job.lora)]},
                          sort_keys=True, default=str)
-        root = Path(config.calibration_dir or Path.home() / ".cache" / "harli_jax")
+        root = Path(config.predictor.calibration_dir or Path.home() / ".cache" / "harli_jax")
         return root / f"predictor-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

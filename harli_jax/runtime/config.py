@@ -1,92 +1,46 @@
-"""EngineConfig: arena size, shape buckets, batching limits, dtype, SLO."""
+"""EngineConfig, by concern: the arena and its KV cache, the scheduler, the model runner, co-location and the
+latency predictor. Every field has its default and help once, here; defaults work on a CPU for models up to
+configs/models/small.yaml."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from harli_jax.errors import ConfigError
 from harli_jax.model.config import DTYPES, ModelConfig
+from harli_jax.options import option
 from harli_jax.runtime.colocation import POLICIES
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Every field has a default that works on a CPU for models up to configs/models/small.yaml."""
+def _positive_ints(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{type(config).__name__}.{name} must be a positive integer, got {value!r}")
 
-    max_batch: int = 32  # sequences per step (decoding and prefilling together)
-    prefill_chunk: int = 64  # prompt tokens per step, shared by the prefilling sequences
-    page_tokens: int = 16
-    max_seq_len: int | None = None  # prompt + output tokens per request; default min(model context, 2048)
-    num_pages: int | None = None  # arena pages (page 0 is the null page); default from memory
-    memory_fraction: float = 0.9  # of an accelerator's memory for weights + workspace + arena
-    cpu_arena_mb: int = 512  # arena size on a CPU when num_pages is not set
-    batch_buckets: tuple[int, ...] = ()  # default: powers of two up to max_batch
-    page_buckets: tuple[int, ...] = ()  # pages-per-sequence buckets; default: x4 steps up to the maximum
-    dtype: str | None = None  # weights and arena; default the model's
-    attention_impl: str = "auto"  # harli_jax.kernels.paged_attention impl
-    tpot_slo_ms: float | None = None
-    compile_threads: int = 0  # parallel compilation at warm-up; 0 = one per CPU core
-    # Co-location of a finetune job with serving (see harli_jax.runtime.colocation).
-    policy: str = "harli"  # harli | decode-only | temporal-K | static
-    slo_margin: float = 0.1  # safety margin, a fraction of the TPOT SLO
-    bank_cap: float = 1.0  # banked slack usable in one window, in SLOs
-    temporal_k: int = 2  # temporal-K: K inference steps, then K micro-steps
-    temporal_chunk: int = 1  # temporal-K: layers per micro-step
-    static_layers: int = 1  # static: layers of micro-steps after every inference step
-    predictor_quantile: float = 0.99  # the predictor's bound covers this share of steps
-    calibration_runs: int = 5  # timed runs per program in the calibration sweep
-    calibration_dir: str | None = None  # predictor cache; default ~/.cache/harli_jax
-    step_record_limit: int = 100_000  # newest step records kept (Engine.step_records)
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """The arena: its pages, their size, and the context a request may reach."""
+
+    page_tokens: int = option(16, "tokens per arena page")
+    max_seq_len: int | None = option(None, "prompt + output tokens per request; unset: min(model context, 2048)")
+    num_pages: int | None = option(None, "arena pages (page 0 is the null page); unset: from the device's memory")
+    memory_fraction: float = option(0.9, "share of an accelerator's memory for weights, workspace and arena")
+    cpu_arena_mb: int = option(512, "arena size on a CPU when num_pages is unset")
 
     def __post_init__(self):
-        for name in ("max_batch", "prefill_chunk", "page_tokens", "cpu_arena_mb", "step_record_limit"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        _positive_ints(self, "page_tokens", "cpu_arena_mb")
         if self.max_seq_len is not None and self.max_seq_len <= 0:
-            raise ConfigError(f"EngineConfig.max_seq_len must be positive, got {self.max_seq_len}")
+            raise ConfigError(f"CacheConfig.max_seq_len must be positive, got {self.max_seq_len}")
         if self.num_pages is not None and self.num_pages < 2:
-            raise ConfigError(f"EngineConfig.num_pages must be >= 2 (page 0 is the null page), got {self.num_pages}")
+            raise ConfigError(f"CacheConfig.num_pages must be >= 2 (page 0 is the null page), got {self.num_pages}")
         if not 0 < self.memory_fraction <= 1:
-            raise ConfigError(f"EngineConfig.memory_fraction must be in (0, 1], got {self.memory_fraction}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"EngineConfig.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.attention_impl not in ("auto", "pallas", "reference"):
-            raise ConfigError(f"EngineConfig.attention_impl must be auto, pallas or reference, "
-                              f"got {self.attention_impl!r}")
-        if self.tpot_slo_ms is not None and self.tpot_slo_ms <= 0:
-            raise ConfigError(f"EngineConfig.tpot_slo_ms must be positive, got {self.tpot_slo_ms}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"EngineConfig.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if not 0 <= self.slo_margin < 1 or self.bank_cap < 0:
-            raise ConfigError("EngineConfig.slo_margin must be in [0, 1) and bank_cap >= 0")
-        if min(self.temporal_k, self.temporal_chunk) <= 0 or self.static_layers < 0:
-            raise ConfigError("EngineConfig.temporal_k and temporal_chunk must be positive, static_layers >= 0")
-        if not 0.5 <= self.predictor_quantile < 1:
-            raise ConfigError(f"EngineConfig.predictor_quantile must be in [0.5, 1), got {self.predictor_quantile}")
-        if any(b <= 0 or b > self.max_batch for b in self.batch_buckets):
-            raise ConfigError(f"EngineConfig.batch_buckets must lie in [1, max_batch={self.max_batch}], "
-                              f"got {self.batch_buckets}")
-        if any(p <= 0 for p in self.page_buckets):
-            raise ConfigError(f"EngineConfig.page_buckets must be positive, got {self.page_buckets}")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> EngineConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"engine config file not found: {path}")
-        data = {**(yaml.safe_load(path.read_text()) or {}), **overrides}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown engine config field(s) {unknown}; known: {sorted(known)}")
-        for name in ("batch_buckets", "page_buckets"):
-            if name in data:
-                data[name] = tuple(data[name])
-        return cls(**data)
+            raise ConfigError(f"CacheConfig.memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
     def seq_len(self, model: ModelConfig) -> int:
         return min(self.max_seq_len or 2048, model.max_position_embeddings)
@@ -94,17 +48,177 @@ class EngineConfig:
     def max_pages_per_seq(self, model: ModelConfig) -> int:
         return -(-self.seq_len(model) // self.page_tokens)
 
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """What one step may hold, and the program shapes its plans are padded to."""
+
+    max_batch: int = option(32, "sequences per step, decoding and prefilling together")
+    prefill_chunk: int = option(64, "prompt tokens per step, shared by the prefilling sequences")
+    batch_buckets: tuple[int, ...] = option((), "sequences-per-step program shapes; unset: powers of two")
+    page_buckets: tuple[int, ...] = option((), "pages-per-sequence program shapes; unset: x4 steps to the maximum")
+
+    def __post_init__(self):
+        _positive_ints(self, "max_batch", "prefill_chunk")
+        if any(b <= 0 or b > self.max_batch for b in self.batch_buckets):
+            raise ConfigError(f"SchedulerConfig.batch_buckets must lie in [1, max_batch={self.max_batch}], "
+                              f"got {self.batch_buckets}")
+        if any(p <= 0 for p in self.page_buckets):
+            raise ConfigError(f"SchedulerConfig.page_buckets must be positive, got {self.page_buckets}")
+
     def resolved_batch_buckets(self) -> tuple[int, ...]:
         if self.batch_buckets:
             return tuple(sorted({*self.batch_buckets, self.max_batch}))
         powers = [1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch]
         return (*powers, self.max_batch)
 
-    def resolved_page_buckets(self, model: ModelConfig) -> tuple[int, ...]:
-        top = self.max_pages_per_seq(model)
+    def resolved_page_buckets(self, max_pages_per_seq: int) -> tuple[int, ...]:
+        top = max_pages_per_seq
         if self.page_buckets:
             return tuple(sorted({min(p, top) for p in self.page_buckets} | {top}))
         buckets = [top]
         while buckets[-1] // 4 >= 4:
             buckets.append(buckets[-1] // 4)
         return tuple(sorted(buckets))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    """The model runner and the engine loop: dtype, attention, compilation, step records."""
+
+    dtype: str | None = option(None, "weights and arena dtype; unset: the model's")
+    attention_impl: str = option("auto", "paged attention: auto, pallas or reference")
+    compile_threads: int = option(0, "parallel compilations at warm-up; 0: one per CPU core")
+    step_record_limit: int = option(100_000, "newest step records kept (Engine.step_records)")
+
+    def __post_init__(self):
+        _positive_ints(self, "step_record_limit")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"RunnerConfig.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.attention_impl not in ("auto", "pallas", "reference"):
+            raise ConfigError(f"RunnerConfig.attention_impl must be auto, pallas or reference, "
+                              f"got {self.attention_impl!r}")
+        if isinstance(self.compile_threads, bool) or not isinstance(self.compile_threads, int) \
+                or self.compile_threads < 0:
+            raise ConfigError(f"RunnerConfig.compile_threads must be an integer >= 0, got {self.compile_threads!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoLocationConfig:
+    """Training a finetune job in decode's slack (see harli_jax.runtime.colocation)."""
+
+    policy: str = option("harli", f"co-location policy: {', '.join(POLICIES)}")
+    tpot_slo_ms: float | None = option(None, "time-per-output-token SLO in ms; unset: none")
+    slo_margin: float = option(0.1, "safety margin, a share of the TPOT SLO")
+    bank_cap: float = option(1.0, "banked slack usable in one window, in SLOs")
+    temporal_k: int = option(2, "temporal-K: K inference steps, then K micro-steps")
+    temporal_chunk: int = option(1, "temporal-K: layers per micro-step")
+    static_layers: int = option(1, "static: layers of micro-steps after every inference step")
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ConfigError(f"CoLocationConfig.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.tpot_slo_ms is not None and self.tpot_slo_ms <= 0:
+            raise ConfigError(f"CoLocationConfig.tpot_slo_ms must be positive, got {self.tpot_slo_ms}")
+        if not 0 <= self.slo_margin < 1 or self.bank_cap < 0:
+            raise ConfigError("CoLocationConfig.slo_margin must be in [0, 1) and bank_cap >= 0")
+        if min(self.temporal_k, self.temporal_chunk) <= 0 or self.static_layers < 0:
+            raise ConfigError("CoLocationConfig.temporal_k and temporal_chunk must be positive, static_layers >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorConfig:
+    """The two-stage latency predictor and its calibration sweep."""
+
+    quantile: float = option(0.99, "the share of steps the predicted bound covers")
+    calibration_runs: int = option(5, "timed runs per program in the calibration sweep")
+    calibration_dir: str | None = option(None, "calibration cache directory; unset: ~/.cache/harli_jax")
+
+    def __post_init__(self):
+        _positive_ints(self, "calibration_runs")
+        if not 0.5 <= self.quantile < 1:
+            raise ConfigError(f"PredictorConfig.quantile must be in [0.5, 1), got {self.quantile}")
+
+
+GROUPS: dict[str, type] = {"cache": CacheConfig, "scheduler": SchedulerConfig, "runner": RunnerConfig,
+                           "colocation": CoLocationConfig, "predictor": PredictorConfig}
+RENAMED = {"predictor_quantile": "quantile"}  # flat names of the first EngineConfig whose group field differs
+
+
+def _flat_places() -> dict[str, tuple[str, str]]:
+    """Each flat (pre-grouping) keyword: (group, field)."""
+    places = {f.name: (group, f.name) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+    places.update({old: (places[new][0], new) for old, new in RENAMED.items()})
+    return places
+
+
+FLAT = _flat_places()
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class EngineConfig:
+    """The engine's settings, one group per concern. A flat keyword of a group's field also works
+    (`EngineConfig(max_batch=8, tpot_slo_ms=50)` is `EngineConfig(scheduler=SchedulerConfig(max_batch=8),
+    colocation=CoLocationConfig(tpot_slo_ms=50))`)."""
+
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    runner: RunnerConfig
+    colocation: CoLocationConfig
+    predictor: PredictorConfig
+
+    def __init__(self, **fields: Any):
+        groups: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+        given: dict[str, Any] = {}
+        for name, value in fields.items():
+            if name in GROUPS:
+                if not isinstance(value, GROUPS[name]):
+                    raise ConfigError(f"EngineConfig.{name} must be a {GROUPS[name].__name__}, got {value!r}")
+                given[name] = value
+            elif name in FLAT:
+                group, field = FLAT[name]
+                groups[group][field] = value
+            else:
+                raise ConfigError(f"EngineConfig has no field {name!r}; groups: {', '.join(GROUPS)}; "
+                                  f"fields: {', '.join(sorted(FLAT))}")
+        for group, cls in GROUPS.items():
+            if group in given and groups[group]:
+                raise ConfigError(f"EngineConfig: {sorted(groups[group])} set both flat and in {group}=")
+            value = given.get(group) or cls(**{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in groups[group].items()})
+            object.__setattr__(self, group, value)
+
+    def __getattr__(self, name: str):
+        if name in FLAT:
+            group, field = FLAT[name]
+            raise AttributeError(f"EngineConfig.{name} is EngineConfig.{group}.{field}")
+        raise AttributeError(f"EngineConfig has no attribute {name!r}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> EngineConfig:
+        """A YAML mapping of group sections (`scheduler: {max_batch: 8}`) or flat fields (`max_batch: 8`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"engine config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: an engine config is a mapping, got {type(data).__name__}")
+        flat: dict[str, Any] = {}
+        for name, value in data.items():
+            if name in GROUPS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{path}: section {name} must be a mapping of {GROUPS[name].__name__} fields")
+                known = {f.name for f in dataclasses.fields(GROUPS[name])}
+                unknown = sorted(set(value) - known)
+                if unknown:
+                    raise ConfigError(f"{path}: unknown {name} field(s) {unknown}; known: {sorted(known)}")
+                flat.update(value)
+            elif name in FLAT:
+                flat[name] = value
+            else:
+                raise ConfigError(f"{path}: unknown engine config field {name!r}; known: {sorted(FLAT)} "
+                                  f"or the sections {sorted(GROUPS)}")
+        return cls(**{**flat, **overrides})
+
+    def resolved_page_buckets(self, model: ModelConfig) -> tuple[int, ...]:
+        return self.scheduler.resolved_page_buckets(self.cache.max_pages_per_seq(model))

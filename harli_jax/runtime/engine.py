@@ -9,6 +9,7 @@ through messages that the engine thread applies at the start of a step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -53,55 +54,57 @@ class Engine:
         show_progress()
         config = config or EngineConfig()
         cfg, params = model.cfg, model.params
-        if config.dtype and config.dtype != cfg.dtype:
-            cfg = cfg.replace(dtype=config.dtype)
-            params = jax.tree.map(lambda x: x.astype(config.dtype), params)
+        dtype, cache, scheduler = config.runner.dtype, config.cache, config.scheduler
+        if dtype and dtype != cfg.dtype:
+            cfg = cfg.replace(dtype=dtype)
+            params = jax.tree.map(lambda x: x.astype(dtype), params)
         self.cfg, self.config, self.tokenizer = cfg, config, model.tokenizer
-        self.seq_len = config.seq_len(cfg)
-        layout = ArenaLayout(cfg, config.page_tokens)
+        self.seq_len = cache.seq_len(cfg)
+        layout = ArenaLayout(cfg, cache.page_tokens)
         num_pages = self._num_pages(layout, params)
-        self.arena = Arena(layout, num_pages, config.max_pages_per_seq(cfg))
+        self.arena = Arena(layout, num_pages, cache.max_pages_per_seq(cfg))
         self.runner = ModelRunner(cfg, params, config, self.arena)
-        self.inputs = InputProcessor(cfg, model.tokenizer, self.seq_len, config.page_tokens, self.arena.table.capacity)
-        self.scheduler = Scheduler(self.arena.table, config.max_batch, config.prefill_chunk,
+        self.inputs = InputProcessor(cfg, model.tokenizer, self.seq_len, cache.page_tokens, self.arena.table.capacity)
+        self.scheduler = Scheduler(self.arena.table, scheduler.max_batch, scheduler.prefill_chunk,
                                    OutputProcessor(model.tokenizer))
         self.colocation = CoLocator(cfg, config, self.scheduler, self.arena, self.runner)
-        self.step_records = StepLog(config.step_record_limit)
+        self.step_records = StepLog(config.runner.step_record_limit)
         self._next_plan: StepPlan | None = None  # scheduled after the last step, before its training window
         self._messages: deque[tuple[str, object]] = deque()  # submits and aborts, applied by the engine thread
         self._live: set[str] = set()  # ids submitted and not yet finished
         self._lock = threading.Lock()  # guards _messages and _live
         self._ids = itertools.count()
         log.info("engine: %s, %d arena pages of %d tokens, max batch %d, prefill chunk %d, context %d",
-                 cfg.name, num_pages, config.page_tokens, config.max_batch, config.prefill_chunk, self.seq_len)
+                 cfg.name, num_pages, cache.page_tokens, scheduler.max_batch, scheduler.prefill_chunk, self.seq_len)
         if warmup:
             self.runner.warmup()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **kwargs) -> Engine:
         """An engine over an HF checkpoint directory."""
-        return cls(load_model(path, dtype=config.dtype if config else None), config, **kwargs)
+        return cls(load_model(path, dtype=config.runner.dtype if config else None), config, **kwargs)
 
     @classmethod
     def from_config(cls, yaml_path: str | Path, config: EngineConfig | None = None, seed: int = 0,
                     **kwargs) -> Engine:
         """An engine over a YAML model config with random weights from `seed`."""
-        return cls(load_model(yaml_path, dtype=config.dtype if config else None, seed=seed), config, **kwargs)
+        return cls(load_model(yaml_path, dtype=config.runner.dtype if config else None, seed=seed), config,
+                   **kwargs)
 
     def _num_pages(self, layout: ArenaLayout, params) -> int:
-        config = self.config
-        if config.num_pages is not None:
-            return config.num_pages
+        config, cache = self.config, self.config.cache
+        if cache.num_pages is not None:
+            return cache.num_pages
         device = jax.devices()[0]
         if device.platform == "cpu":
             per_page = layout.page_bytes
             # Room for every slot at full context twice over (the trainer leases the rest), within the budget.
-            enough = 2 * config.max_batch * config.max_pages_per_seq(self.cfg) + 1
-            return max(2, min(config.cpu_arena_mb * 2**20 // per_page, enough))
+            enough = 2 * config.scheduler.max_batch * cache.max_pages_per_seq(self.cfg) + 1
+            return max(2, min(cache.cpu_arena_mb * 2**20 // per_page, enough))
         weights = sum(x.nbytes for x in jax.tree.leaves(params))
-        probe = ModelRunner(self.cfg, params, config, Arena(layout, 2, config.max_pages_per_seq(self.cfg)))
+        probe = ModelRunner(self.cfg, params, config, Arena(layout, 2, cache.max_pages_per_seq(self.cfg)))
         workspace = probe.compile(probe.buckets[-1]).memory_analysis().temp_size_in_bytes
-        return pages_from_memory(layout, config.memory_fraction, weights, workspace, device)
+        return pages_from_memory(layout, cache.memory_fraction, weights, workspace, device)
 
     # Co-location, finetuning and adapters --------------------------------------------------------------------
 
@@ -120,6 +123,13 @@ class Engine:
     def time_decode_step(self, batch: int, runs: int = 7) -> float:
         """Median latency of a solo decode step of `batch` sequences at the longest context bucket."""
         return self.colocation.time_decode_step(batch, runs)
+
+    def set_tpot_slo(self, tpot_slo_ms: float | None) -> None:
+        """Sets the TPOT SLO that co-location protects from the next window on (e.g. one derived from a measured
+        decode step); a job registered afterwards is calibrated for it."""
+        colocation = dataclasses.replace(self.config.colocation, tpot_slo_ms=tpot_slo_ms)
+        self.config = dataclasses.replace(self.config, colocation=colocation)
+        self.colocation.config = self.config
 
     def chunk_options(self) -> tuple[int, ...]:
         """Layers per training micro-step, each compiled at warm-up."""
@@ -201,7 +211,7 @@ class Engine:
             raise RequestError(f"request {request_id!r} has not finished its prefill yet")
         pages = self.arena.table.block_table(request_id)[: self.arena.table.pages_for_tokens(len(state.prompt_ids))]
         return PrefilledKV(prompt_ids=state.prompt_ids, first_token=state.output_ids[0],
-                           kv=self.runner.read_pages(pages), page_tokens=self.config.page_tokens)
+                           kv=self.runner.read_pages(pages), page_tokens=self.config.cache.page_tokens)
 
     def _apply_messages(self) -> list[Event]:
         with self._lock:

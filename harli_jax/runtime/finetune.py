@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from harli_jax.errors import ConfigError
+from harli_jax.logs import StatusLine
 from harli_jax.lora import data as data_lib
 from harli_jax.lora import trainer
 from harli_jax.lora.adapters import LoRAConfig, export_peft, init_lora
@@ -26,6 +27,7 @@ from harli_jax.lora.checkpoint import TrainCheckpointer
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.params import Params
 from harli_jax.model.tokenizer import Tokenizer
+from harli_jax.options import option
 from harli_jax.runtime.arena import Arena
 from harli_jax.runtime.colocation import micro_sequence
 from harli_jax.runtime.microbatch import MicroBatchExecutor
@@ -42,28 +44,30 @@ class FinetuneJob:
     Each optimizer step averages `grad_accum` micro-batches of `micro_batch_rows x seq_len` tokens.
     """
 
-    dataset: str | Path | Sequence[dict] | None = None
+    dataset: str | Path | Sequence[dict] | None = option(
+        None, "JSONL of {text} | {prompt, completion} | {messages} records, or a list of them; unset: the embedded "
+              "upper-casing task")
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
-    learning_rate: float = 3e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    micro_batch_rows: int = 8
-    seq_len: int = 128
-    grad_accum: int = 1
-    total_steps: int | None = 200
-    epochs: int | None = None
-    eval_fraction: float = 0.05
-    eval_interval: int = 50  # optimizer steps between evaluations (0: only at the end)
-    checkpoint_dir: str | Path | None = None
-    checkpoint_interval: int = 100  # optimizer steps between checkpoints
-    seed: int = 0
-    strict_data: bool = False  # malformed JSONL lines raise instead of being skipped
-    overflow: str = "truncate"  # samples longer than seq_len: "truncate" or "split" (see harli_jax.lora.data)
-    remat: bool = False  # single-program path: recompute each layer in backward instead of storing activations
-    max_nonfinite: int = 3  # consecutive non-finite updates (skipped) before the job pauses
-    history_limit: int = 100_000  # optimizer steps kept in `history` (and its checkpoints): the newest
-    name: str = "finetune"
+    learning_rate: float = option(3e-3, "peak learning rate (warmup, then cosine decay)")
+    warmup_steps: int = option(10, "optimizer steps of linear warmup")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "global gradient-norm clip")
+    micro_batch_rows: int = option(8, "rows per micro-batch")
+    seq_len: int = option(128, "tokens per row")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    total_steps: int | None = option(200, "optimizer steps; unset: `epochs` passes over the data")
+    epochs: int | None = option(None, "passes over the training split when total_steps is unset")
+    eval_fraction: float = option(0.05, "share of the dataset held out for evaluation")
+    eval_interval: int = option(50, "optimizer steps between evaluations (0: only at the end)")
+    checkpoint_dir: str | Path | None = option(None, "Orbax checkpoints; an existing one is resumed")
+    checkpoint_interval: int = option(100, "optimizer steps between checkpoints")
+    seed: int = option(0, "seed of the data order and the adapter's init")
+    strict_data: bool = option(False, "malformed dataset lines are an error instead of being skipped")
+    overflow: str = option("truncate", "samples longer than seq_len: truncate or split")
+    remat: bool = option(False, "single-program path: recompute each layer in backward instead of storing it")
+    max_nonfinite: int = option(3, "consecutive non-finite updates (skipped) before the job pauses")
+    history_limit: int = option(100_000, "newest optimizer steps kept in the history and its checkpoints")
+    name: str = option("finetune", "the job's name in logs and lease ids")
 
     def __post_init__(self):
         for field in ("micro_batch_rows", "seq_len", "grad_accum", "checkpoint_interval", "max_nonfinite",
@@ -400,17 +404,22 @@ class JobHandle:
 
     def wait(self, max_steps: int | None = None) -> JobProgress:
         """Drives the engine (serving whatever requests arrive) until the job finishes, pauses, or has made
-        `max_steps` more optimizer steps."""
-        target = None if max_steps is None else self._runner.step + max_steps
-        reported = time.perf_counter()
-        while self._runner.active and (target is None or self._runner.step < target):
+        `max_steps` more optimizer steps; shows its progress (a bar on a terminal, a log line every
+        `progress_interval_s` elsewhere)."""
+        runner = self._runner
+        target = None if max_steps is None else runner.step + max_steps
+        status = StatusLine(f"{self.name}: step", min(target or runner.total_steps, runner.total_steps),
+                            interval_s=self.progress_interval_s)
+        while runner.active and (target is None or runner.step < target):
             self._engine.step()
-            if time.perf_counter() - reported >= self.progress_interval_s:
-                reported = time.perf_counter()
-                p = self.progress()
-                log.info("%s: step %d/%d, loss %s, %.0f trained tokens/s", self.name, p.step, p.total_steps,
-                         "-" if p.loss is None else f"{p.loss:.4f}", p.tokens_per_s)
+            status.update(runner.step, self._detail)
+        status.update(runner.step, self._detail, force=True)
+        status.close()
         return self.progress()
+
+    def _detail(self) -> str:
+        p = self.progress()
+        return f"loss {'-' if p.loss is None else f'{p.loss:.4f}'}, {p.tokens_per_s:.0f} trained tokens/s"
 
     def export_peft(self, path: str | Path) -> Path:
         """Writes the adapter in the HF PEFT format (`adapter_model.safetensors`, `adapter_config.json`)."""

@@ -8,16 +8,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from harli_jax.options import option
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Temperature 0 is greedy. `top_k` 0 and `top_p` 1 disable those filters."""
 
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+    max_tokens: int = option(16, "new tokens to generate at most")
+    temperature: float = option(0.0, "sampling temperature; 0 is greedy")
+    top_k: int = option(0, "sample among the k most likely tokens; 0: all")
+    top_p: float = option(1.0, "nucleus sampling mass; 1: all")
+    seed: int = option(0, "sampler seed")
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from harli_jax.logs import StatusLine
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import TokenBatch, paged_step, read_pages, write_pages
 from harli_jax.model.params import Adapters, Params
@@ -55,17 +56,19 @@ _write_pages_jit = jax.jit(write_pages, donate_argnames=("arena",))
 
 
 class ModelRunner:
+    """Runs plans: one compiled program per bucket over the engine's weights and arena."""
+
     def __init__(self, cfg: ModelConfig, params: Params, engine_cfg: EngineConfig, arena: Arena):
         self.cfg = cfg
         self.params = params
-        self.engine_cfg = engine_cfg
-        self.page_tokens = engine_cfg.page_tokens
+        self.settings, self.prefill_chunk = engine_cfg.runner, engine_cfg.scheduler.prefill_chunk
+        self.page_tokens = arena.layout.page_tokens
         self.arena = arena
-        self.batch_buckets = engine_cfg.resolved_batch_buckets()
+        self.batch_buckets = engine_cfg.scheduler.resolved_batch_buckets()
         self.page_buckets = engine_cfg.resolved_page_buckets(cfg)
         self.buckets = sorted(
             Bucket(b, b + extra, p)
-            for b in self.batch_buckets for extra in (0, engine_cfg.prefill_chunk) for p in self.page_buckets)
+            for b in self.batch_buckets for extra in (0, self.prefill_chunk) for p in self.page_buckets)
         self._programs: dict[Bucket, jax.stages.Compiled] = {}
         # Whole-page copies (prefilled-KV import and export), one program each per page bucket: the page ids
         # are padded with the null page, which `write_pages` never writes.
@@ -82,7 +85,7 @@ class ModelRunner:
     def bucket_for(self, seqs: int, tokens: int, pages: int) -> Bucket:
         b = self.batch_buckets[bisect.bisect_left(self.batch_buckets, seqs)]
         p = self.page_buckets[bisect.bisect_left(self.page_buckets, pages)]
-        return Bucket(b, b if tokens <= b else b + self.engine_cfg.prefill_chunk, p)
+        return Bucket(b, b if tokens <= b else b + self.prefill_chunk, p)
 
     def _batch_struct(self, bucket: Bucket) -> TokenBatch:
         def i32(*shape):
@@ -97,7 +100,7 @@ class ModelRunner:
 
     def compile(self, bucket: Bucket) -> jax.stages.Compiled:
         return _step_jit.lower(self.params, self.cfg, self.arena.buffer, self._batch_struct(bucket),
-                               self.engine_cfg.attention_impl, self.lora).compile()
+                               self.settings.attention_impl, self.lora).compile()
 
     def _compile_page_copies(self, pages: int) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
         ids = jax.ShapeDtypeStruct((pages,), jnp.int32)
@@ -122,10 +125,13 @@ class ModelRunner:
         started = time.perf_counter()
         log.info("compiling %d step programs (%d batch x %d page buckets, decode and prefill)...",
                  len(todo), len(self.batch_buckets), len(self.page_buckets))
-        workers = self.engine_cfg.compile_threads or os.cpu_count() or 1
+        workers = self.settings.compile_threads or os.cpu_count() or 1
+        status = StatusLine("compiling step programs", len(todo))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for bucket, program in zip(todo, pool.map(self.compile, todo), strict=True):
+            for done, (bucket, program) in enumerate(zip(todo, pool.map(self.compile, todo), strict=True), 1):
                 self._programs[bucket] = program
+                status.update(done)
+        status.close()
         log.info("compiled %d step programs in %.1fs", len(todo), time.perf_counter() - started)
 
     def program(self, bucket: Bucket) -> jax.stages.Compiled:

@@ -24,6 +24,8 @@ from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.params import LoRAPair
 
 ROWS, SEQ = 2, 16
+# The gradient tests never apply an update: any schedule will do.
+OPTIMIZER = OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10, weight_decay=0.0, max_grad_norm=1.0)
 
 
 def _batch(vocab, seed=0):
@@ -61,7 +63,7 @@ def _reference_grads(cfg, params, lora, batch):
 
 
 def _single_program(cfg, params, lora, batch, remat):
-    state = init_state(lora, make_optimizer(OptimizerConfig()))
+    state = init_state(lora, make_optimizer(OPTIMIZER))
     state, total, count = jax.jit(grad_step, static_argnames=("cfg", "remat"))(params, cfg, state, batch, remat)
     return total, count, state.accum
 
@@ -83,7 +85,7 @@ def _micro_steps(cfg, params, lora, batch, layers_per_chunk, page_tokens=8):
     for start in reversed(starts):
         n = min(layers_per_chunk, cfg.num_layers - start)
         g, grads = bwd(params, layout, lora, arena, g, grads, batch, stash, jnp.int32(start + n), n)
-    state = init_state(lora, make_optimizer(OptimizerConfig()))
+    state = init_state(lora, make_optimizer(OPTIMIZER))
     state, _ = commit(state, grads, count)
     return total, count, state.accum
 

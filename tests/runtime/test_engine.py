@@ -76,9 +76,9 @@ def test_generate_matches_transformers(served):
     assert [list(o.token_ids) for o in outputs] == reference
     assert all(o.finish_reason is FinishReason.LENGTH for o in outputs)
     steps = engine.step_records
-    assert max(r.decode_seqs + r.prefill_seqs for r in steps) == SMALL.max_batch
+    assert max(r.decode_seqs + r.prefill_seqs for r in steps) == SMALL.scheduler.max_batch
     assert any(r.decode_seqs and r.prefill_tokens for r in steps), "no step mixed decode and prefill"
-    assert max(r.prefill_tokens for r in steps) == SMALL.prefill_chunk
+    assert max(r.prefill_tokens for r in steps) == SMALL.scheduler.prefill_chunk
 
 
 def test_requests_arriving_at_different_steps(served):
@@ -107,8 +107,9 @@ def test_prefilled_kv_import_into_another_engine(served):
     assert kv.first_token == reference[3][0]
     # The decode engine has another arena size, and pages 1..20 are taken, so the request's K/V lands in
     # other pages than it came from: only a real copy of the pages gives the reference tokens.
+    bigger = dataclasses.replace(SMALL.cache, num_pages=SMALL.cache.num_pages + 9)
     decoder = Engine(LoadedModel(engine.cfg, engine.runner.params, engine.tokenizer),
-                     dataclasses.replace(SMALL, num_pages=SMALL.num_pages + 9), warmup=False)
+                     dataclasses.replace(SMALL, cache=bigger), warmup=False)
     decoder.arena.table.allocate(Owner("test", "occupied"), 20)
     decoded = decoder.submit(Request(prompts[3], GREEDY), prefilled_kv=kv)
     decoder.step()
