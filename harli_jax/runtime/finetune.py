@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +163,6 @@ class FinetuneRunner:
         self.consecutive_nonfinite = 0
         self.abandoned = 0
         self.single_program_time = 0.0
-        # Told the (sample, window) pieces of every micro-batch whose gradient is accumulated.
-        self.commit_observers: list[Callable[[Sequence[tuple[int, int]]], None]] = []
         self.micro = MicroBatchExecutor(self, arena)
         self.checkpointer = TrainCheckpointer(job.checkpoint_dir) if job.checkpoint_dir is not None else None
         if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
@@ -229,15 +227,13 @@ class FinetuneRunner:
         if batch is None:
             return
         self.state, total, count = _grad_step(self.params, self.cfg, self.state, _to_device(batch), self.job.remat)
-        self._committed(batch.pieces)
         self._accumulated(total, count)
         self.single_program_time += time.perf_counter() - started
 
-    def commit_microbatch(self, grads, loss_sum, count, pieces: Sequence[tuple[int, int]]):
+    def commit_microbatch(self, grads, loss_sum, count):
         """Adds a micro-batch's gradient from the micro-step path to the step; returns the zeroed gradient buffers
         for the next micro-batch."""
         self.state, spare = _commit(self.state, grads, count)
-        self._committed(pieces)
         self._accumulated(loss_sum, count)
         return spare
 
@@ -246,10 +242,6 @@ class FinetuneRunner:
         taken back or the job stopped, not a timing run)."""
         self.loader.push_back(batch)
         self.abandoned += abandoned
-
-    def _committed(self, pieces: Sequence[tuple[int, int]]) -> None:
-        for observer in self.commit_observers:
-            observer(pieces)
 
     def _accumulated(self, total, count) -> None:
         self.step_loss_sum += float(total)

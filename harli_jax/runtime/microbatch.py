@@ -149,7 +149,7 @@ class MicroBatchExecutor:
         if run.calibration:
             self.job.return_batch(run.batch, abandoned=False)
         else:
-            self._spare_grads = self.job.commit_microbatch(run.grads, run.loss_sum, run.count, run.batch.pieces)
+            self._spare_grads = self.job.commit_microbatch(run.grads, run.loss_sum, run.count)
 
     def _lease_lost(self, run: MicroBatchRun) -> bool:
         return not self.arena.table.pages(run.lease)

@@ -197,8 +197,7 @@ def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path):
     engine = Engine(tiny, config)
     handle = engine.finetune(FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=4, seq_len=64))
     runner = handle._runner
-    committed_pieces = []  # the audit: every micro-batch whose gradient was accumulated
-    runner.commit_observers.append(committed_pieces.extend)
+    taken = _audit_loader(runner.loader)
     need = runner.micro.stash_pages_needed
     assert need < engine.arena.table.capacity
     waits = []
@@ -229,9 +228,31 @@ def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path):
     handle.wait(max_steps=3)  # the job goes on after the burst
     assert handle.progress().step >= progress.step + 3
     # Every sample trained once, in the loader's order, none lost or counted twice.
-    committed = committed_pieces
+    in_flight = runner.micro.current
+    committed = taken[: len(taken) - len(in_flight.batch.pieces)] if in_flight is not None else taken
     order = _loader_order(runner, len(committed))
     assert committed == order
+
+
+def _audit_loader(loader):
+    """The (sample, window) pieces the job has taken from `loader` and not given back: with one micro-batch in
+    flight at most, a micro-batch given back is the last one taken."""
+    taken = []
+    take, give_back = loader.next_batch, loader.push_back
+
+    def next_batch():
+        batch = take()
+        taken.extend(batch.pieces)
+        return batch
+
+    def push_back(batch):
+        n = len(batch.pieces)
+        assert taken[-n:] == list(batch.pieces), "a micro-batch given back is not the last one taken"
+        del taken[-n:]
+        give_back(batch)
+
+    loader.next_batch, loader.push_back = next_batch, push_back
+    return taken
 
 
 def _loader_order(runner, n):
