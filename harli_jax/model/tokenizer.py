@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,50 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def stream(self) -> TextStream:
+        """An incremental decoder for one sequence of ids."""
+        ...
+
+
+class TextStream(Protocol):
+    def add(self, token_id: int) -> str:
+        """The text that `token_id` completes (empty while a character's bytes are still to come)."""
+        ...
+
+
+class _Utf8Stream:
+    """Byte ids through Python's incremental UTF-8 decoder: a character is given out once its last byte is in."""
+
+    def __init__(self, offset: int, end: int):
+        self.offset, self.end = offset, end
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        if not self.offset <= token_id < self.end:
+            return ""
+        return self._decoder.decode(bytes((token_id - self.offset,)))
+
+
+class _RedecodeStream:
+    """Any tokenizer, as vLLM detokenizes: the last few ids decoded with and without the new one, the
+    difference given out. A trailing replacement character may be a character whose bytes are still to come:
+    it waits for the next complete character (UTF-8 resynchronizes there)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # ids[prefix_offset:read_offset] are decoded for context, not given out again
+        self.read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return after[len(before):]
 
 
 class ByteTokenizer:
@@ -38,6 +83,9 @@ class ByteTokenizer:
         """Ids past the byte range (a model's vocabulary may be larger) decode to nothing."""
         data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < self.vocab_size)
         return data.decode("utf-8", errors="replace")
+
+    def stream(self) -> TextStream:
+        return _Utf8Stream(self.OFFSET, self.vocab_size)
 
 
 class HFTokenizer:
@@ -60,6 +108,9 @@ class HFTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stream(self) -> TextStream:
+        return _RedecodeStream(self)
 
 
 def _special_ids(directory: Path) -> dict:

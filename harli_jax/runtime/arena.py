@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import jax
 
@@ -21,8 +21,9 @@ NULL_PAGE = 0
 T = TypeVar("T")
 
 
-@dataclasses.dataclass(frozen=True, order=True)
-class Owner:
+class Owner(NamedTuple):
+    """Who holds pages (a tuple: cheap to build and hash on every step)."""
+
     kind: str  # "kv" (a request's cache) or "lease" (a trainer stash)
     key: str
 
@@ -54,6 +55,7 @@ class PageTable:
         self._free = list(range(num_pages - 1, NULL_PAGE, -1))  # a stack: low ids are handed out first
         self._owner: list[Owner | None] = [None] * num_pages
         self._pages: dict[Owner, list[int]] = {}
+        self._by_kind: dict[str, int] = {"kv": 0, "lease": 0}  # pages held per owner kind
         self.reclaims = 0
 
     @property
@@ -72,10 +74,7 @@ class PageTable:
 
     def usage(self) -> dict[str, int]:
         """Pages by owner kind, and free."""
-        out = {"free": self.num_free, "kv": 0, "lease": 0}
-        for owner, pages in self._pages.items():
-            out[owner.kind] = out.get(owner.kind, 0) + len(pages)
-        return out
+        return {"free": self.num_free, **self._by_kind}
 
     def allocate(self, owner: Owner, n: int) -> list[int]:
         if n > self.num_free:
@@ -84,10 +83,15 @@ class PageTable:
         for page in new:
             self._owner[page] = owner
         self._pages.setdefault(owner, []).extend(new)
+        self._by_kind[owner.kind] = self._by_kind.get(owner.kind, 0) + n
         return new
 
     def free(self, owner: Owner) -> int:
         pages = self._pages.pop(owner, [])
+        if pages:
+            self._by_kind[owner.kind] -= len(pages)
+            if not self._by_kind[owner.kind] and owner.kind not in ("kv", "lease"):
+                del self._by_kind[owner.kind]
         for page in pages:
             self._owner[page] = None
         self._free.extend(reversed(pages))
@@ -144,6 +148,10 @@ class PageTable:
         assert not set(owned) & set(self._free), "a page is both owned and free"
         assert len(owned) + self.num_free == self.capacity, "used + free != total"
         assert NULL_PAGE not in owned and NULL_PAGE not in self._free, "the null page was allocated"
+        kinds = {"kv": 0, "lease": 0}
+        for owner, pages in self._pages.items():
+            kinds[owner.kind] = kinds.get(owner.kind, 0) + len(pages)
+        assert kinds == self._by_kind, "page counts per owner kind disagree"
         for owner, pages in self._pages.items():
             assert all(self._owner[p] == owner for p in pages), "page owner records disagree"
             if owner.kind == "kv":

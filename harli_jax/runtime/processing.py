@@ -11,7 +11,7 @@ import numpy as np
 
 from harli_jax.errors import HarliError
 from harli_jax.model.config import ModelConfig
-from harli_jax.model.tokenizer import Tokenizer
+from harli_jax.model.tokenizer import TextStream, Tokenizer
 from harli_jax.runtime.request import FinishReason, PrefilledKV, Request
 from harli_jax.runtime.state import RequestState
 
@@ -77,11 +77,9 @@ class InputProcessor:
 
 @dataclasses.dataclass
 class _Detokenized:
-    """A request's incremental detokenization: the ids already turned into text, the text so far, and how
-    much of it was given out."""
+    """A request's incremental detokenization: its decoder, the text so far, and how much was given out."""
 
-    prefix_offset: int = 0  # ids[prefix_offset:read_offset] are re-decoded for context, not emitted again
-    read_offset: int = 0
+    text: TextStream
     decoded: str = ""
     emitted: int = 0  # characters of `decoded` given out in token events
     final: str | None = None  # the finished request's text
@@ -100,12 +98,15 @@ class OutputProcessor:
     def new_token(self, state: RequestState) -> tuple[str | None, FinishReason | None]:
         """The text the request's newest token adds, and why the request ends with it (None: it goes on)."""
         ids, stops = state.output_ids, state.sampling.stop
-        stream = self._streams.setdefault(state.request_id, _Detokenized()) if self.tokenizer else None
+        stream = self._streams.get(state.request_id)
+        if stream is None and self.tokenizer is not None:
+            stream = self._streams[state.request_id] = _Detokenized(self.tokenizer.stream())
         reason, cut = None, None
         if ids[-1] in state.stop_ids:
             reason = FinishReason.STOP
         elif stream is not None:
-            delta = self._decode_new(stream, ids)
+            delta = stream.text.add(ids[-1])
+            stream.decoded += delta
             if stops and delta:
                 start = max(len(stream.decoded) - len(delta) - max(map(len, stops)) + 1, 0)
                 hits = [i for i in (stream.decoded.find(stop, start) for stop in stops) if i >= 0]
@@ -123,18 +124,6 @@ class OutputProcessor:
         text = stream.decoded[stream.emitted:visible] if visible > stream.emitted else ""
         stream.emitted = max(stream.emitted, visible)
         return text, reason
-
-    def _decode_new(self, stream: _Detokenized, ids: list[int]) -> str:
-        before = self.tokenizer.decode(ids[stream.prefix_offset:stream.read_offset])
-        after = self.tokenizer.decode(ids[stream.prefix_offset:])
-        # A trailing replacement character may be a character whose bytes are still to come: it waits for the
-        # next complete character (UTF-8 resynchronizes there), or for the request's end, which shows it.
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        delta = after[len(before):]
-        stream.prefix_offset, stream.read_offset = stream.read_offset, len(ids)
-        stream.decoded += delta
-        return delta
 
     def _decode_shown(self, ids: list[int], state: RequestState, reason: FinishReason) -> str:
         """The whole output decoded, less a stop id at its end."""

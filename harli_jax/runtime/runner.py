@@ -165,15 +165,19 @@ class ModelRunner:
         sample_index = np.zeros(b, np.int32)
         temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
         top_k, counter, seed = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.uint32)
-        cursor = 0
+        cursor, page_tokens = 0, self.page_tokens
         for i, w in enumerate(work):
             n = len(w.tokens)
-            pos = np.arange(w.start, w.start + n, dtype=np.int32)
-            table = np.asarray(w.block_table, np.int32)
-            span = slice(cursor, cursor + n)
-            tokens[span], positions[span], seq_index[span] = w.tokens, pos, i
-            page_ids[span], offsets[span] = table[pos // self.page_tokens], pos % self.page_tokens
-            tables[i, : len(table)] = table
+            tables[i, : len(w.block_table)] = w.block_table
+            if n == 1:  # a decode token: scalars, not array operations
+                p = w.start
+                tokens[cursor], positions[cursor], seq_index[cursor] = w.tokens[0], p, i
+                page_ids[cursor], offsets[cursor] = w.block_table[p // page_tokens], p % page_tokens
+            else:
+                pos = np.arange(w.start, w.start + n, dtype=np.int32)
+                span = slice(cursor, cursor + n)
+                tokens[span], positions[span], seq_index[span] = w.tokens, pos, i
+                page_ids[span], offsets[span] = tables[i, pos // page_tokens], pos % page_tokens
             sample_index[i] = cursor + n - 1
             s = w.sampling
             temperature[i], top_k[i], top_p[i], seed[i], counter[i] = (

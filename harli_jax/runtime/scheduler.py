@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,8 +22,7 @@ from harli_jax.runtime.request import Event, FinishedEvent, FinishReason, Sampli
 from harli_jax.runtime.state import RequestState
 
 
-@dataclasses.dataclass(frozen=True)
-class SeqWork:
+class SeqWork(NamedTuple):
     """One sequence's part of a step: `tokens` at positions `start..`, written into its pages."""
 
     block_table: Sequence[int]

@@ -49,3 +49,17 @@ def test_corrupt_tokenizer_json(hf_tokenizer_dir):
 def test_directory_without_tokenizer_uses_bytes_when_they_fit(tmp_path):
     assert isinstance(load_tokenizer(tmp_path, vocab_size=512), ByteTokenizer)
     assert load_tokenizer(tmp_path, vocab_size=200) is None
+
+
+@pytest.mark.parametrize("kind", ["bytes", "hf"])
+def test_a_text_stream_gives_out_the_decoded_text_once_each_character_is_complete(kind, hf_tokenizer_dir):
+    tok = ByteTokenizer() if kind == "bytes" else HFTokenizer(hf_tokenizer_dir)
+    text = "héllo, wörld — 你好 ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    stream = tok.stream()
+    pieces = [stream.add(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    if kind == "bytes":  # a multi-byte character comes out with its last byte, not before
+        assert pieces[1:3] == ["", "é"] and pieces[-6:-3] == ["", "", "好"]
+        assert tok.stream().add(tok.EOS) == ""  # special ids add no text
