@@ -69,10 +69,11 @@ from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.transformer import causal_mask, decoder_layer
 from harli_jax.runtime import Engine, EngineConfig
-from harli_jax.runtime import finetune as ft
+from harli_jax.runtime import job as ft
 from harli_jax.runtime import microbatch as mb
 from harli_jax.runtime.arena import Arena
-from harli_jax.runtime.finetune import FinetuneJob, FinetuneRunner, _to_device
+from harli_jax.runtime.finetune import FinetuneJob
+from harli_jax.runtime.job import FinetuneRunner, _to_device
 
 REPO = Path(__file__).resolve().parent.parent
 

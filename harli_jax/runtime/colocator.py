@@ -23,7 +23,7 @@ from harli_jax.model.config import ModelConfig
 from harli_jax.runtime.arena import Arena, Owner
 from harli_jax.runtime.colocation import WindowContext, make_policy, micro_sequence
 from harli_jax.runtime.config import EngineConfig
-from harli_jax.runtime.finetune import FinetuneRunner
+from harli_jax.runtime.job import FinetuneRunner
 from harli_jax.runtime.metrics import IdleTraining
 from harli_jax.runtime.predictor import LatencyPredictor
 from harli_jax.runtime.runner import Bucket, ModelRunner

@@ -28,7 +28,8 @@ from harli_jax.model.paged import ArenaLayout
 from harli_jax.runtime.arena import Arena, pages_from_memory
 from harli_jax.runtime.colocator import CoLocator
 from harli_jax.runtime.config import EngineConfig
-from harli_jax.runtime.finetune import FinetuneJob, FinetuneRunner, JobHandle
+from harli_jax.runtime.finetune import FinetuneJob, JobHandle
+from harli_jax.runtime.job import FinetuneRunner
 from harli_jax.runtime.metrics import IdleTraining, StepLog, StepRecord
 from harli_jax.runtime.predictor import LatencyPredictor
 from harli_jax.runtime.processing import InputProcessor, OutputProcessor, RequestError

@@ -1,36 +1,22 @@
-"""Finetune jobs: what the user registers (FinetuneJob), what they hold (JobHandle), and the job's training state
-(FinetuneRunner): data, Optax updates, counters and history, evaluation, checkpoints and resume. Its micro-step
-path is the micro-batch executor (runtime/microbatch.py)."""
+"""Finetune jobs as the user sees them: what they register (FinetuneJob), what they hold (JobHandle) and what it
+reports (JobProgress). The job's training state is runtime/job.py; its micro-step path runtime/microbatch.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import logging
-import time
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-import numpy as np
+from typing import TYPE_CHECKING
 
 from harli_jax.errors import ConfigError
 from harli_jax.logs import StatusLine
-from harli_jax.lora import data as data_lib
-from harli_jax.lora import trainer
-from harli_jax.lora.adapters import LoRAConfig, export_peft, init_lora
-from harli_jax.lora.checkpoint import TrainCheckpointer
-from harli_jax.model.config import ModelConfig
-from harli_jax.model.params import Params
-from harli_jax.model.tokenizer import Tokenizer
+from harli_jax.lora.adapters import LoRAConfig
 from harli_jax.options import option
-from harli_jax.runtime.arena import Arena
-from harli_jax.runtime.colocation import micro_sequence
-from harli_jax.runtime.microbatch import MicroBatchExecutor
+
+if TYPE_CHECKING:
+    from harli_jax.runtime.job import FinetuneRunner
 
 log = logging.getLogger("harli_jax")
 
@@ -108,243 +94,6 @@ class JobProgress:
     reason: str | None  # why it paused
     skipped_updates: int  # non-finite updates skipped
     abandoned_microbatches: int  # whose lease was reclaimed
-
-
-# The training programs, traced once per shape and static config for every job (the optimizer is static by its
-# config, a hashable dataclass, so a second job with the same settings reuses the first one's programs).
-_grad_step = jax.jit(trainer.grad_step, static_argnames=("cfg", "remat"), donate_argnames=("state",))
-_update = jax.jit(trainer.apply_update, static_argnums=0, donate_argnames=("state",))
-_eval_loss = jax.jit(trainer.loss_sum, static_argnames=("cfg", "remat"))
-_commit = jax.jit(trainer.commit, donate_argnames=("state", "grads"))
-
-
-def _to_device(batch: data_lib.MicroBatch) -> trainer.TrainBatch:
-    return trainer.TrainBatch(**{k: jnp.asarray(v) for k, v in batch.arrays().items()})
-
-
-class FinetuneRunner:
-    """A job's training state over the engine's weights: data, adapter and optimizer state, counters, history,
-    evaluation, checkpoints, and the single-program path; its micro-step path is `micro`."""
-
-    def __init__(self, job: FinetuneJob, cfg: ModelConfig, params: Params, tokenizer: Tokenizer | None,
-                 arena: Arena):
-        if tokenizer is None:
-            raise ConfigError("finetuning needs a tokenizer to encode the dataset; this model has none")
-        self.job, self.cfg, self.params = job, cfg, params
-        records = data_lib.default_dataset(seed=job.seed) if job.dataset is None else job.dataset
-        if isinstance(records, (str, Path)):
-            dataset = data_lib.load_jsonl(records, tokenizer, strict=job.strict_data)
-        else:
-            dataset = data_lib.from_records(records, tokenizer, strict=job.strict_data)
-        self.train_set, self.eval_set = data_lib.split(dataset, job.eval_fraction, job.seed) \
-            if job.eval_fraction > 0 else (dataset, None)
-        self.loader = data_lib.DataLoader(self.train_set, job.micro_batch_rows, job.seq_len, seed=job.seed,
-                                          epochs=job.epochs if job.total_steps is None else None,
-                                          overflow=job.overflow, vocab_size=cfg.vocab_size)
-        total = job.total_steps
-        if total is None:
-            batches = self._count_batches()
-            total = max(1, batches // job.grad_accum)
-        self.total_steps = total
-        self.optimizer = trainer.OptimizerConfig(learning_rate=job.learning_rate, warmup_steps=job.warmup_steps,
-                                                 total_steps=total, weight_decay=job.weight_decay,
-                                                 max_grad_norm=job.max_grad_norm)
-        self.state = trainer.init_state(init_lora(cfg, job.lora, seed=job.seed), trainer.make_optimizer(self.optimizer))
-
-        self.status, self.reason = JobStatus.RUNNING, None
-        self.step = 0
-        self.tokens = 0
-        self.microbatches_in_step = 0
-        self.step_loss_sum, self.step_tokens = 0.0, 0.0
-        self.last_loss: float | None = None
-        self.eval_loss: float | None = None
-        self.history: deque[dict[str, float]] = deque(maxlen=job.history_limit)  # step, loss, tokens, time
-        self.skipped_updates = 0
-        self.consecutive_nonfinite = 0
-        self.abandoned = 0
-        self.single_program_time = 0.0
-        self.micro = MicroBatchExecutor(self, arena)
-        self.checkpointer = TrainCheckpointer(job.checkpoint_dir) if job.checkpoint_dir is not None else None
-        if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
-            self._restore(self.checkpointer.latest_step())
-
-    def warmup(self, chunks: Sequence[int] = ()) -> None:
-        """Compiles the training programs without changing anything: the single-program step, the update and the
-        eval loss on copies of the state, and one timing micro-batch per chunk size (dropped at its end), its
-        micro-steps cut as the policies cut them (`micro_sequence`), so every micro-step program a policy runs
-        is compiled."""
-        batch = self.loader.next_batch()
-        self.loader.push_back(batch)
-        def copy():
-            return jax.tree.map(jnp.copy, self.state)
-
-        device_batch = _to_device(batch)
-        jax.block_until_ready(_grad_step(self.params, self.cfg, copy(), device_batch, self.job.remat))
-        jax.block_until_ready(_update(self.optimizer, copy()))
-        jax.block_until_ready(_commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
-        jax.block_until_ready(_eval_loss(self.state.lora, self.params, self.cfg, device_batch))
-        for chunk in chunks:
-            if self.micro.current is None and self.micro.start(chunk, calibration=True):
-                for _, layers in micro_sequence(None, True, self.cfg.num_layers, chunk, chunks):
-                    self.micro.run(layers)
-
-    def _count_batches(self) -> int:
-        probe = data_lib.DataLoader(self.train_set, self.job.micro_batch_rows, self.job.seq_len, seed=self.job.seed,
-                                    epochs=self.job.epochs, overflow=self.job.overflow)
-        return sum(1 for _ in probe)
-
-    @property
-    def active(self) -> bool:
-        return self.status is JobStatus.RUNNING
-
-    @property
-    def running_time(self) -> float:
-        """Seconds the job has trained, on either path."""
-        return self.single_program_time + self.micro.busy_time
-
-    def progress(self) -> JobProgress:
-        running = self.running_time
-        return JobProgress(step=self.step, total_steps=self.total_steps, tokens=self.tokens, loss=self.last_loss,
-                           eval_loss=self.eval_loss, tokens_per_s=self.tokens / running if running else 0.0,
-                           status=self.status, reason=self.reason, skipped_updates=self.skipped_updates,
-                           abandoned_microbatches=self.abandoned)
-
-    # The single-program path ------------------------------------------------------------------------------
-
-    def next_batch(self) -> data_lib.MicroBatch | None:
-        """The next micro-batch of the training data; None (and the job finishes) when it is exhausted."""
-        try:
-            return self.loader.next_batch()
-        except StopIteration:
-            self._finish()
-            return None
-
-    def train_microbatch(self) -> None:
-        """One micro-batch through the single program (forward, loss, backward, accumulate), and the update
-        when `grad_accum` micro-batches are in."""
-        started = time.perf_counter()
-        batch = self.next_batch()
-        if batch is None:
-            return
-        self.state, total, count = _grad_step(self.params, self.cfg, self.state, _to_device(batch), self.job.remat)
-        self._accumulated(total, count)
-        self.single_program_time += time.perf_counter() - started
-
-    def commit_microbatch(self, grads, loss_sum, count):
-        """Adds a micro-batch's gradient from the micro-step path to the step; returns the zeroed gradient buffers
-        for the next micro-batch."""
-        self.state, spare = _commit(self.state, grads, count)
-        self._accumulated(loss_sum, count)
-        return spare
-
-    def return_batch(self, batch: data_lib.MicroBatch, abandoned: bool) -> None:
-        """Puts a micro-batch that was not trained back at the front of the queue (`abandoned`: its lease was
-        taken back or the job stopped, not a timing run)."""
-        self.loader.push_back(batch)
-        self.abandoned += abandoned
-
-    def _accumulated(self, total, count) -> None:
-        self.step_loss_sum += float(total)
-        self.step_tokens += float(count)
-        self.tokens += int(count)
-        self.microbatches_in_step += 1
-        if self.microbatches_in_step >= self.job.grad_accum:
-            self._apply_update()
-
-    def _apply_update(self) -> None:
-        self.state, applied, norm = _update(self.optimizer, self.state)
-        loss = self.step_loss_sum / max(self.step_tokens, 1.0)
-        self.microbatches_in_step, self.step_loss_sum, self.step_tokens = 0, 0.0, 0.0
-        if not bool(applied) or not np.isfinite(loss):
-            self.skipped_updates += 1
-            self.consecutive_nonfinite += 1
-            log.warning("%s: non-finite loss or gradient at step %d; update skipped", self.job.name, self.step)
-            if self.consecutive_nonfinite >= self.job.max_nonfinite:
-                self.status = JobStatus.PAUSED
-                self.reason = f"{self.consecutive_nonfinite} consecutive non-finite updates"
-                log.error("%s paused: %s", self.job.name, self.reason)
-            return
-        self.consecutive_nonfinite = 0
-        self.step += 1
-        self.last_loss = loss
-        self.history.append({"step": self.step, "loss": loss, "tokens": self.tokens, "time": time.time(),
-                             "grad_norm": float(norm)})
-        if self.job.eval_interval and self.step % self.job.eval_interval == 0:
-            self.evaluate()
-        if self.checkpointer is not None and self.step % self.job.checkpoint_interval == 0:
-            self.save()
-        if self.step >= self.total_steps:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self.status in (JobStatus.FINISHED, JobStatus.STOPPED):
-            return
-        self.micro.abandon()
-        if self.eval_loss is None or not self.history or self.history[-1].get("eval_step") != self.step:
-            self.evaluate()
-        self.status = JobStatus.FINISHED
-        if self.checkpointer is not None:
-            self.save()
-            self.checkpointer.wait()
-        log.info("%s finished: %d steps, %d tokens, loss %s, eval loss %s", self.job.name, self.step, self.tokens,
-                 self.last_loss, self.eval_loss)
-
-    def stop(self) -> None:
-        """Stops the job for good, with a final checkpoint."""
-        if self.status in (JobStatus.FINISHED, JobStatus.STOPPED):
-            return
-        self.micro.abandon()
-        self.status = JobStatus.STOPPED
-        if self.checkpointer is not None:
-            self.save()
-            self.checkpointer.wait()
-
-    def evaluate(self) -> float | None:
-        """Mean loss over the eval split (the whole split, in file order)."""
-        if self.eval_set is None:
-            return None
-        loader = data_lib.DataLoader(self.eval_set, self.job.micro_batch_rows, self.job.seq_len, epochs=1,
-                                     shuffle=False, overflow=self.job.overflow)
-        total = count = 0.0
-        for batch in loader:
-            t, c = _eval_loss(self.state.lora, self.params, self.cfg, _to_device(batch))
-            total, count = total + float(t), count + float(c)
-        self.eval_loss = total / max(count, 1.0)
-        if self.history:
-            self.history[-1].update(eval_loss=self.eval_loss, eval_step=self.step)
-        return self.eval_loss
-
-    # Checkpoints and export -------------------------------------------------------------------------------
-
-    def _record(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "data": self.loader.state(), "history": list(self.history),
-                "skipped_updates": self.skipped_updates, "abandoned": self.abandoned, "seed": self.job.seed,
-                "lora": dataclasses.asdict(self.job.lora)}
-
-    def save(self) -> None:
-        """Checkpoints at a micro-batch boundary (a micro-batch in flight is abandoned first). A step that is
-        already saved is not saved again: a resume from it redoes the micro-batches since."""
-        self.micro.abandon()
-        if self.checkpointer.latest_step() == self.step:
-            return
-        self.checkpointer.save(self.step, self.state, self._record())
-
-    def _restore(self, step: int) -> None:
-        self.state, record = self.checkpointer.restore(step, self.state)
-        if record.get("lora") != json.loads(json.dumps(dataclasses.asdict(self.job.lora))):
-            raise ConfigError(f"the checkpoint in {self.job.checkpoint_dir} was made with LoRA {record.get('lora')}, "
-                              f"not {dataclasses.asdict(self.job.lora)}")
-        self.loader.restore(record["data"])
-        self.step, self.tokens = record["step"], record["tokens"]
-        self.history = deque(record["history"], maxlen=self.job.history_limit)
-        self.skipped_updates, self.abandoned = record["skipped_updates"], record["abandoned"]
-        self.last_loss = self.history[-1]["loss"] if self.history else None
-        log.info("%s: resumed from %s at step %d", self.job.name, self.job.checkpoint_dir, self.step)
-        if self.step >= self.total_steps:
-            self.status = JobStatus.FINISHED
-
-    def export_peft(self, path: str | Path) -> Path:
-        return export_peft(self.state.lora, self.job.lora, self.cfg, path)
 
 
 class JobHandle:

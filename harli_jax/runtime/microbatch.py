@@ -19,7 +19,7 @@ from harli_jax.runtime.arena import Arena, Owner
 from harli_jax.runtime.colocation import MicroKind, Phase, advance, largest_chunk
 
 if TYPE_CHECKING:
-    from harli_jax.runtime.finetune import FinetuneRunner
+    from harli_jax.runtime.job import FinetuneRunner
 
 # Traced once per shape and static config, for every job and engine.
 _forward_chunk = jax.jit(trainer.forward_chunk, static_argnames=("layout", "num_layers"), donate_argnames=("arena",))
