@@ -56,12 +56,20 @@ Adapters = dict[str, LoRAPair]
 @dataclasses.dataclass(frozen=True)
 class Params:
     embed: Array
-    layers: LayerParams
+    layers: LayerParams | tuple[LayerParams, ...]  # stacked `[num_layers, ...]`, or one per layer (`per_layer`)
     final_norm: Array
     lm_head: Array | None = None  # None when the embedding is tied
 
     def num_parameters(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self))
+
+    def per_layer(self) -> Params:
+        """The same weights with one LayerParams per layer (a copy of each layer, taken out of the stack)."""
+        if not isinstance(self.layers, LayerParams):
+            return self
+        count = jax.tree.leaves(self.layers)[0].shape[0]
+        layers = tuple(jax.tree.map(lambda a, i=i: a[i], self.layers) for i in range(count))
+        return dataclasses.replace(self, layers=layers)
 
 
 def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
