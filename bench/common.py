@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jaxlib
+import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -181,6 +182,24 @@ def ratio(numerator: float | None, denominator: float | None) -> dict:
     if numerator is None or not denominator:
         return {"value": None, "valid": False}
     return {"value": numerator / denominator, "valid": True}
+
+
+# Probes ----------------------------------------------------------------------------------------------------
+
+
+def host_copy_bandwidth(mib: int, repeats: int) -> dict:
+    """Bytes per second of a large NumPy copy into a preallocated buffer (read + write bytes), best of `repeats`:
+    the bandwidth a memory floor divides the weight bytes by."""
+    src = np.ones(mib * 2**20 // 4, np.float32)
+    dst = np.zeros_like(src)  # touched, so the copies below take no page faults
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        seconds.append(time.perf_counter() - start)
+    moved = 2 * src.nbytes
+    return {"mib": mib, "bytes": moved, "seconds_best": min(seconds), "seconds_median": statistics.median(seconds),
+            "bytes_per_s": moved / min(seconds)}
 
 
 # Results ---------------------------------------------------------------------------------------------------

@@ -105,17 +105,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def copy_bandwidth(mib: int, repeats: int) -> dict:
-    """Bytes per second of a large copy into a preallocated buffer (read + write bytes), best of `repeats`."""
-    src = np.ones(mib * 2**20 // 4, np.float32)
-    dst = np.zeros_like(src)  # touched, so the copies below take no page faults
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        seconds.append(time.perf_counter() - start)
-    moved = 2 * src.nbytes
-    # For reference: a jitted jnp.copy allocates its output each call, so it also pays page faults.
-    x = jnp.asarray(src)
+    """`common.host_copy_bandwidth`, and for reference a jitted jnp.copy (which allocates its output each call,
+    so it also pays page faults)."""
+    result = common.host_copy_bandwidth(mib, repeats)
+    x = jnp.ones(mib * 2**20 // 4, jnp.float32)
     jax_copy = jax.jit(jnp.copy)
     jax_copy(x).block_until_ready()
     jax_seconds = []
@@ -123,8 +116,7 @@ def copy_bandwidth(mib: int, repeats: int) -> dict:
         start = time.perf_counter()
         jax_copy(x).block_until_ready()
         jax_seconds.append(time.perf_counter() - start)
-    return {"mib": mib, "bytes": moved, "seconds_best": min(seconds), "seconds_median": statistics.median(seconds),
-            "bytes_per_s": moved / min(seconds), "jax_copy_bytes_per_s_for_reference": moved / min(jax_seconds)}
+    return {**result, "jax_copy_bytes_per_s_for_reference": result["bytes"] / min(jax_seconds)}
 
 
 # Our engine ------------------------------------------------------------------------------------------------

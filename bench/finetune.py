@@ -73,7 +73,7 @@ from harli_jax.runtime import job as ft
 from harli_jax.runtime import microbatch as mb
 from harli_jax.runtime.arena import Arena
 from harli_jax.runtime.finetune import FinetuneJob
-from harli_jax.runtime.job import FinetuneRunner, _to_device
+from harli_jax.runtime.job import FinetuneRunner
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -349,7 +349,7 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
     cfg, params, owner = runner.cfg, runner.params, engine.arena
     layout = owner.layout
     layers = cfg.num_layers
-    batch = _to_device(runner.loader.next_batch())
+    batch = trainer.TrainBatch.from_host(runner.loader.next_batch().arrays())
     lora = jax.tree.map(jnp.copy, runner.state.lora)  # the state (and its LoRA) is donated below
     pages = owner.table.lease("bench-profile", runner.micro.stash_pages_needed)
     stash_pages = jnp.asarray(pages, jnp.int32)

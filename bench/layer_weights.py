@@ -106,17 +106,6 @@ def timed_steps(program, weights, layout: ArenaLayout, num_pages: int, batch: To
     return {"step_s_median": statistics.median(seconds), "step_s_min": min(seconds), "tokens": tokens.tolist()}
 
 
-def copy_bandwidth(mib: int) -> float:
-    src = np.ones(mib * 2**20 // 4, np.float32)
-    dst = np.zeros_like(src)
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - started)
-    return 2 * src.nbytes / best
-
-
 def main() -> None:
     args = parse_args()
     settings = common.comparison_settings(args)
@@ -139,13 +128,15 @@ def main() -> None:
         if not checks[b]:
             raise SystemExit(f"batch {b}: the variants gave different tokens: "
                              f"{ {name: tokens[name, b] for name in VARIANTS} }")
+    sides["copy"] = lambda: common.host_copy_bandwidth(args.copy_mib, 5)
     quiet = common.wait_for_quiet(args.max_other_share, settings["quiet_timeout"], settings["quiet_sample"])
     comparison = common.interleave(
         sides, args.repeats, seed=args.seed, max_share=settings["max_share"], max_retries=settings["max_retries"],
         quiet_timeout=settings["quiet_timeout"], quiet_sample=settings["quiet_sample"],
-        describe=lambda r: f"step {r['step_s_median'] * 1e3:8.2f} ms")
-    bandwidth = copy_bandwidth(args.copy_mib)
-    floor = weight_bytes / bandwidth
+        describe=lambda r: f"{r['bytes_per_s'] / 1e9:6.1f} GB/s" if "bytes_per_s" in r
+        else f"step {r['step_s_median'] * 1e3:8.2f} ms")
+    bandwidth = common.figure(comparison, "copy", "bytes_per_s")
+    floor = weight_bytes / bandwidth["median"] if bandwidth["median"] else None
     results = []
     for b in args.batches:
         row = {"batch": b}
@@ -157,10 +148,10 @@ def main() -> None:
         results.append(row)
         common.say(f"batch {b:3d}: " + ", ".join(
             f"{name} {row[name]['median'] * 1e3:.2f} ms" if row[name]["median"] is not None else f"{name} invalid"
-            for name in VARIANTS) + f" (memory floor {floor * 1e3:.2f} ms)")
+            for name in VARIANTS) + (f" (memory floor {floor * 1e3:.2f} ms)" if floor else ""))
     payload = {"config": {"model": cfg.name, "batches": args.batches, "context": args.context, "steps": args.steps,
                           "page_tokens": PAGE_TOKENS, "dtype": cfg.dtype, "weight_bytes": weight_bytes},
-               "quiet_wait": quiet, "same_tokens": checks, "copy_bandwidth_bytes_per_s": bandwidth,
+               "quiet_wait": quiet, "same_tokens": checks, "copy_bandwidth": bandwidth,
                "memory_floor_s": floor, "comparison": comparison, "results": results,
                "definitions": {"step_s_median": "median seconds of one step (dispatch to tokens read back) over an "
                                                 "attempt's back-to-back steps",

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from harli_jax.model.config import ModelConfig
@@ -36,6 +38,11 @@ class TrainBatch:
     loss_mask: Array  # float32: 1 where the target is trained
     segment_ids: Array  # int32: 1, 2, ... per sample in a row, 0 on padding
     positions: Array  # int32
+
+    @classmethod
+    def from_host(cls, arrays: Mapping[str, np.ndarray]) -> TrainBatch:
+        """A micro-batch's host arrays (`lora.data.MicroBatch.arrays()`) on the device."""
+        return cls(**{k: jnp.asarray(v) for k, v in arrays.items()})
 
 
 @jax.tree_util.register_dataclass

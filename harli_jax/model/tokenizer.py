@@ -52,17 +52,17 @@ class _RedecodeStream:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0  # ids[prefix_offset:read_offset] are decoded for context, not given out again
-        self.read_offset = 0
+        self.window: list[int] = []  # the ids not given out yet, after those decoded again for context
+        self.context = 0  # window[:context] are decoded for context only
 
     def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        after = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        self.window.append(token_id)
+        before = self.tokenizer.decode(self.window[:self.context])
+        after = self.tokenizer.decode(self.window)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.window = self.window[self.context:]  # the ids just given out are the next one's context
+        self.context = len(self.window)
         return after[len(before):]
 
 

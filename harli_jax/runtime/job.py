@@ -41,10 +41,6 @@ _eval_loss = jax.jit(trainer.loss_sum, static_argnames=("cfg", "remat"))
 _commit = jax.jit(trainer.commit, donate_argnames=("state", "grads"))
 
 
-def _to_device(batch: data_lib.MicroBatch) -> trainer.TrainBatch:
-    return trainer.TrainBatch(**{k: jnp.asarray(v) for k, v in batch.arrays().items()})
-
-
 class FinetuneRunner:
     """A job's training state over the engine's weights: data, adapter and optimizer state, counters, history,
     evaluation, checkpoints, and the single-program path; its micro-step path is `micro`."""
@@ -101,7 +97,7 @@ class FinetuneRunner:
         def copy():
             return jax.tree.map(jnp.copy, self.state)
 
-        device_batch = _to_device(batch)
+        device_batch = trainer.TrainBatch.from_host(batch.arrays())
         jax.block_until_ready(_grad_step(self.params, self.cfg, copy(), device_batch, self.job.remat))
         jax.block_until_ready(_update(self.optimizer, copy()))
         jax.block_until_ready(_commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
@@ -149,7 +145,8 @@ class FinetuneRunner:
         batch = self.next_batch()
         if batch is None:
             return
-        self.state, total, count = _grad_step(self.params, self.cfg, self.state, _to_device(batch), self.job.remat)
+        device_batch = trainer.TrainBatch.from_host(batch.arrays())
+        self.state, total, count = _grad_step(self.params, self.cfg, self.state, device_batch, self.job.remat)
         self._accumulated(total, count)
         self.single_program_time += time.perf_counter() - started
 
@@ -230,7 +227,7 @@ class FinetuneRunner:
                                      shuffle=False, overflow=self.job.overflow)
         total = count = 0.0
         for batch in loader:
-            t, c = _eval_loss(self.state.lora, self.params, self.cfg, _to_device(batch))
+            t, c = _eval_loss(self.state.lora, self.params, self.cfg, trainer.TrainBatch.from_host(batch.arrays()))
             total, count = total + float(t), count + float(c)
         self.eval_loss = total / max(count, 1.0)
         if self.history:

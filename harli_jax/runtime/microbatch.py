@@ -94,7 +94,7 @@ class MicroBatchExecutor:
         if batch is None:
             self.arena.table.release(lease.key)
             return False
-        device_batch = trainer.TrainBatch(**{k: jnp.asarray(v) for k, v in batch.arrays().items()})
+        device_batch = trainer.TrainBatch.from_host(batch.arrays())
         run = MicroBatchRun(batch=batch, device_batch=device_batch, lease=lease,
                             stash_pages=jnp.asarray(pages, jnp.int32), layers_per_chunk=layers_per_chunk,
                             phase=("forward", self.job.cfg.num_layers), calibration=calibration)
