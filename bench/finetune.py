@@ -27,8 +27,7 @@ embed, forward, forward+loss, backward, backward+commit), and (unless --no-profi
 programs alone on fixed inputs, which reaches into private trainer/runner internals (median of
 `--profile-reps` calls, each blocked): the forward chunk with and without its stash write, the stash write and
 read alone (also on a 4x larger arena, to see whether the scatter copies the arena), the backward chunk with
-and without its stash gather, one layer with pre-sliced weights (no dynamic index into the stacked weights), a
-scan over all layers, the loss, commit, update, the single-program step with and without remat, and an empty
+and without its stash gather, one layer alone, the forward of all layers, the loss, commit, update, the single-program step with and without remat, and an empty
 jitted call (dispatch cost); programs are timed round-robin. Model flops come from XLA's estimate of one
 layer's forward and vjp (its estimate of a program with a loop counts the body once).
 
@@ -67,6 +66,7 @@ from harli_jax.lora import trainer
 from harli_jax.lora.adapters import LoRAConfig
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import ArenaLayout
+from harli_jax.model.params import layer_adapters
 from harli_jax.model.transformer import causal_mask, decoder_layer
 from harli_jax.runtime import Engine, EngineConfig
 from harli_jax.runtime import job as ft
@@ -215,16 +215,12 @@ def breakdown(mode: Mode, iters: int) -> dict:
 # Diagnostic: the programs alone, through private trainer/runner internals (not the comparison) -------------
 
 
-def _fwd_nostash(params, cfg, lora, x, batch, start, num_layers):
-    """forward_chunk without the stash write: the same loop, dynamic layer index and layer."""
+def _fwd_nostash(layers, cfg, lora, x, batch, start):
+    """forward_chunk without the stash write: the same layers, dynamic layer index of the adapters."""
     mask = causal_mask(batch.segment_ids)
-
-    def body(i, x):
-        layer = start + i
-        return decoder_layer(trainer._layer_slice(params.layers, layer), cfg, x, batch.positions, mask,
-                             trainer._layer_slice(lora, layer))
-
-    return jax.lax.fori_loop(0, num_layers, body, x)
+    for i, lp in enumerate(layers):
+        x = decoder_layer(lp, cfg, x, batch.positions, mask, layer_adapters(lora, start + i))
+    return x
 
 
 def _stash_write(layout, arena, x, stash_pages, start, num_layers):
@@ -251,25 +247,20 @@ def _stash_read(layout, arena, g, stash_pages, end, num_layers):
     return jax.lax.fori_loop(0, num_layers, body, jnp.zeros_like(g))
 
 
-def _bwd_nogather(params, cfg, lora, x_in, g, grads, batch, end, num_layers):
+def _bwd_nogather(layers, cfg, lora, x_in, g, grads, batch, end):
     """backward_chunk with every layer's input taken from `x_in` instead of the stash."""
     mask = causal_mask(batch.segment_ids)
-
-    def body(i, carry):
-        g, grads = carry
+    for i, lp in enumerate(reversed(layers)):
         layer = end - 1 - i
-        lp = trainer._layer_slice(params.layers, layer)
 
-        def layer_fn(x, adapters):
+        def layer_fn(x, adapters, lp=lp):
             return decoder_layer(lp, cfg, x, batch.positions, mask, adapters)
 
-        _, vjp = jax.vjp(layer_fn, x_in, trainer._layer_slice(lora, layer))
+        _, vjp = jax.vjp(layer_fn, x_in, layer_adapters(lora, layer))
         g, g_lora = vjp(g)
-        grads = jax.tree.map(lambda acc, d: jax.lax.dynamic_update_index_in_dim(
+        grads = jax.tree.map(lambda acc, d, layer=layer: jax.lax.dynamic_update_index_in_dim(
             acc, jax.lax.dynamic_index_in_dim(acc, layer, keepdims=False) + d, layer, 0), grads, g_lora)
-        return g, grads
-
-    return jax.lax.fori_loop(0, num_layers, body, (g, grads))
+    return g, grads
 
 
 def _layer_static(lp, cfg, lora_l, x, batch):
@@ -282,14 +273,11 @@ def _layer_vjp_static(lp, cfg, lora_l, x, g, batch):
     return vjp(g)
 
 
-def _scan_forward(params, cfg, lora, x, batch):
+def _layers_forward(params, cfg, lora, x, batch):
     mask = causal_mask(batch.segment_ids)
-
-    def body(x, xs):
-        lp, a = xs
-        return decoder_layer(lp, cfg, x, batch.positions, mask, a), None
-
-    return jax.lax.scan(body, x, (params.layers, lora))[0]
+    for index, lp in enumerate(params.layers):
+        x = decoder_layer(lp, cfg, x, batch.positions, mask, layer_adapters(lora, index))
+    return x
 
 
 def _flops(jitted, *args, **kwargs) -> float:
@@ -357,15 +345,14 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
     arena = owner.buffer
     owner.buffer = None  # threaded through the donating programs below, handed back at the end
     # Fill the stash.
-    arena = mb._forward_chunk(params, layout, lora, arena, x, batch, stash_pages, jnp.int32(0), layers)[0]
+    arena = mb._forward_chunk(params.layers, layout, lora, arena, x, batch, stash_pages, jnp.int32(0))[0]
     _, _, g = mb._loss_step(params, cfg, x, batch)
     grads = jax.tree.map(jnp.zeros_like, lora)
     state = runner.state
     runner.state = None
     big = jnp.zeros((4 * arena.shape[0], *arena.shape[1:]), arena.dtype)
 
-    lp0 = jax.tree.map(lambda a: a[0], params.layers)
-    lora0 = jax.tree.map(lambda a: a[0], lora)
+    lp0, lora0 = params.layers[0], layer_adapters(lora, 0)
     layer_static = jax.jit(_layer_static, static_argnames=("cfg",))
     layer_vjp = jax.jit(_layer_vjp_static, static_argnames=("cfg",))
     f_layer = _flops(layer_static, lp0, cfg, lora0, x, batch)
@@ -376,15 +363,15 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
           f"loss {f_loss / 1e9:.2f} G", flush=True)
 
     noop = jax.jit(lambda a: a + 1)
-    fwd_nostash = jax.jit(_fwd_nostash, static_argnames=("cfg", "num_layers"))
+    fwd_nostash = jax.jit(_fwd_nostash, static_argnames=("cfg",))
     stash_write = jax.jit(_stash_write, static_argnames=("layout", "num_layers"), donate_argnames=("arena",))
     stash_read = jax.jit(_stash_read, static_argnames=("layout", "num_layers"))
-    bwd_nogather = jax.jit(_bwd_nogather, static_argnames=("cfg", "num_layers"), donate_argnames=("grads",))
-    scan_fwd = jax.jit(_scan_forward, static_argnames=("cfg",))
+    bwd_nogather = jax.jit(_bwd_nogather, static_argnames=("cfg",), donate_argnames=("grads",))
+    layers_fwd = jax.jit(_layers_forward, static_argnames=("cfg",))
 
     def fwd(k):
         nonlocal arena
-        arena, y = mb._forward_chunk(params, layout, lora, arena, x, batch, stash_pages, jnp.int32(0), k)
+        arena, y = mb._forward_chunk(params.layers[:k], layout, lora, arena, x, batch, stash_pages, jnp.int32(0))
         return y
 
     def write(k, big_arena=False):
@@ -398,10 +385,10 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
     def bwd(k, gather=True):
         nonlocal grads
         if gather:
-            g_out, grads = mb._backward_chunk(params, layout, lora, arena, g, grads, batch, stash_pages,
-                                              jnp.int32(layers), k)
+            g_out, grads = mb._backward_chunk(params.layers[layers - k:], layout, lora, arena, g, grads, batch,
+                                              stash_pages, jnp.int32(layers))
         else:
-            g_out, grads = bwd_nogather(params, cfg, lora, x, g, grads, batch, jnp.int32(layers), k)
+            g_out, grads = bwd_nogather(params.layers[layers - k:], cfg, lora, x, g, grads, batch, jnp.int32(layers))
         return g_out
 
     def commit():
@@ -425,11 +412,11 @@ def profile(engine: Engine, runner: FinetuneRunner, chunks: list[int], reps: int
     p.add("embed (eager, as the runner calls it)", lambda: trainer.embed_step(params, batch))
     p.add("1 layer forward, static weights", lambda: layer_static(lp0, cfg, lora0, x, batch), f_layer)
     p.add("1 layer vjp, static weights", lambda: layer_vjp(lp0, cfg, lora0, x, g, batch), v_layer)
-    p.add(f"scan forward, {layers} layers", lambda: scan_fwd(params, cfg, lora, x, batch), layers * f_layer)
+    p.add(f"forward, {layers} layers", lambda: layers_fwd(params, cfg, lora, x, batch), layers * f_layer)
     for k in chunks:
         p.add(f"forward chunk {k}", functools.partial(fwd, k), k * f_layer)
         p.add(f"forward chunk {k} without stash",
-              functools.partial(fwd_nostash, params, cfg, lora, x, batch, jnp.int32(0), k), k * f_layer)
+              functools.partial(fwd_nostash, params.layers[:k], cfg, lora, x, batch, jnp.int32(0)), k * f_layer)
         p.add(f"stash write {k} layers", functools.partial(write, k))
     p.add(f"stash write {layers} layers, 4x arena", functools.partial(write, layers, True))
     p.add("loss (norm, head, CE, grad)", lambda: mb._loss_step(params, cfg, x, batch), f_loss)

@@ -1,12 +1,11 @@
-"""How the paged decode step reads its layer weights: the measurement issue 12 asks for before the weights change
-layout.
+"""How the paged decode step reads its layer weights: the measurement behind storing them per layer (issue 12).
 
-Three variants of `harli_jax.model.paged.paged_step` on the same weights, arena and batch (a decode token per
-sequence at a context of `--context` tokens):
-- `stacked-scan`: `[num_layers, ...]` weights, one scanned layer (what the engine runs): each layer's weights are
-  dynamic slices of the stacks;
-- `stacked-static-slices`: the same stacked arrays, the layers unrolled with static slices taken inside the program;
-- `per-layer-arrays`: one array per layer and weight (`Params.per_layer()`, made outside the program), unrolled.
+Three variants of the decode step (`harli_jax.model.paged.paged_layer` per layer) on the same weights, arena and
+batch (a decode token per sequence at a context of `--context` tokens):
+- `stacked-scan`: `[num_layers, ...]` stacks (made here, outside the program), one scanned layer: each layer's
+  weights are dynamic slices of the stacks (the engine's layout before issue 12);
+- `stacked-static-slices`: the same stacks, the layers unrolled with static slices taken inside the program;
+- `per-layer-arrays`: one array per layer and weight, unrolled (`paged_step`, what the engine runs).
 
 Every variant must give the same tokens (checked). Each timed attempt runs `--steps` steps back to back and keeps
 the median; attempts are interleaved through `common.interleave` (`--repeats` rounds, a random order per round,
@@ -23,17 +22,21 @@ Writes bench/results/layer_weights-<device>.json (or into --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
 
 import common  # bench/common.py: the script's directory is on sys.path
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from harli_jax.model import ModelConfig, init_params
-from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_step
-from harli_jax.model.sampling import SamplingRows
+from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_layer, paged_step
+from harli_jax.model.params import Params
+from harli_jax.model.sampling import SamplingRows, sample
+from harli_jax.model.transformer import embed, lm_logits
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("stacked-scan", "stacked-static-slices", "per-layer-arrays")
@@ -79,19 +82,40 @@ def decode_batch(batch: int, context: int, vocab: int, seed: int) -> tuple[Token
                       block_tables=tables, sample_index=index, sampling=rows), batch * per_seq + 1
 
 
-def _static_slices(params, cfg, arena, batch):
-    return paged_step(params.per_layer(), cfg, arena, batch)
+def stack_layers(params: Params) -> Params:
+    """The layers as one `LayerParams` of `[num_layers, ...]` stacks (a second copy of the weights)."""
+    return Params(embed=params.embed, layers=jax.tree.map(lambda *a: jnp.stack(a), *params.layers),
+                  final_norm=params.final_norm, lm_head=params.lm_head)
+
+
+def scanned_step(stacked: Params, cfg, arena, batch):
+    """The decode step over stacked layers: one scanned `paged_layer`."""
+    def body(carry, xs):
+        lp, index = xs
+        return paged_layer(lp, cfg, *carry, index, batch), None
+
+    x = embed(stacked, batch.tokens)
+    (x, arena), _ = jax.lax.scan(body, (x, arena), (stacked.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+    return arena, sample(lm_logits(stacked, cfg, x[batch.sample_index]), batch.sampling)
+
+
+def static_slices_step(stacked: Params, cfg, arena, batch):
+    """The decode step unrolled over static slices of the stacks, taken inside the program."""
+    layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked.layers) for i in range(cfg.num_layers))
+    return paged_step(dataclasses.replace(stacked, layers=layers), cfg, arena, batch)
 
 
 def make_programs(params, cfg, layout: ArenaLayout, num_pages: int, batch: TokenBatch) -> dict:
     """Per variant: (compiled step, its weights)."""
     arena = jax.ShapeDtypeStruct(layout.shape(num_pages), np.dtype(cfg.dtype))
-    stacked = jax.jit(paged_step, static_argnames="cfg", donate_argnames="arena")
-    unrolled = jax.jit(_static_slices, static_argnames="cfg", donate_argnames="arena")
-    per_layer = jax.block_until_ready(params.per_layer())
-    return {"stacked-scan": (stacked.lower(params, cfg, arena, batch).compile(), params),
-            "stacked-static-slices": (unrolled.lower(params, cfg, arena, batch).compile(), params),
-            "per-layer-arrays": (stacked.lower(per_layer, cfg, arena, batch).compile(), per_layer)}
+    stacked = jax.block_until_ready(stack_layers(params))
+
+    def compiled(fn, weights):
+        return jax.jit(fn, static_argnames="cfg", donate_argnames="arena").lower(weights, cfg, arena, batch).compile()
+
+    return {"stacked-scan": (compiled(scanned_step, stacked), stacked),
+            "stacked-static-slices": (compiled(static_slices_step, stacked), stacked),
+            "per-layer-arrays": (compiled(paged_step, params), params)}
 
 
 def timed_steps(program, weights, layout: ArenaLayout, num_pages: int, batch: TokenBatch, steps: int) -> dict:

@@ -12,7 +12,6 @@ Micro-steps of one micro-batch, in order:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 
 import jax
@@ -22,7 +21,7 @@ import optax
 
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import ArenaLayout
-from harli_jax.model.params import Adapters, Params
+from harli_jax.model.params import Adapters, LayerParams, Params, layer_adapters
 from harli_jax.model.transformer import causal_mask, decoder_layer, embed, lm_logits
 
 Array = jax.Array
@@ -89,21 +88,13 @@ def token_loss_sum(logits: Array, batch: TrainBatch) -> tuple[Array, Array]:
     return jnp.sum(nll * batch.loss_mask), jnp.sum(batch.loss_mask)
 
 
-def _layer_fn(cfg: ModelConfig, remat: bool):
-    fn = functools.partial(decoder_layer, cfg=cfg)
-    return jax.checkpoint(fn) if remat else fn
-
-
 def loss_sum(lora: Adapters, params: Params, cfg: ModelConfig, batch: TrainBatch, remat: bool = False):
     """The micro-batch loss of the whole model in one program; `remat` recomputes each layer in backward."""
-    layer = _layer_fn(cfg, remat)
+    layer = jax.checkpoint(decoder_layer, static_argnums=(1,)) if remat else decoder_layer
     mask = causal_mask(batch.segment_ids)
-
-    def body(x, xs):
-        lp, adapters = xs
-        return layer(lp, x=x, positions=batch.positions, mask=mask, lora=adapters), None
-
-    x, _ = jax.lax.scan(body, embed(params, batch.tokens), (params.layers, lora))
+    x = embed(params, batch.tokens)
+    for index, lp in enumerate(params.layers):
+        x = layer(lp, cfg, x, batch.positions, mask, layer_adapters(lora, index))
     return token_loss_sum(lm_logits(params, cfg, x), batch)
 
 
@@ -144,10 +135,6 @@ def _stash_index(stash_pages: Array, layer: Array, rows_per_layer: int, rows_per
     return stash_pages[rows // rows_per_page], rows % rows_per_page
 
 
-def _layer_slice(tree, layer: Array):
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), tree)
-
-
 def embed_step(params: Params, batch: TrainBatch) -> Array:
     return embed(params, batch.tokens)
 
@@ -157,26 +144,19 @@ def _stash_sizes(layout: ArenaLayout, tokens: int) -> tuple[int, int]:
     return tokens * layout.cfg.hidden_size // layout.stash_row, layout.page_elements // layout.stash_row
 
 
-def forward_chunk(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, x: Array, batch: TrainBatch,
-                  stash_pages: Array, start: Array, num_layers: int) -> tuple[Array, Array]:
-    """Layers `start .. start + num_layers - 1`, stashing each layer's input in `arena`'s stash view; returns
-    (arena, output)."""
-    cfg = layout.cfg
+def forward_chunk(layers: tuple[LayerParams, ...], layout: ArenaLayout, lora: Adapters, arena: Array, x: Array,
+                  batch: TrainBatch, stash_pages: Array, start: Array) -> tuple[Array, Array]:
+    """Layers `start .. start + len(layers) - 1` (their weights given, so one program serves every chunk of a
+    size), stashing each layer's input in `arena`'s stash view; returns (arena, output)."""
     per_layer, per_page = _stash_sizes(layout, x.shape[0] * x.shape[1])
     mask = causal_mask(batch.segment_ids)
-
-    def body(i, carry):
-        arena, x = carry
-        layer = start + i
-        pages, slots = _stash_index(stash_pages, layer, per_layer, per_page)
-        rows = layout.stash_rows(arena)
-        arena = rows.at[pages, slots].set(x.reshape(per_layer, layout.stash_row)).reshape(arena.shape)
-        x = decoder_layer(_layer_slice(params.layers, layer), cfg, x, batch.positions, mask,
-                          _layer_slice(lora, layer))
-        return arena, x
-
     with jax.named_scope("train_forward_chunk"):
-        return jax.lax.fori_loop(0, num_layers, body, (arena, x))
+        for i, lp in enumerate(layers):
+            pages, slots = _stash_index(stash_pages, start + i, per_layer, per_page)
+            rows = layout.stash_rows(arena)
+            arena = rows.at[pages, slots].set(x.reshape(per_layer, layout.stash_row)).reshape(arena.shape)
+            x = decoder_layer(lp, layout.cfg, x, batch.positions, mask, layer_adapters(lora, start + i))
+    return arena, x
 
 
 def loss_step(params: Params, cfg: ModelConfig, x: Array, batch: TrainBatch) -> tuple[Array, Array, Array]:
@@ -189,33 +169,28 @@ def loss_step(params: Params, cfg: ModelConfig, x: Array, batch: TrainBatch) -> 
     return total, count, g
 
 
-def backward_chunk(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, g: Array, grads: Adapters,
-                   batch: TrainBatch, stash_pages: Array, end: Array, num_layers: int) -> tuple[Array, Adapters]:
-    """Layers `end - 1` down to `end - num_layers`, each recomputed from its stash: returns (d loss / d input of
-    the first layer, the micro-batch's LoRA gradients with these layers added)."""
-    cfg = layout.cfg
+def backward_chunk(layers: tuple[LayerParams, ...], layout: ArenaLayout, lora: Adapters, arena: Array, g: Array,
+                   grads: Adapters, batch: TrainBatch, stash_pages: Array, end: Array) -> tuple[Array, Adapters]:
+    """Layers `end - 1` down to `end - len(layers)` (their weights given, in layer order), each recomputed from
+    its stash: returns (d loss / d input of the first layer, the micro-batch's LoRA gradients with these layers
+    added)."""
     arena_rows = layout.stash_rows(arena)
     per_layer, per_page = _stash_sizes(layout, g.shape[0] * g.shape[1])
     mask = causal_mask(batch.segment_ids)
-
-    def body(i, carry):
-        g, grads = carry
-        layer = end - 1 - i
-        pages, slots = _stash_index(stash_pages, layer, per_layer, per_page)
-        x = arena_rows[pages, slots].reshape(g.shape)
-        lp = _layer_slice(params.layers, layer)
-
-        def layer_fn(x, adapters):
-            return decoder_layer(lp, cfg, x, batch.positions, mask, adapters)
-
-        _, vjp = jax.vjp(layer_fn, x, _layer_slice(lora, layer))
-        g, g_lora = vjp(g)
-        grads = jax.tree.map(lambda acc, d: jax.lax.dynamic_update_index_in_dim(
-            acc, jax.lax.dynamic_index_in_dim(acc, layer, keepdims=False) + d, layer, 0), grads, g_lora)
-        return g, grads
-
     with jax.named_scope("train_backward_chunk"):
-        return jax.lax.fori_loop(0, num_layers, body, (g, grads))
+        for i, lp in enumerate(reversed(layers)):
+            layer = end - 1 - i
+            pages, slots = _stash_index(stash_pages, layer, per_layer, per_page)
+            x = arena_rows[pages, slots].reshape(g.shape)
+
+            def layer_fn(x, adapters, lp=lp):
+                return decoder_layer(lp, layout.cfg, x, batch.positions, mask, adapters)
+
+            _, vjp = jax.vjp(layer_fn, x, layer_adapters(lora, layer))
+            g, g_lora = vjp(g)
+            grads = jax.tree.map(lambda acc, d, layer=layer: jax.lax.dynamic_update_index_in_dim(
+                acc, jax.lax.dynamic_index_in_dim(acc, layer, keepdims=False) + d, layer, 0), grads, g_lora)
+    return g, grads
 
 
 def commit(state: TrainState, grads: Adapters, count: Array) -> tuple[TrainState, Adapters]:

@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -136,15 +135,13 @@ def load_hf_checkpoint(path: str | Path, dtype: str | None = None) -> tuple[Mode
         array = array.astype(np_dtype, copy=False)
         return array.T if transpose else array
 
-    def stacked(field: str) -> jax.Array:
-        name = HF_LAYER_NAMES[field]
-        return jnp.asarray(np.stack([read(f"model.layers.{i}.{name}", field in TRANSPOSED)
-                                     for i in range(cfg.num_layers)]))
+    def layer(i: int) -> LayerParams:
+        return LayerParams(**{field: jnp.asarray(read(f"model.layers.{i}.{HF_LAYER_NAMES[field]}", field in TRANSPOSED))
+                              for field in layer_shapes(cfg)})
 
-    layers = LayerParams(**{field: stacked(field) for field in layer_shapes(cfg)})
     params = Params(
         embed=jnp.asarray(read(EMBED)),
-        layers=layers,
+        layers=tuple(layer(i) for i in range(cfg.num_layers)),
         final_norm=jnp.asarray(read(FINAL_NORM)),
         lm_head=None if cfg.tie_word_embeddings else jnp.asarray(read(LM_HEAD, transpose=True)),
     )
@@ -159,10 +156,12 @@ def save_hf_checkpoint(path: str | Path, cfg: ModelConfig, params: Params, *,
     tensors: dict[str, np.ndarray] = {EMBED: np.asarray(params.embed), FINAL_NORM: np.asarray(params.final_norm)}
     if params.lm_head is not None:
         tensors[LM_HEAD] = np.asarray(params.lm_head).T
-    for field in layer_shapes(cfg):
-        stacked = np.asarray(getattr(params.layers, field))
-        for i in range(cfg.num_layers):
-            tensors[f"model.layers.{i}.{HF_LAYER_NAMES[field]}"] = stacked[i].T if field in TRANSPOSED else stacked[i]
+    if len(params.layers) != cfg.num_layers:
+        raise CheckpointError(f"params have {len(params.layers)} layers, the config {cfg.num_layers}")
+    for i, lp in enumerate(params.layers):
+        for field in layer_shapes(cfg):
+            array = np.asarray(getattr(lp, field))
+            tensors[f"model.layers.{i}.{HF_LAYER_NAMES[field]}"] = array.T if field in TRANSPOSED else array
     expected = expected_tensors(cfg)
     wrong = [n for n, s in expected.items() if n not in tensors or tensors[n].shape != s]
     wrong += sorted(set(tensors) - set(expected))

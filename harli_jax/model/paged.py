@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from harli_jax.kernels import paged_attention, write_kv
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import attention_out, attention_qkv, mlp_block
-from harli_jax.model.params import Adapters, LayerParams, Params
+from harli_jax.model.params import Adapters, LayerParams, Params, layer_adapters
 from harli_jax.model.sampling import SamplingRows, sample
 from harli_jax.model.transformer import embed, lm_logits
 
@@ -81,34 +81,29 @@ class ArenaLayout:
         return arena.reshape(arena.shape[0], -1, self.stash_row)
 
 
+def paged_layer(lp: LayerParams, cfg: ModelConfig, x: Array, arena: Array, index, batch: TokenBatch, *,
+                attention_impl: str = "auto", adapters: Adapters | None = None) -> tuple[Array, Array]:
+    """Decoder layer `index` (a Python int, or traced under a scan) over the arena: writes the batch's K/V into
+    the layer's page slots, attends each token to its sequence's pages, MLP; returns (x, arena)."""
+    lengths = jnp.where(batch.page_ids > 0, batch.positions + 1, 0).astype(jnp.int32)
+    with jax.named_scope("layer"):
+        with jax.named_scope("attention"):
+            q, k, v = attention_qkv(lp, cfg, x, batch.positions, adapters)
+            arena = write_kv(arena, index, k, v, batch.page_ids, batch.offsets)
+            attn = paged_attention(q, arena, index, batch.block_tables[batch.seq_index], lengths,
+                                   impl=attention_impl)
+            x = attention_out(lp, cfg, x, attn, adapters)
+        return mlp_block(lp, cfg, x, adapters), arena
+
+
 def paged_step(params: Params, cfg: ModelConfig, arena: Array, batch: TokenBatch, *,
                attention_impl: str = "auto", lora: Adapters | None = None) -> tuple[Array, Array]:
     """Runs the batch through the model (with LoRA deltas if given), writing its K/V into `arena`; returns
-    (arena, next token `[B]`). Stacked layer weights (`[num_layers, ...]` leaves) run as one scanned layer; a
-    tuple of per-layer weights (`per_layer`) runs unrolled, with nothing sliced out of a stacked array."""
-    lengths = jnp.where(batch.page_ids > 0, batch.positions + 1, 0).astype(jnp.int32)
-    tables = batch.block_tables[batch.seq_index]
-
-    def layer(x, arena, lp, adapters, index):
-        with jax.named_scope("layer"):
-            with jax.named_scope("attention"):
-                q, k, v = attention_qkv(lp, cfg, x, batch.positions, adapters)
-                arena = write_kv(arena, index, k, v, batch.page_ids, batch.offsets)
-                attn = paged_attention(q, arena, index, tables, lengths, impl=attention_impl)
-                x = attention_out(lp, cfg, x, attn, adapters)
-            return mlp_block(lp, cfg, x, adapters), arena
-
+    (arena, next token `[B]`). The layers are unrolled over their own weight arrays: nothing is sliced."""
     x = embed(params, batch.tokens)
-    if isinstance(params.layers, LayerParams):
-        def body(carry, xs):
-            return layer(*carry, *xs), None
-
-        indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, arena), _ = jax.lax.scan(body, (x, arena), (params.layers, lora, indices))
-    else:
-        for index, lp in enumerate(params.layers):
-            adapters = None if lora is None else jax.tree.map(lambda a, i=index: a[i], lora)
-            x, arena = layer(x, arena, lp, adapters, index)
+    for index, lp in enumerate(params.layers):
+        x, arena = paged_layer(lp, cfg, x, arena, index, batch, attention_impl=attention_impl,
+                               adapters=layer_adapters(lora, index))
     logits = lm_logits(params, cfg, x[batch.sample_index])
     with jax.named_scope("sample"):
         return arena, sample(logits, batch.sampling)

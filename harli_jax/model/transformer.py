@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import attention_out, attention_qkv, dense_attention, mlp_block, rms_norm
-from harli_jax.model.params import Adapters, LayerParams, Params
+from harli_jax.model.params import Adapters, LayerParams, Params, layer_adapters
 
 Array = jax.Array
 
@@ -70,12 +70,9 @@ def hidden_states(params: Params, cfg: ModelConfig, token_ids: Array, positions:
                   segment_ids: Array | None = None, lora: Adapters | None = None) -> Array:
     """The last layer's output `[B, T, D]` (before the final norm)."""
     positions, mask = sequence_inputs(token_ids, positions, segment_ids)
-
-    def body(x, layer):
-        lp, adapters = layer
-        return decoder_layer(lp, cfg, x, positions, mask, adapters), None
-
-    x, _ = jax.lax.scan(body, embed(params, token_ids), (params.layers, lora))
+    x = embed(params, token_ids)
+    for index, lp in enumerate(params.layers):
+        x = decoder_layer(lp, cfg, x, positions, mask, layer_adapters(lora, index))
     return x
 
 

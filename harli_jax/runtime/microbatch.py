@@ -21,10 +21,10 @@ from harli_jax.runtime.colocation import MicroKind, Phase, advance, largest_chun
 if TYPE_CHECKING:
     from harli_jax.runtime.job import FinetuneRunner
 
-# Traced once per shape and static config, for every job and engine.
-_forward_chunk = jax.jit(trainer.forward_chunk, static_argnames=("layout", "num_layers"), donate_argnames=("arena",))
-_backward_chunk = jax.jit(trainer.backward_chunk, static_argnames=("layout", "num_layers"),
-                          donate_argnames=("grads",))
+# Traced once per chunk size and static config, for every job and engine: a chunk's layer weights are arguments,
+# so the chunk's start layer is data.
+_forward_chunk = jax.jit(trainer.forward_chunk, static_argnames=("layout",), donate_argnames=("arena",))
+_backward_chunk = jax.jit(trainer.backward_chunk, static_argnames=("layout",), donate_argnames=("grads",))
 _loss_step = jax.jit(trainer.loss_step, static_argnames=("cfg",))
 
 
@@ -118,16 +118,17 @@ class MicroBatchExecutor:
         kind, run.phase = advance(run.phase, n, num_layers)
         lora = job.state.lora
         if phase == "forward":
+            start = num_layers - left
             run.x = self.arena.update(lambda buffer: _forward_chunk(
-                job.params, layout, lora, buffer, run.x, run.device_batch, run.stash_pages,
-                jnp.int32(num_layers - left), n))
+                job.params.layers[start: start + n], layout, lora, buffer, run.x, run.device_batch,
+                run.stash_pages, jnp.int32(start)))
             if kind is MicroKind.FORWARD_LOSS:
                 run.loss_sum, run.count, run.x = _loss_step(job.params, job.cfg, run.x, run.device_batch)
                 spare, self._spare_grads = self._spare_grads, None
                 run.grads = spare if spare is not None else jax.tree.map(jnp.zeros_like, lora)
         else:
-            run.x, run.grads = _backward_chunk(job.params, layout, lora, self.arena.buffer, run.x, run.grads,
-                                               run.device_batch, run.stash_pages, jnp.int32(left), n)
+            run.x, run.grads = _backward_chunk(job.params.layers[left - n: left], layout, lora, self.arena.buffer,
+                                               run.x, run.grads, run.device_batch, run.stash_pages, jnp.int32(left))
             if kind is MicroKind.BACKWARD_COMMIT:
                 self._finish(run)
         jax.block_until_ready((run.x, job.state.accum))

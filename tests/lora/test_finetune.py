@@ -1,6 +1,7 @@
 """Finetune jobs through the engine: learning, exact resume in a new process, abandoned micro-batches,
 bad input, NaN handling, serving the trained adapter."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -151,11 +152,9 @@ def test_bad_data_and_checkpoint_dir(engine, tmp_path):
 
 
 def test_nonfinite_loss_skips_updates_then_pauses(model):
-    broken = model.params.layers.__class__(**{
-        **{f: getattr(model.params.layers, f) for f in model.params.layers.__dataclass_fields__},
-        "mlp_norm": model.params.layers.mlp_norm.at[0, 3].set(np.nan)})
-    params = model.params.__class__(embed=model.params.embed, layers=broken, final_norm=model.params.final_norm,
-                                    lm_head=model.params.lm_head)
+    first = model.params.layers[0]
+    broken = dataclasses.replace(first, mlp_norm=first.mlp_norm.at[3].set(np.nan))
+    params = dataclasses.replace(model.params, layers=(broken, *model.params.layers[1:]))
     engine = Engine(model.__class__(model.cfg, params, model.tokenizer), CONFIG, warmup=False)
     handle = engine.finetune(FinetuneJob(total_steps=10, eval_interval=0, max_nonfinite=3))
     before = _weights(handle)

@@ -26,6 +26,8 @@ from harli_jax.model.params import LoRAPair
 ROWS, SEQ = 2, 16
 # The gradient tests never apply an update: any schedule will do.
 OPTIMIZER = OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10, weight_decay=0.0, max_grad_norm=1.0)
+FORWARD_CHUNK = jax.jit(forward_chunk, static_argnames=("layout",), donate_argnames=("arena",))
+BACKWARD_CHUNK = jax.jit(backward_chunk, static_argnames=("layout",))
 
 
 def _batch(vocab, seed=0):
@@ -73,18 +75,18 @@ def _micro_steps(cfg, params, lora, batch, layers_per_chunk, page_tokens=8):
     arena = layout.zeros(40)
     need = layout.stash_pages(ROWS * SEQ)
     stash = jnp.asarray(np.random.default_rng(0).permutation(np.arange(1, 40))[:need], jnp.int32)
-    fwd = jax.jit(forward_chunk, static_argnames=("layout", "num_layers"), donate_argnames=("arena",))
-    bwd = jax.jit(backward_chunk, static_argnames=("layout", "num_layers"))
+    fwd, bwd = FORWARD_CHUNK, BACKWARD_CHUNK
     x = embed_step(params, batch)
     starts = list(range(0, cfg.num_layers, layers_per_chunk))
     for start in starts:
         n = min(layers_per_chunk, cfg.num_layers - start)
-        arena, x = fwd(params, layout, lora, arena, x, batch, stash, jnp.int32(start), n)
+        arena, x = fwd(params.layers[start: start + n], layout, lora, arena, x, batch, stash, jnp.int32(start))
     total, count, g = jax.jit(loss_step, static_argnames="cfg")(params, cfg, x, batch)
     grads = jax.tree.map(jnp.zeros_like, lora)
     for start in reversed(starts):
         n = min(layers_per_chunk, cfg.num_layers - start)
-        g, grads = bwd(params, layout, lora, arena, g, grads, batch, stash, jnp.int32(start + n), n)
+        g, grads = bwd(params.layers[start: start + n], layout, lora, arena, g, grads, batch, stash,
+                       jnp.int32(start + n))
     state = init_state(lora, make_optimizer(OPTIMIZER))
     state, _ = commit(state, grads, count)
     return total, count, state.accum
@@ -111,7 +113,11 @@ def test_single_program_equals_jax_grad_of_forward(setup, remat):
 def test_micro_steps_equal_the_single_program(setup, layers_per_chunk):
     cfg, params, lora, batch = setup
     total, count, grads = _single_program(cfg, params, lora, batch, remat=False)
+    programs = FORWARD_CHUNK._cache_size(), BACKWARD_CHUNK._cache_size()
     m_total, m_count, m_grads = _micro_steps(cfg, params, lora, batch, layers_per_chunk)
+    # One program per chunk size (a chunk's layers are arguments), whatever layer the chunk starts at.
+    sizes = len({min(layers_per_chunk, cfg.num_layers - s) for s in range(0, cfg.num_layers, layers_per_chunk)})
+    assert FORWARD_CHUNK._cache_size() - programs[0] <= sizes and BACKWARD_CHUNK._cache_size() - programs[1] <= sizes
     assert float(m_count) == float(count)
     np.testing.assert_allclose(float(m_total), float(total), rtol=1e-6)
     _assert_close(m_grads, grads, 1e-5)

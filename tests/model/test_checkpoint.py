@@ -122,8 +122,8 @@ def test_sharded_round_trip(tiny_yaml, tmp_path):
 
     cfg2, params2 = load_hf_checkpoint(tmp_path)
     assert cfg2.replace(name=cfg.name) == cfg
-    for a, b in zip(np.asarray(params.layers.down_proj), np.asarray(params2.layers.down_proj), strict=True):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(params.layers, params2.layers, strict=True):
+        np.testing.assert_array_equal(a.down_proj, b.down_proj)
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = np.arange(20, dtype=np.int32)[None] * 7 % cfg.vocab_size

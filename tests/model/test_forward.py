@@ -1,6 +1,5 @@
 """The reference forward: packing, positions, named scopes."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,10 +63,3 @@ def test_named_scopes_label_the_blocks(tiny):
     text = forward.lower(params, cfg, np.zeros((1, 4), np.int32)).as_text(debug_info=True)
     for scope in ("embed", "layer", "attention", "qkv", "rope", "o_proj", "mlp", "lm_head"):
         assert f"{scope}/" in text or f"/{scope}" in text, scope
-
-
-def test_layers_are_scanned_not_unrolled(tiny):
-    cfg, params = tiny
-    deep = cfg.replace(num_layers=6)
-    text = jax.jit(forward, static_argnames="cfg").lower(init_params(deep), deep, np.zeros((1, 4), np.int32)).as_text()
-    assert "while" in text

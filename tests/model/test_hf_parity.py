@@ -66,21 +66,21 @@ def test_bfloat16_checkpoint(hf_checkpoint):
     model, path = hf_checkpoint("llama-gqa2", torch.bfloat16)
     cfg, params = load_hf_checkpoint(path)
     assert cfg.dtype == "bfloat16"
-    assert params.layers.q_proj.dtype.name == "bfloat16"
+    assert params.layers[1].q_proj.dtype.name == "bfloat16"
     hf_q = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
-    np.testing.assert_array_equal(np.asarray(params.layers.q_proj[1], np.float32), hf_q.T)
+    np.testing.assert_array_equal(np.asarray(params.layers[1].q_proj, np.float32), hf_q.T)
     ids, valid = _batch(cfg.vocab_size)
     ours, ref = _our_logits(cfg, params, ids, valid), _hf_logits(model, ids, valid)
     assert np.abs(ours[valid] - ref[valid]).max() < 0.1 * np.abs(ref[valid]).max()
 
     cfg32, params32 = load_hf_checkpoint(path, dtype="float32")
     assert cfg32.dtype == "float32" and params32.embed.dtype.name == "float32"
-    np.testing.assert_array_equal(np.asarray(params32.layers.q_proj[1]), hf_q.T)
+    np.testing.assert_array_equal(np.asarray(params32.layers[1].q_proj), hf_q.T)
 
 
 def test_float16_checkpoint(hf_checkpoint):
     model, path = hf_checkpoint("qwen2-tied", torch.float16)
     cfg, params = load_hf_checkpoint(path)
-    assert cfg.dtype == "float16" and params.layers.q_bias.dtype.name == "float16"
-    np.testing.assert_array_equal(np.asarray(params.layers.q_bias[0]),
+    assert cfg.dtype == "float16" and params.layers[0].q_bias.dtype.name == "float16"
+    np.testing.assert_array_equal(np.asarray(params.layers[0].q_bias),
                                   model.model.layers[0].self_attn.q_proj.bias.detach().numpy())
