@@ -22,6 +22,10 @@ it up (compiles, allocator) and gives the greedy tokens compared between the sys
 - Memory floor: the weight bytes over the machine's copy bandwidth (a numpy copy of a large buffer into a
   preallocated one, best of `--copy-repeats` per attempt, read + write bytes counted), against our median
   batch-1 decode step.
+- Prefill: `--prefill-prompts` prompts of `--prefill-len` tokens, our `generate` of one token each (the time to
+  their first tokens) against one transformers forward over the same tokens.
+- Un-overlapped host time: per step, the wall time outside the step programs plus the packing inside them, as a
+  share of the median decode step.
 
 Writes bench/results/decode-<device>.json (or into --out). With --profile it also traces a few steady decode
 steps per batch with jax.profiler and reports where the step time goes (XLA ops by model scope, host time).
@@ -60,7 +64,8 @@ from harli_jax.runtime.config import SchedulerConfig
 from harli_jax.runtime.runner import Bucket
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = {"decode_vs_hf_min": 1.5, "decode_vs_hf_batches": (8, 32), "batch1_step_vs_floor_max": 1.25}
+TARGETS = {"decode_vs_hf_min": 1.5, "decode_vs_hf_batches": (8, 32), "batch1_step_vs_floor_max": 1.25,
+           "prefill_vs_hf_min": 1.0, "host_share_of_batch8_step_max": 0.05}
 
 
 def batch_list(text: str) -> list[int]:
@@ -76,6 +81,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="weights, prompts and the order of the sides per round")
     parser.add_argument("--prefill-chunk", type=int, default=SchedulerConfig().prefill_chunk)
+    parser.add_argument("--prefill-prompts", type=int, default=4, help="prompts of the prefill comparison")
+    parser.add_argument("--prefill-len", type=int, default=None, help="their tokens (default 512)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="interleaved rounds: timed attempts per side (default 3; 2 with --quick)")
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the copy-bandwidth probe (default 512)")
@@ -88,16 +95,18 @@ def parse_args() -> argparse.Namespace:
     common.add_arguments(parser)
     args = parser.parse_args()
     quick = dict(model=str(REPO / "configs/models/tiny.yaml"), batches=[1, 2], prompt_len=16, new_tokens=16,
-                 repeats=2, copy_mib=32, copy_repeats=3)
+                 repeats=2, copy_mib=32, copy_repeats=3, prefill_len=24)
     full = dict(model=str(REPO / "configs/models/small.yaml"), batches=[1, 8, 32], prompt_len=128, new_tokens=128,
-                repeats=3, copy_mib=512, copy_repeats=7)
+                repeats=3, copy_mib=512, copy_repeats=7, prefill_len=512)
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if isinstance(args.batches[0], list):
         args.batches = sorted({b for group in args.batches for b in group})
-    if min(args.batches) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1:
-        parser.error("batches, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
+    if min(args.batches) < 1 or min(args.prompt_len, args.prefill_len, args.prefill_prompts, args.repeats) < 1 \
+            or args.new_tokens < 2:
+        parser.error("batches, --prompt-len, --prefill-len, --prefill-prompts and --repeats must be >= 1, "
+                     "--new-tokens >= 2")
     return args
 
 
@@ -167,7 +176,34 @@ def run_engine(engine: Engine, prompts: list[list[int]], args) -> tuple[dict, li
         "prefill_buckets": sorted({f"{r.bucket_seqs}x{r.bucket_tokens}t{r.bucket_pages}p" for r in prefill}),
         "host_outside_steps_s": wall - step_time,
         "pack_s_total": sum(r.pack_time for r in records),  # StepRecord.pack_time: host packing inside each step
+        # Nothing overlaps device time yet (each step is read back before the next is planned): the host time
+        # outside the steps and the packing inside them, per step, and as a share of the median decode step.
+        "host_unoverlapped_per_step_s": (wall - step_time + sum(r.pack_time for r in records)) / len(records),
+        "host_share_of_decode_step": (wall - step_time + sum(r.pack_time for r in records)) / len(records)
+        / statistics.median(latencies) if latencies else None,
     }, tokens
+
+
+def run_engine_prefill(engine: Engine, prompts: list[list[int]]) -> dict:
+    """One timed `generate` of one token per prompt: the prompts' prefill, to their first tokens."""
+    start = time.perf_counter()
+    first = len(engine.step_records)
+    engine.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True))
+    wall = time.perf_counter() - start
+    tokens = sum(len(p) for p in prompts)
+    return {"wall_s": wall, "prefill_tokens_per_s": tokens / wall, "steps": len(engine.step_records) - first}
+
+
+def run_hf_prefill(model, prompts: list[list[int]]) -> dict:
+    """One timed transformers forward over the prompts (no cache returned)."""
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, "prefill_tokens_per_s": ids.numel() / wall}
 
 
 # transformers ----------------------------------------------------------------------------------------------
@@ -325,7 +361,8 @@ def print_profile(batch: int, prof: dict) -> None:
 # Main ------------------------------------------------------------------------------------------------------
 
 OURS_KEYS = ("decode_tokens_per_s", "steady_decode_tokens_per_s", "end_to_end_tokens_per_s", "decode_step_median_s",
-             "decode_step_min_s", "wall_s", "pack_s_total", "host_outside_steps_s")
+             "decode_step_min_s", "wall_s", "pack_s_total", "host_outside_steps_s", "host_unoverlapped_per_step_s",
+             "host_share_of_decode_step")
 HF_KEYS = ("decode_tokens_per_s", "end_to_end_tokens_per_s", "decode_step_s", "wall_s", "prefill_wall_s")
 
 
@@ -340,6 +377,8 @@ def side_figures(comparison: dict, side: str, keys) -> dict:
 def describe(result: dict) -> str:
     if "bytes_per_s" in result:
         return f"{result['bytes_per_s'] / 1e9:6.1f} GB/s"
+    if "prefill_tokens_per_s" in result:
+        return f"prefill {result['prefill_tokens_per_s']:8.1f} tok/s, wall {result['wall_s']:.3f} s"
     return f"decode {result['decode_tokens_per_s'] or float('nan'):8.1f} tok/s, wall {result['wall_s']:.3f} s"
 
 
@@ -366,8 +405,8 @@ def main() -> None:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     say(f"model {cfg.name}: {n_params / 1e6:.1f}M parameters, {weight_bytes / 2**20:.1f} MiB ({cfg.dtype})")
-    engine_config = EngineConfig(max_batch=max(args.batches), prefill_chunk=args.prefill_chunk,
-                                 max_seq_len=args.prompt_len + args.new_tokens)
+    engine_config = EngineConfig(max_batch=max(*args.batches, args.prefill_prompts), prefill_chunk=args.prefill_chunk,
+                                 max_seq_len=max(args.prompt_len + args.new_tokens, args.prefill_len + 1))
     with common.LoadMeter() as compile_load:
         engine = Engine(loaded, engine_config)
     weight_mib = max(1, weight_bytes // 2**20)
@@ -393,6 +432,14 @@ def main() -> None:
                     hf_generate(model, ids, 1)
                     tokens[f"hf@{batch}"] = hf_generate(model, ids, args.new_tokens)[1]
                     sides[f"hf@{batch}"] = lambda p=prompts, m=model: run_hf(m, p, args)
+            rng = np.random.default_rng([args.seed, 0])
+            long_prompts = [[int(t) for t in rng.integers(3, cfg.vocab_size, args.prefill_len)]
+                            for _ in range(args.prefill_prompts)]
+            run_engine_prefill(engine, long_prompts)
+            sides["prefill-ours"] = lambda: run_engine_prefill(engine, long_prompts)
+            if model is not None:
+                run_hf_prefill(model, long_prompts)
+                sides["prefill-hf"] = lambda m=model: run_hf_prefill(m, long_prompts)
         quiet = common.wait_for_quiet(args.max_other_share, settings["quiet_timeout"], settings["quiet_sample"], say)
         say(f"{args.repeats} interleaved rounds over {len(sides)} sides (quiet wait: {quiet['waited_s']} s, "
             f"other processes' shares {quiet['shares'][-2:]})")
@@ -435,6 +482,21 @@ def main() -> None:
             f"(target <= {TARGETS['batch1_step_vs_floor_max']}x)")
     else:
         say("batch-1 decode step vs memory floor: invalid (no valid attempt on one side)")
+
+    prefill = {"prompts": args.prefill_prompts, "prompt_len": args.prefill_len,
+               "ours": side_figures(comparison, "prefill-ours", ("prefill_tokens_per_s", "wall_s"))}
+    if hf_info:
+        prefill["hf"] = side_figures(comparison, "prefill-hf", ("prefill_tokens_per_s", "wall_s"))
+        ratio = common.ratio(prefill["ours"]["prefill_tokens_per_s"], prefill["hf"]["prefill_tokens_per_s"])
+        prefill.update(ratio_ours_over_hf=ratio["value"], valid=ratio["valid"], target_min=TARGETS["prefill_vs_hf_min"],
+                       met=ratio["value"] >= TARGETS["prefill_vs_hf_min"] if ratio["valid"] else None)
+        if ratio["valid"]:
+            say(f"prefill of {args.prefill_prompts} x {args.prefill_len} tokens: ours "
+                f"{prefill['ours']['prefill_tokens_per_s']:.0f} tok/s, HF forward "
+                f"{prefill['hf']['prefill_tokens_per_s']:.0f} tok/s: {ratio['value']:.2f}x")
+    host = {b: ours[b]["host_share_of_decode_step"] for b in args.batches}
+    say("un-overlapped host time per step, share of the median decode step: "
+        + ", ".join(f"batch {b} {v:.1%}" for b, v in host.items() if v is not None))
 
     ratios = []
     for batch in theirs:
@@ -482,6 +544,9 @@ def main() -> None:
                            "method": "numpy.copyto into a preallocated buffer, best of copy_repeats per attempt; "
                                      "bytes = read + write"},
         "memory_floor": memory_floor,
+        "prefill": prefill,
+        "host_share_of_decode_step": {"by_batch": host,
+                                      "target_max_at_batch_8": TARGETS["host_share_of_batch8_step_max"]},
         "definitions": {
             "figure": "median over the side's valid attempts (None without one); every attempt is in comparison",
             "ratio": "ours figure / HF figure, both from valid attempts; None and valid=false otherwise",
@@ -491,6 +556,10 @@ def main() -> None:
             "hf.decode_tokens_per_s": "B * (new_tokens - 1) / (generate(new_tokens) - generate(1)) wall times",
             "end_to_end_tokens_per_s": "B * new_tokens / wall time of one generate call (prefill included)",
             "memory_floor.floor_s": "weight bytes / copy bandwidth (read + write bytes per second)",
+            "prefill.ours": "prompts x prompt_len / wall time of generate(max_tokens=1) over the prompts",
+            "prefill.hf": "the same tokens / wall time of one transformers forward (use_cache=False)",
+            "host_unoverlapped_per_step_s": "(wall - step latencies + packing inside steps) / steps: host time "
+                                            "no device work overlaps (each step is read back before the next)",
         },
     }
     if profile:

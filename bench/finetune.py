@@ -24,12 +24,12 @@ computed only when both modes have a valid attempt.
 Then two diagnostic sections, not part of the comparison (their load is recorded, they are not repeated):
 the micro-step path once more with a block after every micro-step (time per kind: start = lease + packing +
 embed, forward, forward+loss, backward, backward+commit), and (unless --no-profile) a profile of the jitted
-programs alone on fixed inputs, which reaches into private trainer/runner internals (median of
-`--profile-reps` calls, each blocked): the forward chunk with and without its stash write, the stash write and
-read alone (also on a 4x larger arena, to see whether the scatter copies the arena), the backward chunk with
-and without its stash gather, one layer alone, the forward of all layers, the loss, commit, update, the single-program step with and without remat, and an empty
-jitted call (dispatch cost); programs are timed round-robin. Model flops come from XLA's estimate of one
-layer's forward and vjp (its estimate of a program with a loop counts the body once).
+programs alone on fixed inputs, which reaches into private trainer/runner internals (median of `--profile-reps`
+calls, each blocked): the forward chunk with and without its stash write, the stash write and read alone (also on a
+4x larger arena, to see whether the scatter copies the arena), the backward chunk with and without its stash gather,
+one layer alone, the forward of all layers, the loss, commit, update, the single-program step with and without
+remat, and an empty jitted call (dispatch cost); programs are timed round-robin. Model flops come from XLA's
+estimate of one layer's forward and vjp (its estimate of a program with a loop counts the body once).
 
 Every timing also records the process's minor page faults (on a CPU, XLA allocates a program's temporaries
 on each call and glibc serves large blocks from fresh, zero-filled mmap pages, so a program pays about one

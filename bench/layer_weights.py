@@ -77,9 +77,10 @@ def decode_batch(batch: int, context: int, vocab: int, seed: int) -> tuple[Token
                         top_p=np.ones(batch, np.float32), seed=np.zeros(batch, np.uint32),
                         counter=np.zeros(batch, np.int32))
     index = np.arange(batch, dtype=np.int32)
-    return TokenBatch(tokens=rng.integers(3, vocab, batch).astype(np.int32), positions=positions, seq_index=index,
+    return TokenBatch(tokens=rng.integers(3, vocab, batch).astype(np.int32), positions=positions,
                       page_ids=tables[index, positions // PAGE_TOKENS], offsets=positions % PAGE_TOKENS,
-                      block_tables=tables, sample_index=index, sampling=rows), batch * per_seq + 1
+                      block_tables=tables, query_start=np.arange(batch + 1, dtype=np.int32),
+                      context_lens=positions + 1, sample_index=index, sampling=rows), batch * per_seq + 1
 
 
 def stack_layers(params: Params) -> Params:

@@ -179,7 +179,8 @@ def test_decode_quick(tmp_path):
     data = run_script("decode", tmp_path)  # the default load threshold: valid or not, the JSON must add up
     cmp = data["comparison"]
     assert cmp["rounds"] == 2 and data["config"]["batches"] == [1, 2]
-    check_comparison(cmp, {"ours@1", "ours@2", "hf@1", "hf@2", "copy", "copy_weight_sized"})
+    check_comparison(cmp, {"ours@1", "ours@2", "hf@1", "hf@2", "copy", "copy_weight_sized", "prefill-ours",
+                           "prefill-hf"})
     ours = {r["batch"]: r for r in data["ours"]}
     hf = {r["batch"]: r for r in data["hf"]}
     assert set(ours) == set(hf) == {1, 2}
@@ -201,6 +202,16 @@ def test_decode_quick(tmp_path):
     assert floor["valid"] == (bandwidth is not None and step is not None)
     if floor["valid"]:
         assert math.isclose(floor["step_over_floor"], step / (floor["weight_bytes"] / bandwidth))
+    prefill = data["prefill"]
+    o, h = (valid_median(cmp, f"prefill-{s}", lambda r: r["prefill_tokens_per_s"]) for s in ("ours", "hf"))
+    assert prefill["valid"] == (o is not None and h is not None)
+    assert close(prefill["ratio_ours_over_hf"], o / h if prefill["valid"] else None)
+    for a in cmp["attempts"]:
+        if a["side"] == "prefill-ours":
+            assert math.isclose(a["result"]["prefill_tokens_per_s"], 4 * 24 / a["result"]["wall_s"])
+    for b in (1, 2):
+        share = valid_median(cmp, f"ours@{b}", lambda r: r["host_share_of_decode_step"])
+        assert close(data["host_share_of_decode_step"]["by_batch"][str(b)], share) and (share is None or share > 0)
 
 
 def test_finetune_quick(tmp_path):

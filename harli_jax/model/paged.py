@@ -1,8 +1,10 @@
 """The inference step over the paged arena: decode tokens and prefill chunks as one flat batch of tokens.
 
-Every token carries its sequence's block table, its position, and the page slot its K/V goes to. Each layer
-first writes the step's new K/V into the arena, then attends each token to its sequence's pages up to its own
-position, so a prefill chunk sees its prefix and itself causally, and a decode token sees its whole context.
+Tokens come grouped by sequence (`query_start`, as vLLM's `query_start_loc`); each carries its position and the
+page slot its K/V goes to. Each layer first writes the step's new K/V into the arena, then attends every token
+to its sequence's pages up to its own position, so a prefill chunk sees its prefix and itself causally, and a
+decode token sees its whole context. A decode-only step (one token per sequence) runs the decode attention; a
+step with prefill chunks runs the ragged attention, which reads each sequence's pages once per layer.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from harli_jax.kernels import paged_attention, write_kv
+from harli_jax.kernels import paged_attention, ragged_paged_attention, write_kv
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import attention_out, attention_qkv, mlp_block
 from harli_jax.model.params import Adapters, LayerParams, Params, layer_adapters
@@ -26,16 +28,22 @@ Array = jax.Array
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TokenBatch:
-    """One step's tokens `[T]` over sequences `[B]`; padding tokens have page id 0 (the null page)."""
+    """One step's tokens `[T]` over sequences `[B]`, sequence b's at `query_start[b] .. query_start[b + 1] - 1`;
+    padding tokens (past `query_start[B]`) have page id 0 (the null page), padding sequences no tokens and
+    context 0. `max_query` and `long_rows` are static: the most tokens a sequence has, and the rows that may have
+    more than one (the first `long_rows`; None: any)."""
 
     tokens: Array  # int32[T]
     positions: Array  # int32[T]
-    seq_index: Array  # int32[T]: the token's row of block_tables
     page_ids: Array  # int32[T]: page its K/V is written to
     offsets: Array  # int32[T]: token slot in that page
     block_tables: Array  # int32[B, P]
+    query_start: Array  # int32[B + 1]
+    context_lens: Array  # int32[B]: the sequence's tokens in the cache after this step
     sample_index: Array  # int32[B]: the token whose output gives the sequence's next token
     sampling: SamplingRows  # [B]
+    max_query: int = dataclasses.field(default=1, metadata={"static": True})
+    long_rows: int | None = dataclasses.field(default=None, metadata={"static": True})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +93,16 @@ def paged_layer(lp: LayerParams, cfg: ModelConfig, x: Array, arena: Array, index
                 attention_impl: str = "auto", adapters: Adapters | None = None) -> tuple[Array, Array]:
     """Decoder layer `index` (a Python int, or traced under a scan) over the arena: writes the batch's K/V into
     the layer's page slots, attends each token to its sequence's pages, MLP; returns (x, arena)."""
-    lengths = jnp.where(batch.page_ids > 0, batch.positions + 1, 0).astype(jnp.int32)
     with jax.named_scope("layer"):
         with jax.named_scope("attention"):
             q, k, v = attention_qkv(lp, cfg, x, batch.positions, adapters)
             arena = write_kv(arena, index, k, v, batch.page_ids, batch.offsets)
-            attn = paged_attention(q, arena, index, batch.block_tables[batch.seq_index], lengths,
-                                   impl=attention_impl)
+            if batch.max_query == 1:  # one token per sequence: token b is sequence b's
+                attn = paged_attention(q, arena, index, batch.block_tables, batch.context_lens, impl=attention_impl)
+            else:
+                attn = ragged_paged_attention(q, arena, index, batch.block_tables, batch.query_start,
+                                              batch.context_lens, max_query=batch.max_query,
+                                              long_rows=batch.long_rows, impl=attention_impl)
             x = attention_out(lp, cfg, x, attn, adapters)
         return mlp_block(lp, cfg, x, adapters), arena
 

@@ -66,8 +66,7 @@ class Engine:
         self.arena = Arena(layout, num_pages, cache.max_pages_per_seq(cfg))
         self.runner = ModelRunner(cfg, params, config, self.arena)
         self.inputs = InputProcessor(cfg, model.tokenizer, self.seq_len, cache.page_tokens, self.arena.table.capacity)
-        self.scheduler = Scheduler(self.arena.table, scheduler.max_batch, scheduler.prefill_chunk,
-                                   OutputProcessor(model.tokenizer))
+        self.scheduler = Scheduler(self.arena.table, scheduler, OutputProcessor(model.tokenizer))
         self.colocation = CoLocator(cfg, config, self.scheduler, self.arena, self.runner)
         self.step_records = StepLog(config.runner.step_record_limit)
         self._next_plan: StepPlan | None = None  # scheduled after the last step, before its training window

@@ -29,11 +29,16 @@ log = logging.getLogger("harli_jax")
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Bucket:
-    """The static shape of a step program: sequences, tokens and pages per sequence."""
+    """The static shape of a step program: sequences, tokens and pages per sequence. A decode bucket has one
+    token per sequence; a mixed one room for a prefill chunk besides."""
 
     seqs: int
     tokens: int
     pages: int
+
+    @property
+    def decode_only(self) -> bool:
+        return self.tokens == self.seqs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ class ModelRunner:
         self.cfg = cfg
         self.params = params
         self.settings, self.prefill_chunk = engine_cfg.runner, engine_cfg.scheduler.prefill_chunk
+        self.max_prefill_seqs = engine_cfg.scheduler.max_prefill_seqs
         self.page_tokens = arena.layout.page_tokens
         self.arena = arena
         self.batch_buckets = engine_cfg.scheduler.resolved_batch_buckets()
@@ -83,9 +89,17 @@ class ModelRunner:
         self.lora = lora
 
     def bucket_for(self, seqs: int, tokens: int, pages: int) -> Bucket:
+        """The smallest bucket of `seqs` sequences with `tokens` tokens in all (each has at least one)."""
         b = self.batch_buckets[bisect.bisect_left(self.batch_buckets, seqs)]
         p = self.page_buckets[bisect.bisect_left(self.page_buckets, pages)]
-        return Bucket(b, b if tokens <= b else b + self.prefill_chunk, p)
+        return Bucket(b, b if tokens == seqs else b + self.prefill_chunk, p)
+
+    def _attention_shape(self, bucket: Bucket) -> dict:
+        """The batch's static attention fields: a decode bucket's one query per sequence, or a mixed bucket's
+        chunks of at most `prefill_chunk` tokens in its first `max_prefill_seqs` rows (where `_pack` puts them)."""
+        if bucket.decode_only:
+            return {"max_query": 1, "long_rows": 0}
+        return {"max_query": self.prefill_chunk, "long_rows": min(self.max_prefill_seqs, bucket.seqs)}
 
     def _batch_struct(self, bucket: Bucket) -> TokenBatch:
         def i32(*shape):
@@ -95,8 +109,9 @@ class ModelRunner:
         rows = SamplingRows(temperature=jax.ShapeDtypeStruct((b,), jnp.float32), top_k=i32(b),
                             top_p=jax.ShapeDtypeStruct((b,), jnp.float32),
                             seed=jax.ShapeDtypeStruct((b,), jnp.uint32), counter=i32(b))
-        return TokenBatch(tokens=i32(t), positions=i32(t), seq_index=i32(t), page_ids=i32(t), offsets=i32(t),
-                          block_tables=i32(b, bucket.pages), sample_index=i32(b), sampling=rows)
+        return TokenBatch(tokens=i32(t), positions=i32(t), page_ids=i32(t), offsets=i32(t),
+                          block_tables=i32(b, bucket.pages), query_start=i32(b + 1), context_lens=i32(b),
+                          sample_index=i32(b), sampling=rows, **self._attention_shape(bucket))
 
     def compile(self, bucket: Bucket) -> jax.stages.Compiled:
         return _step_jit.lower(self.params, self.cfg, self.arena.buffer, self._batch_struct(bucket),
@@ -152,58 +167,86 @@ class ModelRunner:
         work = plan.work
         bucket = self.bucket_of(plan)
         packing = time.perf_counter()
-        batch = self._pack(work, bucket)
+        rows = self._rows(work)
+        batch = self._pack(work, rows, bucket)
         pack_time = time.perf_counter() - packing
         program = self.program(bucket)
         next_tokens = self.arena.update(lambda buffer: program(self.params, buffer, batch, self.lora))
-        return StepOutput(np.asarray(next_tokens)[: len(work)], bucket, pack_time)
+        return StepOutput(np.asarray(next_tokens)[rows], bucket, pack_time)
 
-    def _pack(self, work: Sequence[SeqWork], bucket: Bucket) -> TokenBatch:
+    @staticmethod
+    def _rows(work: Sequence[SeqWork]) -> np.ndarray:
+        """The batch row of each planned sequence: prefill chunks first (the ragged attention's long rows), then
+        the rest in plan order."""
+        order = sorted(range(len(work)), key=lambda i: len(work[i].tokens) == 1)
+        rows = np.empty(len(work), np.int64)
+        rows[order] = np.arange(len(work))
+        return rows
+
+    def _pack(self, work: Sequence[SeqWork], rows: np.ndarray, bucket: Bucket) -> TokenBatch:
         t, b = bucket.tokens, bucket.seqs
-        tokens, positions, seq_index, page_ids, offsets = (np.zeros(t, np.int32) for _ in range(5))
+        tokens, positions, page_ids, offsets = (np.zeros(t, np.int32) for _ in range(4))
         tables = np.zeros((b, bucket.pages), np.int32)
-        sample_index = np.zeros(b, np.int32)
+        sample_index, context_lens = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        query_start = np.zeros(b + 1, np.int32)
         temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
         top_k, counter, seed = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.uint32)
         cursor, page_tokens = 0, self.page_tokens
-        for i, w in enumerate(work):
+        for i in np.argsort(rows):
+            w, row = work[i], rows[i]
             n = len(w.tokens)
-            tables[i, : len(w.block_table)] = w.block_table
+            tables[row, : len(w.block_table)] = w.block_table
             if n == 1:  # a decode token: scalars, not array operations
                 p = w.start
-                tokens[cursor], positions[cursor], seq_index[cursor] = w.tokens[0], p, i
+                tokens[cursor], positions[cursor] = w.tokens[0], p
                 page_ids[cursor], offsets[cursor] = w.block_table[p // page_tokens], p % page_tokens
             else:
                 pos = np.arange(w.start, w.start + n, dtype=np.int32)
                 span = slice(cursor, cursor + n)
-                tokens[span], positions[span], seq_index[span] = w.tokens, pos, i
-                page_ids[span], offsets[span] = tables[i, pos // page_tokens], pos % page_tokens
-            sample_index[i] = cursor + n - 1
+                tokens[span], positions[span] = w.tokens, pos
+                page_ids[span], offsets[span] = tables[row, pos // page_tokens], pos % page_tokens
+            sample_index[row], context_lens[row] = cursor + n - 1, w.start + n
             s = w.sampling
-            temperature[i], top_k[i], top_p[i], seed[i], counter[i] = (
+            temperature[row], top_k[row], top_p[row], seed[row], counter[row] = (
                 s.temperature, s.top_k, s.top_p, s.seed, w.counter)
             cursor += n
-        rows = SamplingRows(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, counter=counter)
-        return TokenBatch(tokens=tokens, positions=positions, seq_index=seq_index, page_ids=page_ids,
-                          offsets=offsets, block_tables=tables, sample_index=sample_index, sampling=rows)
+            query_start[row + 1] = cursor
+        query_start[len(work) + 1:] = cursor
+        sampling = SamplingRows(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, counter=counter)
+        return TokenBatch(tokens=tokens, positions=positions, page_ids=page_ids, offsets=offsets, block_tables=tables,
+                          query_start=query_start, context_lens=context_lens, sample_index=sample_index,
+                          sampling=sampling, **self._attention_shape(bucket))
 
     def time_synthetic(self, bucket: Bucket, seed: int = 0, scratch_page: int = 0) -> tuple[int, float]:
-        """Runs `bucket`'s program on a synthetic batch that fills its shape: random contexts over random pages,
-        every K/V write into `scratch_page` (a page nobody owns), so no cache is changed. With scratch page 0
-        nothing is written and the attention sees empty sequences. Returns (attended context, seconds)."""
+        """Runs `bucket`'s program on a synthetic batch that fills its shape: random contexts over random pages
+        (a mixed bucket's prefill chunks in its long rows), every K/V write into `scratch_page` (a page nobody
+        owns), so no cache is changed. With scratch page 0 nothing is written and the attention sees empty
+        sequences. Returns (attended context, seconds)."""
         rng = np.random.default_rng(seed)
         num_pages = self.arena.table.num_pages
-        b, t, p = bucket.seqs, bucket.tokens, bucket.pages
-        contexts = rng.integers(1, p * self.page_tokens + 1, b)
-        seq_index = np.minimum(np.arange(t) * b // t, b - 1).astype(np.int32)
+        b, p = bucket.seqs, bucket.pages
+        shape = self._attention_shape(bucket)
+        long_rows = shape["long_rows"]
+        query_lens = np.ones(b, np.int64)
+        if long_rows:
+            query_lens[:long_rows] = np.diff(np.linspace(0, self.prefill_chunk + long_rows, long_rows + 1).astype(int))
+        query_lens = np.minimum(query_lens, min(shape["max_query"], p * self.page_tokens))
+        contexts = np.maximum(rng.integers(1, p * self.page_tokens + 1, b), query_lens)
+        query_start = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
+        t, used = bucket.tokens, int(query_start[-1])
+        seq_of = np.repeat(np.arange(b), query_lens)
+        positions = np.zeros(t, np.int32)
+        positions[:used] = contexts[seq_of] - query_lens[seq_of] + np.arange(used) - query_start[seq_of]
         rows = SamplingRows(temperature=np.zeros(b, np.float32), top_k=np.zeros(b, np.int32),
                             top_p=np.ones(b, np.float32), seed=np.zeros(b, np.uint32), counter=np.zeros(b, np.int32))
-        batch = TokenBatch(tokens=rng.integers(0, self.cfg.vocab_size, t).astype(np.int32),
-                           positions=(contexts[seq_index] - 1).astype(np.int32), seq_index=seq_index,
-                           page_ids=np.full(t, scratch_page, np.int32),
-                           offsets=np.arange(t, dtype=np.int32) % self.page_tokens,
+        page_ids = np.zeros(t, np.int32)
+        page_ids[:used] = scratch_page
+        batch = TokenBatch(tokens=rng.integers(0, self.cfg.vocab_size, t).astype(np.int32), positions=positions,
+                           page_ids=page_ids, offsets=np.arange(t, dtype=np.int32) % self.page_tokens,
                            block_tables=rng.integers(1, max(num_pages, 2), (b, p)).astype(np.int32),
-                           sample_index=np.arange(b, dtype=np.int32) * t // b, sampling=rows)
+                           query_start=query_start,
+                           context_lens=(contexts if scratch_page else np.zeros(b)).astype(np.int32),
+                           sample_index=(query_start[1:] - 1).astype(np.int32), sampling=rows, **shape)
         program = self.program(bucket)
         started = time.perf_counter()
         np.asarray(self.arena.update(lambda buffer: program(self.params, buffer, batch, self.lora)))

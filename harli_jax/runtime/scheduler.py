@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from harli_jax.runtime.arena import Owner, PageTable
+from harli_jax.runtime.config import SchedulerConfig
 from harli_jax.runtime.processing import OutputProcessor
 from harli_jax.runtime.request import Event, FinishedEvent, FinishReason, SamplingParams, TokenEvent
 from harli_jax.runtime.state import RequestState
@@ -54,10 +55,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, page_table: PageTable, max_batch: int, prefill_chunk: int, output: OutputProcessor):
+    def __init__(self, page_table: PageTable, settings: SchedulerConfig, output: OutputProcessor):
         self.pages = page_table
-        self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
+        self.max_batch, self.prefill_chunk = settings.max_batch, settings.prefill_chunk
+        self.max_prefill_seqs = settings.max_prefill_seqs
         self.output = output
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []  # in admission order: the last is the youngest
@@ -156,17 +157,19 @@ class Scheduler:
                     break
             if seq in self.running:
                 self._run(seq, 1, plan)
-        # 2. Prefill: continue partly prefilled sequences, then admit waiting ones, within the chunk budget.
-        budget = self.prefill_chunk
+        # 2. Prefill: continue partly prefilled sequences, then admit waiting ones, within the chunk budget and
+        # the number of sequences that may prefill in one step.
+        budget, prefills = self.prefill_chunk, 0
         for seq in [s for s in self.running if s.num_pending > 1]:
-            if budget == 0:
+            if budget == 0 or prefills == self.max_prefill_seqs:
                 break
             n = min(seq.num_pending, budget)
             if not self._grow(seq, seq.num_computed + n, plan):
                 continue
             self._run(seq, n, plan)
-            budget -= n
-        while budget > 0 and self.waiting and len(self.running) < self.max_batch:
+            budget, prefills = budget - n, prefills + 1
+        while (budget > 0 and prefills < self.max_prefill_seqs and self.waiting
+               and len(self.running) < self.max_batch):
             seq = self.waiting[0]
             n = min(seq.num_pending, budget)
             if not self._grow(seq, seq.num_computed + n, plan):
@@ -174,7 +177,7 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(seq)
             self._run(seq, n, plan)
-            budget -= n
+            budget, prefills = budget - n, prefills + 1
         if not plan.work and self.running:
             # Every running sequence is stuck mid-prompt without pages: free the youngest so the rest go on.
             self._preempt(self.running[-1], plan)

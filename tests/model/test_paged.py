@@ -25,10 +25,11 @@ def _batch(cfg, lengths=(5, 4)):
     seq_index = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
     tables = np.array([[1, 2, 0], [3, 4, 5]], np.int32)
     n = len(lengths)
+    query_start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return TokenBatch(tokens=rng.integers(3, cfg.vocab_size, len(positions)).astype(np.int32), positions=positions,
-                      seq_index=seq_index, page_ids=tables[seq_index, positions // PAGE],
-                      offsets=positions % PAGE, block_tables=tables,
-                      sample_index=(np.cumsum(lengths) - 1).astype(np.int32),
+                      page_ids=tables[seq_index, positions // PAGE], offsets=positions % PAGE, block_tables=tables,
+                      query_start=query_start, context_lens=np.array(lengths, np.int32),
+                      sample_index=query_start[1:] - 1, max_query=max(lengths),
                       sampling=SamplingRows(np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32),
                                             np.zeros(n, np.uint32), np.zeros(n, np.int32)))
 
@@ -83,7 +84,7 @@ def test_step_tokens_equal_the_dense_forward(tiny_yaml):
         new_arena, tokens = step(params, cfg, arena, batch, lora=adapters)
         want = []
         for s, n in enumerate((5, 4)):
-            ids = np.asarray(batch.tokens)[np.asarray(batch.seq_index) == s][None]
+            ids = np.asarray(batch.tokens)[batch.query_start[s]: batch.query_start[s + 1]][None]
             want.append(int(np.argmax(forward(params, cfg, jnp.asarray(ids), lora=adapters)[0, n - 1])))
         assert np.asarray(tokens).tolist() == want
         assert not np.allclose(new_arena, arena)  # the step wrote its K/V

@@ -9,6 +9,7 @@ import numpy as np
 
 from conftest import REPO
 from harli_jax.runtime.arena import Owner, PageTable
+from harli_jax.runtime.config import SchedulerConfig
 from harli_jax.runtime.processing import OutputProcessor
 from harli_jax.runtime.request import FinishedEvent, FinishReason, PrefilledKV, SamplingParams, TokenEvent
 from harli_jax.runtime.scheduler import Scheduler
@@ -23,9 +24,10 @@ def _state(rid, prompt_len, max_tokens=4, prefilled=None):
                         prefilled=prefilled)
 
 
-def _scheduler(num_pages=64, page_tokens=4, max_batch=4, prefill_chunk=8):
+def _scheduler(num_pages=64, page_tokens=4, max_batch=4, prefill_chunk=8, max_prefill_seqs=4):
     table = PageTable(num_pages, page_tokens, max_pages_per_seq=16)
-    return Scheduler(table, max_batch, prefill_chunk, OutputProcessor(None)), table
+    settings = SchedulerConfig(max_batch=max_batch, prefill_chunk=prefill_chunk, max_prefill_seqs=max_prefill_seqs)
+    return Scheduler(table, settings, OutputProcessor(None)), table
 
 
 def _shape(plan):
@@ -46,6 +48,17 @@ def test_prefill_chunk_budget_then_decode_first():
     assert list(plan.work[0].tokens) == [7] and plan.work[0].counter == 1
     sched.update(plan, [8, 9, 99], now=2.0)
     assert sched.get("b").output_ids == [9] and sched.get("c").num_computed == 5
+    table.check_invariants()
+
+
+def test_at_most_max_prefill_seqs_prefill_in_one_step():
+    sched, table = _scheduler(max_prefill_seqs=2)
+    for rid in "abc":
+        sched.add(_state(rid, 2), now=0.0)
+    plan = sched.schedule()
+    assert _shape(plan) == [("a", 2, 0), ("b", 2, 0)]  # budget left for c, but two prefills already
+    sched.update(plan, [7, 8], now=1.0)
+    assert _shape(sched.schedule()) == [("a", 1, 2), ("b", 1, 2), ("c", 2, 0)]  # decodes do not count
     table.check_invariants()
 
 
