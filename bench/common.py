@@ -19,6 +19,7 @@ import random
 import re
 import resource
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
@@ -202,6 +204,39 @@ def host_copy_bandwidth(mib: int, repeats: int) -> dict:
             "bytes_per_s": moved / min(seconds)}
 
 
+_DEVICE_COPY = None  # jax.jit(jnp.copy), made on first use
+
+
+def device_copy_bandwidth(mib: int, repeats: int, iters: int = 10) -> dict:
+    """Bytes per second of a large copy on the default device (read + write bytes), best of `repeats`: the
+    bandwidth a memory floor divides the bytes a step must read by. On a CPU backend this is
+    `host_copy_bandwidth` (a NumPy copy); elsewhere a jitted on-device copy of a `mib` MiB float32 buffer into a
+    new one, `iters` copies back to back per repeat (after a warm-up), the time per copy. The same keys as
+    `host_copy_bandwidth`, plus "probe" and, on a device, "iters" and "distinct_output" (False would mean the
+    copy was elided: the figure is then meaningless)."""
+    if jax.default_backend() == "cpu":
+        return {**host_copy_bandwidth(mib, repeats), "probe": "numpy copyto (host)"}
+    global _DEVICE_COPY
+    if _DEVICE_COPY is None:
+        _DEVICE_COPY = jax.jit(jnp.copy)
+    src = jax.block_until_ready(jnp.ones((mib * 2**20 // 4,), jnp.float32))
+    out = jax.block_until_ready(_DEVICE_COPY(src))  # compile, warm up
+    distinct = out.unsafe_buffer_pointer() != src.unsafe_buffer_pointer()
+    del out
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = _DEVICE_COPY(src)
+        jax.block_until_ready(out)
+        seconds.append((time.perf_counter() - start) / iters)
+        del out
+    moved = 2 * src.nbytes
+    return {"mib": mib, "bytes": moved, "seconds_best": min(seconds), "seconds_median": statistics.median(seconds),
+            "bytes_per_s": moved / min(seconds), "probe": f"jax.jit(jnp.copy) on {jax.devices()[0].device_kind}",
+            "iters": iters, "distinct_output": distinct}
+
+
 # Results ---------------------------------------------------------------------------------------------------
 
 
@@ -240,6 +275,25 @@ def write_result(name: str, payload: dict, out_dir: str | Path | None = None) ->
     path = directory / f"{name}-{device_name()}.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
+
+
+def write_result_on_sigterm(name: str, partial_payload: Callable[[], dict], out_dir: str | Path | None) -> None:
+    """Installs a SIGTERM handler (`timeout` sends SIGTERM) that writes `partial_payload()` with
+    "incomplete" set through `write_result(name, ..., out_dir)`, then ends the process at once (exit status
+    143): a part of a run cut short by its time limit still leaves what it measured. The handler runs between
+    Python bytecodes, so a long XLA compile delays it; `timeout -k` should allow for that."""
+
+    def handler(signum, _frame):
+        try:
+            payload = dict(partial_payload())
+            payload["incomplete"] = f"stopped by signal {signum} before the run finished"
+            say(f"signal {signum}: wrote the partial result {write_result(name, payload, out_dir)}")
+        except BaseException as error:  # noqa: BLE001 - the process ends either way
+            say(f"signal {signum}: could not write the partial result: {type(error).__name__}: {error}")
+        finally:
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 # Command line ----------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ from harli_jax.lora import data as data_lib
 from harli_jax.lora import trainer
 from harli_jax.lora.adapters import LoRAConfig
 from harli_jax.model.config import ModelConfig
+from harli_jax.model.layers import rope_tables
 from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.params import layer_adapters
 from harli_jax.model.transformer import causal_mask, decoder_layer
@@ -217,9 +218,9 @@ def breakdown(mode: Mode, iters: int) -> dict:
 
 def _fwd_nostash(layers, cfg, lora, x, batch, start):
     """forward_chunk without the stash write: the same layers, dynamic layer index of the adapters."""
-    mask = causal_mask(batch.segment_ids)
+    mask, rope = causal_mask(batch.segment_ids), rope_tables(cfg, batch.positions)
     for i, lp in enumerate(layers):
-        x = decoder_layer(lp, cfg, x, batch.positions, mask, layer_adapters(lora, start + i))
+        x = decoder_layer(lp, cfg, x, rope, mask, layer_adapters(lora, start + i))
     return x
 
 
@@ -249,12 +250,12 @@ def _stash_read(layout, arena, g, stash_pages, end, num_layers):
 
 def _bwd_nogather(layers, cfg, lora, x_in, g, grads, batch, end):
     """backward_chunk with every layer's input taken from `x_in` instead of the stash."""
-    mask = causal_mask(batch.segment_ids)
+    mask, rope = causal_mask(batch.segment_ids), rope_tables(cfg, batch.positions)
     for i, lp in enumerate(reversed(layers)):
         layer = end - 1 - i
 
         def layer_fn(x, adapters, lp=lp):
-            return decoder_layer(lp, cfg, x, batch.positions, mask, adapters)
+            return decoder_layer(lp, cfg, x, rope, mask, adapters)
 
         _, vjp = jax.vjp(layer_fn, x_in, layer_adapters(lora, layer))
         g, g_lora = vjp(g)
@@ -264,19 +265,20 @@ def _bwd_nogather(layers, cfg, lora, x_in, g, grads, batch, end):
 
 
 def _layer_static(lp, cfg, lora_l, x, batch):
-    return decoder_layer(lp, cfg, x, batch.positions, causal_mask(batch.segment_ids), lora_l)
+    return decoder_layer(lp, cfg, x, rope_tables(cfg, batch.positions), causal_mask(batch.segment_ids), lora_l)
 
 
 def _layer_vjp_static(lp, cfg, lora_l, x, g, batch):
     mask = causal_mask(batch.segment_ids)
-    _, vjp = jax.vjp(lambda x, a: decoder_layer(lp, cfg, x, batch.positions, mask, a), x, lora_l)
+    rope = rope_tables(cfg, batch.positions)
+    _, vjp = jax.vjp(lambda x, a: decoder_layer(lp, cfg, x, rope, mask, a), x, lora_l)
     return vjp(g)
 
 
 def _layers_forward(params, cfg, lora, x, batch):
-    mask = causal_mask(batch.segment_ids)
+    mask, rope = causal_mask(batch.segment_ids), rope_tables(cfg, batch.positions)
     for index, lp in enumerate(params.layers):
-        x = decoder_layer(lp, cfg, x, batch.positions, mask, layer_adapters(lora, index))
+        x = decoder_layer(lp, cfg, x, rope, mask, layer_adapters(lora, index))
     return x
 
 

@@ -11,6 +11,9 @@ import jax.numpy as jnp
 # A large finite negative for masked logits: -inf would turn `m_prev - m_next` into NaN
 # when a whole row is masked, and this still underflows exp() to exactly 0.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The kernels' dot precision: float32 inputs multiply in IEEE float32 (Triton's default for them is TF32);
+# bfloat16 and float16 inputs are unaffected.
+EXACT_F32 = jax.lax.Precision.HIGHEST
 
 
 class AttentionDims(NamedTuple):

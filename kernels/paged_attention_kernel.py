@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .common import MASK_VALUE, AttentionDims, check_attention_args, layer_index, resolve_sm_scale
+from .common import EXACT_F32, MASK_VALUE, AttentionDims, check_attention_args, layer_index, resolve_sm_scale
 from .reference import paged_attention_reference
 
 IMPLS = ("auto", "pallas", "reference")
@@ -126,13 +126,15 @@ def _kernel(layer_ref, lengths_ref, block_tables_ref, q_ref, kv_ref, *out_refs, 
         token_rows = page_ids * page_rows + (pos & (page_tokens - 1))
         k = plgpu.load(kv_ref.at[(token_rows + k_rows)[:, None], cols], mask=kv_mask, other=0)
         v = plgpu.load(kv_ref.at[(token_rows + v_rows)[:, None], cols], mask=kv_mask, other=0)
-        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                 precision=EXACT_F32)
         logits = jnp.where(valid[None, :], logits * scale_log2, MASK_VALUE)
         m_next = jnp.maximum(m_prev, logits.max(axis=1))
         p = jnp.where(valid[None, :], jnp.exp2(logits - m_next[:, None]), 0.0)
         correction = jnp.exp2(m_prev - m_next)
         l_next = l_prev * correction + p.sum(axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                             precision=EXACT_F32)
         return acc * correction[:, None] + pv, m_next, l_next
 
     init = (

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .common import MASK_VALUE, AttentionDims, check_attention_args, layer_index, resolve_sm_scale
+from .common import EXACT_F32, MASK_VALUE, AttentionDims, check_attention_args, layer_index, resolve_sm_scale
 from .paged_attention_kernel import IMPLS, MIN_DOT_DIM, plan_kernel
 
 BLOCK_ROWS = 64  # query rows (queries x GQA group) a program handles, by default.
@@ -245,14 +245,16 @@ def _kernel(
             k = plgpu.load(kv_ref.at[(token_rows + k_rows)[:, None], cols], mask=kv_mask, other=0)
             v = plgpu.load(kv_ref.at[(token_rows + v_rows)[:, None], cols], mask=kv_mask, other=0)
             visible = valid[None, :] & (pos[None, :] <= position[:, None])
-            logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                 precision=EXACT_F32)
             logits = jnp.where(visible, logits * scale_log2, MASK_VALUE)
             m_next = jnp.maximum(m_prev, logits.max(axis=1))
             p = jnp.where(visible, jnp.exp2(logits - m_next[:, None]), 0.0)
             correction = jnp.exp2(m_prev - m_next)
             l_next = l_prev * correction + p.sum(axis=1)
             pv = lax.dot_general(
-                p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+                p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                precision=EXACT_F32,
             )
             return acc * correction[:, None] + pv, m_next, l_next
 

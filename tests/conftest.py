@@ -1,10 +1,20 @@
 """Shared fixtures: tiny random HF models built offline with transformers (CPU torch)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent compilation cache for the session, empty at its start, shared with the scripts it starts: an
+# engine built again with the same shapes loads its programs instead of compiling them. `jax_events()` counts a
+# program loaded from it like a compile, so the no-recompile tests still see every program made after warm-up.
+SESSION_CACHE = tempfile.mkdtemp(prefix="harli-test-xla-cache-")
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+os.environ.update(JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=SESSION_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import contextlib  # noqa: E402
 import logging  # noqa: E402
@@ -90,9 +100,9 @@ def tiny_yaml() -> Path:
 
 
 @contextlib.contextmanager
-def jax_events(suffix: str = "backend_compile_duration"):
-    """Collects the names of the JAX monitoring events ending in `suffix` (XLA compiles by default, or
-    "jaxpr_trace_duration" for traces) that happen inside the block."""
+def jax_events(suffix: str | tuple[str, ...] = ("backend_compile_duration", "cache_retrieval_time_sec")):
+    """Collects the names of the JAX monitoring events ending in `suffix` (programs made by default: XLA compiles
+    and loads from the persistent cache; or "jaxpr_trace_duration" for traces) that happen inside the block."""
     from jax import monitoring
 
     seen: list[str] = []

@@ -4,6 +4,7 @@ the medians of the valid attempts, ratios made of those figures, one SLO for eve
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -280,6 +281,49 @@ def test_paged_attention_quick(tmp_path):
     for r in rows:  # bf16 inputs against float64 attention over the same pages: within bf16 rounding
         assert r["checked_sequences"] == r["batch"] and r["dense_f64_max_abs"] > 0.1
         assert 0.0 < r["max_abs_err_vs_dense_f64"] < 1e-2 and r["seconds"] > 0
+    assert data["copy_bandwidth"]["distinct_output"] is True and data["copy_bandwidth"]["bytes_per_s"] > 0
+    # The ragged step: 3 sequences, 1 or 3 of them with an 8-token chunk, the others a decode token, 5 padding rows.
+    ragged = data["ragged"]["results"]
+    assert {r["impl"] for r in ragged} == {"reference", "pallas"}
+    assert {(r["prefill_seqs"], r["context"]) for r in ragged} == {(1, 64), (3, 64)}
+    for r in ragged:
+        assert r["tokens"] == 8 * r["prefill_seqs"] + r["decode_seqs"] + 5 and r["decode_seqs"] == 3 - r["prefill_seqs"]
+        assert r["checked_sequences"] == [0, 1, 2] and r["padding_rows_zero"] is True
+        assert r["dense_f64_max_abs"] > 0.1 and 0.0 < r["max_abs_err_vs_dense_f64"] < 1e-2
+        assert r["seconds"] > 0 and r["bytes_per_s"] > 0 and r["flops_per_s"] > 0
+        if r["impl"] == "pallas":  # interpreted on a CPU
+            assert r["interpret"] is True and r["max_abs_err_vs_reference"] < 2e-2
+            assert r["bytes_if_each_query_block_rereads"] >= r["bytes"]
+        else:
+            assert r["long_rows"] == r["prefill_seqs"]
+
+
+def test_paged_attention_ragged_oracle_cost_and_checked_sequences():
+    import jax
+    import numpy as np
+    import paged_attention as pa  # bench/paged_attention.py
+
+    from harli_jax.kernels import ragged_paged_attention_reference
+
+    # In float32 the float64 oracle and the reference agree to rounding: the oracle's causal window is right.
+    args = pa.parse_args("cpu", ["--quick", "--dtype", "float32", "--ragged-pad", "3"])
+    case = pa.make_ragged_inputs(args, 2, 40, jax.random.key(1))
+    starts = np.asarray(case[4])
+    assert starts.tolist() == [0, 8, 16, 17] and case[0].shape[0] == 20
+    oracle = pa.ragged_dense_f64(*case, [0, 1, 2])
+    out = np.asarray(jax.jit(ragged_paged_attention_reference, static_argnames=("max_query", "long_rows"))(
+        *case, max_query=8, long_rows=2))
+    for b in range(3):
+        np.testing.assert_allclose(out[starts[b]:starts[b + 1]], oracle[b], atol=2e-6, rtol=0)
+    assert not np.allclose(oracle[0][0], oracle[0][-1], atol=1e-3)  # the chunk's queries see different keys
+    # 4 * head_dim FLOPs per (query head, visible key): queries at positions 38 and 39 of a 40-token context.
+    one = pa.parse_args("cpu", ["--quick", "--ragged-batch", "1", "--ragged-prefill", "1", "--ragged-chunk", "2",
+                                "--ragged-pad", "0"])
+    assert pa.ragged_cost(one, 1, 40)[1] == 4 * one.head_dim * one.q_heads * (39 + 40)
+    assert pa.ragged_checked_sequences(32, 8, 8) == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert pa.ragged_checked_sequences(32, 32, 8) == list(range(8))  # no decode sequence: all chunked
+    assert pa.ragged_checked_sequences(32, 0, 8) == list(range(8))
+    assert pa.ragged_checked_sequences(3, 1, 0) == [0, 1, 2]
 
 
 def test_finetune_accuracy_quick(tmp_path):
@@ -294,11 +338,29 @@ def test_finetune_accuracy_quick(tmp_path):
     assert "other_processes_cpu_share" in data["load"]
 
 
+def test_compile_time_quick(tmp_path):
+    data = run_script("compile_time", tmp_path)
+    cold, warm = data["engine"]["cold_cache"], data["engine"]["warm_cache"]
+    assert cold["programs"] == warm["programs"] == 2 * len(cold["batch_buckets"]) * len(cold["page_buckets"])
+    assert data["engine"]["warm_over_cold"] == warm["engine_init_s"] / cold["engine_init_s"]
+    abstract = data["abstract"]
+    assert abstract["layers"] == 2 and abstract["dtype"] == "bfloat16" and abstract["weight_bytes"] > 0
+    assert abstract["decode"]["tokens"] == abstract["batch"] and abstract["mixed"]["tokens"] == abstract["batch"] + 64
+    assert all(abstract[k]["compile_s"] > 0 and abstract[k]["lower_s"] > 0 for k in ("decode", "mixed"))
+
+
 def test_layer_weights_quick(tmp_path):
     data = run_script("layer_weights", tmp_path, "--max-other-share", "1.0")
     variants = ("stacked-scan", "stacked-static-slices", "per-layer-arrays")
     check_comparison(data["comparison"], {f"{v}@{b}" for v in variants for b in (1, 2)} | {"copy"})
-    assert data["same_tokens"] == {"1": True, "2": True}
+    assert data["same_tokens"] == {"1": True, "2": True} and data["token_agreement"] == {"1": 1.0, "2": 1.0}
+    assert data["config"]["variants"] == list(variants) and data["config"]["xla_flags_label"] == ""
+    assert set(data["programs"]) == {f"{v}@{b}" for v in variants for b in (1, 2)}
+    for key, program in data["programs"].items():
+        assert program["compile_s"] > 0 and program["lower_s"] > 0 and program["first_attempt_s"] > 0
+        if key.startswith("per-layer-arrays"):  # nothing in the engine's step has a weight's shape but the weights
+            assert program["hlo"]["weight_shaped_fusion_output"] == 0
+            assert program["hlo"]["weight_shaped_dynamic_slice"] == 0 and program["hlo"]["weight_shaped_copy"] == 0
     assert [row["batch"] for row in data["results"]] == [1, 2]
     for row in data["results"]:
         assert all(row[v]["valid_attempts"] == 2 and row[v]["median"] > 0 for v in variants)
@@ -306,3 +368,85 @@ def test_layer_weights_quick(tmp_path):
             row["per-layer-arrays"]["median"] / row["stacked-scan"]["median"])
     copy = valid_median(data["comparison"], "copy", lambda r: r["bytes_per_s"])
     assert data["memory_floor_s"] == pytest.approx(data["config"]["weight_bytes"] / copy)
+    for row in data["results"]:
+        assert row["memory_floor_with_kv_s"] == pytest.approx(row["step_read_bytes"] / copy)
+        assert row["kv_read_bytes"] == row["batch"] * 40 * 2 * 2 * 2 * 16 * 4  # context x layers x K,V x heads x dim
+
+
+def test_layer_weights_selected_variants_under_a_label(tmp_path):
+    """A labelled run of some variants (the GPU check's second process) in bfloat16 writes its own file."""
+    command = [sys.executable, str(REPO / "bench" / "layer_weights.py"), "--quick", "--out", str(tmp_path),
+               "--max-other-share", "1.0", "--dtype", "bfloat16", "--variants", "stacked-scan", "per-layer-arrays",
+               "--batches", "2", "--compile-threads", "2", "--xla-flags-label", "dsf"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"}  # a GPU flag XLA:CPU accepts
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    (path,) = tmp_path.glob("*.json")
+    assert path.name.startswith("layer_weights-dsf-")
+    data = json.loads(path.read_text())
+    assert data["config"]["dtype"] == "bfloat16" and data["config"]["variants"] == ["stacked-scan", "per-layer-arrays"]
+    assert data["config"]["xla_flags"] == env["XLA_FLAGS"] and data["config"]["compile_threads"] == 2
+    assert set(data["programs"]) == {"stacked-scan@2", "per-layer-arrays@2"}
+    (row,) = data["results"]
+    assert set(row["vs_stacked_scan"]) == {"per-layer-arrays"} and row["per-layer-arrays"]["median"] > 0
+
+
+def test_layer_weights_hlo_counts():
+    import layer_weights  # bench/layer_weights.py
+
+    from harli_jax.model import ModelConfig
+
+    cfg = ModelConfig.from_yaml(REPO / "configs/models/tiny.yaml")  # hidden 64, MLP 128, 4 heads of 16, 2 KV heads
+    text = "\n".join([
+        "  %dynamic-slice.1 = f32[64,128]{1,0} dynamic-slice(f32[2,64,128]{2,1,0} %p, s32[] %i, s32[] %z, s32[] %z)",
+        "  %fusion.2 = f32[128,64]{1,0} fusion(f32[2,128,64]{2,1,0} %q, s32[] %i), kind=kLoop, calls=%fused",
+        "  ROOT %copy.3 = f32[64,32]{1,0} copy(f32[64,32]{0,1} %r)",
+        "  %fusion.4 = f32[1,128]{1,0} fusion(f32[1,64]{1,0} %x, f32[64,128]{1,0} %w), kind=kOutput",
+        '  %c = f32[1,128]{1,0} custom-call(), backend_config={"name":"dynamic_address_computation"}',
+    ])
+    counts = layer_weights.hlo_counts(text, cfg)
+    assert counts["weight_shaped_dynamic_slice"] == 1 and counts["weight_shaped_fusion_output"] == 1
+    assert counts["weight_shaped_copy"] == 1 and counts["address_computation_mentions"] == 1
+
+
+# bench/gpu_check.sh -------------------------------------------------------------------------------------------
+
+
+def run_gpu_check(tmp_path, **env) -> tuple[subprocess.CompletedProcess, dict]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("OUT", "XLA_FLAGS")}
+    environ.update(GPU_CHECK_SMOKE="1", GPU_CHECK_RESULTS=str(tmp_path), PYTHON=sys.executable, TMPDIR=str(tmp_path),
+                   **env)
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env=environ)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (summary,) = tmp_path.glob("gpu_check-*.json")  # -unknown-device.json when the device part did not run
+    return done, json.loads(summary.read_text())
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], check=True)
+
+
+def test_gpu_check_smoke_runs_every_part(tmp_path):
+    done, summary = run_gpu_check(tmp_path)
+    status = {p["part"]: p["status"] for p in summary["parts"]}
+    assert status == {"install": "skipped (smoke run: the checkout's environment as it is)", "device": "ok",
+                      "kernel-tests": "ok", "paged-attention": "ok", "layer-weights": "ok",
+                      "layer-weights-dsf": "ok"}
+    assert summary["not_ok"] == [] and "gpu_check: all parts ok" in done.stdout
+    assert summary["tests"]["kernel-tests"]["tests"] > 0 and summary["tests"]["kernel-tests"]["failed"] == []
+    for name in ("paged_attention", "layer_weights", "layer_weights-dsf"):
+        assert json.loads((tmp_path / f"{name}-cpu.json").read_text())["benchmark"] == name
+    assert {row["impl"] for row in summary["paged_attention_ragged"]} == {"pallas", "reference"}
+    assert [row["batch"] for row in summary["layer_weights"]] == [1, 2]
+    assert all(row["stacked-scan+dsf"] > 0 and row["per-layer-arrays"] > 0 for row in summary["layer_weights"])
+    assert (tmp_path / "gpu_check-cpu-logs.tar.gz").stat().st_size > 0
+
+
+def test_gpu_check_skips_what_the_budget_cannot_hold(tmp_path):
+    start = time.perf_counter()
+    done, summary = run_gpu_check(tmp_path, GPU_CHECK_BUDGET_S="45")
+    assert time.perf_counter() - start < 60
+    status = {p["part"]: p["status"] for p in summary["parts"]}
+    assert all(status[p] == "skipped (budget)" for p in ("device", "kernel-tests", "paged-attention",
+                                                           "layer-weights", "layer-weights-dsf"))
+    assert "gpu_check: NOT OK: device (skipped (budget))" in done.stdout

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from harli_jax.model.config import ModelConfig
+from harli_jax.model.layers import rope_tables
 from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.params import Adapters, LayerParams, Params, layer_adapters
 from harli_jax.model.transformer import causal_mask, decoder_layer, embed, lm_logits
@@ -91,10 +92,10 @@ def token_loss_sum(logits: Array, batch: TrainBatch) -> tuple[Array, Array]:
 def loss_sum(lora: Adapters, params: Params, cfg: ModelConfig, batch: TrainBatch, remat: bool = False):
     """The micro-batch loss of the whole model in one program; `remat` recomputes each layer in backward."""
     layer = jax.checkpoint(decoder_layer, static_argnums=(1,)) if remat else decoder_layer
-    mask = causal_mask(batch.segment_ids)
+    mask, rope = causal_mask(batch.segment_ids), rope_tables(cfg, batch.positions)
     x = embed(params, batch.tokens)
     for index, lp in enumerate(params.layers):
-        x = layer(lp, cfg, x, batch.positions, mask, layer_adapters(lora, index))
+        x = layer(lp, cfg, x, rope, mask, layer_adapters(lora, index))
     return token_loss_sum(lm_logits(params, cfg, x), batch)
 
 
@@ -149,13 +150,13 @@ def forward_chunk(layers: tuple[LayerParams, ...], layout: ArenaLayout, lora: Ad
     """Layers `start .. start + len(layers) - 1` (their weights given, so one program serves every chunk of a
     size), stashing each layer's input in `arena`'s stash view; returns (arena, output)."""
     per_layer, per_page = _stash_sizes(layout, x.shape[0] * x.shape[1])
-    mask = causal_mask(batch.segment_ids)
+    mask, rope = causal_mask(batch.segment_ids), rope_tables(layout.cfg, batch.positions)
     with jax.named_scope("train_forward_chunk"):
         for i, lp in enumerate(layers):
             pages, slots = _stash_index(stash_pages, start + i, per_layer, per_page)
             rows = layout.stash_rows(arena)
             arena = rows.at[pages, slots].set(x.reshape(per_layer, layout.stash_row)).reshape(arena.shape)
-            x = decoder_layer(lp, layout.cfg, x, batch.positions, mask, layer_adapters(lora, start + i))
+            x = decoder_layer(lp, layout.cfg, x, rope, mask, layer_adapters(lora, start + i))
     return arena, x
 
 
@@ -176,7 +177,7 @@ def backward_chunk(layers: tuple[LayerParams, ...], layout: ArenaLayout, lora: A
     added)."""
     arena_rows = layout.stash_rows(arena)
     per_layer, per_page = _stash_sizes(layout, g.shape[0] * g.shape[1])
-    mask = causal_mask(batch.segment_ids)
+    mask, rope = causal_mask(batch.segment_ids), rope_tables(layout.cfg, batch.positions)
     with jax.named_scope("train_backward_chunk"):
         for i, lp in enumerate(reversed(layers)):
             layer = end - 1 - i
@@ -184,7 +185,7 @@ def backward_chunk(layers: tuple[LayerParams, ...], layout: ArenaLayout, lora: A
             x = arena_rows[pages, slots].reshape(g.shape)
 
             def layer_fn(x, adapters, lp=lp):
-                return decoder_layer(lp, layout.cfg, x, batch.positions, mask, adapters)
+                return decoder_layer(lp, layout.cfg, x, rope, mask, adapters)
 
             _, vjp = jax.vjp(layer_fn, x, layer_adapters(lora, layer))
             g, g_lora = vjp(g)

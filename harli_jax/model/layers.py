@@ -8,6 +8,7 @@ them, and `attention_out` applies the output projection and the residual.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,14 +53,26 @@ def _llama3_inv_freq(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-    """Half-split ("rotate_half") RoPE on `x: [..., tokens, heads, head_dim]`, `positions: [..., tokens]`."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+class Rope(NamedTuple):
+    """RoPE's cos and sin for a set of positions, `[..., tokens, 1, head_dim]` float32: computed once per program
+    and shared by every layer."""
+
+    cos: Array
+    sin: Array
+
+
+def rope_tables(cfg: ModelConfig, positions: Array) -> Rope:
+    with jax.named_scope("rope_tables"):
+        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+        angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]
+        return Rope(jnp.cos(angles), jnp.sin(angles))
+
+
+def apply_rope(x: Array, rope: Rope) -> Array:
+    """Half-split ("rotate_half") RoPE on `x: [..., tokens, heads, head_dim]`."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    return x * rope.cos.astype(x.dtype) + rotated * rope.sin.astype(x.dtype)
 
 
 def linear(x: Array, w: Array, b: Array | None = None, lora: LoRAPair | None = None) -> Array:
@@ -72,7 +85,7 @@ def linear(x: Array, w: Array, b: Array | None = None, lora: LoRAPair | None = N
     return y
 
 
-def attention_qkv(lp: LayerParams, cfg: ModelConfig, x: Array, positions: Array,
+def attention_qkv(lp: LayerParams, cfg: ModelConfig, x: Array, rope: Rope,
                   lora: Adapters | None = None) -> tuple[Array, Array, Array]:
     """Pre-norm, q/k/v projections and RoPE: `x [..., T, D]` -> q `[..., T, Hq, hd]`, k/v `[..., T, Hkv, hd]`."""
     lora = lora or {}
@@ -83,8 +96,7 @@ def attention_qkv(lp: LayerParams, cfg: ModelConfig, x: Array, positions: Array,
         k = linear(h, lp.k_proj, lp.k_bias, lora.get("k_proj")).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
         v = linear(h, lp.v_proj, lp.v_bias, lora.get("v_proj")).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
     with jax.named_scope("rope"):
-        inv_freq = rope_inv_freq(cfg)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        return apply_rope(q, rope), apply_rope(k, rope), v
 
 
 def attention_out(lp: LayerParams, cfg: ModelConfig, x: Array, attn: Array, lora: Adapters | None = None) -> Array:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from harli_jax.kernels import paged_attention, ragged_paged_attention, write_kv
 from harli_jax.model.config import ModelConfig
-from harli_jax.model.layers import attention_out, attention_qkv, mlp_block
+from harli_jax.model.layers import Rope, attention_out, attention_qkv, mlp_block, rope_tables
 from harli_jax.model.params import Adapters, LayerParams, Params, layer_adapters
 from harli_jax.model.sampling import SamplingRows, sample
 from harli_jax.model.transformer import embed, lm_logits
@@ -89,13 +89,13 @@ class ArenaLayout:
         return arena.reshape(arena.shape[0], -1, self.stash_row)
 
 
-def paged_layer(lp: LayerParams, cfg: ModelConfig, x: Array, arena: Array, index, batch: TokenBatch, *,
+def paged_layer(lp: LayerParams, cfg: ModelConfig, x: Array, arena: Array, index, batch: TokenBatch, rope: Rope, *,
                 attention_impl: str = "auto", adapters: Adapters | None = None) -> tuple[Array, Array]:
     """Decoder layer `index` (a Python int, or traced under a scan) over the arena: writes the batch's K/V into
     the layer's page slots, attends each token to its sequence's pages, MLP; returns (x, arena)."""
     with jax.named_scope("layer"):
         with jax.named_scope("attention"):
-            q, k, v = attention_qkv(lp, cfg, x, batch.positions, adapters)
+            q, k, v = attention_qkv(lp, cfg, x, rope, adapters)
             arena = write_kv(arena, index, k, v, batch.page_ids, batch.offsets)
             if batch.max_query == 1:  # one token per sequence: token b is sequence b's
                 attn = paged_attention(q, arena, index, batch.block_tables, batch.context_lens, impl=attention_impl)
@@ -111,9 +111,9 @@ def paged_step(params: Params, cfg: ModelConfig, arena: Array, batch: TokenBatch
                attention_impl: str = "auto", lora: Adapters | None = None) -> tuple[Array, Array]:
     """Runs the batch through the model (with LoRA deltas if given), writing its K/V into `arena`; returns
     (arena, next token `[B]`). The layers are unrolled over their own weight arrays: nothing is sliced."""
-    x = embed(params, batch.tokens)
+    x, rope = embed(params, batch.tokens), rope_tables(cfg, batch.positions)
     for index, lp in enumerate(params.layers):
-        x, arena = paged_layer(lp, cfg, x, arena, index, batch, attention_impl=attention_impl,
+        x, arena = paged_layer(lp, cfg, x, arena, index, batch, rope, attention_impl=attention_impl,
                                adapters=layer_adapters(lora, index))
     logits = lm_logits(params, cfg, x[batch.sample_index])
     with jax.named_scope("sample"):

@@ -1,8 +1,10 @@
-"""Per-row token sampling on device: greedy, temperature, top-k, top-p, with per-request seeds."""
+"""Per-row token sampling on device: greedy, temperature, top-k (by `lax.top_k`), top-p (by a full sort, only
+when some row sets it), with per-request seeds."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,16 +31,36 @@ def sample(logits: Array, rows: SamplingRows) -> Array:
                         lambda: jnp.where(rows.temperature <= 0, greedy, _draw(logits, rows)))
 
 
+# Rows whose top_k is at most this (and top_p 1) find their cut with `lax.top_k`; others need a full sort.
+TOP_K_CAP = 64
+
+
 def _draw(logits: Array, rows: SamplingRows) -> Array:
+    """Gumbel-max over the kept tokens, in vocabulary order: a token is kept when its scaled logit reaches the
+    row's cut (its top_k-th value, and the last value inside its top_p mass), so a draw is the same whichever way
+    the cut was found."""
     vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    keep = (rows.top_k[:, None] <= 0) | (rank < rows.top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= mass_before < rows.top_p[:, None]  # the top token always stays (its mass_before is 0)
+    cap = min(TOP_K_CAP, vocab)
+    needs_sort = jnp.any((rows.top_p < 1.0) | (rows.top_k > cap))
+    cut = jax.lax.cond(needs_sort, _sorted_cut, functools.partial(_top_k_cut, cap=cap), scaled, rows)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(rows.seed, rows.counter)
-    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, sorted_logits, -jnp.inf))
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
+    return jnp.argmax(jnp.where(scaled >= cut[:, None], scaled + noise, -jnp.inf), axis=-1).astype(jnp.int32)
+
+
+def _top_k_cut(scaled: Array, rows: SamplingRows, cap: int) -> Array:
+    """Each row's top_k-th largest value (-inf without top_k), from the `cap` largest: no sort."""
+    values = jax.lax.top_k(scaled, cap)[0]
+    kth = jnp.take_along_axis(values, jnp.clip(rows.top_k - 1, 0, cap - 1)[:, None], axis=-1)[:, 0]
+    return jnp.where(rows.top_k > 0, kth, -jnp.inf)
+
+
+def _sorted_cut(scaled: Array, rows: SamplingRows) -> Array:
+    """Each row's smallest kept value under both top_k and top_p, from the sorted row."""
+    ordered = -jnp.sort(-scaled, axis=-1)
+    rank = jnp.arange(scaled.shape[-1])[None, :]
+    keep = (rows.top_k[:, None] <= 0) | (rank < rows.top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, ordered, -jnp.inf), axis=-1)
+    keep &= jnp.cumsum(probs, axis=-1) - probs < rows.top_p[:, None]  # the top token always stays
+    return jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1)

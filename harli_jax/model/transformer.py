@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from harli_jax.model.config import ModelConfig
-from harli_jax.model.layers import attention_out, attention_qkv, dense_attention, mlp_block, rms_norm
+from harli_jax.model.layers import Rope, attention_out, attention_qkv, dense_attention, mlp_block, rms_norm, rope_tables
 from harli_jax.model.params import Adapters, LayerParams, Params, layer_adapters
 
 Array = jax.Array
@@ -42,12 +42,12 @@ def causal_mask(segment_ids: Array) -> Array:
     return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
-def decoder_layer(lp: LayerParams, cfg: ModelConfig, x: Array, positions: Array, mask: Array,
+def decoder_layer(lp: LayerParams, cfg: ModelConfig, x: Array, rope: Rope, mask: Array,
                   lora: Adapters | None = None) -> Array:
     """One layer over dense attention; the unit the training micro-steps stash and recompute."""
     with jax.named_scope("layer"):
         with jax.named_scope("attention"):
-            q, k, v = attention_qkv(lp, cfg, x, positions, lora)
+            q, k, v = attention_qkv(lp, cfg, x, rope, lora)
             x = attention_out(lp, cfg, x, dense_attention(q, k, v, mask), lora)
         return mlp_block(lp, cfg, x, lora)
 
@@ -70,9 +70,9 @@ def hidden_states(params: Params, cfg: ModelConfig, token_ids: Array, positions:
                   segment_ids: Array | None = None, lora: Adapters | None = None) -> Array:
     """The last layer's output `[B, T, D]` (before the final norm)."""
     positions, mask = sequence_inputs(token_ids, positions, segment_ids)
-    x = embed(params, token_ids)
+    x, rope = embed(params, token_ids), rope_tables(cfg, positions)
     for index, lp in enumerate(params.layers):
-        x = decoder_layer(lp, cfg, x, positions, mask, layer_adapters(lora, index))
+        x = decoder_layer(lp, cfg, x, rope, mask, layer_adapters(lora, index))
     return x
 
 

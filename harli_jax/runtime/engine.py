@@ -2,8 +2,10 @@
 
 The scheduler (policy) plans each step and is the only writer of request state; the model runner (mechanism)
 runs the compiled program; the co-locator trains in the slack. The next step is scheduled before the window
-after this one is planned, so the window's budget uses its exact shape. Other threads `submit` and `abort`
-through messages that the engine thread applies at the start of a step.
+after this one is planned, so the window's budget uses its exact shape. While only serving, a decode step is
+dispatched before the previous one's tokens are read back (its input tokens taken on the device), so the
+host's work for a step overlaps the device's; a stop is then seen one step late and the extra token dropped.
+Other threads `submit` and `abort` through messages that the engine thread applies at the start of a step.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from harli_jax.runtime.request import (
     Request,
     SamplingParams,
 )
-from harli_jax.runtime.runner import ModelRunner
+from harli_jax.runtime.runner import InFlight, ModelRunner
 from harli_jax.runtime.scheduler import Scheduler, StepPlan
 
 log = logging.getLogger("harli_jax")
@@ -70,6 +72,8 @@ class Engine:
         self.colocation = CoLocator(cfg, config, self.scheduler, self.arena, self.runner)
         self.step_records = StepLog(config.runner.step_record_limit)
         self._next_plan: StepPlan | None = None  # scheduled after the last step, before its training window
+        self._in_flight: InFlight | None = None  # a step dispatched ahead, its tokens not read yet
+        self._last_end = 0.0  # when the last step's tokens were read
         self._messages: deque[tuple[str, object]] = deque()  # submits and aborts, applied by the engine thread
         self._live: set[str] = set()  # ids submitted and not yet finished
         self._lock = threading.Lock()  # guards _messages and _live
@@ -232,25 +236,48 @@ class Engine:
         return events
 
     def step(self) -> list[Event]:
-        """One iteration: apply messages, run the scheduled step, update the requests, schedule the next step,
-        then the training window before it (or, with nothing to serve, train)."""
+        """One iteration: apply messages; run the scheduled step (or take the one in flight); dispatch the step
+        after it before reading its tokens when that step can be made ahead (serving, no training); update the
+        requests; then, unless a step is in flight, schedule the next step and the training window before it
+        (or, with nothing to serve, train)."""
         events = self._apply_messages()
-        plan = self._next_plan if self._next_plan is not None else self.scheduler.schedule()
-        self._next_plan = None
-        self.colocation.reclaimed(plan.reclaimed)
-        if not plan.work:
-            self.colocation.idle()
-            return self._done(events)
-        start = time.perf_counter()
-        with jax.profiler.StepTraceAnnotation("inference", step_num=len(self.step_records)):
-            output = self.runner.execute(plan)
+        flight = self._in_flight
+        if flight is None:
+            plan = self._next_plan if self._next_plan is not None else self.scheduler.schedule()
+            self._next_plan = None
+            self.colocation.reclaimed(plan.reclaimed)
+            if not plan.work:
+                self.colocation.idle()
+                return self._done(events)
+            with jax.profiler.StepTraceAnnotation("inference", step_num=len(self.step_records)):
+                flight = self.runner.dispatch(plan)
+        self._in_flight = self._dispatch_ahead(flight)
+        output = flight.output()
         end = time.perf_counter()
-        events += self.scheduler.update(plan, output.tokens, end)
-        self._next_plan = self.scheduler.schedule()
-        self.colocation.reclaimed(self._next_plan.reclaimed)
-        window = self.colocation.after_step(plan, output.bucket, end - start, self._next_plan)
-        self._record(plan, output, start, end, window)
+        start, self._last_end = max(flight.dispatched, self._last_end), end  # an ahead step waits for its previous
+        events += self.scheduler.update(flight.plan, output.tokens, end)
+        ahead = self._in_flight
+        if ahead is not None and not any(self.scheduler.get(s.request_id) is s for s in ahead.plan.states):
+            self._in_flight = None  # every sequence of the step ahead just ended: nothing to wait for
+        window = {}
+        if self._in_flight is None:
+            self._next_plan = self.scheduler.schedule()
+            self.colocation.reclaimed(self._next_plan.reclaimed)
+            window = self.colocation.after_step(flight.plan, output.bucket, end - start, self._next_plan)
+        self._record(flight.plan, output, start, end, window)
         return self._done(events)
+
+    def _dispatch_ahead(self, flight: InFlight) -> InFlight | None:
+        """Dispatches the step after `flight`, its input tokens taken on the device from `flight`'s output, when
+        the scheduler can make it ahead and no training window goes between the two."""
+        if not self.config.runner.async_dispatch or self.colocation.training:
+            return None
+        ahead = self.scheduler.schedule_ahead(flight.plan)
+        if ahead is None or not ahead.work:
+            return None
+        self.colocation.reclaimed(ahead.reclaimed)
+        with jax.profiler.StepTraceAnnotation("inference", step_num=len(self.step_records) + 1):
+            return self.runner.dispatch(ahead, flight)
 
     def _record(self, plan: StepPlan, output, start: float, end: float, window: dict) -> None:
         decode = sum(len(w.tokens) == 1 and w.counter > 0 for w in plan.work)

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +52,31 @@ class StepOutput:
     pack_time: float
 
 
-def _step(params, cfg, arena, batch, attention_impl, lora):
-    return paged_step(params, cfg, arena, batch, attention_impl=attention_impl, lora=lora)
+@dataclasses.dataclass(frozen=True)
+class InFlight:
+    """A dispatched step: its plan, and its next tokens on the device (`[max_batch]`, by batch row) until read."""
+
+    plan: StepPlan
+    bucket: Bucket
+    rows: np.ndarray  # the batch row of each planned sequence
+    next_tokens: jax.Array
+    pack_time: float
+    dispatched: float  # perf_counter time of the dispatch
+
+    def output(self) -> StepOutput:
+        """Waits for the step and reads its tokens back."""
+        return StepOutput(np.asarray(self.next_tokens)[self.rows], self.bucket, self.pack_time)
+
+
+def _step(params, cfg, arena, batch, token_source, previous, attention_impl, lora):
+    """The step over `batch`, whose tokens at `token_source >= 0` are those rows of the previous step's output
+    `previous` (still on the device: the previous step need not have been read back); returns (arena, next
+    tokens padded to `previous`'s size)."""
+    with jax.named_scope("input_tokens"):
+        tokens = jnp.where(token_source >= 0, previous[jnp.maximum(token_source, 0)], batch.tokens)
+    arena, next_tokens = paged_step(params, cfg, arena, dataclasses.replace(batch, tokens=tokens),
+                                    attention_impl=attention_impl, lora=lora)
+    return arena, jnp.zeros_like(previous).at[: next_tokens.shape[0]].set(next_tokens)
 
 
 _step_jit = jax.jit(_step, static_argnames=("cfg", "attention_impl"), donate_argnames=("arena",))
@@ -60,10 +84,20 @@ _read_pages_jit = jax.jit(read_pages)
 _write_pages_jit = jax.jit(write_pages, donate_argnames=("arena",))
 
 
+def use_compile_cache(directory: str | None) -> None:
+    """Points JAX's persistent compilation cache at `directory` (default ~/.cache/harli_jax/xla) unless JAX
+    already has one, or has the cache disabled (`jax_enable_compilation_cache`)."""
+    if jax.config.jax_compilation_cache_dir is None and jax.config.jax_enable_compilation_cache:
+        path = Path(directory).expanduser() if directory else Path.home() / ".cache" / "harli_jax" / "xla"
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+
+
 class ModelRunner:
     """Runs plans: one compiled program per bucket over the engine's weights and arena."""
 
     def __init__(self, cfg: ModelConfig, params: Params, engine_cfg: EngineConfig, arena: Arena):
+        use_compile_cache(engine_cfg.runner.compile_cache_dir)
         self.cfg = cfg
         self.params = params
         self.settings, self.prefill_chunk = engine_cfg.runner, engine_cfg.scheduler.prefill_chunk
@@ -80,6 +114,7 @@ class ModelRunner:
         # are padded with the null page, which `write_pages` never writes.
         self._page_copies: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
         self.lora: Adapters | None = None  # the adapter decode applies (None: the base model)
+        self._no_previous = jnp.zeros(self.batch_buckets[-1], jnp.int32)  # for a step whose tokens are all known
 
     def set_lora(self, lora: Adapters | None) -> None:
         """Serves with `lora` from the next step on; a new adapter structure recompiles the programs."""
@@ -115,6 +150,7 @@ class ModelRunner:
 
     def compile(self, bucket: Bucket) -> jax.stages.Compiled:
         return _step_jit.lower(self.params, self.cfg, self.arena.buffer, self._batch_struct(bucket),
+                               jax.ShapeDtypeStruct((bucket.tokens,), jnp.int32), self._no_previous,
                                self.settings.attention_impl, self.lora).compile()
 
     def _compile_page_copies(self, pages: int) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
@@ -161,18 +197,33 @@ class ModelRunner:
         return self.bucket_for(len(plan.work), plan.num_tokens, max(len(w.block_table) for w in plan.work))
 
     def execute(self, plan: StepPlan) -> StepOutput:
-        """Imports the plan's prefilled K/V pages, then runs its sequences as one step."""
+        """Runs the plan's sequences as one step and reads its tokens back."""
+        return self.dispatch(plan).output()
+
+    def dispatch(self, plan: StepPlan, previous: InFlight | None = None) -> InFlight:
+        """Imports the plan's prefilled K/V pages, then starts its step without waiting for it. The input token
+        of a sequence that `plan.previous` maps to a sequence of `previous` is that one's output, taken on the
+        device."""
+        dispatched = time.perf_counter()
         for page_ids, pages in plan.imports:
             self.write_pages(page_ids, pages)
+        packing = time.perf_counter()
         work = plan.work
         bucket = self.bucket_of(plan)
-        packing = time.perf_counter()
         rows = self._rows(work)
         batch = self._pack(work, rows, bucket)
+        token_source = np.full(bucket.tokens, -1, np.int32)
+        if plan.previous:
+            if previous is None:
+                raise ValueError("the plan takes tokens from a previous step, and none was given")
+            mapped = np.asarray(plan.previous) >= 0
+            token_source[batch.query_start[rows[mapped]]] = previous.rows[np.asarray(plan.previous)[mapped]]
         pack_time = time.perf_counter() - packing
         program = self.program(bucket)
-        next_tokens = self.arena.update(lambda buffer: program(self.params, buffer, batch, self.lora))
-        return StepOutput(np.asarray(next_tokens)[rows], bucket, pack_time)
+        last = previous.next_tokens if previous is not None else self._no_previous
+        next_tokens = self.arena.update(
+            lambda buffer: program(self.params, buffer, batch, token_source, last, self.lora))
+        return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched)
 
     @staticmethod
     def _rows(work: Sequence[SeqWork]) -> np.ndarray:
@@ -249,7 +300,9 @@ class ModelRunner:
                            sample_index=(query_start[1:] - 1).astype(np.int32), sampling=rows, **shape)
         program = self.program(bucket)
         started = time.perf_counter()
-        np.asarray(self.arena.update(lambda buffer: program(self.params, buffer, batch, self.lora)))
+        no_source = np.full(bucket.tokens, -1, np.int32)
+        np.asarray(self.arena.update(
+            lambda buffer: program(self.params, buffer, batch, no_source, self._no_previous, self.lora)))
         return int(contexts.sum()), time.perf_counter() - started
 
     def read_pages(self, page_ids: Sequence[int]) -> np.ndarray:

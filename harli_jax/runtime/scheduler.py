@@ -43,6 +43,9 @@ class StepPlan:
     imports: list[tuple[list[int], np.ndarray]] = dataclasses.field(default_factory=list)
     preempted: list[RequestState] = dataclasses.field(default_factory=list)
     reclaimed: list[Owner] = dataclasses.field(default_factory=list)
+    # A plan made ahead (`schedule_ahead`): per sequence, its index in the previous plan, whose output is its
+    # input token (its `tokens` are a placeholder). Empty: every input token is known.
+    previous: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +91,8 @@ class Scheduler:
         """Applies a step's output: every sequence's K/V advanced; past its prompt, it gained one token."""
         events: list[Event] = []
         for state, work, token in zip(plan.states, plan.work, tokens, strict=True):
+            if self._requests.get(state.request_id) is not state:
+                continue  # it ended (a stop, an abort) after this plan was made ahead: its token is dropped
             state.num_computed += len(work.tokens)
             state.prefilled = None  # imported before the step ran
             if not state.num_pending:
@@ -143,6 +148,35 @@ class Scheduler:
         plan.work.append(SeqWork(block_table=tuple(self.pages.block_table(seq.request_id)),
                                  tokens=seq.pending_ids(n), start=seq.num_computed, sampling=seq.sampling,
                                  counter=len(seq.output_ids)))
+
+    def schedule_ahead(self, plan: StepPlan) -> StepPlan | None:
+        """The step after `plan`, made before `plan`'s tokens are known: the plan `schedule()` would make after
+        `update(plan)`, except that a sequence whose token turns out to end it (a stop) is still in it and
+        `update` drops its token. Only for a plan after which every running sequence decodes and nothing waits;
+        None otherwise, or when a sequence would need pages that are not free (the plan then needs `plan`'s
+        tokens: a preemption, an admission, a prefill chunk)."""
+        index_of = {id(state): i for i, state in enumerate(plan.states)}
+        if self.waiting or len(index_of) != len(self.running) or any(id(s) not in index_of for s in self.running):
+            return None
+        order = [index_of[id(state)] for state in self.running]  # the order `schedule()` takes them in
+        computed = {i: plan.work[i].start + len(plan.work[i].tokens) for i in order}
+        if any(computed[i] < len(plan.states[i].prompt_ids) for i in order):
+            return None  # one is still prefilling after `plan`
+        ahead = StepPlan()
+        for index in order:
+            state = plan.states[index]
+            generated = len(state.output_ids) + 1
+            if generated >= state.sampling.max_tokens:
+                continue  # `plan`'s token is its last
+            growth = self.pages.grow_kv(state.request_id, computed[index] + 1)
+            ahead.reclaimed.extend(growth.reclaimed)
+            if not growth.ok:
+                return None
+            ahead.states.append(state)
+            ahead.work.append(SeqWork(block_table=tuple(self.pages.block_table(state.request_id)), tokens=(0,),
+                                      start=computed[index], sampling=state.sampling, counter=generated))
+            ahead.previous.append(index)
+        return ahead
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()

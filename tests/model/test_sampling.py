@@ -1,5 +1,7 @@
 """Device-side sampling: greedy, top-k, top-p, temperature, seeds."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,3 +51,13 @@ def test_draws_depend_on_seed_and_counter_not_on_the_row():
     assert int(a[1]) == int(b[0])
     many = [int(sample(LOGITS[None], _rows(1, seed=s, counter=[0]))[0]) for s in range(40)]
     assert len(set(many)) > 1
+
+
+def test_a_draw_does_not_depend_on_how_its_cut_was_found():
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 300)), jnp.float32)
+    for seed in range(20):
+        alone = sample(logits[:1], _rows(1, top_k=5, seed=seed, counter=[seed]))  # lax.top_k
+        rows = _rows(2, top_k=5, seed=seed, counter=[seed, 0])
+        rows = dataclasses.replace(rows, top_p=rows.top_p.at[1].set(0.5))  # the other row needs the sort
+        assert int(sample(logits, rows)[0]) == int(alone[0])
+        assert int(alone[0]) in np.argsort(-np.asarray(logits[0]))[:5].tolist()

@@ -1,5 +1,7 @@
-"""serve() with arrivals over time, text prompts, stop conditions, sampling through the engine."""
+"""serve() with arrivals over time, text prompts, stop conditions, sampling through the engine, and the steps
+dispatched ahead giving the synchronous loop's outputs."""
 
+import dataclasses
 import time
 
 import pytest
@@ -56,6 +58,31 @@ def test_stop_token_and_stop_string(tiny):
     stop = text[3:5]
     cut = engine.generate(["stop here"], SamplingParams(max_tokens=20, ignore_eos=True, stop=(stop,)))[0]
     assert cut.finish_reason is FinishReason.STOP and cut.text == text[: text.find(stop)]
+
+
+def test_async_dispatch_gives_the_synchronous_tokens(tiny, monkeypatch):
+    engine, model = tiny
+    prompts = ["stop here", "a longer prompt, cut into chunks", "yes or no", "tokens"]  # all running at once
+    free = engine.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+    late = free[2].text[8:]
+    stop = next(ch for ch in late if ch.isascii() and ch.isprintable() and ch not in free[2].text[:8])
+    samplings = [SamplingParams(max_tokens=9, ignore_eos=True),
+                 SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=(free[1].token_ids[12],)),
+                 SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,)),
+                 SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, top_k=20, top_p=0.9, seed=3)]
+    ahead = []
+    dispatch = engine.runner.dispatch
+    monkeypatch.setattr(engine.runner, "dispatch", lambda plan, previous=None: (
+        ahead.append(previous is not None), dispatch(plan, previous))[1])
+    outputs = engine.generate(prompts, samplings)
+    sync = Engine(model, dataclasses.replace(engine.config, runner=dataclasses.replace(
+        engine.config.runner, async_dispatch=False)), warmup=False)
+    expected = sync.generate(prompts, samplings)
+    assert sum(ahead) > 10, "no step was dispatched ahead"
+    for got, want in zip(outputs, expected, strict=True):
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+    assert [o.finish_reason for o in outputs[:3]] == [FinishReason.LENGTH, FinishReason.STOP, FinishReason.STOP]
+    assert len(outputs[0].token_ids) == 9 and 1 < len(outputs[1].token_ids) <= 13 and len(outputs[2].token_ids) > 8
 
 
 def test_eos_stops_unless_ignored(tiny):
