@@ -405,10 +405,15 @@ def main() -> None:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     say(f"model {cfg.name}: {n_params / 1e6:.1f}M parameters, {weight_bytes / 2**20:.1f} MiB ({cfg.dtype})")
-    engine_config = EngineConfig(max_batch=max(*args.batches, args.prefill_prompts), prefill_chunk=args.prefill_chunk,
-                                 max_seq_len=max(args.prompt_len + args.new_tokens, args.prefill_len + 1))
+    engine_config = EngineConfig(max_batch=max(args.batches), prefill_chunk=args.prefill_chunk,
+                                 max_seq_len=args.prompt_len + args.new_tokens)
+    # The prefill comparison has its own engine, so that its longer context does not change the decode engine's
+    # shapes (a page bucket sized for it would make every decode step attend up to it).
+    prefill_config = EngineConfig(max_batch=args.prefill_prompts, prefill_chunk=args.prefill_chunk,
+                                  max_seq_len=args.prefill_len + 1)
     with common.LoadMeter() as compile_load:
         engine = Engine(loaded, engine_config)
+        prefill_engine = Engine(loaded, prefill_config)
     weight_mib = max(1, weight_bytes // 2**20)
 
     hf_info = None
@@ -435,8 +440,8 @@ def main() -> None:
             rng = np.random.default_rng([args.seed, 0])
             long_prompts = [[int(t) for t in rng.integers(3, cfg.vocab_size, args.prefill_len)]
                             for _ in range(args.prefill_prompts)]
-            run_engine_prefill(engine, long_prompts)
-            sides["prefill-ours"] = lambda: run_engine_prefill(engine, long_prompts)
+            run_engine_prefill(prefill_engine, long_prompts)
+            sides["prefill-ours"] = lambda: run_engine_prefill(prefill_engine, long_prompts)
             if model is not None:
                 run_hf_prefill(model, long_prompts)
                 sides["prefill-hf"] = lambda m=model: run_hf_prefill(m, long_prompts)
@@ -531,6 +536,7 @@ def main() -> None:
             "copy_repeats": args.copy_repeats, "weight_sized_copy_mib": weight_mib,
             "sampling": "SamplingParams(max_tokens=new_tokens, ignore_eos=True): greedy",
             "engine": dataclasses.asdict(engine_config),
+            "prefill_engine": dataclasses.asdict(prefill_config),
             "warmup": "one untimed generate per batch and system before the rounds (its tokens are compared)",
             "hf": hf_info,
         },

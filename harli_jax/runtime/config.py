@@ -94,8 +94,9 @@ class RunnerConfig:
     compile_cache_dir: str | None = option(None, "JAX's persistent compilation cache, so a restart reuses the "
                                                  "programs; unset: ~/.cache/harli_jax/xla; JAX's own setting wins")
     step_record_limit: int = option(100_000, "newest step records kept (Engine.step_records)")
-    async_dispatch: bool = option(True, "dispatch each decode step before the previous one's tokens are read back "
-                                        "(while no finetune job trains)")
+    async_dispatch: bool | None = option(None, "dispatch each decode step before the previous one's tokens are read "
+                                               "back (while no finetune job trains); unset: on an accelerator, not on "
+                                               "a CPU, where the host's work would take the cores XLA computes on")
 
     def __post_init__(self):
         _positive_ints(self, "step_record_limit")

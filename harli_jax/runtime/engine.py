@@ -73,6 +73,8 @@ class Engine:
         self.step_records = StepLog(config.runner.step_record_limit)
         self._next_plan: StepPlan | None = None  # scheduled after the last step, before its training window
         self._in_flight: InFlight | None = None  # a step dispatched ahead, its tokens not read yet
+        self._async_dispatch = (config.runner.async_dispatch if config.runner.async_dispatch is not None
+                                else jax.default_backend() != "cpu")
         self._last_end = 0.0  # when the last step's tokens were read
         self._messages: deque[tuple[str, object]] = deque()  # submits and aborts, applied by the engine thread
         self._live: set[str] = set()  # ids submitted and not yet finished
@@ -270,7 +272,7 @@ class Engine:
     def _dispatch_ahead(self, flight: InFlight) -> InFlight | None:
         """Dispatches the step after `flight`, its input tokens taken on the device from `flight`'s output, when
         the scheduler can make it ahead and no training window goes between the two."""
-        if not self.config.runner.async_dispatch or self.colocation.training:
+        if not self._async_dispatch or self.colocation.training:
             return None
         ahead = self.scheduler.schedule_ahead(flight.plan)
         if ahead is None or not ahead.work:

@@ -70,14 +70,17 @@ def test_async_dispatch_gives_the_synchronous_tokens(tiny, monkeypatch):
                  SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=(free[1].token_ids[12],)),
                  SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,)),
                  SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, top_k=20, top_p=0.9, seed=3)]
+    def engine_with(async_dispatch):
+        return Engine(model, dataclasses.replace(engine.config, runner=dataclasses.replace(
+            engine.config.runner, async_dispatch=async_dispatch)))
+
+    ahead_engine = engine_with(True)
     ahead = []
-    dispatch = engine.runner.dispatch
-    monkeypatch.setattr(engine.runner, "dispatch", lambda plan, previous=None: (
+    dispatch = ahead_engine.runner.dispatch
+    monkeypatch.setattr(ahead_engine.runner, "dispatch", lambda plan, previous=None: (
         ahead.append(previous is not None), dispatch(plan, previous))[1])
-    outputs = engine.generate(prompts, samplings)
-    sync = Engine(model, dataclasses.replace(engine.config, runner=dataclasses.replace(
-        engine.config.runner, async_dispatch=False)), warmup=False)
-    expected = sync.generate(prompts, samplings)
+    outputs = ahead_engine.generate(prompts, samplings)
+    expected = engine_with(False).generate(prompts, samplings)
     assert sum(ahead) > 10, "no step was dispatched ahead"
     for got, want in zip(outputs, expected, strict=True):
         assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
