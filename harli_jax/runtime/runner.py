@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -68,18 +70,75 @@ class InFlight:
         return StepOutput(np.asarray(self.next_tokens)[self.rows], self.bucket, self.pack_time)
 
 
-def _step(params, cfg, arena, batch, token_source, previous, attention_impl, lora):
-    """The step over `batch`, whose tokens at `token_source >= 0` are those rows of the previous step's output
-    `previous` (still on the device: the previous step need not have been read back); returns (arena, next
-    tokens padded to `previous`'s size)."""
-    with jax.named_scope("input_tokens"):
+@dataclasses.dataclass(frozen=True)
+class InputLayout:
+    """Where each input of a bucket's step lies in the one int32 buffer they travel in (one host-to-device
+    transfer per step); float32 and uint32 inputs travel as their bits. `max_query` and `long_rows` are the
+    batch's static attention shape."""
+
+    seqs: int
+    tokens: int
+    pages: int
+    max_query: int
+    long_rows: int
+
+    @functools.cached_property
+    def fields(self) -> tuple[tuple[str, tuple[int, ...], np.dtype, int], ...]:
+        """(name, shape, dtype, offset) of every input, in buffer order."""
+        b, t = self.seqs, self.tokens
+        i32, f32, u32 = np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.uint32)
+        specs = (("tokens", (t,), i32), ("positions", (t,), i32), ("page_ids", (t,), i32), ("offsets", (t,), i32),
+                 ("token_source", (t,), i32), ("block_tables", (b, self.pages), i32), ("query_start", (b + 1,), i32),
+                 ("context_lens", (b,), i32), ("sample_index", (b,), i32), ("temperature", (b,), f32),
+                 ("top_k", (b,), i32), ("top_p", (b,), f32), ("seed", (b,), u32), ("counter", (b,), i32))
+        out, offset = [], 0
+        for name, shape, dtype in specs:
+            out.append((name, shape, dtype, offset))
+            offset += math.prod(shape)
+        return tuple(out)
+
+    @property
+    def size(self) -> int:
+        _, shape, _, offset = self.fields[-1]
+        return offset + math.prod(shape)
+
+    def host(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A new buffer holding an empty step (no tokens; token sources -1, top_p 1) and a view of each input."""
+        flat = np.zeros(self.size, np.int32)
+        views = {name: flat[offset: offset + math.prod(shape)].view(dtype).reshape(shape)
+                 for name, shape, dtype, offset in self.fields}
+        views["token_source"][:] = -1
+        views["top_p"][:] = 1.0
+        return flat, views
+
+    def unpack(self, flat: jax.Array) -> tuple[TokenBatch, jax.Array]:
+        """The batch and the token sources out of the buffer, inside the step program."""
+        v = {}
+        for name, shape, dtype, offset in self.fields:
+            part = jax.lax.slice(flat, (offset,), (offset + math.prod(shape),)).reshape(shape)
+            v[name] = part if dtype == np.int32 else jax.lax.bitcast_convert_type(part, dtype)
+        sampling = SamplingRows(temperature=v["temperature"], top_k=v["top_k"], top_p=v["top_p"], seed=v["seed"],
+                                counter=v["counter"])
+        batch = TokenBatch(tokens=v["tokens"], positions=v["positions"], page_ids=v["page_ids"],
+                           offsets=v["offsets"], block_tables=v["block_tables"], query_start=v["query_start"],
+                           context_lens=v["context_lens"], sample_index=v["sample_index"], sampling=sampling,
+                           max_query=self.max_query, long_rows=self.long_rows)
+        return batch, v["token_source"]
+
+
+def _step(params, cfg, arena, inputs, previous, layout, attention_impl, lora):
+    """The step over the batch packed in `inputs` (`layout`), whose tokens at `token_source >= 0` are those rows
+    of the previous step's output `previous` (still on the device: the previous step need not have been read
+    back); returns (arena, next tokens padded to `previous`'s size)."""
+    with jax.named_scope("inputs"):
+        batch, token_source = layout.unpack(inputs)
         tokens = jnp.where(token_source >= 0, previous[jnp.maximum(token_source, 0)], batch.tokens)
     arena, next_tokens = paged_step(params, cfg, arena, dataclasses.replace(batch, tokens=tokens),
                                     attention_impl=attention_impl, lora=lora)
     return arena, jnp.zeros_like(previous).at[: next_tokens.shape[0]].set(next_tokens)
 
 
-_step_jit = jax.jit(_step, static_argnames=("cfg", "attention_impl"), donate_argnames=("arena",))
+_step_jit = jax.jit(_step, static_argnames=("cfg", "layout", "attention_impl"), donate_argnames=("arena",))
 _read_pages_jit = jax.jit(read_pages)
 _write_pages_jit = jax.jit(write_pages, donate_argnames=("arena",))
 
@@ -129,28 +188,18 @@ class ModelRunner:
         p = self.page_buckets[bisect.bisect_left(self.page_buckets, pages)]
         return Bucket(b, b if tokens == seqs else b + self.prefill_chunk, p)
 
-    def _attention_shape(self, bucket: Bucket) -> dict:
-        """The batch's static attention fields: a decode bucket's one query per sequence, or a mixed bucket's
-        chunks of at most `prefill_chunk` tokens in its first `max_prefill_seqs` rows (where `_pack` puts them)."""
+    def layout(self, bucket: Bucket) -> InputLayout:
+        """The bucket's input layout: a decode bucket's one query per sequence, or a mixed bucket's chunks of at
+        most `prefill_chunk` tokens in its first `max_prefill_seqs` rows (where `_pack` puts them)."""
         if bucket.decode_only:
-            return {"max_query": 1, "long_rows": 0}
-        return {"max_query": self.prefill_chunk, "long_rows": min(self.max_prefill_seqs, bucket.seqs)}
-
-    def _batch_struct(self, bucket: Bucket) -> TokenBatch:
-        def i32(*shape):
-            return jax.ShapeDtypeStruct(shape, jnp.int32)
-
-        b, t = bucket.seqs, bucket.tokens
-        rows = SamplingRows(temperature=jax.ShapeDtypeStruct((b,), jnp.float32), top_k=i32(b),
-                            top_p=jax.ShapeDtypeStruct((b,), jnp.float32),
-                            seed=jax.ShapeDtypeStruct((b,), jnp.uint32), counter=i32(b))
-        return TokenBatch(tokens=i32(t), positions=i32(t), page_ids=i32(t), offsets=i32(t),
-                          block_tables=i32(b, bucket.pages), query_start=i32(b + 1), context_lens=i32(b),
-                          sample_index=i32(b), sampling=rows, **self._attention_shape(bucket))
+            return InputLayout(bucket.seqs, bucket.tokens, bucket.pages, max_query=1, long_rows=0)
+        return InputLayout(bucket.seqs, bucket.tokens, bucket.pages, max_query=self.prefill_chunk,
+                           long_rows=min(self.max_prefill_seqs, bucket.seqs))
 
     def compile(self, bucket: Bucket) -> jax.stages.Compiled:
-        return _step_jit.lower(self.params, self.cfg, self.arena.buffer, self._batch_struct(bucket),
-                               jax.ShapeDtypeStruct((bucket.tokens,), jnp.int32), self._no_previous,
+        layout = self.layout(bucket)
+        inputs = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
+        return _step_jit.lower(self.params, self.cfg, self.arena.buffer, inputs, self._no_previous, layout,
                                self.settings.attention_impl, self.lora).compile()
 
     def _compile_page_copies(self, pages: int) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
@@ -211,18 +260,16 @@ class ModelRunner:
         work = plan.work
         bucket = self.bucket_of(plan)
         rows = self._rows(work)
-        batch = self._pack(work, rows, bucket)
-        token_source = np.full(bucket.tokens, -1, np.int32)
+        inputs, views = self._pack(work, rows, bucket)
         if plan.previous:
             if previous is None:
                 raise ValueError("the plan takes tokens from a previous step, and none was given")
             mapped = np.asarray(plan.previous) >= 0
-            token_source[batch.query_start[rows[mapped]]] = previous.rows[np.asarray(plan.previous)[mapped]]
+            views["token_source"][views["query_start"][rows[mapped]]] = previous.rows[np.asarray(plan.previous)[mapped]]
         pack_time = time.perf_counter() - packing
         program = self.program(bucket)
         last = previous.next_tokens if previous is not None else self._no_previous
-        next_tokens = self.arena.update(
-            lambda buffer: program(self.params, buffer, batch, token_source, last, self.lora))
+        next_tokens = self.arena.update(lambda buffer: program(self.params, buffer, inputs, last, self.lora))
         return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched)
 
     @staticmethod
@@ -234,14 +281,13 @@ class ModelRunner:
         rows[order] = np.arange(len(work))
         return rows
 
-    def _pack(self, work: Sequence[SeqWork], rows: np.ndarray, bucket: Bucket) -> TokenBatch:
-        t, b = bucket.tokens, bucket.seqs
-        tokens, positions, page_ids, offsets = (np.zeros(t, np.int32) for _ in range(4))
-        tables = np.zeros((b, bucket.pages), np.int32)
-        sample_index, context_lens = np.zeros(b, np.int32), np.zeros(b, np.int32)
-        query_start = np.zeros(b + 1, np.int32)
-        temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
-        top_k, counter, seed = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.uint32)
+    def _pack(self, work: Sequence[SeqWork], rows: np.ndarray, bucket: Bucket) -> tuple[np.ndarray, dict]:
+        """The step's inputs in a new buffer (see `InputLayout`), and the views that wrote it."""
+        inputs, v = self.layout(bucket).host()
+        tokens, positions, page_ids, offsets, tables = (v[k] for k in (
+            "tokens", "positions", "page_ids", "offsets", "block_tables"))
+        query_start, context_lens, sample_index = v["query_start"], v["context_lens"], v["sample_index"]
+        temperature, top_k, top_p, seed, counter = (v[k] for k in ("temperature", "top_k", "top_p", "seed", "counter"))
         cursor, page_tokens = 0, self.page_tokens
         for i in np.argsort(rows):
             w, row = work[i], rows[i]
@@ -263,10 +309,7 @@ class ModelRunner:
             cursor += n
             query_start[row + 1] = cursor
         query_start[len(work) + 1:] = cursor
-        sampling = SamplingRows(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, counter=counter)
-        return TokenBatch(tokens=tokens, positions=positions, page_ids=page_ids, offsets=offsets, block_tables=tables,
-                          query_start=query_start, context_lens=context_lens, sample_index=sample_index,
-                          sampling=sampling, **self._attention_shape(bucket))
+        return inputs, v
 
     def time_synthetic(self, bucket: Bucket, seed: int = 0, scratch_page: int = 0) -> tuple[int, float]:
         """Runs `bucket`'s program on a synthetic batch that fills its shape: random contexts over random pages
@@ -275,34 +318,29 @@ class ModelRunner:
         sequences. Returns (attended context, seconds)."""
         rng = np.random.default_rng(seed)
         num_pages = self.arena.table.num_pages
-        b, p = bucket.seqs, bucket.pages
-        shape = self._attention_shape(bucket)
-        long_rows = shape["long_rows"]
+        b, p, t = bucket.seqs, bucket.pages, bucket.tokens
+        layout = self.layout(bucket)
         query_lens = np.ones(b, np.int64)
-        if long_rows:
-            query_lens[:long_rows] = np.diff(np.linspace(0, self.prefill_chunk + long_rows, long_rows + 1).astype(int))
-        query_lens = np.minimum(query_lens, min(shape["max_query"], p * self.page_tokens))
+        if layout.long_rows:
+            query_lens[:layout.long_rows] = np.diff(
+                np.linspace(0, self.prefill_chunk + layout.long_rows, layout.long_rows + 1).astype(int))
+        query_lens = np.minimum(query_lens, min(layout.max_query, p * self.page_tokens))
         contexts = np.maximum(rng.integers(1, p * self.page_tokens + 1, b), query_lens)
-        query_start = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
-        t, used = bucket.tokens, int(query_start[-1])
+        inputs, v = layout.host()
+        v["query_start"][1:] = np.cumsum(query_lens)
+        used = int(v["query_start"][-1])
         seq_of = np.repeat(np.arange(b), query_lens)
-        positions = np.zeros(t, np.int32)
-        positions[:used] = contexts[seq_of] - query_lens[seq_of] + np.arange(used) - query_start[seq_of]
-        rows = SamplingRows(temperature=np.zeros(b, np.float32), top_k=np.zeros(b, np.int32),
-                            top_p=np.ones(b, np.float32), seed=np.zeros(b, np.uint32), counter=np.zeros(b, np.int32))
-        page_ids = np.zeros(t, np.int32)
-        page_ids[:used] = scratch_page
-        batch = TokenBatch(tokens=rng.integers(0, self.cfg.vocab_size, t).astype(np.int32), positions=positions,
-                           page_ids=page_ids, offsets=np.arange(t, dtype=np.int32) % self.page_tokens,
-                           block_tables=rng.integers(1, max(num_pages, 2), (b, p)).astype(np.int32),
-                           query_start=query_start,
-                           context_lens=(contexts if scratch_page else np.zeros(b)).astype(np.int32),
-                           sample_index=(query_start[1:] - 1).astype(np.int32), sampling=rows, **shape)
+        v["positions"][:used] = contexts[seq_of] - query_lens[seq_of] + np.arange(used) - v["query_start"][seq_of]
+        v["tokens"][:] = rng.integers(0, self.cfg.vocab_size, t)
+        v["page_ids"][:used] = scratch_page
+        v["offsets"][:] = np.arange(t) % self.page_tokens
+        v["block_tables"][:] = rng.integers(1, max(num_pages, 2), (b, p))
+        v["context_lens"][:] = contexts if scratch_page else 0
+        v["sample_index"][:] = v["query_start"][1:] - 1
         program = self.program(bucket)
         started = time.perf_counter()
-        no_source = np.full(bucket.tokens, -1, np.int32)
         np.asarray(self.arena.update(
-            lambda buffer: program(self.params, buffer, batch, no_source, self._no_previous, self.lora)))
+            lambda buffer: program(self.params, buffer, inputs, self._no_previous, self.lora)))
         return int(contexts.sum()), time.perf_counter() - started
 
     def read_pages(self, page_ids: Sequence[int]) -> np.ndarray:
