@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import re
 import statistics
@@ -58,7 +57,7 @@ import numpy as np
 from harli_jax.model import ModelConfig
 from harli_jax.model.layers import rope_tables
 from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_layer, paged_step
-from harli_jax.model.params import Params, layer_shapes, param_shapes
+from harli_jax.model.params import Params, init_params, layer_shapes
 from harli_jax.model.sampling import SamplingRows, sample
 from harli_jax.model.transformer import embed, lm_logits
 
@@ -103,29 +102,6 @@ def parse_args() -> argparse.Namespace:
     if args.xla_flags_label and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.xla_flags_label):
         parser.error("--xla-flags-label must be lower-case letters, digits and dashes")
     return args
-
-
-def random_params(cfg: ModelConfig, seed: int, std: float = 0.02) -> Params:
-    """Random weights on the default device, one array at a time (one small program per distinct shape, not one
-    program over every weight: at 8B shapes that one program takes long to compile): normal(0, std) matrices,
-    unit norms, zero biases."""
-    leaves, treedef = jax.tree.flatten_with_path(param_shapes(cfg))
-    key = jax.random.key(seed)
-    out = []
-    for i, (path, spec) in enumerate(leaves):
-        name = jax.tree_util.keystr(path[-1:], simple=True)
-        if name.endswith("norm"):
-            out.append(jnp.ones(spec.shape, spec.dtype))
-        elif name.endswith("bias"):
-            out.append(jnp.zeros(spec.shape, spec.dtype))
-        else:
-            out.append(_normal(jax.random.fold_in(key, i), spec.shape, np.dtype(spec.dtype), std))
-    return jax.block_until_ready(jax.tree.unflatten(treedef, out))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _normal(key, shape, dtype, std):
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def decode_batch(batch: int, context: int, vocab: int, seed: int) -> tuple[TokenBatch, int]:
@@ -264,7 +240,7 @@ def main() -> None:
         common.say(f"warning: --xla-flags-label {args.xla_flags_label} without XLA_FLAGS in the environment")
 
     started = time.perf_counter()
-    params = random_params(cfg, args.seed)
+    params = jax.block_until_ready(init_params(cfg, args.seed))
     state["init_s"] = time.perf_counter() - started
     layout = ArenaLayout(cfg, PAGE_TOKENS)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))

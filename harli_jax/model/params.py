@@ -113,22 +113,23 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, *, init_std: float = 0.02) -> Params:
-    """Random weights as HF initializes them: normal(0, init_std) matrices, unit norms, zero biases."""
-    shapes = param_shapes(cfg)
+    """Random weights as HF initializes them: normal(0, init_std) matrices, unit norms, zero biases. One array at
+    a time (one small program per distinct shape, not one over every weight, which at 8B shapes is slow to
+    compile)."""
+    leaves, treedef = jax.tree.flatten_with_path(param_shapes(cfg))
+    key = jax.random.key(seed)
+    out = []
+    for i, (path, spec) in enumerate(leaves):
+        name = jax.tree_util.keystr(path[-1:], simple=True)
+        if name.endswith("norm"):
+            out.append(jnp.ones(spec.shape, spec.dtype))
+        elif name.endswith("bias"):
+            out.append(jnp.zeros(spec.shape, spec.dtype))
+        else:
+            out.append(_normal(jax.random.fold_in(key, i), spec.shape, spec.dtype, init_std))
+    return jax.tree.unflatten(treedef, out)
 
-    @jax.jit
-    def init(key):
-        leaves, treedef = jax.tree.flatten_with_path(shapes)
-        keys = jax.random.split(key, len(leaves))
-        out = []
-        for (path, s), k in zip(leaves, keys, strict=True):
-            name = jax.tree_util.keystr(path[-1:], simple=True)
-            if name.endswith("norm"):
-                out.append(jnp.ones(s.shape, s.dtype))
-            elif name.endswith("bias"):
-                out.append(jnp.zeros(s.shape, s.dtype))
-            else:
-                out.append((init_std * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype))
-        return jax.tree.unflatten(treedef, out)
 
-    return init(jax.random.key(seed))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key, shape, dtype, std):
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
