@@ -156,6 +156,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], args) -> tuple[dict, li
     steady_time = sum(r.latency for r in steady)
     step_time = sum(r.latency for r in records)
     latencies = [r.latency for r in steady] or [r.latency for r in decode]
+    host_per_step = (wall - step_time + sum(r.pack_time for r in records)) / len(records)
     return {
         "wall_s": wall,
         "steps": len(records),
@@ -176,11 +177,10 @@ def run_engine(engine: Engine, prompts: list[list[int]], args) -> tuple[dict, li
         "prefill_buckets": sorted({f"{r.bucket_seqs}x{r.bucket_tokens}t{r.bucket_pages}p" for r in prefill}),
         "host_outside_steps_s": wall - step_time,
         "pack_s_total": sum(r.pack_time for r in records),  # StepRecord.pack_time: host packing inside each step
-        # Nothing overlaps device time yet (each step is read back before the next is planned): the host time
-        # outside the steps and the packing inside them, per step, and as a share of the median decode step.
-        "host_unoverlapped_per_step_s": (wall - step_time + sum(r.pack_time for r in records)) / len(records),
-        "host_share_of_decode_step": (wall - step_time + sum(r.pack_time for r in records)) / len(records)
-        / statistics.median(latencies) if latencies else None,
+        # The host time outside the steps and the packing inside them, per step, and as a share of the median
+        # decode step (synchronous on a CPU: each step is read back before the next is planned).
+        "host_unoverlapped_per_step_s": host_per_step,
+        "host_share_of_decode_step": host_per_step / statistics.median(latencies) if latencies else None,
     }, tokens
 
 

@@ -116,3 +116,18 @@ def jax_events(suffix: str | tuple[str, ...] = ("backend_compile_duration", "cac
         yield seen
     finally:
         monitoring.unregister_event_duration_listener(listen)
+
+
+def with_garbage(case, kind):
+    """A kernel test case's arena (`case["arena"]`, `case["valid"]`) with every slot that holds no valid token
+    overwritten (other layers included): NaN (`kind="nan"`) or the dtype's largest values of either sign."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    arena = np.asarray(case["arena"].astype(jnp.float32))
+    if kind == "nan":
+        garbage = np.full(arena.shape, np.nan, np.float32)
+    else:
+        big = float(jnp.finfo(case["arena"].dtype).max)
+        garbage = np.random.default_rng(1).choice([big, -big], size=arena.shape).astype(np.float32)
+    return jnp.asarray(np.where(case["valid"], arena, garbage), case["arena"].dtype)

@@ -264,8 +264,9 @@ class ModelRunner:
         if plan.previous:
             if previous is None:
                 raise ValueError("the plan takes tokens from a previous step, and none was given")
-            mapped = np.asarray(plan.previous) >= 0
-            views["token_source"][views["query_start"][rows[mapped]]] = previous.rows[np.asarray(plan.previous)[mapped]]
+            sources = np.asarray(plan.previous)
+            mapped = sources >= 0
+            views["token_source"][views["query_start"][rows[mapped]]] = previous.rows[sources[mapped]]
         pack_time = time.perf_counter() - packing
         program = self.program(bucket)
         last = previous.next_tokens if previous is not None else self._no_previous

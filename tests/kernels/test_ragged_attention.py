@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import with_garbage
 from harli_jax.kernels import (
     paged_attention_reference,
     ragged_paged_attention,
@@ -88,17 +89,6 @@ def make_case(seed, *, query_lens, context_lens, tokens, q_heads, kv_heads, head
         valid=valid,
         dense=(cast(q), cast(k), cast(v)),
     )
-
-
-def with_garbage(case, kind):
-    """The arena with every slot that holds no valid token overwritten (other layers included)."""
-    arena = np.asarray(case["arena"].astype(jnp.float32))
-    if kind == "nan":
-        garbage = np.full(arena.shape, np.nan, np.float32)
-    else:
-        big = float(jnp.finfo(case["arena"].dtype).max)
-        garbage = np.random.default_rng(1).choice([big, -big], size=arena.shape).astype(np.float32)
-    return jnp.asarray(np.where(case["valid"], arena, garbage), case["arena"].dtype)
 
 
 def dense_oracle(q, k, v, query_start, context_lens):
