@@ -116,17 +116,28 @@ class CoLocationConfig:
 
     policy: str = option("harli", f"co-location policy: {', '.join(POLICIES)}")
     tpot_slo_ms: float | None = option(None, "time-per-output-token SLO in ms; unset: none")
+    tbt_slo_ms: float | None = option(None, "cap on any single gap between two tokens of a request, in ms; unset: "
+                                            "twice the TPOT SLO")
     slo_margin: float = option(0.1, "safety margin, a share of the TPOT SLO")
     bank_cap: float = option(1.0, "banked slack usable in one window, in SLOs")
     temporal_k: int = option(2, "temporal-K: K inference steps, then K micro-steps")
     temporal_chunk: int = option(1, "temporal-K: layers per micro-step")
     static_layers: int = option(1, "static: layers of micro-steps after every inference step")
 
+    @property
+    def tbt_cap_ms(self) -> float | None:
+        """The cap on a single gap: `tbt_slo_ms`, or twice the TPOT SLO; None without an SLO."""
+        if self.tbt_slo_ms is not None:
+            return self.tbt_slo_ms
+        return None if self.tpot_slo_ms is None else 2 * self.tpot_slo_ms
+
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ConfigError(f"CoLocationConfig.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.tpot_slo_ms is not None and self.tpot_slo_ms <= 0:
             raise ConfigError(f"CoLocationConfig.tpot_slo_ms must be positive, got {self.tpot_slo_ms}")
+        if self.tbt_slo_ms is not None and self.tbt_slo_ms <= 0:
+            raise ConfigError(f"CoLocationConfig.tbt_slo_ms must be positive, got {self.tbt_slo_ms}")
         if not 0 <= self.slo_margin < 1 or self.bank_cap < 0:
             raise ConfigError("CoLocationConfig.slo_margin must be in [0, 1) and bank_cap >= 0")
         if min(self.temporal_k, self.temporal_chunk) <= 0 or self.static_layers < 0:
