@@ -20,7 +20,12 @@ import contextlib  # noqa: E402
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from harli_jax.lora.trainer import TrainBatch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,3 +136,27 @@ def with_garbage(case, kind):
         big = float(jnp.finfo(case["arena"].dtype).max)
         garbage = np.random.default_rng(1).choice([big, -big], size=arena.shape).astype(np.float32)
     return jnp.asarray(np.where(case["valid"], arena, garbage), case["arena"].dtype)
+
+
+ROWS, SEQ = 2, 16  # the shape of `train_batch`
+
+
+def train_batch(vocab, seed=0):
+    """A packed `[ROWS, SEQ]` micro-batch: two samples and padding in one row, a prompt without loss."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (ROWS, SEQ)).astype(np.int32)
+    segment_ids = np.array([[1] * 9 + [2] * 5 + [0] * 2, [1] * 16], np.int32)
+    positions = np.array([list(range(9)) + list(range(5)) + [0, 0], list(range(16))], np.int32)
+    same_next = np.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], np.zeros((ROWS, 1), bool)], axis=1)
+    targets = np.where(same_next, np.roll(tokens, -1, axis=1), 0).astype(np.int32)
+    loss_mask = (same_next & (segment_ids > 0)).astype(np.float32)
+    loss_mask[0, :3] = 0  # a prompt without loss
+    return TrainBatch(tokens=jnp.asarray(tokens), targets=jnp.asarray(targets), loss_mask=jnp.asarray(loss_mask),
+                      segment_ids=jnp.asarray(segment_ids), positions=jnp.asarray(positions))
+
+
+def assert_tree_close(got, want, rtol):
+    """Every leaf within `rtol` of the reference, relative to the leaf's largest magnitude."""
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        err = float(jnp.max(jnp.abs(g - w)) / (jnp.max(jnp.abs(w)) + 1e-30))
+        assert err <= rtol, err

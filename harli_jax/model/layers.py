@@ -16,7 +16,7 @@ import numpy as np
 
 from harli_jax.kernels import MASK_VALUE
 from harli_jax.model.config import ModelConfig, RopeScaling
-from harli_jax.model.params import Adapters, LayerParams, LoRAPair
+from harli_jax.model.params import Adapters, LayerParams, LoRAPair, TokenLoRA
 
 Array = jax.Array
 
@@ -75,13 +75,18 @@ def apply_rope(x: Array, rope: Rope) -> Array:
     return x * rope.cos.astype(x.dtype) + rotated * rope.sin.astype(x.dtype)
 
 
-def linear(x: Array, w: Array, b: Array | None = None, lora: LoRAPair | None = None) -> Array:
-    """`x @ w (+ b) (+ scale * x @ a @ b)`: a base projection with an optional bias and LoRA delta."""
+def linear(x: Array, w: Array, b: Array | None = None,
+           lora: LoRAPair | tuple[TokenLoRA, ...] | None = None) -> Array:
+    """`x @ w (+ b) (+ scale * x @ a @ b)`: a base projection with an optional bias and LoRA delta, or several
+    deltas each on its own tokens (`params.mix_adapters`) over the one base projection."""
     y = x @ w
     if b is not None:
         y = y + b
-    if lora is not None:
+    if isinstance(lora, LoRAPair):
         y = y + lora.scale * ((x @ lora.a.astype(x.dtype)) @ lora.b.astype(x.dtype))
+    for delta in lora if isinstance(lora, tuple) else ():
+        pair = delta.pair
+        y = y + delta.rows.astype(x.dtype) * (pair.scale * ((x @ pair.a.astype(x.dtype)) @ pair.b.astype(x.dtype)))
     return y
 
 

@@ -89,6 +89,18 @@ class ArenaLayout:
         return arena.reshape(arena.shape[0], -1, self.stash_row)
 
 
+def paged_attend(q: Array, k: Array, v: Array, arena: Array, index, batch: TokenBatch,
+                 attention_impl: str = "auto") -> tuple[Array, Array]:
+    """Writes the batch's new K/V into layer `index`'s page slots and attends each token to its sequence's pages:
+    the decode attention when every sequence has one token, else the ragged one; returns (attention, arena)."""
+    arena = write_kv(arena, index, k, v, batch.page_ids, batch.offsets)
+    if batch.max_query == 1:  # one token per sequence: token b is sequence b's
+        return paged_attention(q, arena, index, batch.block_tables, batch.context_lens, impl=attention_impl), arena
+    return ragged_paged_attention(q, arena, index, batch.block_tables, batch.query_start, batch.context_lens,
+                                  max_query=batch.max_query, long_rows=batch.long_rows,
+                                  impl=attention_impl), arena
+
+
 def paged_layer(lp: LayerParams, cfg: ModelConfig, x: Array, arena: Array, index, batch: TokenBatch, rope: Rope, *,
                 attention_impl: str = "auto", adapters: Adapters | None = None) -> tuple[Array, Array]:
     """Decoder layer `index` (a Python int, or traced under a scan) over the arena: writes the batch's K/V into
@@ -96,13 +108,7 @@ def paged_layer(lp: LayerParams, cfg: ModelConfig, x: Array, arena: Array, index
     with jax.named_scope("layer"):
         with jax.named_scope("attention"):
             q, k, v = attention_qkv(lp, cfg, x, rope, adapters)
-            arena = write_kv(arena, index, k, v, batch.page_ids, batch.offsets)
-            if batch.max_query == 1:  # one token per sequence: token b is sequence b's
-                attn = paged_attention(q, arena, index, batch.block_tables, batch.context_lens, impl=attention_impl)
-            else:
-                attn = ragged_paged_attention(q, arena, index, batch.block_tables, batch.query_start,
-                                              batch.context_lens, max_query=batch.max_query,
-                                              long_rows=batch.long_rows, impl=attention_impl)
+            attn, arena = paged_attend(q, k, v, arena, index, batch, attention_impl)
             x = attention_out(lp, cfg, x, attn, adapters)
         return mlp_block(lp, cfg, x, adapters), arena
 

@@ -58,6 +58,25 @@ Adapters = dict[str, LoRAPair]
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class TokenLoRA:
+    """A LoRA delta applied only to some of a batch's tokens: where `rows` (`[T, 1]`) is 1."""
+
+    pair: LoRAPair
+    rows: jax.Array
+
+
+def mix_adapters(groups) -> dict[str, tuple[TokenLoRA, ...]]:
+    """One layer's adapters for a batch whose token groups use different adapters: `groups` holds (adapters or
+    None, `[T, 1]` row mask) pairs; each projection gets the deltas of the groups that adapt it."""
+    mixed: dict[str, tuple[TokenLoRA, ...]] = {}
+    for adapters, rows in groups:
+        for name, pair in (adapters or {}).items():
+            mixed[name] = (*mixed.get(name, ()), TokenLoRA(pair, rows))
+    return mixed
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class Params:
     embed: Array
     layers: tuple[LayerParams, ...]

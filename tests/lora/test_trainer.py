@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ROWS, SEQ, assert_tree_close, train_batch
 from harli_jax.lora.adapters import LoRAConfig, init_lora
 from harli_jax.lora.trainer import (
     OptimizerConfig,
-    TrainBatch,
     backward_chunk,
     commit,
     embed_step,
@@ -23,24 +23,10 @@ from harli_jax.model import ModelConfig, forward, init_params
 from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.params import LoRAPair
 
-ROWS, SEQ = 2, 16
 # The gradient tests never apply an update: any schedule will do.
 OPTIMIZER = OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10, weight_decay=0.0, max_grad_norm=1.0)
 FORWARD_CHUNK = jax.jit(forward_chunk, static_argnames=("layout",), donate_argnames=("arena",))
 BACKWARD_CHUNK = jax.jit(backward_chunk, static_argnames=("layout",))
-
-
-def _batch(vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, vocab, (ROWS, SEQ)).astype(np.int32)
-    segment_ids = np.array([[1] * 9 + [2] * 5 + [0] * 2, [1] * 16], np.int32)
-    positions = np.array([list(range(9)) + list(range(5)) + [0, 0], list(range(16))], np.int32)
-    same_next = np.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], np.zeros((ROWS, 1), bool)], axis=1)
-    targets = np.where(same_next, np.roll(tokens, -1, axis=1), 0).astype(np.int32)
-    loss_mask = (same_next & (segment_ids > 0)).astype(np.float32)
-    loss_mask[0, :3] = 0  # a prompt without loss
-    return TrainBatch(tokens=jnp.asarray(tokens), targets=jnp.asarray(targets), loss_mask=jnp.asarray(loss_mask),
-                      segment_ids=jnp.asarray(segment_ids), positions=jnp.asarray(positions))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,7 @@ def setup(tiny_yaml):
     # Non-zero B so that the gradients of A are not trivially zero.
     lora = {k: LoRAPair(p.a, 0.1 * jax.random.normal(jax.random.key(i), p.b.shape), p.scale)
             for i, (k, p) in enumerate(lora.items())}
-    return cfg, params, lora, _batch(cfg.vocab_size)
+    return cfg, params, lora, train_batch(cfg.vocab_size)
 
 
 def _reference_grads(cfg, params, lora, batch):
@@ -92,12 +78,6 @@ def _micro_steps(cfg, params, lora, batch, layers_per_chunk, page_tokens=8):
     return total, count, state.accum
 
 
-def _assert_close(got, want, rtol):
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        err = float(jnp.max(jnp.abs(g - w)) / (jnp.max(jnp.abs(w)) + 1e-30))
-        assert err <= rtol, err
-
-
 @pytest.mark.parametrize("remat", [False, True])
 def test_single_program_equals_jax_grad_of_forward(setup, remat):
     cfg, params, lora, batch = setup
@@ -105,7 +85,7 @@ def test_single_program_equals_jax_grad_of_forward(setup, remat):
     total, count, grads = _single_program(cfg, params, lora, batch, remat)
     assert float(count) == float(batch.loss_mask.sum())
     np.testing.assert_allclose(float(total), float(ref_loss), rtol=1e-6)
-    _assert_close(grads, ref_grads, 1e-5)
+    assert_tree_close(grads, ref_grads, 1e-5)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
 
@@ -120,7 +100,7 @@ def test_micro_steps_equal_the_single_program(setup, layers_per_chunk):
     assert FORWARD_CHUNK._cache_size() - programs[0] <= sizes and BACKWARD_CHUNK._cache_size() - programs[1] <= sizes
     assert float(m_count) == float(count)
     np.testing.assert_allclose(float(m_total), float(total), rtol=1e-6)
-    _assert_close(m_grads, grads, 1e-5)
+    assert_tree_close(m_grads, grads, 1e-5)
 
 
 def test_micro_steps_when_a_hidden_state_straddles_pages(tiny_yaml):
@@ -130,8 +110,8 @@ def test_micro_steps_when_a_hidden_state_straddles_pages(tiny_yaml):
     lora = init_lora(cfg, LoRAConfig(rank=4, alpha=8, targets=("q_proj", "o_proj")), seed=2)
     lora = {k: LoRAPair(p.a, 0.1 * jax.random.normal(jax.random.key(i), p.b.shape), p.scale)
             for i, (k, p) in enumerate(lora.items())}
-    batch = _batch(cfg.vocab_size)
+    batch = train_batch(cfg.vocab_size)
     total, _, grads = _single_program(cfg, params, lora, batch, remat=False)
     m_total, _, m_grads = _micro_steps(cfg, params, lora, batch, layers_per_chunk=2)
     np.testing.assert_allclose(float(m_total), float(total), rtol=1e-6)
-    _assert_close(m_grads, grads, 1e-5)
+    assert_tree_close(m_grads, grads, 1e-5)

@@ -1,0 +1,160 @@
+"""Finetune tokens fused into an inference step (mechanism): FlexLLM's token-level co-serving over Harli's stash.
+
+A micro-batch on this path runs its forward in chunks of positions ("token chunks"): positions
+`start .. start + chunk - 1` of every row go through every layer, in the same program as an inference step when
+there is one. Both groups of tokens are one matrix for each projection, so they share its weight read; each
+group gets its own LoRA delta (the serving adapter and the one being trained). Each layer's input and K/V of the
+chunk go into the micro-batch's leased pages, and later chunks attend to the K/V of earlier ones, so the chunked
+forward is the full causal forward. The chunk's loss and its gradient w.r.t. the last hidden state are computed
+there too, sharing the LM head with the inference rows. After the last chunk the backward runs in slices of
+layers, top-down (`trainer.backward_chunk`), alone or in an inference step's program.
+
+The stash of a token-chunked micro-batch of N = rows * seq_len tokens, over its leased pages: first the
+hidden-state region in rows of `ArenaLayout.stash_row` elements, layer l's inputs at layer slot l and the loss
+gradient at slot L (the layout `trainer.forward_chunk` uses, one slot longer); then, from the next whole page,
+the K/V region, one row per token and layer (K then V, `2 * kv_heads * head_dim` elements): layer l's token t
+at row l * N + t.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from harli_jax.lora.trainer import TrainBatch, token_loss_sum
+from harli_jax.model.layers import Rope, attention_out, attention_qkv, dense_attention, mlp_block, rope_tables
+from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_attend
+from harli_jax.model.params import Adapters, Params, layer_adapters, mix_adapters
+from harli_jax.model.sampling import sample
+from harli_jax.model.transformer import embed, lm_logits
+
+Array = jax.Array
+
+
+def _hidden_pages(layout: ArenaLayout, tokens: int) -> int:
+    """Whole pages of the hidden-state region: L layer inputs and the loss gradient of `tokens` tokens."""
+    cfg = layout.cfg
+    return -(-(cfg.num_layers + 1) * tokens * cfg.hidden_size // layout.page_elements)
+
+
+def token_stash_pages(layout: ArenaLayout, tokens: int) -> int:
+    """Pages a token-chunked micro-batch of `tokens` tokens leases: its hidden states, then its K/V."""
+    return _hidden_pages(layout, tokens) + -(-tokens // layout.page_tokens)
+
+
+def _kv_row(layout: ArenaLayout) -> int:
+    return 2 * layout.cfg.num_kv_heads * layout.cfg.head_dim
+
+
+def _stash_hidden(layout: ArenaLayout, arena: Array, stash_pages: Array, slot: int, ids: Array, tokens: int,
+                  x: Array) -> Array:
+    """Writes the hidden states `x [n, D]` of tokens `ids` at layer slot `slot` of the hidden-state region."""
+    per_token = layout.cfg.hidden_size // layout.stash_row
+    per_page = layout.page_elements // layout.stash_row
+    rows = (slot * tokens + ids)[:, None] * per_token + jnp.arange(per_token)
+    view = layout.stash_rows(arena)
+    view = view.at[stash_pages[rows // per_page], rows % per_page].set(
+        x.reshape(-1, per_token, layout.stash_row).astype(arena.dtype))
+    return view.reshape(arena.shape)
+
+
+def _kv_index(layout: ArenaLayout, stash_pages: Array, layer: int, ids: Array, tokens: int) -> tuple[Array, Array]:
+    per_page = layout.page_elements // _kv_row(layout)
+    rows = layer * tokens + ids
+    return stash_pages[_hidden_pages(layout, tokens) + rows // per_page], rows % per_page
+
+
+def _stash_kv(layout: ArenaLayout, arena: Array, stash_pages: Array, layer: int, ids: Array, tokens: int, k: Array,
+              v: Array) -> Array:
+    """Writes the K/V `[n, kv_heads, head_dim]` of tokens `ids` of layer `layer` into the K/V region."""
+    pages, slots = _kv_index(layout, stash_pages, layer, ids, tokens)
+    view = arena.reshape(arena.shape[0], -1, _kv_row(layout))
+    kv = jnp.concatenate([k.reshape(len(ids), -1), v.reshape(len(ids), -1)], axis=-1)
+    return view.at[pages, slots].set(kv.astype(arena.dtype)).reshape(arena.shape)
+
+
+def _read_kv(layout: ArenaLayout, arena: Array, stash_pages: Array, layer: int, rows: int,
+             seq_len: int) -> tuple[Array, Array]:
+    """The stashed K and V of layer `layer` for every position of every row: `[rows, seq_len, kv_heads, hd]`."""
+    cfg = layout.cfg
+    ids = jnp.arange(rows * seq_len)
+    pages, slots = _kv_index(layout, stash_pages, layer, ids, rows * seq_len)
+    kv = arena.reshape(arena.shape[0], -1, _kv_row(layout))[pages, slots]
+    kv = kv.reshape(rows, seq_len, 2, cfg.num_kv_heads, cfg.head_dim)
+    return kv[:, :, 0], kv[:, :, 1]
+
+
+def read_loss_gradient(layout: ArenaLayout, arena: Array, stash_pages: Array, shape: tuple[int, int, int]) -> Array:
+    """The stashed gradient of the loss w.r.t. the last hidden state, `shape = [rows, seq_len, D]`: where the
+    backward of a token-chunked micro-batch starts."""
+    rows, seq_len, hidden = shape
+    tokens = rows * seq_len
+    per_token = hidden // layout.stash_row
+    per_page = layout.page_elements // layout.stash_row
+    index = (layout.cfg.num_layers * tokens + jnp.arange(tokens))[:, None] * per_token + jnp.arange(per_token)
+    return layout.stash_rows(arena)[stash_pages[index // per_page], index % per_page].reshape(shape)
+
+
+def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, batch: TrainBatch,
+                   stash_pages: Array, start: Array, totals: tuple[Array, Array], *, chunk: int,
+                   inference: TokenBatch | None = None, serving_lora: Adapters | None = None,
+                   attention_impl: str = "auto") -> tuple[Array, tuple[Array, Array], Array | None]:
+    """Positions `start .. start + chunk - 1` of every row of `batch` through every layer, stashing each layer's
+    input and K/V and, after the last layer, the loss gradient; adds the chunk's loss sum and trained tokens to
+    `totals`. With `inference`, that step's tokens run in the same program (over `serving_lora`), sharing every
+    projection and the LM head. Returns (arena, totals, the inference step's next tokens or None)."""
+    cfg = layout.cfg
+    rows, seq_len = batch.tokens.shape
+    tokens = rows * seq_len
+    ids = (jnp.arange(rows)[:, None] * seq_len + start + jnp.arange(chunk)).reshape(-1)
+
+    def cut(a: Array) -> Array:
+        return jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1)
+
+    part = TrainBatch(*(cut(a) for a in (batch.tokens, batch.targets, batch.loss_mask, batch.segment_ids,
+                                          batch.positions)))
+    key_positions = jnp.arange(seq_len)
+    mask = (key_positions <= (start + jnp.arange(chunk))[:, None])[None] & (
+        batch.segment_ids[:, None, :] == part.segment_ids[:, :, None])
+    with jax.named_scope("fused_inputs"):
+        x = embed(params, part.tokens).reshape(rows * chunk, cfg.hidden_size)
+        rope = rope_tables(cfg, part.positions.reshape(-1))
+        first = 0
+        if inference is not None:
+            first = inference.tokens.shape[0]
+            served = rope_tables(cfg, inference.positions)
+            x = jnp.concatenate([embed(params, inference.tokens), x])
+            rope = Rope(*(jnp.concatenate([a, b]) for a, b in zip(served, rope, strict=True)))
+            is_served = (jnp.arange(x.shape[0]) < first)[:, None]
+    for index, lp in enumerate(params.layers):
+        adapters = layer_adapters(lora, index)
+        if inference is not None:
+            adapters = mix_adapters([(layer_adapters(serving_lora, index), is_served), (adapters, ~is_served)])
+        with jax.named_scope("fused_layer"):
+            arena = _stash_hidden(layout, arena, stash_pages, index, ids, tokens, x[first:])
+            q, k, v = attention_qkv(lp, cfg, x, rope, adapters)
+            arena = _stash_kv(layout, arena, stash_pages, index, ids, tokens, k[first:], v[first:])
+            keys, values = _read_kv(layout, arena, stash_pages, index, rows, seq_len)
+            with jax.named_scope("train_attention"):
+                attn = dense_attention(q[first:].reshape(rows, chunk, *q.shape[1:]), keys, values, mask)
+                attn = attn.reshape(rows * chunk, *q.shape[1:])
+            if inference is not None:
+                served_attn, arena = paged_attend(q[:first], k[:first], v[:first], arena, index, inference,
+                                                  attention_impl)
+                attn = jnp.concatenate([served_attn, attn])
+            x = mlp_block(lp, cfg, attention_out(lp, cfg, x, attn, adapters), adapters)
+    sampled = x[:first][inference.sample_index] if inference is not None else x[:0]
+
+    def head_loss(trained: Array):
+        logits = lm_logits(params, cfg, jnp.concatenate([sampled, trained]))
+        total, count = token_loss_sum(logits[len(sampled):].reshape(rows, chunk, -1), part)
+        return total, (count, logits[: len(sampled)])
+
+    with jax.named_scope("train_loss"):
+        (total, (count, served_logits)), g = jax.value_and_grad(head_loss, has_aux=True)(x[first:])
+    arena = _stash_hidden(layout, arena, stash_pages, cfg.num_layers, ids, tokens, g)
+    totals = (totals[0] + total, totals[1] + count)
+    if inference is None:
+        return arena, totals, None
+    with jax.named_scope("sample"):
+        return arena, totals, sample(served_logits, inference.sampling)
