@@ -10,8 +10,9 @@ Formats (`load_trace(path, fmt="auto")`):
 - ``mooncake``: Mooncake JSONL, one ``{"timestamp": ms, "input_length": n, "output_length": m}`` per line.
 
 Arrivals are shifted so the first is at 0 and sorted (simultaneous ones keep the file's order). Malformed rows
-are skipped and reported with the file and row number (`Trace.problems`); `strict=True` raises at the first. A
-trace with no usable row is an error.
+are skipped and reported with the file, the row (line) number and the column at fault, e.g. ``t.csv row 7:
+prompt_tokens must be an integer, got 'abc'`` (`Trace.problems`); `strict=True` raises at the first. A trace with
+no usable row is an error.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Trace:
     source: str = "<generated>"
     problems: tuple[str, ...] = ()
     comment: str = ""  # the file's ``#`` lines (how the trace was made), one per line
+    shrunk: int = 0  # requests `rescale` shrank to fit its `max_context`
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -61,11 +63,13 @@ class Trace:
     def rescale(self, *, rate_scale: float = 1.0, time_scale: float = 1.0, max_context: int | None = None,
                 length_scale: float = 1.0, duration: float | None = None, max_requests: int | None = None) -> Trace:
         """Arrivals divided by `rate_scale` and multiplied by `time_scale`; lengths multiplied by `length_scale`
-        and then shrunk so prompt + output fits `max_context` (keeping their ratio); cut at `duration`
-        seconds and `max_requests` requests."""
+        and then shrunk so prompt + output fits `max_context` (keeping their ratio; counted in `shrunk`); cut at
+        `duration` seconds and `max_requests` requests."""
         if rate_scale <= 0 or time_scale <= 0 or length_scale <= 0:
             raise TraceError("rate_scale, time_scale and length_scale must be > 0")
-        out = []
+        if (duration is not None and duration <= 0) or (max_requests is not None and max_requests <= 0):
+            raise TraceError(f"duration and max_requests must be > 0 when set, got {duration} and {max_requests}")
+        out, shrunk = [], 0
         for r in self.requests:
             arrival = r.arrival * time_scale / rate_scale
             if duration is not None and arrival > duration:
@@ -76,10 +80,11 @@ class Trace:
                 shrink = max_context / (prompt + output)
                 prompt = max(1, math.floor(prompt * shrink))
                 output = max(1, min(math.floor(output * shrink), max_context - prompt))
+                shrunk += 1
             out.append(TraceRequest(arrival, prompt, output))
             if max_requests is not None and len(out) >= max_requests:
                 break
-        return dataclasses.replace(self, requests=tuple(out))
+        return dataclasses.replace(self, requests=tuple(out), shrunk=self.shrunk + shrunk)
 
     def to_requests(self, vocab_size: int, seed: int = 0, low: int = 3) -> list[Request]:
         """Engine requests with random prompt ids (ids >= `low`, past the special ones) and exact output
@@ -113,17 +118,44 @@ def _comment(path: Path) -> str:
         return "\n".join(line[1:].strip() for line in f if line.startswith("#"))
 
 
+def _number(row: dict, column: str, kind: type) -> float | int:
+    """`row[column]` as an int or a float; an error naming the column when it is missing or not a number."""
+    if column not in row:
+        raise KeyError(column)
+    value = row[column]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{column} is missing")
+    try:
+        return kind(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{column} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+
+
+def _timestamp(row: dict, column: str) -> float:
+    """An Azure date-time column (``2023-11-16 18:15:46.6805900``) in seconds since the epoch."""
+    value = row.get(column)
+    if value is None:
+        raise KeyError(column)
+    try:
+        return datetime.datetime.fromisoformat(value.strip()[:26]).timestamp()
+    except ValueError:
+        raise ValueError(f"{column} must be a date-time such as 2023-11-16 18:15:46.6805900, got {value!r}") from None
+
+
 def _parse(fmt: str, row: dict) -> tuple[float, int, int]:
     if "__error__" in row:
         raise ValueError(row["__error__"])
     if fmt == "native":
-        return float(row["arrival_s"]), int(row["prompt_tokens"]), int(row["output_tokens"])
+        return (_number(row, "arrival_s", float), _number(row, "prompt_tokens", int),
+                _number(row, "output_tokens", int))
     if fmt == "azure":
-        stamp = datetime.datetime.fromisoformat(row["TIMESTAMP"].strip()[:26])
-        return stamp.timestamp(), int(row["ContextTokens"]), int(row["GeneratedTokens"])
+        return (_timestamp(row, "TIMESTAMP"), _number(row, "ContextTokens", int),
+                _number(row, "GeneratedTokens", int))
     if fmt == "burstgpt":
-        return float(row["Timestamp"]), int(row["Request tokens"]), int(row["Response tokens"])
-    return float(row["timestamp"]) / 1e3, int(row["input_length"]), int(row["output_length"])
+        return (_number(row, "Timestamp", float), _number(row, "Request tokens", int),
+                _number(row, "Response tokens", int))
+    return (_number(row, "timestamp", float) / 1e3, _number(row, "input_length", int),
+            _number(row, "output_length", int))
 
 
 def detect_format(path: Path) -> str:
@@ -158,7 +190,7 @@ def load_trace(path: str | Path, fmt: str = "auto", *, strict: bool = False) -> 
             if prompt <= 0 or output <= 0:
                 raise ValueError(f"token counts must be positive, got prompt {prompt}, output {output}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            message = f"{path}:{row_no}: {e if not isinstance(e, KeyError) else f'missing column {e}'}"
+            message = f"{path} row {row_no}: {e if not isinstance(e, KeyError) else f'missing column {e}'}"
             if strict:
                 raise TraceError(message) from None
             problems.append(message)

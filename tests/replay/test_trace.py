@@ -50,16 +50,25 @@ def test_malformed_rows_are_reported_with_file_and_row(tmp_path):
     path.write_text("arrival_s,prompt_tokens,output_tokens\n0,10,5\nsoon,10,5\n1,-3,5\n2,10\n-4,8,8\n3,8,8\n")
     trace = load_trace(path)
     assert len(trace) == 2
-    assert [p.split(": ", 1)[0] for p in trace.problems] == [f"{path}:{row}" for row in (3, 4, 5, 6)]
+    assert [p.split(": ", 1)[0] for p in trace.problems] == [f"{path} row {row}" for row in (3, 4, 5, 6)]
+    assert trace.problems[0].endswith("row 3: arrival_s must be a number, got 'soon'")
+    assert trace.problems[2].endswith("row 5: output_tokens is missing")
     assert "must be a finite number >= 0" in trace.problems[3]
+    words = tmp_path / "words.csv"
+    words.write_text("arrival_s,prompt_tokens,output_tokens\n0,10,5\n1,abc,5\n2,7.5,5\n")
+    assert [p.split(": ", 1)[1] for p in load_trace(words).problems] == [
+        "prompt_tokens must be an integer, got 'abc'", "prompt_tokens must be an integer, got '7.5'"]
+    (tmp_path / "bad.jsonl").write_text('{"timestamp": 0, "input_length": 3, "output_length": 2}\n'
+                                        '{"timestamp": "noon", "input_length": 3, "output_length": 2}\n')
+    assert load_trace(tmp_path / "bad.jsonl").problems[0].endswith("row 2: timestamp must be a number, got 'noon'")
     azure = tmp_path / "azure.csv"
     azure.write_text("TIMESTAMP,ContextTokens\n2023-11-16 18:15:50.0,100\n")
-    with pytest.raises(TraceError, match=r"azure\.csv:2: missing column 'GeneratedTokens'"):
+    with pytest.raises(TraceError, match=r"azure\.csv row 2: missing column 'GeneratedTokens'"):
         load_trace(azure, "azure", strict=True)
     (tmp_path / "blank.csv").write_text("")
     with pytest.raises(TraceError, match="blank.csv"):
         load_trace(tmp_path / "blank.csv")
-    with pytest.raises(TraceError, match="t.csv:3"):
+    with pytest.raises(TraceError, match="t.csv row 3"):
         load_trace(path, strict=True)
     (tmp_path / "empty.csv").write_text("arrival_s,prompt_tokens,output_tokens\nx,y,z\n")
     with pytest.raises(TraceError, match="no usable request"):
@@ -86,6 +95,10 @@ def test_rescale_and_round_trip(tmp_path):
     assert [r.arrival for r in fast.requests] == [0.0, 1.0, 2.0]
     assert fast.requests[0].prompt_tokens + fast.requests[0].output_tokens <= 200
     assert fast.requests[0].prompt_tokens == 150 and fast.requests[0].output_tokens == 50  # ratio kept
+    assert fast.shrunk == 1 and trace.rescale().shrunk == 0
+    for bad in (dict(rate_scale=0), dict(time_scale=-1), dict(duration=0), dict(max_requests=0)):
+        with pytest.raises(TraceError, match="must be > 0"):
+            trace.rescale(**bad)
     assert len(trace.rescale(duration=2.5)) == 2 and len(trace.rescale(max_requests=1)) == 1
     path = write_trace(trace, tmp_path / "t.csv", comment="three requests\nby hand")
     assert path.read_text().startswith("# three requests\n# by hand\narrival_s")
