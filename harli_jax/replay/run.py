@@ -1,215 +1,524 @@
 """`harli replay`: replay an inference trace against the engine with a finetune job running, under one or several
-scheduling policies, and write a report (table, JSON, CSVs, plots; optionally a profiler session)."""
+co-location policies held to one SLO, and write a report (table, JSON, CSVs, plots; optionally profiler sessions).
+
+A replay, in order (`main`):
+
+1. Every option is checked (harli_jax.replay.options), the model and the trace are loaded, and only then is the
+   report directory made. Requests are shrunk so prompt + output fits the context less one token (the prefill
+   engine's second token in the decode role; the same requests in both roles).
+2. On a first engine (`prepare`), with no finetune job: the solo decode step (`measure_solo_step`: the engine's
+   wall time between the ends of consecutive decode-only steps, host work included, at the trace's peak batch);
+   in the decode role, every request's prompt K/V (`prefill_all`, a separate engine from those that decode);
+   the job's standalone throughput (`measure_standalone`). The SLO (`slo_of`) is fixed from these once:
+   `--tpot-slo Nx` is N solo steps, `--tbt-slo` (the cap on any single gap) defaults to twice the TPOT SLO.
+3. Per policy, a fresh engine over the same weights with `tpot_slo_ms` and `tbt_slo_ms` in its EngineConfig, the
+   same requests (same seed) and a fresh finetune job (`run_policy`). A policy knob that an operator would set
+   offline for the peak (static's layers: `KNOBS`) is first chosen by `sweep` over a prefix of the trace.
+
+Roles (`--role`): `decode` (the default) is the decode instance of a prefill/decode-disaggregated deployment:
+each request is submitted at its arrival with the K/V of its prompt and the first token sampled by the prefill
+engine, so only decode steps run under the SLO. `colocated` prefills prompts in chunks on the decoding engine.
+
+The finetune job decays its learning rate over a finite schedule (`finetune_steps`): as many optimizer steps as
+the job alone would make over the replay, so no policy runs out of work before the trace ends.
+"""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import json
 import logging
-import re
+import math
+import os
+import shutil
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
-import yaml
+import numpy as np
 
 from harli_jax.errors import ConfigError, HarliError
 from harli_jax.logs import StatusLine
 from harli_jax.lora.adapters import LoRAConfig
+from harli_jax.model.config import ModelConfig
 from harli_jax.model.loader import LoadedModel, load_model
-from harli_jax.options import field_of, help_of
-from harli_jax.replay.report import RunResult, format_table, plot, summarize, write_csvs
+from harli_jax.model.paged import ArenaLayout
+from harli_jax.replay.options import SloSpec, build_parser, resolve_options
+from harli_jax.replay.report import RunResult, explain, format_table, plot, summarize, write_csvs
 from harli_jax.replay.trace import Trace, load_trace, peak_concurrency
-from harli_jax.runtime.colocation import POLICIES
-from harli_jax.runtime.config import CacheConfig, CoLocationConfig, EngineConfig, SchedulerConfig
+from harli_jax.runtime.config import CacheConfig, EngineConfig
 from harli_jax.runtime.engine import Engine
 from harli_jax.runtime.finetune import FinetuneJob
-from harli_jax.runtime.request import FinishedEvent, TokenEvent
+from harli_jax.runtime.processing import RequestError
+from harli_jax.runtime.request import (
+    Event,
+    FinishedEvent,
+    FinishReason,
+    GenerationOutput,
+    PrefilledKV,
+    Request,
+    SamplingParams,
+    TokenEvent,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-PRESET = REPO / "configs" / "replay" / "default.yaml"  # the engine and job sizes a replay runs with by default
-# Options of the replay itself; the engine's and the job's (FIELDS) take their defaults from their dataclasses.
-OWN = {
-    "model": (str(REPO / "configs" / "models" / "tiny.yaml"), "HF checkpoint directory or model YAML"),
-    "trace": (str(REPO / "configs" / "traces" / "default.csv"),
-              "trace file: native CSV, Azure CSV, BurstGPT CSV or Mooncake JSONL"),
-    "dataset": (None, "finetune JSONL; unset: the embedded upper-casing task"),
-    "tpot_slo": ("4x", "'50ms', or 'Nx' = N times the solo decode step at the trace's peak batch"),
-    "ttft_slo": (None, "'500ms'; unset: none"),
-    "rate_scale": (1.0, "multiply the arrival rate"),
-    "time_scale": (1.0, "stretch the trace's time axis"),
-    "duration": (None, "replay only the first N seconds of the trace"),
-    "max_requests": (None, "replay only the first N requests"),
-    "out": (None, "report directory; unset: runs/<timestamp>/"),
-    "profile": (None, "record a JAX profiler session per policy into this directory"),
-}
-FIELDS = {"policy": (CoLocationConfig, "policy"), "lora_rank": (LoRAConfig, "rank"), "seed": (FinetuneJob, "seed"),
-          "max_batch": (SchedulerConfig, "max_batch"), "max_seq_len": (CacheConfig, "max_seq_len"),
-          "micro_batch_rows": (FinetuneJob, "micro_batch_rows"), "seq_len": (FinetuneJob, "seq_len")}
-TYPES = {"rate_scale": float, "time_scale": float, "duration": float, "max_requests": int, "lora_rank": int,
-         "seed": int, "max_batch": int, "max_seq_len": int, "micro_batch_rows": int, "seq_len": int}
 log = logging.getLogger("harli_jax")
+SOLO_GAPS = 16  # decode-only step gaps the solo step's median is over
+STANDALONE_STEPS = 20  # optimizer steps the standalone throughput is measured over (after 2 warm-up steps)
+TARGET_ATTAINMENT = 0.99  # the share of requests within the TPOT SLO a swept knob must keep
+PREFILL_MEMORY_SHARE = 0.5  # of the host's available memory, the most the decode role's prompt K/V may take
 
 
-def _defaults() -> dict:
-    own = {name: default for name, (default, _) in OWN.items()}
-    return {**own, **{name: field_of(cls, field).default for name, (cls, field) in FIELDS.items()}}
+@dataclasses.dataclass(frozen=True)
+class SoloStep:
+    """The engine's solo decode step: the median wall time between the ends of consecutive decode-only steps of
+    `batch` sequences (host work included, no finetune job), over `gaps` gaps, at `context` tokens."""
+
+    seconds: float
+    batch: int
+    gaps: int
+    context: int
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harli replay", description=__doc__)
-    for name, (default, text) in OWN.items():
-        if default is not None:
-            text += f" (default {Path(default).relative_to(REPO) if name in ('model', 'trace') else default})"
-        p.add_argument(f"--{name.replace('_', '-')}", type=TYPES.get(name, str), help=text)
-    preset = _load_options(PRESET)
-    for name, (cls, field) in FIELDS.items():
-        text = help_of(cls, field, preset.get(name, dataclasses.MISSING))
-        text += {"policy": "; comma-separated: one run each on the same trace",
-                 "seed": "; also of the prompts and of a YAML model's weights"}.get(name, "")
-        p.add_argument(f"--{name.replace('_', '-')}", type=TYPES.get(name, str), help=text)
-    p.add_argument("--config", help=f"YAML file with any of these options (flags override it); unset: "
-                                    f"{PRESET.relative_to(REPO)}, the sizes of a replay of the tiny model on a CPU")
-    return p
+@dataclasses.dataclass(frozen=True)
+class Slo:
+    """The one SLO every policy of a replay is held to (seconds)."""
+
+    tpot_s: float
+    tbt_s: float  # the cap on any single gap between two tokens of a request
+    ttft_s: float | None
+    solo: SoloStep
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tpot_slo_ms": self.tpot_s * 1e3, "tbt_slo_ms": self.tbt_s * 1e3,
+                "ttft_slo_ms": None if self.ttft_s is None else self.ttft_s * 1e3,
+                "solo_decode_step_ms": self.solo.seconds * 1e3, "solo_batch": self.solo.batch,
+                "solo_gaps": self.solo.gaps, "solo_context": self.solo.context,
+                "definition": "Nx = N x the solo decode step: the median wall time between the ends of consecutive "
+                              "decode-only steps at the trace's peak batch, host work included, measured once on a "
+                              "first engine without a finetune job before any policy runs"}
 
 
-def _load_options(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"replay config not found: {path}")
-    loaded = {k.replace("-", "_"): v for k, v in (yaml.safe_load(path.read_text()) or {}).items()}
-    known = set(OWN) | set(FIELDS)
-    unknown = sorted(set(loaded) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown replay option(s) {unknown}; known: {sorted(known)}")
-    return loaded
+@dataclasses.dataclass(frozen=True)
+class Standalone:
+    """The finetune job alone on the device (the engine serving nothing)."""
+
+    tokens_per_s: float  # trained tokens per second
+    steps_per_s: float  # optimizer steps per second
 
 
-def resolve_options(args: argparse.Namespace) -> dict:
-    """The dataclasses' defaults, then the config file (the preset unless --config), then the flags."""
-    options = _defaults()
-    options.update(_load_options(Path(args.config) if args.config else PRESET))
-    options.update({k: v for k, v in vars(args).items() if v is not None and k in options})
-    policies = [p.strip() for p in str(options["policy"]).split(",") if p.strip()]
-    bad = [p for p in policies if p not in POLICIES]
-    if bad or not policies:
-        raise ConfigError(f"unknown policy {bad or options['policy']}; choose from {', '.join(POLICIES)}")
-    options["policies"] = policies
-    return options
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every policy run of a replay shares: the weights, the trace and its requests, their prompts' K/V (the
+    decode role; empty in the colocated role), the measured solo step, the standalone throughput and the
+    finetune job's length."""
+
+    model: LoadedModel
+    trace: Trace
+    requests: list[Request]
+    prefilled: dict[str, PrefilledKV]
+    options: dict[str, Any]
+    solo: SoloStep
+    standalone: Standalone
+    finetune_steps: int
+    prefill_s: float  # wall seconds of the prefill pass (0 in the colocated role)
 
 
-def parse_slo(text: str | None, what: str) -> tuple[str, float] | None:
-    """('ms', value) or ('x', multiple)."""
-    if text is None:
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """A policy's setting that an operator fixes offline for the peak: a CoLocationConfig field, the values to
+    try (ascending: more training, more interference) and the value to use when none keeps the SLO."""
+
+    field: str
+    candidates: tuple[int, ...]
+    fallback: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """The outcome of `sweep`: the attainment of each candidate tried, in order, and the value chosen."""
+
+    policy: str
+    field: str
+    attainment: dict[int, float | None]
+    chosen: int
+    requests: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "field": self.field, "requests": self.requests, "chosen": self.chosen,
+                "attainment": {str(k): v for k, v in self.attainment.items()}, "target": TARGET_ATTAINMENT}
+
+
+def _static_knob(cfg: ModelConfig) -> Knob:
+    """static: layers of micro-steps after every inference step, powers of two up to the model's layers."""
+    layers = sorted({1 << i for i in range(cfg.num_layers.bit_length()) if 1 << i <= cfg.num_layers}
+                    | {cfg.num_layers})
+    return Knob("static_layers", tuple(layers), 0)
+
+
+# The policies whose knob `sweep` chooses before the comparison (a policy added to POLICIES with a knob adds
+# its entry here).
+KNOBS: dict[str, Callable[[ModelConfig], Knob]] = {"static": _static_knob}
+
+
+# Configs -------------------------------------------------------------------------------------------------------
+
+
+def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | None = None,
+                  **colocation: Any) -> EngineConfig:
+    """The engine of one run: the replay's sizes, the policy (with `colocation` overrides) and, with `slo`, its
+    TPOT SLO and TBT cap; the predictor's calibration is cached in the report directory for every run."""
+    limits = {} if slo is None else {"tpot_slo_ms": slo.tpot_s * 1e3, "tbt_slo_ms": slo.tbt_s * 1e3}
+    return EngineConfig(max_batch=options["max_batch"], max_seq_len=options["max_seq_len"], policy=policy,
+                        calibration_dir=str(out / "calibration"), **limits, **colocation)
+
+
+def finetune_job(options: dict[str, Any], name: str, total_steps: int, checkpoint_dir: Path | None) -> FinetuneJob:
+    """The replay's finetune job: `total_steps` optimizer steps, a tenth of them (at most 10) of warmup, then
+    cosine decay; no evaluation; a checkpoint only at the end (when `checkpoint_dir`)."""
+    rank = options["lora_rank"]
+    return FinetuneJob(dataset=options["dataset"], lora=LoRAConfig(rank=rank, alpha=2.0 * rank),
+                       micro_batch_rows=options["micro_batch_rows"], seq_len=options["seq_len"],
+                       total_steps=total_steps, warmup_steps=max(1, min(10, total_steps // 10)), eval_interval=0,
+                       eval_fraction=0.0, seed=options["seed"],
+                       checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+                       checkpoint_interval=total_steps, name=name)
+
+
+def replay_trace(options: dict[str, Any], cfg: ModelConfig) -> Trace:
+    """The trace of the options, rescaled and cut, each request shrunk so prompt + output fits the engine's
+    context less one token (room for the prefill engine's second token in the decode role)."""
+    context = CacheConfig(max_seq_len=options["max_seq_len"]).seq_len(cfg)
+    return load_trace(options["trace"]).rescale(
+        rate_scale=options["rate_scale"], time_scale=options["time_scale"], max_context=context - 1,
+        duration=options["duration"], max_requests=options["max_requests"])
+
+
+def slo_of(specs: dict[str, SloSpec | None], solo: SoloStep) -> Slo:
+    """The SLO from the options' specs (`check_options`'s `slo`) and the measured solo step; the TBT cap defaults
+    to twice the TPOT SLO."""
+    tpot = specs["tpot_slo"].seconds(solo.seconds)
+    tbt = specs["tbt_slo"].seconds(solo.seconds) if specs.get("tbt_slo") else 2 * tpot
+    ttft = specs["ttft_slo"].seconds(solo.seconds) if specs.get("ttft_slo") else None
+    return Slo(tpot, tbt, ttft, solo)
+
+
+# The prefill pass ------------------------------------------------------------------------------------------------
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available now (MemAvailable of /proc/meminfo); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         return None
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|x)\s*", str(text))
-    if not m or float(m.group(1)) <= 0:
-        raise ConfigError(f"--{what} must look like '50ms', '0.05s' or '3x', got {text!r}")
-    value, unit = float(m.group(1)), m.group(2)
-    return ("x", value) if unit == "x" else ("ms", value * (1e3 if unit == "s" else 1.0))
+    return None
 
 
-def _solo_step(engine: Engine, trace: Trace) -> tuple[float, int]:
-    """Median solo decode-step latency at the trace's peak batch (and that batch)."""
-    max_batch = engine.config.scheduler.max_batch
-    at_max = engine.time_decode_step(max_batch)
-    peak = max(1, min(max_batch, peak_concurrency(trace, at_max)))
-    return engine.time_decode_step(peak), peak
+def check_prefill_memory(trace: Trace, cfg: ModelConfig, page_tokens: int) -> int:
+    """The host bytes the decode role's prompt K/V will take (whole pages in the arena's layout); a ConfigError
+    when that is more than `PREFILL_MEMORY_SHARE` of the available memory."""
+    layout = ArenaLayout(cfg, page_tokens)
+    need = sum(-(-r.prompt_tokens // page_tokens) for r in trace.requests) * layout.page_bytes
+    free = available_memory()
+    if free is not None and need > PREFILL_MEMORY_SHARE * free:
+        raise ConfigError(f"the decode role holds every prompt's K/V in host memory: {len(trace)} requests need "
+                          f"{need / 2**30:.1f} GiB, more than {PREFILL_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB "
+                          f"available; replay fewer (--max-requests, --duration) or use --role colocated")
+    return need
 
 
-def _detail(decode_tokens: int, job) -> str:
-    p = job.progress()
-    loss = "-" if p.loss is None else f"{p.loss:.3f}"
-    return f"decode tokens {decode_tokens}  finetune step {p.step}  loss {loss}  trained {p.tokens} tokens"
+def prefill_all(engine: Engine, requests: Sequence[Request], *, show: bool = True) -> dict[str, PrefilledKV]:
+    """Every request's prompt K/V and first token, computed on `engine` (the prefill instance), by request id.
+
+    Up to the engine's batch of prompts prefill at once, each submitted to generate two tokens: when its first
+    token appears (its prefill is done, it is still running) its K/V is exported and the request aborted, freeing
+    its pages. The K/V are host arrays of whole pages, copied out of the read buffer so each holds only its own
+    pages."""
+    pending = deque(requests)
+    running: dict[str, str] = {}  # the prefill engine's request id -> the replay's
+    out: dict[str, PrefilledKV] = {}
+    limit = engine.config.scheduler.max_batch
+    status = StatusLine("[setup] prefill: prompts", len(requests), interval_s=5.0, always=show)
+    while pending or running:
+        while pending and len(running) < limit:
+            r = pending.popleft()
+            rid = engine.submit(Request(r.prompt, SamplingParams(max_tokens=2, ignore_eos=True)))
+            running[rid] = r.request_id
+        for event in engine.step():
+            if isinstance(event, TokenEvent) and event.index == 0 and event.request_id in running:
+                kv = engine.export_kv(event.request_id)
+                out[running.pop(event.request_id)] = dataclasses.replace(kv, kv=np.array(kv.kv, copy=True))
+                engine.abort(event.request_id)
+            elif isinstance(event, FinishedEvent) and event.request_id in running:
+                raise HarliError(f"prefill: request {running[event.request_id]} ended before its first token "
+                                 f"({event.output.finish_reason.value}: {event.output.error})")
+        status.update(len(out))
+    while engine.has_unfinished():  # the last aborts
+        engine.step()
+    status.update(len(out), force=True)
+    status.close()
+    return out
 
 
-def run_policy(model: LoadedModel, trace: Trace, policy: str, options: dict, out: Path,
-               standalone: float | None) -> tuple[RunResult, float | None]:
-    config = EngineConfig(max_batch=options["max_batch"], max_seq_len=options["max_seq_len"], policy=policy,
-                          calibration_dir=str(out / "calibration"))
-    print(f"[{policy}] compiling the step programs...", file=sys.stderr)
-    engine = Engine(model, config)
-    slo = parse_slo(options["tpot_slo"], "tpot-slo")
-    solo, peak = _solo_step(engine, trace)
-    slo_s = slo[1] * solo if slo[0] == "x" else slo[1] / 1e3
-    ttft = parse_slo(options["ttft_slo"], "ttft-slo")
-    if ttft is not None and ttft[0] == "x":
-        raise ConfigError("--ttft-slo takes a time ('500ms'), not a multiple")
-    engine.set_tpot_slo(slo_s * 1e3)
-    print(f"[{policy}] solo decode step at the peak batch {peak}: {solo * 1e3:.2f} ms -> TPOT SLO "
-          f"{slo_s * 1e3:.2f} ms", file=sys.stderr)
-    job = FinetuneJob(dataset=options["dataset"], lora=LoRAConfig(rank=options["lora_rank"],
-                                                                 alpha=2.0 * options["lora_rank"]),
-                      micro_batch_rows=options["micro_batch_rows"], seq_len=options["seq_len"], total_steps=10**9,
-                      eval_interval=0, eval_fraction=0.0, seed=options["seed"],
-                      checkpoint_dir=str(out / f"checkpoint-{policy}"), checkpoint_interval=10**9, name=policy)
-    if standalone is None:
-        print(f"[{policy}] measuring standalone finetune throughput...", file=sys.stderr)
-        probe = engine.finetune(dataclasses.replace(job, checkpoint_dir=None, name="standalone"))
-        probe.wait(max_steps=3)
-        started, tokens = time.perf_counter(), probe.progress().tokens
-        probe.wait(max_steps=20)
-        standalone = (probe.progress().tokens - tokens) / (time.perf_counter() - started)
-        probe.stop()
-        print(f"[{policy}] standalone finetune: {standalone:,.0f} trained tokens/s", file=sys.stderr)
-    print(f"[{policy}] calibrating the latency predictor...", file=sys.stderr)
+# Measurements on the first engine ----------------------------------------------------------------------------------
+
+
+def measure_solo_step(engine: Engine, batch: int, kv: PrefilledKV, gaps: int = SOLO_GAPS) -> SoloStep:
+    """The engine's solo decode step at `batch`: `batch` requests that all arrive at once with the prompt K/V
+    `kv` (so no step prefills), each decoding `gaps` + 1 tokens; the median time between the ends of consecutive
+    steps that decoded all of them (`engine.step_records`: wall time, host work included)."""
+    first = len(engine.step_records)
+    sampling = SamplingParams(max_tokens=gaps + 2, ignore_eos=True)
+    for _ in range(batch):
+        engine.submit(Request(list(kv.prompt_ids), sampling), prefilled_kv=kv)
+    while engine.has_unfinished():
+        engine.step()
+    records = engine.step_records[first:]
+
+    def full(r) -> bool:
+        return r.prefill_seqs == 0 and r.decode_seqs == batch
+
+    times = [b.end - a.end for a, b in zip(records, records[1:], strict=False) if full(a) and full(b)]
+    if len(times) < 3:
+        raise HarliError(f"the solo decode step at batch {batch}: only {len(times)} decode-only gaps were measured")
+    return SoloStep(statistics.median(times), batch, len(times), len(kv.prompt_ids))
+
+
+def measure_slo_base(engine: Engine, trace: Trace, seed: int) -> SoloStep:
+    """The solo decode step at the trace's peak batch: measured at the engine's largest batch, which gives the
+    time per token the peak concurrency is estimated with (`peak_concurrency`), then at that peak. The prompt is
+    the trace's median context (prompt + half the output), prefilled once on `engine`."""
+    seq_len, max_batch = engine.seq_len, engine.config.scheduler.max_batch
+    context = int(np.median([r.prompt_tokens + r.output_tokens // 2 for r in trace.requests]))
+    context = max(1, min(context, seq_len - SOLO_GAPS - 2))
+    prompt = np.random.default_rng(seed).integers(3, engine.cfg.vocab_size, context).tolist()
+    kv = prefill_all(engine, [Request(prompt, request_id="solo")], show=False)["solo"]
+    at_max = measure_solo_step(engine, max_batch, kv)
+    peak = max(1, min(max_batch, peak_concurrency(trace, at_max.seconds)))
+    return at_max if peak == max_batch else measure_solo_step(engine, peak, kv)
+
+
+def measure_standalone(engine: Engine, job: FinetuneJob, steps: int = STANDALONE_STEPS) -> Standalone:
+    """The job alone on `engine` (nothing served: each micro-batch runs as one program): trained tokens and
+    optimizer steps per second over `steps` steps, after two warm-up steps."""
     handle = engine.finetune(job)
+    handle.wait(max_steps=2)
+    started, tokens, step = time.perf_counter(), handle.progress().tokens, handle.progress().step
+    handle.wait(max_steps=steps)
+    seconds = time.perf_counter() - started
+    done = handle.progress()
+    handle.stop()
+    return Standalone((done.tokens - tokens) / seconds, (done.step - step) / seconds)
+
+
+def finetune_steps(standalone: Standalone, trace: Trace, solo: SoloStep) -> int:
+    """The replay job's length: the optimizer steps the job alone would make over the replay (the trace's span
+    plus the last requests' decode at the solo step). No policy can finish it before the trace ends, so none sits
+    idle; a policy that harvests a share h of the device ends near h of the schedule, its learning rate not yet
+    fully decayed."""
+    span = trace.duration + solo.seconds * max((r.output_tokens for r in trace.requests), default=0)
+    return max(2, math.ceil(standalone.steps_per_s * span))
+
+
+def prepare(model: LoadedModel, trace: Trace, options: dict[str, Any], out: Path) -> Setup:
+    """The first engine's work, before any policy runs: the solo step, the decode role's prefill pass and the
+    standalone finetune throughput; the engine is then released."""
     requests = trace.to_requests(model.cfg.vocab_size, seed=options["seed"])
-    progress = StatusLine(f"[{policy}] requests", len(requests), interval_s=5.0, always=True)
-    outputs, decode_tokens, interrupted = [], 0, False
+    print("[setup] compiling the step programs...", file=sys.stderr)
+    engine = Engine(model, engine_config(options, "decode-only", out))
+    solo = measure_slo_base(engine, trace, options["seed"])
+    print(f"[setup] solo decode step at the peak batch {solo.batch}: {solo.seconds * 1e3:.2f} ms (median of "
+          f"{solo.gaps} decode-only steps, wall time)", file=sys.stderr)
+    prefilled, prefill_s = {}, 0.0
+    if options["role"] == "decode":
+        started = time.perf_counter()
+        prefilled = prefill_all(engine, requests)
+        prefill_s = time.perf_counter() - started
+        size = sum(kv.kv.nbytes for kv in prefilled.values())
+        print(f"[setup] prefilled {len(prefilled)} prompts in {prefill_s:.1f}s ({size / 2**20:.1f} MiB of K/V)",
+              file=sys.stderr)
+    print("[setup] measuring the standalone finetune throughput...", file=sys.stderr)
+    probe = finetune_job(options, "standalone", STANDALONE_STEPS + 4, None)
+    standalone = measure_standalone(engine, probe)
+    steps = options["finetune_steps"] or finetune_steps(standalone, trace, solo)
+    print(f"[setup] standalone finetune: {standalone.tokens_per_s:,.0f} trained tokens/s; the replay's job: "
+          f"{steps} optimizer steps", file=sys.stderr)
+    del engine, probe
+    gc.collect()  # the first engine's arena, before the next engine takes the device's memory
+    return Setup(model, trace, requests, prefilled, options, solo, standalone, steps, prefill_s)
+
+
+# Serving -------------------------------------------------------------------------------------------------------
+
+
+def rejected(request: Request, arrival: float, error: str) -> GenerationOutput:
+    """The output of a request the engine refused."""
+    prompt = tuple(request.prompt) if not isinstance(request.prompt, str) else ()
+    return GenerationOutput(request_id=request.request_id or "", prompt_ids=prompt, token_ids=(), text=None,
+                            finish_reason=FinishReason.REJECTED, arrival_time=arrival, first_token_time=None,
+                            token_times=(), error=error)
+
+
+def serve_requests(engine: Engine, requests: Sequence[Request], prefilled: dict[str, PrefilledKV],
+                   start: float) -> Iterator[Event]:
+    """`Engine.serve` in real time from `start` (a perf_counter time), each request submitted at its arrival with
+    its prompt's K/V when `prefilled` has them: token events and finished outputs as they happen, until all have
+    finished. Between arrivals with nothing to serve, the engine trains."""
+    pending = iter(requests)
+    upcoming = next(pending, None)
+    while True:
+        now = time.perf_counter()
+        while upcoming is not None and start + upcoming.arrival <= now:
+            arrival = start + upcoming.arrival
+            try:
+                engine.submit(upcoming, arrival_time=arrival, prefilled_kv=prefilled.get(upcoming.request_id))
+            except RequestError as e:
+                yield FinishedEvent(rejected(upcoming, arrival, str(e)))
+            upcoming = next(pending, None)
+        if engine.has_unfinished():
+            yield from engine.step()
+        elif upcoming is None:
+            return
+        elif engine.colocation.training:
+            engine.step()  # idle until the next arrival: train
+        else:
+            time.sleep(max(0.0, start + upcoming.arrival - time.perf_counter()))
+
+
+def _detail(decode_tokens: list[int], handle) -> str:
+    p = handle.progress()
+    loss = "-" if p.loss is None else f"{p.loss:.3f}"
+    return f"decode tokens {decode_tokens[0]}  finetune step {p.step}/{p.total_steps}  loss {loss}  trained " \
+           f"{p.tokens} tokens"
+
+
+def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict[str, Any] | None = None,
+               requests: Sequence[Request] | None = None, name: str | None = None, checkpoint: bool = True,
+               profile: Path | None = None) -> RunResult:
+    """One policy's replay on a fresh engine held to `slo`, with a fresh finetune job of `setup.finetune_steps`
+    steps: `requests` (all of the setup's by default) in real time; `settings` are CoLocationConfig overrides;
+    `name` (default the policy) names the job and its checkpoint directory in `out`. Ctrl-C ends the serve: the
+    result is marked interrupted."""
+    name = name or policy
+    settings = dict(settings or {})
+    requests = setup.requests if requests is None else requests
+    print(f"[{name}] compiling the step programs...", file=sys.stderr)
+    engine = Engine(setup.model, engine_config(setup.options, policy, out, slo, **settings))
+    print(f"[{name}] calibrating the latency predictor...", file=sys.stderr)
+    checkpoint_dir = out / f"checkpoint-{name}" if checkpoint else None
+    handle = engine.finetune(finetune_job(setup.options, name, setup.finetune_steps, checkpoint_dir))
+    progress = StatusLine(f"[{name}] requests", len(requests), interval_s=5.0, always=True)
+    outputs: list[GenerationOutput] = []
+    decode_tokens, interrupted = [0], False
+    detail = functools.partial(_detail, decode_tokens, handle)
     tokens_before, wall_start = handle.progress().tokens, time.time()
     start = time.perf_counter()
-    profile = engine.profile(Path(options["profile"]) / policy) if options["profile"] else _NoProfile()
     try:
-        with profile:
-            for event in engine.serve(requests):
+        with engine.profile(profile) if profile is not None else contextlib.nullcontext():
+            for event in serve_requests(engine, requests, setup.prefilled, start):
                 if isinstance(event, TokenEvent):
-                    decode_tokens += 1
+                    decode_tokens[0] += 1
                 elif isinstance(event, FinishedEvent):
                     outputs.append(event.output)
-                progress.update(len(outputs), functools.partial(_detail, decode_tokens, handle))
+                progress.update(len(outputs), detail)
     except KeyboardInterrupt:
         interrupted = True
     wall = time.perf_counter() - start
-    progress.update(len(outputs), functools.partial(_detail, decode_tokens, handle), force=True)
+    progress.update(len(outputs), detail, force=True)
     progress.close()
     handle.stop()  # a final checkpoint
-    if interrupted:
-        print(f"\n[{policy}] interrupted: the finetune checkpoint is in {out / f'checkpoint-{policy}'}",
-              file=sys.stderr)
+    if interrupted and checkpoint_dir is not None:
+        print(f"\n[{name}] interrupted: the finetune checkpoint is in {checkpoint_dir}", file=sys.stderr)
     history = [{**h, "time_s": h["time"] - wall_start} for h in handle.history if h["time"] >= wall_start]
-    result = RunResult(policy=policy, tpot_slo=slo_s, ttft_slo=None if ttft is None else ttft[1] / 1e3,
-                       outputs=outputs, steps=list(engine.step_records), wall_s=wall, start=start,
-                       finetune_tokens=handle.progress().tokens - tokens_before, loss_history=history,
-                       standalone_tokens_per_s=standalone, predictor=engine.predictor.error_report(),
-                       reclaims=engine.arena.table.reclaims, abandoned=handle.progress().abandoned_microbatches,
-                       interrupted=interrupted)
-    return result, standalone
+    done = handle.progress()
+    result = RunResult(policy=policy, role=setup.options["role"], tpot_slo=slo.tpot_s, tbt_slo=slo.tbt_s,
+                       ttft_slo=slo.ttft_s, outputs=outputs, steps=list(engine.step_records), wall_s=wall,
+                       start=start, finetune_tokens=done.tokens - tokens_before, loss_history=history,
+                       standalone_tokens_per_s=setup.standalone.tokens_per_s,
+                       predictor=engine.predictor.error_report(), reclaims=engine.arena.table.reclaims,
+                       abandoned=done.abandoned_microbatches, interrupted=interrupted, settings=settings,
+                       finetune_total_steps=setup.finetune_steps)
+    del engine, handle
+    gc.collect()  # this engine's arena, before the next engine takes the device's memory
+    return result
 
 
-class _NoProfile:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+# Choosing a policy's knob offline --------------------------------------------------------------------------------
 
 
-def write_report(results: list[RunResult], options: dict, trace: Trace, out: Path) -> dict:
+def sweep(setup: Setup, policy: str, knob: Knob, slo: Slo, out: Path, requests: int,
+          target: float = TARGET_ATTAINMENT) -> Sweep:
+    """Chooses a policy's knob the way an operator sets it offline for the peak: the first `requests` requests of
+    the trace are replayed with the policy at each of `knob.candidates` in turn (ascending), each on a fresh
+    engine at `slo`, without checkpoints or report files; the largest value whose request-level TPOT attainment
+    is at least `target` is chosen, `knob.fallback` when none is. The sweep stops at the first candidate that
+    misses (attainment is taken to fall as the knob grows). Works for any CoLocationConfig field of any policy
+    (e.g. a fused-token budget). Ctrl-C stops it (KeyboardInterrupt)."""
+    prefix = setup.requests[:requests]
+    attainment: dict[int, float | None] = {}
+    chosen = knob.fallback
+    for value in knob.candidates:
+        label = f"{policy}[{knob.field}={value}]"
+        result = run_policy(setup, policy, slo, out, settings={knob.field: value}, requests=prefix, name=label,
+                            checkpoint=False)
+        if result.interrupted:
+            raise KeyboardInterrupt
+        share = attainment[value] = summarize(result)["slo_attainment"]
+        print(f"[{label}] sweep: {'-' if share is None else f'{share:.1%}'} of {len(prefix)} requests within the "
+              f"TPOT SLO", file=sys.stderr)
+        if share is None or share < target:
+            break
+        chosen = value
+    return Sweep(policy, knob.field, attainment, chosen, len(prefix))
+
+
+def tuned_settings(setup: Setup, policy: str, slo: Slo, out: Path) -> tuple[dict[str, Any], Sweep | None]:
+    """The CoLocationConfig overrides a policy runs with: its knob (`KNOBS`) chosen by `sweep` over the first
+    `sweep_requests` requests, unless that option is 0 or the policy has none."""
+    n = setup.options["sweep_requests"]
+    if policy not in KNOBS or not n:
+        return {}, None
+    knob = KNOBS[policy](setup.model.cfg)
+    result = sweep(setup, policy, knob, slo, out, n)
+    print(f"[{policy}] {knob.field} = {result.chosen} (swept {dict(result.attainment)})", file=sys.stderr)
+    return {knob.field: result.chosen}, result
+
+
+# The report ------------------------------------------------------------------------------------------------------
+
+
+def write_report(results: list[RunResult], setup: Setup, slo: Slo, sweeps: list[Sweep], out: Path) -> dict:
+    """summary.json (per policy, the SLO once, the trace, the sweeps, the environment), the CSVs and the plots."""
     summaries = [summarize(r) for r in results]
     for r in results:
         write_csvs(r, out)
     plots = plot(results, out)
+    options, trace = setup.options, setup.trace
     report = {
         "summary": summaries,
-        "options": {k: v for k, v in options.items() if k != "policies"},
+        "slo": slo.as_dict(),
+        "options": {k: v for k, v in options.items() if k not in ("policies", "slo")},
         "trace": {"source": trace.source, "requests": len(trace), "duration_s": trace.duration,
-                  "problems": list(trace.problems)},
+                  "shrunk_to_fit": trace.shrunk, "problems": list(trace.problems)},
+        "setup": {"role": options["role"], "prefill_s": setup.prefill_s, "prefilled": len(setup.prefilled),
+                  "standalone_tokens_per_s": setup.standalone.tokens_per_s,
+                  "standalone_steps_per_s": setup.standalone.steps_per_s,
+                  "finetune_total_steps": setup.finetune_steps},
+        "sweeps": [s.as_dict() for s in sweeps],
         "environment": {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                        "tpot_slo_ms": slo.tpot_s * 1e3, "cpu_count": os.cpu_count(),
+                        "loadavg": [round(x, 2) for x in os.getloadavg()],
                         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
         "plots": [p.name for p in plots],
     }
@@ -217,35 +526,55 @@ def write_report(results: list[RunResult], options: dict, trace: Trace, out: Pat
     return report
 
 
+def _discard(out: Path | None, created: bool) -> None:
+    """Removes the report directory of a run that produced nothing, when this run made it."""
+    if out is not None and created and out.exists():
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(__doc__).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("harli_jax").setLevel(logging.WARNING)  # the replay prints its own progress
+    out, created, results, sweeps, setup, slo = None, False, [], [], None, None
     try:
         options = resolve_options(args)
-        out = Path(options["out"] or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        out.mkdir(parents=True, exist_ok=True)
-        parse_slo(options["tpot_slo"], "tpot-slo")
         model = load_model(options["model"], seed=options["seed"])
-        context = CacheConfig(max_seq_len=options["max_seq_len"]).seq_len(model.cfg)
-        trace = load_trace(options["trace"]).rescale(
-            rate_scale=options["rate_scale"], time_scale=options["time_scale"], max_context=context,
-            duration=options["duration"], max_requests=options["max_requests"])
+        trace = replay_trace(options, model.cfg)
         for problem in trace.problems[:5]:
             print(f"skipped {problem}", file=sys.stderr)
+        if trace.shrunk:
+            print(f"{trace.shrunk} of {len(trace)} requests shrunk to fit the context", file=sys.stderr)
+        if options["role"] == "decode":
+            check_prefill_memory(trace, model.cfg, CacheConfig().page_tokens)
+        out = Path(options["out"] or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
         print(f"replaying {len(trace)} requests over {trace.duration:.1f}s from {trace.source} on {model.cfg.name} "
-              f"with {', '.join(options['policies'])}; report in {out}", file=sys.stderr)
-        results, standalone = [], None
+              f"in the {options['role']} role with {', '.join(options['policies'])}; report in {out}",
+              file=sys.stderr)
+        setup = prepare(model, trace, options, out)
+        slo = slo_of(options["slo"], setup.solo)
+        print(f"[setup] TPOT SLO {slo.tpot_s * 1e3:.2f} ms, TBT cap {slo.tbt_s * 1e3:.2f} ms, for every policy",
+              file=sys.stderr)
         for policy in options["policies"]:
-            result, standalone = run_policy(model, trace, policy, options, out, standalone)
-            results.append(result)
-            if result.interrupted:
+            settings, swept = tuned_settings(setup, policy, slo, out)
+            sweeps += [swept] if swept else []
+            profile = Path(options["profile"]) / policy if options["profile"] else None
+            results.append(run_policy(setup, policy, slo, out, settings=settings, profile=profile))
+            if results[-1].interrupted:
                 break
-    except HarliError as e:
-        print(f"harli replay: error: {e}", file=sys.stderr)
-        return 2
-    report = write_report(results, options, trace, out)
+    except (HarliError, KeyboardInterrupt) as e:
+        if isinstance(e, HarliError):
+            print(f"harli replay: error: {e}", file=sys.stderr)
+        if not results:
+            _discard(out, created)
+            return 2 if isinstance(e, HarliError) else 130
+        write_report(results, setup, slo, sweeps, out)
+        return 2 if isinstance(e, HarliError) else 130
+    report = write_report(results, setup, slo, sweeps, out)
     print(format_table(report["summary"]))
+    print(explain(options["policies"], options["role"]))
     print(f"\nreport: {out / 'summary.json'}, plots: {', '.join(report['plots'])}, CSVs per policy in {out}",
           file=sys.stderr)
     if options["profile"]:

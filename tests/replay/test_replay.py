@@ -1,70 +1,250 @@
-"""`harli replay`: a comparison of two policies in one invocation, the report files, a profiler session, and an
-interrupted replay."""
+"""`harli replay` end to end on the tiny model: the default comparison (harli and decode-only in the decode role)
+held to one measured SLO, the colocated role with static's layers chosen by the offline sweep, the report files, a
+profiler session, an interrupted replay. The option checks and the sweep's choice run without an engine."""
 
+import contextlib
+import csv
 import gzip
+import io
 import json
+import time
 
 import pytest
 
+from harli_jax.errors import ConfigError, HarliError
 from harli_jax.replay import run as replay
-from harli_jax.replay.trace import synthesize, write_trace
+from harli_jax.replay.options import build_parser, resolve_options
+from harli_jax.replay.report import RunResult
+from harli_jax.replay.trace import Trace, TraceRequest, synthesize, write_trace
+from harli_jax.runtime.request import FinishReason, GenerationOutput, Request
+
+REQUESTS = 12
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
+def inputs(tmp_path_factory):
+    """A short trace (its last request longer than the context: shrunk) and a replay config for a CPU."""
     root = tmp_path_factory.mktemp("replay")
-    trace = write_trace(synthesize("poisson", num_requests=12, rate=12.0, seed=1, prompt_mean=20, output_mean=8),
-                        root / "trace.csv")
+    trace = synthesize("poisson", num_requests=REQUESTS - 1, rate=20.0, seed=1, prompt_mean=20, output_mean=10)
+    long = TraceRequest(trace.duration + 0.05, 150, 30)  # 180 tokens > the 128-token context
+    path = write_trace(Trace((*trace.requests, long)), root / "trace.csv")
     config = root / "replay.yaml"
-    config.write_text("max_batch: 4\nmax_seq_len: 128\nmicro_batch_rows: 2\nseq_len: 32\ntpot_slo: 20x\n")
-    return root, trace, config
+    config.write_text("max_batch: 4\nmax_seq_len: 128\nmicro_batch_rows: 2\nseq_len: 32\ntpot_slo: 100x\n"
+                      "sweep_requests: 4\n")
+    return root, path, config
 
 
-def test_two_policies_one_comparison_with_plots_and_profile(small_run, capsys):
-    root, trace, config = small_run
-    out, profile = root / "out", root / "profile"
-    code = replay.main(["--config", str(config), "--trace", str(trace), "--policy", "harli,decode-only",
-                        "--out", str(out), "--profile", str(profile)])
-    assert code == 0
-    table = capsys.readouterr().out
-    assert "harli" in table and "decode-only" in table and "SLO ok" in table
-    report = json.loads((out / "summary.json").read_text())
+def _main(argv) -> tuple[int, str, str]:
+    """`harli replay` with its stdout and stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = replay.main(argv)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def decode_run(inputs):
+    """The default replay (harli and decode-only, the decode role) with a profiler session."""
+    root, trace, config = inputs
+    out, profile = root / "decode", root / "profile"
+    code, stdout, stderr = _main(["--config", str(config), "--trace", str(trace), "--out", str(out),
+                                  "--profile", str(profile)])
+    assert code == 0, stderr
+    return out, profile, stdout, stderr, json.loads((out / "summary.json").read_text())
+
+
+def _rows(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_default_replay_compares_harli_with_decode_only_in_the_decode_role(decode_run):
+    out, profile, stdout, stderr, report = decode_run
     assert [s["policy"] for s in report["summary"]] == ["harli", "decode-only"]
     for s in report["summary"]:
-        assert s["requests"] == 12 and s["slo_attainment"] is not None and s["finetune_tokens"] > 0
+        assert s["role"] == "decode" and s["requests"] == REQUESTS and s["rejected"] == 0
+        assert s["slo_attainment"] >= 0.99, s
+        assert s["tbt_attainment"] is not None and s["tbt_p99_ms"] is not None
+    assert report["summary"][0]["finetune_tokens"] > 0
+    assert report["setup"]["role"] == "decode" and report["setup"]["prefilled"] == REQUESTS
+    # Only decode ran on the decoding engines: every prompt came with its K/V.
+    for policy in ("harli", "decode-only"):
+        steps = _rows(out / f"steps-{policy}.csv")
+        assert steps and all(row["prefill_seqs"] == "0" for row in steps), policy
+    for line in ("TPOT SLO ms", "TBT cap ms", "harli: trains in the slack", "decode-only: no training",
+                 "harvest: finetune tokens/s during the replay"):
+        assert line in stdout, line
+    assert "prefill: prompts 12/12" in stderr
+
+
+def test_every_policy_is_held_to_the_one_slo_measured_before_them(decode_run):
+    *_, stderr, report = decode_run
+    slo = report["slo"]
+    assert slo["tpot_slo_ms"] == pytest.approx(100 * slo["solo_decode_step_ms"])
+    assert slo["tbt_slo_ms"] == pytest.approx(2 * slo["tpot_slo_ms"])  # the TBT cap's default
+    assert 1 <= slo["solo_batch"] <= 4 and slo["solo_gaps"] >= 3
+    assert report["environment"]["tpot_slo_ms"] == slo["tpot_slo_ms"]
+    assert {s["tpot_slo_ms"] for s in report["summary"]} == {slo["tpot_slo_ms"]}
+    assert {s["tbt_slo_ms"] for s in report["summary"]} == {slo["tbt_slo_ms"]}
+    assert stderr.count("solo decode step at the peak batch") == 1
+
+
+def test_the_report_files_and_the_profile(decode_run):
+    out, profile, _, stderr, report = decode_run
     for name in ("timeline-harli.png", "timeline-decode-only.png", "comparison.png", "requests-harli.csv",
-                 "steps-decode-only.csv"):
+                 "steps-decode-only.csv", "loss-harli.csv", "loss-decode-only.csv"):
         assert (out / name).stat().st_size > 0, name
+    assert report["trace"]["shrunk_to_fit"] == 1 and f"1 of {REQUESTS} requests shrunk" in stderr
     traces = list((profile / "harli").rglob("*.trace.json.gz"))
     assert traces, "no profiler trace written"
     assert b"inference" in gzip.open(traces[0]).read()
 
 
-def test_interrupted_replay_writes_a_partial_report_and_a_checkpoint(small_run, monkeypatch, capsys):
-    root, trace, config = small_run
-    serve = replay.Engine.serve
+def test_the_finetune_job_follows_a_finite_schedule(decode_run):
+    out, *_, report = decode_run
+    total = report["setup"]["finetune_total_steps"]
+    assert 2 <= total < 10**6
+    loss = _rows(out / "loss-harli.csv")
+    assert list(loss[0]) == ["step", "time_s", "loss", "grad_norm", "tokens"]
+    steps = [int(row["step"]) for row in loss]
+    assert steps == sorted(steps) and steps[-1] <= total and all(float(row["grad_norm"]) >= 0 for row in loss)
+    harli = report["summary"][0]
+    assert harli["finetune_total_steps"] == total and harli["finetune_steps"] == steps[-1]
 
-    def interrupted(self, requests, **kwargs):
-        for i, event in enumerate(serve(self, requests, **kwargs)):
+
+def test_the_colocated_role_with_static_layers_chosen_by_the_sweep(inputs):
+    root, trace, config = inputs
+    out = root / "colocated"
+    code, stdout, stderr = _main(["--config", str(config), "--trace", str(trace), "--out", str(out), "--role",
+                                  "colocated", "--policy", "static", "--max-requests", "8"])
+    assert code == 0, stderr
+    report = json.loads((out / "summary.json").read_text())
+    (static,) = report["summary"]
+    assert static["role"] == "colocated" and static["requests"] == 8 and report["setup"]["prefilled"] == 0
+    assert any(int(row["prefill_seqs"]) for row in _rows(out / "steps-static.csv"))  # prompts prefilled here
+    (sweep,) = report["sweeps"]
+    assert sweep["policy"] == "static" and sweep["field"] == "static_layers" and sweep["requests"] == 4
+    assert set(sweep["attainment"]) <= {"1", "2"} and sweep["chosen"] in (0, 1, 2)
+    assert static["settings"] == {"static_layers": sweep["chosen"]}
+    assert "static: a fixed number of layers" in stdout and "colocated role" in stdout
+
+
+def test_interrupted_replay_writes_a_partial_report_and_a_checkpoint(inputs, monkeypatch):
+    root, trace, config = inputs
+    serve = replay.serve_requests
+
+    def interrupted(*args, **kwargs):
+        for i, event in enumerate(serve(*args, **kwargs)):
             if i == 20:
                 raise KeyboardInterrupt
             yield event
 
-    monkeypatch.setattr(replay.Engine, "serve", interrupted)
+    monkeypatch.setattr(replay, "serve_requests", interrupted)
     out = root / "interrupted"
-    assert replay.main(["--config", str(config), "--trace", str(trace), "--out", str(out)]) == 130
-    err = capsys.readouterr().err
-    assert "interrupted" in err and str(out / "checkpoint-harli") in err
+    code, _, stderr = _main(["--config", str(config), "--trace", str(trace), "--out", str(out), "--policy", "harli"])
+    assert code == 130
+    assert "interrupted" in stderr and str(out / "checkpoint-harli") in stderr
     report = json.loads((out / "summary.json").read_text())
-    assert report["summary"][0]["interrupted"] and report["summary"][0]["requests"] < 12
+    assert report["summary"][0]["interrupted"] and report["summary"][0]["requests"] < REQUESTS
     assert any((out / "checkpoint-harli").iterdir())
 
 
-def test_bad_options_are_clear_errors(small_run, capsys):
-    root, trace, config = small_run
-    assert replay.main(["--trace", str(trace), "--policy", "fifo", "--out", str(root / "x")]) == 2
-    assert "unknown policy" in capsys.readouterr().err
-    assert replay.main(["--trace", str(trace), "--tpot-slo", "fast", "--out", str(root / "y")]) == 2
-    assert "--tpot-slo must look like" in capsys.readouterr().err
-    assert replay.main(["--trace", str(root / "nope.csv"), "--out", str(root / "z")]) == 2
-    assert "trace file not found" in capsys.readouterr().err
+# Checks before anything compiles -----------------------------------------------------------------------------
+
+
+BAD_OPTIONS = [
+    (["--policy", "fifo"], "unknown policy fifo"),
+    (["--policy", "harli,harli"], "policy harli named more than once"),
+    (["--role", "prefill"], "--role must be one of decode, colocated"),
+    (["--tpot-slo", "fast"], "--tpot-slo must look like"),
+    (["--tpot-slo", "0ms"], "--tpot-slo must be positive, got '0ms'"),
+    (["--tbt-slo", "0x"], "--tbt-slo must be positive"),
+    (["--ttft-slo", "2x"], "--ttft-slo takes a time ('500ms'), not a multiple"),
+    (["--max-requests", "0"], "--max-requests must be positive, got '0'"),
+    (["--max-requests", "2.5"], "--max-requests must be an integer, got '2.5'"),
+    (["--rate-scale", "0"], "--rate-scale must be positive"),
+    (["--rate-scale", "-2"], "--rate-scale must be positive"),
+    (["--time-scale", "0"], "--time-scale must be positive"),
+    (["--duration", "-1"], "--duration must be positive"),
+    (["--duration", "soon"], "--duration must be a number, got 'soon'"),
+    (["--max-batch", "abc"], "--max-batch must be an integer, got 'abc'"),
+    (["--sweep-requests", "-1"], "--sweep-requests must be non-negative"),
+    (["--finetune-steps", "0"], "--finetune-steps must be positive"),
+    (["--trace", "nope.csv"], "--trace not found: nope.csv"),
+    (["--model", "nope.yaml"], "--model not found"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_OPTIONS, ids=[" ".join(f) for f, _ in BAD_OPTIONS])
+def test_a_bad_option_fails_at_once_and_leaves_no_run_directory(inputs, flags, message):
+    root, trace, config = inputs
+    out = root / "never"
+    started = time.perf_counter()
+    code, _, stderr = _main(["--config", str(config), "--trace", str(trace), "--out", str(out), *flags])
+    assert code == 2 and message in stderr, stderr
+    assert stderr.startswith("harli replay: error:")
+    assert not out.exists()
+    assert time.perf_counter() - started < 5  # before any model is built or program compiled
+
+
+def test_options_resolve_from_defaults_config_and_flags(inputs):
+    root, trace, config = inputs
+    options = resolve_options(build_parser().parse_args(["--config", str(config), "--max-batch", "2"]))
+    assert options["policies"] == ["harli", "decode-only"] and options["role"] == "decode"
+    assert options["max_batch"] == 2 and options["max_seq_len"] == 128  # the flag over the file over the default
+    assert str(options["slo"]["tpot_slo"]) == "100x" and options["slo"]["tbt_slo"] is None
+    assert options["slo"]["ttft_slo"] is None and options["sweep_requests"] == 4
+    bad = root / "bad.yaml"
+    bad.write_text("max_batch: 4\nbatch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown replay option\(s\) \['batch_size'\]"):
+        resolve_options(build_parser().parse_args(["--config", str(bad)]))
+    bad.write_text("max_batch: many\n")
+    with pytest.raises(ConfigError, match="--max-batch must be an integer, got 'many'"):
+        resolve_options(build_parser().parse_args(["--config", str(bad)]))
+
+
+def test_a_run_that_fails_after_its_directory_was_made_removes_it(inputs, monkeypatch):
+    root, trace, config = inputs
+
+    def failing(*args, **kwargs):
+        raise HarliError("the device went away")
+
+    monkeypatch.setattr(replay, "prepare", failing)
+    out = root / "failed"
+    code, _, stderr = _main(["--config", str(config), "--trace", str(trace), "--out", str(out)])
+    assert code == 2 and "the device went away" in stderr and not out.exists()
+    kept = root / "kept"
+    (kept / "mine").mkdir(parents=True)  # a directory the run did not make stays
+    assert _main(["--config", str(config), "--trace", str(trace), "--out", str(kept)])[0] == 2
+    assert (kept / "mine").is_dir()
+
+
+# The offline sweep, on made-up runs --------------------------------------------------------------------------
+
+
+def _result(policy, tpots, slo=0.01):
+    outputs = [GenerationOutput(request_id=f"r{i}", prompt_ids=(1,), token_ids=(1, 2), text=None,
+                                finish_reason=FinishReason.LENGTH, arrival_time=0.0, first_token_time=0.0,
+                                token_times=(0.0, t)) for i, t in enumerate(tpots)]
+    return RunResult(policy=policy, role="decode", tpot_slo=slo, tbt_slo=2 * slo, ttft_slo=None, outputs=outputs,
+                     steps=[], wall_s=1.0, start=0.0, finetune_tokens=0, loss_history=[],
+                     standalone_tokens_per_s=None, predictor={}, reclaims=0, abandoned=0)
+
+
+@pytest.mark.parametrize(("misses_from", "chosen", "tried"), [(3, 2, [1, 2, 3]), (1, 0, [1]), (9, 4, [1, 2, 3, 4])])
+def test_the_sweep_takes_the_largest_value_that_keeps_the_slo(monkeypatch, tmp_path, misses_from, chosen, tried):
+    ran = []
+
+    def fake_run(setup, policy, slo, out, *, settings, requests, name, checkpoint):
+        (value,) = settings.values()
+        ran.append((value, len(requests), checkpoint))
+        return _result(policy, [0.02 if value >= misses_from else 0.005] * len(requests))
+
+    monkeypatch.setattr(replay, "run_policy", fake_run)
+    setup = replay.Setup(model=None, trace=Trace(()), requests=[Request([1], request_id=f"r{i}") for i in range(10)],
+                         prefilled={}, options={}, solo=None, standalone=None, finetune_steps=1, prefill_s=0.0)
+    knob = replay.Knob("static_layers", (1, 2, 3, 4), fallback=0)
+    result = replay.sweep(setup, "static", knob, slo=None, out=tmp_path, requests=6)
+    assert result.chosen == chosen and list(result.attainment) == tried
+    assert [r for r, *_ in ran] == tried and all(n == 6 and not ckpt for _, n, ckpt in ran)
+    assert result.as_dict()["attainment"] == {str(v): (0.0 if v >= misses_from else 1.0) for v in tried}

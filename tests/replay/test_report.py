@@ -1,11 +1,12 @@
 """The replay summary on hand-made outputs and steps: SLO attainment, latency percentiles and throughputs against
-values worked out by hand (all times are exact binary fractions, so the comparisons at the SLO are exact)."""
+values worked out by hand (all times are exact binary fractions, so the comparisons at the SLO are exact); the
+table, the explanation and the CSVs."""
 
 import dataclasses
 
 import pytest
 
-from harli_jax.replay.report import RunResult, format_table, percentile, summarize, to_ms
+from harli_jax.replay.report import RunResult, explain, format_table, percentile, summarize, to_ms, write_csvs
 from harli_jax.runtime.metrics import StepRecord
 from harli_jax.runtime.request import FinishReason, GenerationOutput
 
@@ -41,9 +42,10 @@ STEPS = [_step(0, 0.0, 0.25, ("forward:2",), 0.25, 0.0625), _step(1, 0.5, 0.75, 
 
 
 def _run(**kw):
-    base = dict(policy="harli", tpot_slo=0.125, ttft_slo=None, outputs=OUTPUTS, steps=STEPS, wall_s=5.0, start=0.0,
-                finetune_tokens=1000, loss_history=[{"loss": 2.5, "time_s": 1.0, "tokens": 500},
-                                                    {"loss": 1.75, "time_s": 2.0, "tokens": 1000}],
+    base = dict(policy="harli", role="colocated", tpot_slo=0.125, tbt_slo=0.25, ttft_slo=None, outputs=OUTPUTS,
+                steps=STEPS, wall_s=5.0, start=0.0, finetune_tokens=1000,
+                loss_history=[{"step": 1, "loss": 2.5, "time_s": 1.0, "tokens": 500, "grad_norm": 0.5},
+                              {"step": 2, "loss": 1.75, "time_s": 2.0, "tokens": 1000, "grad_norm": 0.25}],
                 standalone_tokens_per_s=400.0, predictor={"windows": 3, "mape": 0.125, "under_prediction_rate": 0.5},
                 reclaims=2, abandoned=1)
     return RunResult(**{**base, **kw})
@@ -55,7 +57,7 @@ def test_request_level_attainment_counts_tpot_on_the_slo_and_single_tokens():
     assert s["slo_attainment"] == 0.75  # a (on the SLO), c (no TPOT), e; b is over; r is not counted
     assert summarize(_run(tpot_slo=0.15625))["slo_attainment"] == 1.0
     assert summarize(_run(tpot_slo=0.1))["slo_attainment"] == 0.25  # only c
-    assert s["tpot_slo_ms"] == 125.0
+    assert s["tpot_slo_ms"] == 125.0 and s["tbt_slo_ms"] == 250.0
 
 
 def test_ttft_slo_also_has_to_hold_when_set():
@@ -65,10 +67,22 @@ def test_ttft_slo_also_has_to_hold_when_set():
     assert summarize(_run(ttft_slo=0.01))["slo_attainment"] == 0.0
 
 
-def test_token_level_attainment_is_over_every_gap():
-    assert summarize(_run())["token_slo_attainment"] == 5 / 6  # 0.25 is the only gap over 0.125
-    assert summarize(_run(tpot_slo=0.0625))["token_slo_attainment"] == 1 / 6
-    assert summarize(_run(tpot_slo=0.25))["token_slo_attainment"] == 1.0
+def test_token_level_attainment_is_over_every_gap_against_the_tbt_cap():
+    assert summarize(_run(tbt_slo=0.125))["tbt_attainment"] == 5 / 6  # 0.25 is the only gap over 0.125
+    assert summarize(_run(tbt_slo=0.0625))["tbt_attainment"] == 1 / 6
+    assert summarize(_run(tbt_slo=0.25))["tbt_attainment"] == 1.0
+    assert summarize(_run(tpot_slo=0.01, tbt_slo=0.25))["tbt_attainment"] == 1.0  # not the TPOT SLO
+
+
+def test_the_decode_role_counts_ttft_to_the_first_decode_token():
+    """In the decode role the first token came with the K/V: TTFT runs to the second, the imported token is not
+    a decoded one, and a one-token request has no TTFT."""
+    s = summarize(_run(role="decode"))
+    # TTFTs: a 0.375, b 0.5625, e 0.625 (c has one token); sorted, positions q * 2.
+    assert s["ttft_p50_ms"] == pytest.approx(562.5) and s["ttft_p99_ms"] == pytest.approx(562.5 + 0.98 * 62.5)
+    assert s["decode_tokens_per_s"] == (3 + 2 + 0 + 1) / 5.0
+    assert summarize(_run(role="decode", ttft_slo=0.5))["slo_attainment"] == 0.5  # a and c (none to miss)
+    assert s["tpot_p50_ms"] == summarize(_run())["tpot_p50_ms"]  # TPOT is over every token either way
 
 
 def test_latency_percentiles():
@@ -101,7 +115,7 @@ def test_rejected_requests_count_nowhere_but_in_rejected():
     assert s == summarize(_run())
     only_rejected = summarize(_run(outputs=[OUTPUTS[3]]))
     assert (only_rejected["requests"], only_rejected["rejected"]) == (1, 1)
-    for key in ("slo_attainment", "token_slo_attainment", "tbt_p50_ms", "tpot_p99_ms", "ttft_p50_ms"):
+    for key in ("slo_attainment", "tbt_attainment", "tbt_p50_ms", "tpot_p99_ms", "ttft_p50_ms"):
         assert only_rejected[key] is None, key
     assert only_rejected["decode_tokens_per_s"] == 0.0
     aborted = [_out("x", 0.0, [], FinishReason.ABORTED)]  # served but no token: meets no TTFT SLO
@@ -116,7 +130,7 @@ def test_throughputs_harvest_and_overhead():
     assert s["harvest_ratio"] == 0.5
     assert s["scheduler_overhead"] == 0.125
     assert (s["windows_with_training"], s["steps"]) == (1, 2)
-    assert s["final_loss"] == 1.75
+    assert s["final_loss"] == 1.75 and s["finetune_steps"] == 2 and s["standalone_tokens_per_s"] == 400.0
     assert (s["predictor_mape"], s["predictor_under_prediction"]) == (0.125, 0.5)
     assert (s["reclaims"], s["abandoned_microbatches"], s["wall_s"], s["interrupted"]) == (2, 1, 5.0, False)
     assert summarize(_run(standalone_tokens_per_s=None))["harvest_ratio"] is None
@@ -126,15 +140,33 @@ def test_throughputs_harvest_and_overhead():
     assert (empty["final_loss"], empty["predictor_mape"], empty["predictor_under_prediction"]) == (None, None, None)
 
 
-def test_format_table_shows_a_dash_for_missing_values():
+def test_format_table_has_units_and_the_slo_and_a_dash_for_missing_values():
     full = summarize(_run())
     bare = summarize(_run(policy="static", outputs=[OUTPUTS[3]], standalone_tokens_per_s=None,
                           predictor={"mape": float("nan")}))
     lines = format_table([full, bare]).splitlines()
-    assert lines[0].split() == ["policy", "SLO", "ok", "TBT", "p50", "TBT", "p99", "TTFT", "p50", "decode", "tok/s",
-                                "ft", "tok/s", "harvest", "reclaims", "pred", "MAPE"]
+    assert lines[0].split("  ") == [
+        "policy", "TPOT SLO ms", "TPOT ok", "TPOT p99 ms", "TBT cap ms", "TBT ok", "TBT p99 ms", "TTFT p50 ms",
+        "decode tok/s", "finetune tok/s", "harvest", "reclaims", "pred MAPE"]
     assert set(lines[1].replace(" ", "")) == {"-"}
-    assert lines[2].split() == ["harli", "75.0%", "125.0", "243.8", "375.0", "2", "200", "0.50", "2", "12.5%"]
-    assert lines[3].split() == ["static", "-", "-", "-", "-", "0", "200", "-", "2", "-"]
+    assert lines[2].split() == ["harli", "125.0", "75.0%", "155.6", "250.0", "100.0%", "243.8", "375.0", "2", "200",
+                                "50.0%", "2", "12.5%"]
+    assert lines[3].split() == ["static", "125.0", "-", "-", "250.0", "-", "-", "-", "0", "200", "-", "2", "-"]
     assert len({len(line) for line in lines}) == 1  # columns aligned, to the right
     assert lines[2].endswith("  12.5%") and lines[3].endswith(" -")
+
+
+def test_explain_names_each_policy_the_role_and_harvest():
+    lines = explain(["harli", "decode-only", "cobatch", "new-policy"], "decode").splitlines()
+    assert lines[0].startswith("harli: ") and lines[1].startswith("decode-only: no training")
+    assert lines[2].startswith("cobatch: ") and lines[3] == "new-policy: see harli_jax.runtime.colocation"
+    assert lines[4].startswith("decode role: ") and lines[5].startswith("harvest: ")
+
+
+def test_csvs_per_policy(tmp_path):
+    write_csvs(_run(), tmp_path)
+    loss = (tmp_path / "loss-harli.csv").read_text().splitlines()
+    assert loss == ["step,time_s,loss,grad_norm,tokens", "1,1.0,2.5,0.5,500", "2,2.0,1.75,0.25,1000"]
+    requests = (tmp_path / "requests-harli.csv").read_text().splitlines()
+    assert requests[0].startswith("request_id,arrival_s") and len(requests) == 1 + len(OUTPUTS)
+    assert len((tmp_path / "steps-harli.csv").read_text().splitlines()) == 1 + len(STEPS)
