@@ -20,7 +20,8 @@ each request is submitted at its arrival with the K/V of its prompt and the firs
 engine, so only decode steps run under the SLO. `colocated` prefills prompts in chunks on the decoding engine.
 
 The finetune job decays its learning rate over a finite schedule (`finetune_steps`): as many optimizer steps as
-the job alone would make over the replay, so no policy runs out of work before the trace ends.
+the job alone would make over the longest the replay can take within the SLO, so no policy runs out of work
+before the trace ends.
 """
 
 from __future__ import annotations
@@ -118,8 +119,7 @@ class Standalone:
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """What every policy run of a replay shares: the weights, the trace and its requests, their prompts' K/V (the
-    decode role; empty in the colocated role), the measured solo step, the standalone throughput and the
-    finetune job's length."""
+    decode role; empty in the colocated role), the measured solo step and the standalone throughput."""
 
     model: LoadedModel
     trace: Trace
@@ -128,7 +128,6 @@ class Setup:
     options: dict[str, Any]
     solo: SoloStep
     standalone: Standalone
-    finetune_steps: int
     prefill_s: float  # wall seconds of the prefill pass (0 in the colocated role)
 
 
@@ -322,13 +321,16 @@ def measure_standalone(engine: Engine, job: FinetuneJob, steps: int = STANDALONE
     return Standalone((done.tokens - tokens) / seconds, (done.step - step) / seconds)
 
 
-def finetune_steps(standalone: Standalone, trace: Trace, solo: SoloStep) -> int:
-    """The replay job's length: the optimizer steps the job alone would make over the replay (the trace's span
-    plus the last requests' decode at the solo step). No policy can finish it before the trace ends, so none sits
-    idle; a policy that harvests a share h of the device ends near h of the schedule, its learning rate not yet
-    fully decayed."""
-    span = trace.duration + solo.seconds * max((r.output_tokens for r in trace.requests), default=0)
-    return max(2, math.ceil(standalone.steps_per_s * span))
+def finetune_steps(setup: Setup, slo: Slo) -> int:
+    """The replay job's length (`--finetune-steps` when set): the optimizer steps the job alone would make over
+    the longest the replay takes within the SLO (the trace's span, then its longest request with every gap at the
+    TBT cap). No policy can finish it before the trace ends, so none sits idle; a policy that harvests a share h
+    of the device ends near h of the schedule, its learning rate not yet fully decayed."""
+    if setup.options["finetune_steps"]:
+        return setup.options["finetune_steps"]
+    trace = setup.trace
+    span = trace.duration + slo.tbt_s * max((r.output_tokens for r in trace.requests), default=0)
+    return max(2, math.ceil(setup.standalone.steps_per_s * span))
 
 
 def prepare(model: LoadedModel, trace: Trace, options: dict[str, Any], out: Path) -> Setup:
@@ -351,12 +353,10 @@ def prepare(model: LoadedModel, trace: Trace, options: dict[str, Any], out: Path
     print("[setup] measuring the standalone finetune throughput...", file=sys.stderr)
     probe = finetune_job(options, "standalone", STANDALONE_STEPS + 4, None)
     standalone = measure_standalone(engine, probe)
-    steps = options["finetune_steps"] or finetune_steps(standalone, trace, solo)
-    print(f"[setup] standalone finetune: {standalone.tokens_per_s:,.0f} trained tokens/s; the replay's job: "
-          f"{steps} optimizer steps", file=sys.stderr)
+    print(f"[setup] standalone finetune: {standalone.tokens_per_s:,.0f} trained tokens/s", file=sys.stderr)
     del engine, probe
     gc.collect()  # the first engine's arena, before the next engine takes the device's memory
-    return Setup(model, trace, requests, prefilled, options, solo, standalone, steps, prefill_s)
+    return Setup(model, trace, requests, prefilled, options, solo, standalone, prefill_s)
 
 
 # Serving -------------------------------------------------------------------------------------------------------
@@ -406,8 +406,8 @@ def _detail(decode_tokens: list[int], handle) -> str:
 def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict[str, Any] | None = None,
                requests: Sequence[Request] | None = None, name: str | None = None, checkpoint: bool = True,
                profile: Path | None = None) -> RunResult:
-    """One policy's replay on a fresh engine held to `slo`, with a fresh finetune job of `setup.finetune_steps`
-    steps: `requests` (all of the setup's by default) in real time; `settings` are CoLocationConfig overrides;
+    """One policy's replay on a fresh engine held to `slo`, with a fresh finetune job of `finetune_steps` steps:
+    `requests` (all of the setup's by default) in real time; `settings` are CoLocationConfig overrides;
     `name` (default the policy) names the job and its checkpoint directory in `out`. Ctrl-C ends the serve: the
     result is marked interrupted."""
     name = name or policy
@@ -417,7 +417,8 @@ def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict
     engine = Engine(setup.model, engine_config(setup.options, policy, out, slo, **settings))
     print(f"[{name}] calibrating the latency predictor...", file=sys.stderr)
     checkpoint_dir = out / f"checkpoint-{name}" if checkpoint else None
-    handle = engine.finetune(finetune_job(setup.options, name, setup.finetune_steps, checkpoint_dir))
+    total_steps = finetune_steps(setup, slo)
+    handle = engine.finetune(finetune_job(setup.options, name, total_steps, checkpoint_dir))
     progress = StatusLine(f"[{name}] requests", len(requests), interval_s=5.0, always=True)
     outputs: list[GenerationOutput] = []
     decode_tokens, interrupted = [0], False
@@ -448,7 +449,7 @@ def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict
                        standalone_tokens_per_s=setup.standalone.tokens_per_s,
                        predictor=engine.predictor.error_report(), reclaims=engine.arena.table.reclaims,
                        abandoned=done.abandoned_microbatches, interrupted=interrupted, settings=settings,
-                       finetune_total_steps=setup.finetune_steps)
+                       finetune_total_steps=total_steps)
     del engine, handle
     gc.collect()  # this engine's arena, before the next engine takes the device's memory
     return result
@@ -514,7 +515,7 @@ def write_report(results: list[RunResult], setup: Setup, slo: Slo, sweeps: list[
         "setup": {"role": options["role"], "prefill_s": setup.prefill_s, "prefilled": len(setup.prefilled),
                   "standalone_tokens_per_s": setup.standalone.tokens_per_s,
                   "standalone_steps_per_s": setup.standalone.steps_per_s,
-                  "finetune_total_steps": setup.finetune_steps},
+                  "finetune_total_steps": finetune_steps(setup, slo)},
         "sweeps": [s.as_dict() for s in sweeps],
         "environment": {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
                         "tpot_slo_ms": slo.tpot_s * 1e3, "cpu_count": os.cpu_count(),
@@ -555,8 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         setup = prepare(model, trace, options, out)
         slo = slo_of(options["slo"], setup.solo)
-        print(f"[setup] TPOT SLO {slo.tpot_s * 1e3:.2f} ms, TBT cap {slo.tbt_s * 1e3:.2f} ms, for every policy",
-              file=sys.stderr)
+        print(f"[setup] TPOT SLO {slo.tpot_s * 1e3:.2f} ms, TBT cap {slo.tbt_s * 1e3:.2f} ms, for every policy; "
+              f"the finetune job: {finetune_steps(setup, slo)} optimizer steps", file=sys.stderr)
         for policy in options["policies"]:
             settings, swept = tuned_settings(setup, policy, slo, out)
             sweeps += [swept] if swept else []

@@ -242,7 +242,7 @@ def test_the_sweep_takes_the_largest_value_that_keeps_the_slo(monkeypatch, tmp_p
 
     monkeypatch.setattr(replay, "run_policy", fake_run)
     setup = replay.Setup(model=None, trace=Trace(()), requests=[Request([1], request_id=f"r{i}") for i in range(10)],
-                         prefilled={}, options={}, solo=None, standalone=None, finetune_steps=1, prefill_s=0.0)
+                         prefilled={}, options={}, solo=None, standalone=None, prefill_s=0.0)
     knob = replay.Knob("static_layers", (1, 2, 3, 4), fallback=0)
     result = replay.sweep(setup, "static", knob, slo=None, out=tmp_path, requests=6)
     assert result.chosen == chosen and list(result.attainment) == tried
