@@ -237,40 +237,43 @@ def test_finetune_quick(tmp_path):
 
 
 def test_colocation_quick(tmp_path):
+    from harli_jax.runtime.colocation import POLICIES
+
     data = run_script("colocation", tmp_path, "--max-other-share", "1.0")
-    slo, cmp = data["slo"], data["comparison"]
-    runs = set(data["runs"])
-    assert runs == {"decode-only", "temporal-2", "static-1", "static-2", "harli@3.0x"}
-    check_comparison(cmp, runs | {"standalone"})
-    assert data["policy_order"] == cmp["order"]
-    # One SLO, measured once before any run, with its load, and every policy held to it.
-    assert slo["valid"] is True and "other_processes_cpu_share" in slo["load"] and slo["solo_decode_step_ms"] > 0
-    assert slo["slo_ms"] == {"3.0x": pytest.approx(3.0 * slo["solo_decode_step_ms"], abs=2e-3)}
-    assert data["runs"]["harli@3.0x"]["slo_ms"] == pytest.approx(slo["slo_ms"]["3.0x"], abs=1e-3)
-    assert {p["slo_ms"] for a in cmp["attempts"] if a["side"] != "standalone"
-            for p in a["result"]["per_slo"].values()} == {slo["slo_ms"]["3.0x"]}
-    entry = data["summary"]["3.0x"]
-    assert entry["slo_ms"] == slo["slo_ms"]["3.0x"] and entry["slo_valid"] is True
-    standalone = valid_median(cmp, "standalone", lambda r: r["tokens_per_s"])
-    assert close(data["standalone_finetune"]["tokens_per_s"], standalone) and standalone > 0
-    for row in entry["table"].values():
-        label = row["run"]
-        assert row["valid_attempts"] == 1
-        for key in ("attainment", "finetune_tokens_per_s"):
-            assert close(row[key], valid_median(cmp, label, lambda r, k=key: r["per_slo"]["3.0x"][k]))
-        assert math.isclose(row["harvest_ratio"], row["finetune_tokens_per_s"] / standalone)
-    best = entry["best_baseline"]
-    ratio = entry["harli_vs_best_baseline"]
-    assert ratio["valid"] == (best is not None)
-    if best:
-        assert entry["table"][best]["attainment"] >= data["targets"]["attainment_min"]
-        assert math.isclose(ratio["value"], entry["table"]["harli"]["finetune_tokens_per_s"]
-                            / entry["table"][best]["finetune_tokens_per_s"])
-    for a in cmp["attempts"]:
-        if a["side"] != "standalone":
-            fig = a["result"]["figures"]
-            assert fig["requests"] == data["trace"]["requests"] and "serve_load" in fig and "setup_load" in fig
-            assert fig["finetune"]["idle_tokens"] <= fig["finetune"]["trained_tokens"]
+    assert [(r["trace"], r["role"]) for r in data["results"]] == [("generated.csv", "decode"),
+                                                                  ("generated.csv", "colocated")]
+    for r in data["results"]:
+        # One SLO base per trace and role, measured once before any run, with its load.
+        base = r["slo_base"]
+        assert base["valid"] is True and "other_processes_cpu_share" in base["load"] and base["solo_decode_step_ms"] > 0
+        assert r["setup"]["prefilled"] == (r["trace_stats"]["requests"] if r["role"] == "decode" else 0)
+        (key,) = r["slos"]
+        entry = r["slos"][key]
+        assert key == "3x" and entry["slo"]["tpot_slo_ms"] == pytest.approx(3 * base["solo_decode_step_ms"])
+        cmp = entry["comparison"]
+        check_comparison(cmp, set(POLICIES))
+        # Every policy held to that SLO, static with the layers its sweep chose.
+        assert {a["result"]["tpot_slo_ms"] for a in cmp["attempts"]} == {entry["slo"]["tpot_slo_ms"]}
+        (sweep,) = entry["sweeps"]
+        assert entry["settings"]["static"] == {"static_layers": sweep["chosen"]} and sweep["requests"] == 4
+        for policy, row in entry["table"].items():
+            assert row["valid_attempts"] == 1
+            for k in ("slo_attainment", "finetune_tokens_per_s", "harvest_ratio"):
+                assert close(row[k], valid_median(cmp, policy, lambda res, k=k: res[k]))
+        best, ratio = entry["best_baseline"], entry["harli_vs_best_baseline"]
+        assert ratio["valid"] == (best is not None)
+        if best:
+            assert entry["table"][best]["slo_attainment"] >= data["targets"]["attainment_min"]
+            assert math.isclose(ratio["value"], entry["table"]["harli"]["finetune_tokens_per_s"]
+                                / entry["table"][best]["finetune_tokens_per_s"])
+
+
+def test_colocation_help_and_bad_flags():
+    script = [sys.executable, str(REPO / "bench" / "colocation.py")]
+    done = subprocess.run([*script, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0 and "--role" in done.stdout and "--slo" in done.stdout
+    done = subprocess.run([*script, "--slo", "0x"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2 and "--slo must be positive" in done.stderr
 
 
 def test_paged_attention_quick(tmp_path):
