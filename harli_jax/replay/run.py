@@ -232,8 +232,9 @@ def check_prefill_memory(trace: Trace, cfg: ModelConfig, page_tokens: int) -> in
     free = available_memory()
     if free is not None and need > PREFILL_MEMORY_SHARE * free:
         raise ConfigError(f"the decode role holds every prompt's K/V in host memory: {len(trace)} requests need "
-                          f"{need / 2**30:.1f} GiB, more than {PREFILL_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB "
-                          f"available; replay fewer (--max-requests, --duration) or use --role colocated")
+                          f"{need / 2**20:,.2f} MiB, more than {PREFILL_MEMORY_SHARE:.0%} of the "
+                          f"{free / 2**20:,.2f} MiB available; replay fewer (--max-requests, --duration) or use "
+                          f"--role colocated")
     return need
 
 
@@ -243,16 +244,22 @@ def prefill_all(engine: Engine, requests: Sequence[Request], *, show: bool = Tru
     Up to the engine's batch of prompts prefill at once, each submitted to generate two tokens: when its first
     token appears (its prefill is done, it is still running) its K/V is exported and the request aborted, freeing
     its pages. The K/V are host arrays of whole pages, copied out of the read buffer so each holds only its own
-    pages."""
+    pages. A request the engine refuses gets none (the decoding engine, configured alike, refuses it in turn).
+    With `show`, a status line shows the progress (else only the package's log at INFO)."""
     pending = deque(requests)
     running: dict[str, str] = {}  # the prefill engine's request id -> the replay's
     out: dict[str, PrefilledKV] = {}
     limit = engine.config.scheduler.max_batch
     status = StatusLine("[setup] prefill: prompts", len(requests), interval_s=5.0, always=show)
+    refused = 0
     while pending or running:
         while pending and len(running) < limit:
             r = pending.popleft()
-            rid = engine.submit(Request(r.prompt, SamplingParams(max_tokens=2, ignore_eos=True)))
+            try:
+                rid = engine.submit(Request(r.prompt, SamplingParams(max_tokens=2, ignore_eos=True)))
+            except RequestError:
+                refused += 1
+                continue
             running[rid] = r.request_id
         for event in engine.step():
             if isinstance(event, TokenEvent) and event.index == 0 and event.request_id in running:
@@ -262,10 +269,10 @@ def prefill_all(engine: Engine, requests: Sequence[Request], *, show: bool = Tru
             elif isinstance(event, FinishedEvent) and event.request_id in running:
                 raise HarliError(f"prefill: request {running[event.request_id]} ended before its first token "
                                  f"({event.output.finish_reason.value}: {event.output.error})")
-        status.update(len(out))
+        status.update(len(out) + refused)
     while engine.has_unfinished():  # the last aborts
         engine.step()
-    status.update(len(out), force=True)
+    status.update(len(out) + refused, force=True)
     status.close()
     return out
 

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +249,15 @@ def test_the_sweep_takes_the_largest_value_that_keeps_the_slo(monkeypatch, tmp_p
     assert result.chosen == chosen and list(result.attainment) == tried
     assert [r for r, *_ in ran] == tried and all(n == 6 and not ckpt for _, n, ckpt in ran)
     assert result.as_dict()["attainment"] == {str(v): (0.0 if v >= misses_from else 1.0) for v in tried}
+
+
+def test_the_decode_role_refuses_prompt_kv_beyond_half_the_available_memory(monkeypatch):
+    from harli_jax.model.config import ModelConfig
+
+    cfg = ModelConfig.from_yaml(Path(__file__).parents[2] / "configs" / "models" / "tiny.yaml")  # 8 KiB a page
+    trace = Trace((TraceRequest(0.0, 20, 4), TraceRequest(1.0, 40, 4)))  # 2 + 3 pages
+    monkeypatch.setattr(replay, "available_memory", lambda: 2**20)
+    assert replay.check_prefill_memory(trace, cfg, 16) == 5 * 8192
+    monkeypatch.setattr(replay, "available_memory", lambda: 2**16)
+    with pytest.raises(ConfigError, match=r"2 requests need 0.04 MiB, more than 50% of the 0.06 MiB available"):
+        replay.check_prefill_memory(trace, cfg, 16)
