@@ -2,9 +2,10 @@
 job's training windows.
 
 After each inference step, the engine has already scheduled the next one; the co-locator plans the training
-micro-steps to run before it (the policy's budget uses that exact next shape), runs them and scores the window.
-With nothing to serve it trains through the single program. A reclaimed lease abandons its micro-batch at
-once. It also runs the predictor's calibration sweep, cached by what the timings depend on.
+micro-steps to run before it and the work fused into it (the policy's budget uses that exact next shape), runs
+the micro-steps, hands the fused work to the engine for that step (`fused_for`), and scores both. With nothing
+to serve it trains through the single program. A reclaimed lease abandons its micro-batch at once. It also
+runs the predictor's calibration sweep, cached by what the timings depend on.
 """
 
 from __future__ import annotations
@@ -14,22 +15,26 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 import jax
 
+from harli_jax.errors import ConfigError
 from harli_jax.model.config import ModelConfig
 from harli_jax.runtime.arena import Arena, Owner
-from harli_jax.runtime.colocation import WindowContext, make_policy, micro_sequence
+from harli_jax.runtime.colocation import TOKEN_MODE, Sizes, WindowContext, advance, largest_chunk, make_policy
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.job import FinetuneRunner
 from harli_jax.runtime.metrics import IdleTraining
+from harli_jax.runtime.microbatch import FusedCall
 from harli_jax.runtime.predictor import LatencyPredictor
-from harli_jax.runtime.runner import Bucket, ModelRunner
+from harli_jax.runtime.runner import Bucket, InFlight, ModelRunner
 from harli_jax.runtime.scheduler import Scheduler, StepPlan
 
 log = logging.getLogger("harli_jax")
+CALIBRATION_SWEEP = 2  # what `calibrate` times, in the cache key: 2 = steps, micro-steps and fused steps
 
 
 def chunk_options(cfg: ModelConfig, config: EngineConfig) -> tuple[int, ...]:
@@ -44,32 +49,86 @@ def chunk_options(cfg: ModelConfig, config: EngineConfig) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+def token_options(seq_len: int, given: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(positions per token chunk, those that ride in an inference step) for a job of `seq_len` positions: the
+    halvings of `seq_len` down to an eighth, so any chunks cover the rows exactly, and the fused sizes `given`
+    (unset: an eighth and a quarter), each such a halving."""
+    halvings = tuple(sorted({seq_len >> i for i in range(4) if seq_len % (1 << i) == 0}))
+    fused = tuple(sorted(set(given))) or tuple(n for n in halvings if n in (seq_len // 8, seq_len // 4)) or halvings
+    bad = [n for n in fused if n not in halvings]
+    if bad:
+        raise ConfigError(f"CoLocationConfig.fused_tokens {bad} must each be seq_len ({seq_len}) halved 0 to 3 "
+                          f"times: {halvings}")
+    return halvings, fused
+
+
 class CoLocator:
     def __init__(self, cfg: ModelConfig, config: EngineConfig, scheduler: Scheduler, arena: Arena,
                  runner: ModelRunner):
         self.cfg, self.config = cfg, config
         self.scheduler, self.page_table, self.runner = scheduler, arena.table, runner
         self.chunks = chunk_options(cfg, config)
-        c = config.colocation
+        self.sizes = Sizes(self.chunks)
         self.predictor = LatencyPredictor(config.predictor.quantile)
-        self.policy = make_policy(c.policy, lambda kind: self.predictor.micro(kind).bound, self.chunks,
-                                  temporal_k=c.temporal_k, temporal_chunk=c.temporal_chunk,
-                                  static_layers=c.static_layers, bank_cap=c.bank_cap)
+        self.policy = self._make_policy()
         self.job: FinetuneRunner | None = None
         self.idle_training = IdleTraining()
         self._steps_since_train = 0
+        self._fused: tuple[StepPlan, FusedCall] | None = None  # the work planned into the next step
+        self._window_end = 0.0  # when the last window ended: the next dispatch's host work starts there
+        self.token_mode = False  # set by `register`
+
+    def _make_policy(self):
+        c = self.config.colocation
+        return make_policy(c.policy, lambda kind: self.predictor.micro(kind).bound, self.sizes,
+                           temporal_k=c.temporal_k, temporal_chunk=c.temporal_chunk, static_layers=c.static_layers,
+                           bank_cap=c.bank_cap, cobatch_tokens=c.cobatch_tokens, cobatch_layers=c.cobatch_layers)
+
 
     @property
     def training(self) -> bool:
         return self.job is not None and self.job.active
 
     def register(self, job: FinetuneRunner) -> None:
-        """Takes the job: compiles its programs (every micro-step size unless the policy never trains while
-        serving) and, under an SLO, calibrates the predictor."""
+        """Takes the job: compiles its programs (every micro-step size, and in token mode the fused step programs,
+        unless the policy never trains while serving) and, under an SLO, calibrates the predictor."""
         self.job = job
-        job.warmup(self.chunks if self.config.colocation.policy != "decode-only" else ())
-        if self.config.colocation.tpot_slo_ms:
+        c = self.config.colocation
+        # Micro-batches run their forwards in token chunks, fused into inference steps or alone, for a policy that
+        # fuses (harli only when it has an SLO to train under).
+        self.token_mode = c.policy in TOKEN_MODE and (c.policy != "harli" or bool(c.tpot_slo_ms))
+        self.sizes = Sizes(self.chunks)
+        if self.token_mode:
+            tokens, fused = token_options(job.job.seq_len, c.fused_tokens)
+            layers = tuple(n for n in c.fused_layers if n <= self.cfg.num_layers)
+            self.sizes = Sizes(self.chunks, tokens, fused, layers)
+            job.micro.token_mode = True
+        self.policy = self._make_policy()
+        job.warmup(self._calibration_sequences() if c.policy != "decode-only" else ())
+        if self.token_mode:
+            shapes = [("tokens", n) for n in self.sizes.fused_tokens] + [("backward", n)
+                                                                          for n in self.sizes.fused_layers]
+            self.runner.prepare_fused({shape: job.micro.fused_examples(*shape) for shape in shapes})
+            with self._scratch_page() as page:  # a program's first run is slow: not under the SLO
+                self._calibrate_fused(page, runs=0)
+        if c.tpot_slo_ms:
             self.calibrate()
+
+    def _calibration_sequences(self) -> list[list[int]]:
+        """Micro-step sizes of timing micro-batches that together run every micro-step program: the i-th cuts
+        its phases into the i-th size of each (layer or token) option list, the rest in the largest that fits."""
+        sizes = self.sizes
+        out = []
+        for i in range(max(len(sizes.layers), len(sizes.tokens))):
+            phase = ("tokens", self.job.job.seq_len) if self.token_mode else ("forward", self.cfg.num_layers)
+            seq = []
+            while phase is not None:
+                options = sizes.of(phase[0])
+                n = largest_chunk(options, min(options[min(i, len(options) - 1)], phase[1]))
+                seq.append(n)
+                phase = advance(phase, n, self.cfg.num_layers)[1]
+            out.append(seq)
+        return out
 
     def reclaimed(self, owners: list[Owner]) -> None:
         """The page table took these leases back for KV: the micro-batch that used one is abandoned now."""
@@ -79,41 +138,89 @@ class CoLocator:
     # Training -----------------------------------------------------------------------------------------------
 
     def idle(self) -> None:
-        """No request to serve: refit the predictor if it has news, then finish a micro-batch in flight or train
-        one micro-batch at full speed in the single program."""
+        """No request to serve: refit the predictor (in the background) if it has news, then finish a micro-batch
+        in flight or train one micro-batch at full speed in the single program."""
+        self.predictor.refresh()
         if self.predictor.unfitted >= 64:
-            self.predictor.fit()
+            self.predictor.fit_async()
         if not self.training:
             return
         job = self.job
         started, tokens = time.perf_counter(), job.tokens
         with jax.profiler.TraceAnnotation("train_alone"):
             if job.micro.current is not None:
-                job.micro.run_to_end(self.chunks)
+                job.micro.run_to_end(self.sizes.layers, self.sizes.tokens)
             else:
                 job.train_microbatch()
         idle = self.idle_training
         idle.calls, idle.seconds = idle.calls + 1, idle.seconds + time.perf_counter() - started
         idle.tokens += job.tokens - tokens
 
-    def after_step(self, plan: StepPlan, bucket: Bucket, seconds: float, next_plan: StepPlan) -> dict:
-        """Scores the step, then runs the training window the policy puts before `next_plan`; returns the
+    def after_step(self, plan: StepPlan, bucket: Bucket | None, seconds: float, next_plan: StepPlan) -> dict:
+        """Scores the step (unless `bucket` is None: a fused step, scored by `fused_finished`), then runs the
+        training window the policy puts before `next_plan` and plans the work fused into it; returns the
         window's fields of the step record."""
-        key, context = (bucket.seqs, bucket.tokens, bucket.pages), plan.context
-        self.predictor.observe_step(key, context, seconds)
-        if not self.training:
-            return {}
-        window = self._window(next_plan)
+        self.predictor.refresh()
+        if bucket is not None:
+            self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), plan.context, seconds)
+        window = self._window(next_plan) if self.training else {}
         micro = window.pop("micro", ())
-        if micro:
-            self.predictor.observe_window(key, context, micro, seconds + window["train_time"])
+        if micro and bucket is not None:
+            key = (bucket.seqs, bucket.tokens, bucket.pages)
+            self.predictor.observe_window(key, plan.context, micro, seconds + window["train_time"])
+        if self.predictor.unfitted >= 256:  # under sustained load: refit off the serving loop
+            self.predictor.fit_async()
+        self._window_end = time.perf_counter()
         return window
+
+    def observe_dispatch(self, dispatched: float) -> None:
+        """The host's work between the last window and this step's dispatch (scheduling, packing's start)."""
+        if self._window_end:
+            self.predictor.observe_host(dispatched - self._window_end)
+
+    def fused_for(self, plan: StepPlan) -> FusedCall | None:
+        """The finetune work planned into `plan`, if that plan is the one it was planned for and its micro-batch
+        still holds its lease."""
+        planned, self._fused = self._fused, None
+        if planned is None or planned[0] is not plan or self.job is None or self.job.micro.status() is None:
+            return None
+        return planned[1]
+
+    def fused_finished(self, flight: InFlight, seconds: float) -> str:
+        """Takes a fused step's finetune results; returns what ran ("tokens:8" = a token chunk of 8 positions)."""
+        call, bucket = flight.fused, flight.bucket
+        kind = self.job.micro.fused_done(call, flight.fused_out)
+        self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages, call.kind, call.size),
+                                    flight.plan.context, seconds)
+        return f"{kind}:{call.size}"
 
     def _next_step_bound(self, next_plan: StepPlan) -> float:
         if not next_plan.work:
             return 0.0
         bucket = self.runner.bucket_of(next_plan)
-        return self.predictor.step((bucket.seqs, bucket.tokens, bucket.pages), next_plan.context).bound
+        return self.predictor.step((bucket.seqs, bucket.tokens, bucket.pages), next_plan.context).bound + \
+            self.predictor.host_bound()
+
+    def _fused_bound(self, next_plan: StepPlan):
+        """The next step's bound with (kind, size) fused in: its own measurements, or before there are any the
+        step's bound plus the same work as a micro-step (fusing never costs more than running both)."""
+        if not self.token_mode or not next_plan.work:
+            return None
+        bucket = self.runner.bucket_of(next_plan)
+        if not bucket.decode_only:
+            return None
+        key, context, host = (bucket.seqs, bucket.tokens, bucket.pages), next_plan.context, self.predictor.host_bound()
+
+        def bound(kind: str, size: int) -> float:
+            if not self.runner.can_fuse(bucket, kind, size):
+                return math.inf
+            fused = self.predictor.fused(key + (kind, size), context)
+            if fused is not None:  # never below the step alone
+                return max(fused.bound, self.predictor.step(key, context).bound) + host
+            micro = ("tokens" if kind == "tokens" else "backward", size)
+            return self.predictor.step(key, context).bound + self.predictor.micro(micro).bound + host
+
+        return bound
 
     def _kv_reserve(self) -> int:
         """Pages the running and waiting requests may still need: the trainer leases only above it."""
@@ -122,6 +229,13 @@ class CoLocator:
             total = len(state.prompt_ids) + state.sampling.max_tokens
             need += self.page_table.pages_for_tokens(total) - len(self.page_table.block_table(state.request_id))
         return need
+
+    def _deadlines(self, slo: float) -> list[float]:
+        """Each decoding request's next-token deadline: its TPOT target (slack banked by tokens ahead of it), and
+        never later than its last token plus the TBT cap."""
+        cap = (self.config.colocation.tbt_cap_ms or math.inf) / 1e3
+        return [min(s.token_times[0] + len(s.output_ids) * slo, s.token_times[-1] + cap)
+                for s in self.scheduler.running if s.output_ids and s.num_pending <= 1]
 
     def _window(self, next_plan: StepPlan) -> dict:
         job, config = self.job, self.config.colocation
@@ -132,30 +246,36 @@ class CoLocator:
         reserve = self._kv_reserve()
         micro = job.micro
         can_start = self.page_table.num_free + micro.held_pages - micro.stash_pages_needed >= reserve
-        deadlines = [s.token_times[0] + len(s.output_ids) * slo for s in self.scheduler.running
-                     if s.output_ids and s.num_pending <= 1]
         ctx = WindowContext(now=decided, slo=slo, margin=slo * config.slo_margin,
-                            next_step_bound=self._next_step_bound(next_plan) if slo else 0.0, deadlines=deadlines,
-                            num_layers=self.cfg.num_layers, pending=micro.status(), can_start=can_start,
-                            inference_steps=self._steps_since_train)
+                            next_step_bound=self._next_step_bound(next_plan) if slo else 0.0,
+                            deadlines=self._deadlines(slo) if slo else [], num_layers=self.cfg.num_layers,
+                            pending=micro.status(), can_start=can_start, inference_steps=self._steps_since_train,
+                            fresh=("tokens", job.job.seq_len) if self.token_mode else None,
+                            next_tokens=next_plan.num_tokens, rows=job.job.micro_batch_rows,
+                            fused_bound=self._fused_bound(next_plan))
         with jax.profiler.TraceAnnotation("schedule"):
             plan = self.policy.plan(ctx)
         decision_time = time.perf_counter() - decided
         ran, timed, train_time = [], [], 0.0
-        for _, layers in plan.steps:
-            if micro.current is None and not micro.start(layers, watermark=reserve):
+        for _, size in plan.steps:
+            if micro.current is None and not micro.start(size, watermark=reserve):
                 break
-            with jax.profiler.TraceAnnotation(f"train_micro_step layers={layers}"):
-                done = micro.run(layers)
+            with jax.profiler.TraceAnnotation(f"train_micro_step size={size}"):
+                done = micro.run(size)
             if done.kind is None:
                 break
-            ran.append(f"{done.kind}:{layers}")
-            timed.append((done.kind, layers))
+            ran.append(f"{done.kind}:{size}")
+            timed.append((done.kind, size))
             train_time += done.seconds
-            self.predictor.observe_micro((done.kind, layers), done.seconds)
+            self.predictor.observe_micro((done.kind, size), done.seconds)
             if not job.active:
                 break
-        self._steps_since_train = 0 if ran else self._steps_since_train + 1
+        if plan.fused is not None and job.active and len(ran) == len(plan.steps) and next_plan.work:
+            if micro.current is not None or micro.start(plan.fused[1], watermark=reserve):
+                call = micro.fused_call(plan.fused[1])
+                if call is not None and self.runner.can_fuse(self.runner.bucket_of(next_plan), call.kind, call.size):
+                    self._fused = (next_plan, call)
+        self._steps_since_train = 0 if ran or self._fused else self._steps_since_train + 1
         return {"train": tuple(ran), "train_time": train_time, "budget": plan.budget, "predicted": plan.predicted,
                 "decision_time": decision_time, "micro": timed}
 
@@ -180,19 +300,43 @@ class CoLocator:
                         self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), context, seconds)
         job = self.job
         if job is not None and job.micro.current is None:
-            for chunk in self.chunks:
+            for sequence in self._calibration_sequences():
                 for i in range(runs + 1):
-                    if not job.micro.start(chunk, calibration=True):
+                    if not job.micro.start(calibration=True):
                         break
-                    for _, layers in micro_sequence(None, True, self.cfg.num_layers, chunk, self.chunks):
-                        done = job.micro.run(layers)
+                    for size in sequence:
+                        done = job.micro.run(size)
                         if i:  # the first micro-batch compiles the programs
-                            self.predictor.observe_micro((done.kind, layers), done.seconds)
+                            self.predictor.observe_micro((done.kind, size), done.seconds)
+            with self._scratch_page() as page:
+                self._calibrate_fused(page, runs)
         self.predictor.fit()
         log.info("predictor calibrated in %.1fs", time.perf_counter() - started)
         if job is not None:
             self.predictor.save(cache)
         return self.predictor
+
+    def _calibrate_fused(self, page: int, runs: int) -> None:
+        """Times every fused program on synthetic inference batches with a timing micro-batch: its token chunks
+        at its start, its backward slices once its forward is done (dropped at the end, nothing applied)."""
+        micro, sizes = self.job.micro, self.sizes
+        if not (sizes.fused_tokens or sizes.fused_layers) or not micro.start(calibration=True):
+            return
+        for phase in ("tokens", "backward"):
+            while (status := micro.status()) is not None and status[0] != phase:
+                micro.run(largest_chunk(sizes.of(status[0]), status[1]))
+            for size in sizes.fused_of(phase):
+                for bucket in (b for b in self.runner.buckets if self.runner.can_fuse(b, phase, size)):
+                    for i in range(runs + 1):
+                        call = micro.fused_call(size)
+                        if call is None:
+                            break
+                        context, seconds, out = self.runner.time_fused(bucket, call, seed=i, scratch_page=page)
+                        micro.fused_trial(call, out)
+                        if i:  # the first run of each program only warms it
+                            key = (bucket.seqs, bucket.tokens, bucket.pages, phase, size)
+                            self.predictor.observe_step(key, context, seconds)
+        micro.abandon()
 
     @contextlib.contextmanager
     def _scratch_page(self):
@@ -215,12 +359,12 @@ class CoLocator:
         """The cache file: keyed by the model, the step programs' shapes, the arena's page size, the device,
         the JAX version, the micro-step shapes and the sweep's own settings (not by policy or SLO)."""
         job, config = self.job, self.config
-        key = json.dumps({"model": dataclasses.asdict(self.cfg), "buckets": [dataclasses.astuple(b) for b in
-                                                                              self.runner.buckets],
+        key = json.dumps({"sweep": CALIBRATION_SWEEP, "model": dataclasses.asdict(self.cfg),
+                          "buckets": [dataclasses.astuple(b) for b in self.runner.buckets],
                           "page_tokens": config.cache.page_tokens, "attention": config.runner.attention_impl,
                           "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                           "runs": config.predictor.calibration_runs, "quantile": config.predictor.quantile,
-                          "chunks": self.chunks,
+                          "sizes": dataclasses.astuple(self.sizes),
                           "job": None if job is None else [job.job.micro_batch_rows, job.job.seq_len,
                                                            dataclasses.asdict(job.job.lora)]},
                          sort_keys=True, default=str)

@@ -123,6 +123,12 @@ class CoLocationConfig:
     temporal_k: int = option(2, "temporal-K: K inference steps, then K micro-steps")
     temporal_chunk: int = option(1, "temporal-K: layers per micro-step")
     static_layers: int = option(1, "static: layers of micro-steps after every inference step")
+    cobatch_tokens: int = option(64, "cobatch: tokens per step, inference first, finetune tokens fill the rest")
+    cobatch_layers: int = option(1, "cobatch: backward layers per step")
+    fused_tokens: tuple[int, ...] = option((), "positions per row of a token chunk fused into a decode step "
+                                               "(harli, cobatch); unset: an eighth and a quarter of the job's "
+                                               "seq_len")
+    fused_layers: tuple[int, ...] = option((1, 2), "layers of a backward slice fused into a decode step")
 
     @property
     def tbt_cap_ms(self) -> float | None:
@@ -142,6 +148,11 @@ class CoLocationConfig:
             raise ConfigError("CoLocationConfig.slo_margin must be in [0, 1) and bank_cap >= 0")
         if min(self.temporal_k, self.temporal_chunk) <= 0 or self.static_layers < 0:
             raise ConfigError("CoLocationConfig.temporal_k and temporal_chunk must be positive, static_layers >= 0")
+        _positive_ints(self, "cobatch_tokens", "cobatch_layers")
+        for name in ("fused_tokens", "fused_layers"):
+            sizes = getattr(self, name)
+            if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in sizes):
+                raise ConfigError(f"CoLocationConfig.{name} must be positive integers, got {sizes!r}")
 
 
 @dataclasses.dataclass(frozen=True)

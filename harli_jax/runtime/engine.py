@@ -251,12 +251,15 @@ class Engine:
             if not plan.work:
                 self.colocation.idle()
                 return self._done(events)
+            fused = self.colocation.fused_for(plan)
+            self.colocation.observe_dispatch(time.perf_counter())
             with jax.profiler.StepTraceAnnotation("inference", step_num=len(self.step_records)):
-                flight = self.runner.dispatch(plan)
+                flight = self.runner.dispatch(plan, fused=fused)
         self._in_flight = self._dispatch_ahead(flight)
         output = flight.output()
         end = time.perf_counter()
         start, self._last_end = max(flight.dispatched, self._last_end), end  # an ahead step waits for its previous
+        fused_ran = self.colocation.fused_finished(flight, end - start) if flight.fused is not None else ""
         events += self.scheduler.update(flight.plan, output.tokens, end)
         ahead = self._in_flight
         if ahead is not None and not any(self.scheduler.get(s.request_id) is s for s in ahead.plan.states):
@@ -265,8 +268,11 @@ class Engine:
         if self._in_flight is None:
             self._next_plan = self.scheduler.schedule()
             self.colocation.reclaimed(self._next_plan.reclaimed)
-            window = self.colocation.after_step(flight.plan, output.bucket, end - start, self._next_plan)
-        self._record(flight.plan, output, start, end, window)
+            if flight.fused is None:  # a fused step is scored as such (fused_finished)
+                window = self.colocation.after_step(flight.plan, output.bucket, end - start, self._next_plan)
+            else:
+                window = self.colocation.after_step(flight.plan, None, end - start, self._next_plan)
+        self._record(flight.plan, output, start, end, {**window, "fused": fused_ran})
         return self._done(events)
 
     def _dispatch_ahead(self, flight: InFlight) -> InFlight | None:

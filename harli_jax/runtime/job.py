@@ -26,7 +26,6 @@ from harli_jax.model.config import ModelConfig
 from harli_jax.model.params import Params
 from harli_jax.model.tokenizer import Tokenizer
 from harli_jax.runtime.arena import Arena
-from harli_jax.runtime.colocation import micro_sequence
 from harli_jax.runtime.finetune import FinetuneJob, JobProgress, JobStatus
 from harli_jax.runtime.microbatch import MicroBatchExecutor
 
@@ -87,11 +86,10 @@ class FinetuneRunner:
         if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
             self._restore(self.checkpointer.latest_step())
 
-    def warmup(self, chunks: Sequence[int] = ()) -> None:
+    def warmup(self, sequences: Sequence[Sequence[int]] = ()) -> None:
         """Compiles the training programs without changing anything: the single-program step, the update and the
-        eval loss on copies of the state, and one timing micro-batch per chunk size (dropped at its end), its
-        micro-steps cut as the policies cut them (`micro_sequence`), so every micro-step program a policy runs
-        is compiled."""
+        eval loss on copies of the state, and one timing micro-batch (dropped at its end) per sequence of
+        micro-step sizes, which together cover every micro-step program a policy runs."""
         batch = self.loader.next_batch()
         self.loader.push_back(batch)
         def copy():
@@ -102,10 +100,10 @@ class FinetuneRunner:
         jax.block_until_ready(_update(self.optimizer, copy()))
         jax.block_until_ready(_commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
         jax.block_until_ready(_eval_loss(self.state.lora, self.params, self.cfg, device_batch))
-        for chunk in chunks:
-            if self.micro.current is None and self.micro.start(chunk, calibration=True):
-                for _, layers in micro_sequence(None, True, self.cfg.num_layers, chunk, chunks):
-                    self.micro.run(layers)
+        for sequence in sequences:
+            if self.micro.current is None and self.micro.start(calibration=True):
+                for size in sequence:
+                    self.micro.run(size)
 
     def _count_batches(self) -> int:
         probe = data_lib.DataLoader(self.train_set, self.job.micro_batch_rows, self.job.seq_len, seed=self.job.seed,

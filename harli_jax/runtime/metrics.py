@@ -23,6 +23,7 @@ class StepRecord:
     pack_time: float = 0.0  # host seconds packing the step's inputs (inside start..end)
     # The training that ran after the inference step (its window), and the policy's decision.
     train: tuple[str, ...] = ()  # micro-step kinds ("forward:2" = a forward chunk of 2 layers)
+    fused: str = ""  # the finetune work fused into the step ("tokens:8" = a token chunk of 8 positions)
     train_time: float = 0.0
     budget: float | None = None  # seconds the policy allowed for training
     predicted: float | None = None  # predicted bound of the window

@@ -1,7 +1,12 @@
 """The micro-batch executor: runs a finetune job's micro-batches on the micro-step path, one at a time. It leases
 the stash pages of a micro-batch from the arena, moves it through its phases (`colocation.advance`) one
 micro-step per call, hands its gradient to the job at the end, and abandons it (its samples back to the job,
-nothing applied) when the page table takes its lease back for KV."""
+nothing applied) when the page table takes its lease back for KV.
+
+A micro-batch runs its forward either in chunks of layers ("forward" phase, the temporal micro-steps) or, in
+token mode, in chunks of positions ("tokens" phase, `lora.fused`), each alone or fused into an inference step
+(`fused_call` gives the runner the arguments, `fused_done` takes its results); its backward runs in slices of
+layers, alone or fused, either way."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from harli_jax.lora import data as data_lib
-from harli_jax.lora import trainer
+from harli_jax.lora import fused, trainer
 from harli_jax.runtime.arena import Arena, Owner
 from harli_jax.runtime.colocation import MicroKind, Phase, advance, largest_chunk
 
@@ -26,6 +31,17 @@ if TYPE_CHECKING:
 _forward_chunk = jax.jit(trainer.forward_chunk, static_argnames=("layout",), donate_argnames=("arena",))
 _backward_chunk = jax.jit(trainer.backward_chunk, static_argnames=("layout",), donate_argnames=("grads",))
 _loss_step = jax.jit(trainer.loss_step, static_argnames=("cfg",))
+_forward_tokens = jax.jit(fused.forward_tokens, static_argnames=("layout", "chunk"), donate_argnames=("arena",))
+_loss_gradient = jax.jit(fused.read_loss_gradient, static_argnames=("layout", "shape"))
+
+
+class FusedCall(NamedTuple):
+    """The finetune part of a fused step: a token chunk of `size` positions (`kind` "tokens") or a backward slice
+    of `size` layers ("backward"), and its program's training arguments in order."""
+
+    kind: str
+    size: int
+    args: tuple
 
 
 @dataclasses.dataclass
@@ -40,7 +56,7 @@ class MicroBatchRun:
     phase: Phase  # "forward" or "backward" and the layers left in it (colocation.advance moves it on)
     x: jax.Array | None = None  # hidden state (forward) or its gradient (backward)
     grads: Any = None
-    loss_sum: jax.Array | None = None
+    loss_sum: jax.Array | None = None  # a token-chunked forward adds each chunk's loss to these
     count: jax.Array | None = None
     calibration: bool = False  # a timing run: dropped instead of committed at the end
 
@@ -57,14 +73,22 @@ class MicroBatchExecutor:
 
     def __init__(self, job: FinetuneRunner, arena: Arena):
         self.job, self.arena = job, arena
+        self.token_mode = False  # new micro-batches run their forward in token chunks (set by the co-locator)
         self.current: MicroBatchRun | None = None
         self.busy_time = 0.0  # seconds of the job's micro-steps (calibration runs excluded)
         self._spare_grads = None  # the zeroed gradient buffers the last commit handed back
         self._leases = 0
 
     @property
+    def tokens(self) -> int:
+        """Tokens of a micro-batch (rows x positions)."""
+        return self.job.job.micro_batch_rows * self.job.job.seq_len
+
+    @property
     def stash_pages_needed(self) -> int:
-        return self.arena.layout.stash_pages(self.job.job.micro_batch_rows * self.job.job.seq_len)
+        """Pages a new micro-batch leases (more in token mode: its K/V and loss gradient too)."""
+        layout = self.arena.layout
+        return fused.token_stash_pages(layout, self.tokens) if self.token_mode else layout.stash_pages(self.tokens)
 
     @property
     def held_pages(self) -> int:
@@ -95,10 +119,14 @@ class MicroBatchExecutor:
             self.arena.table.release(lease.key)
             return False
         device_batch = trainer.TrainBatch.from_host(batch.arrays())
+        phase = ("tokens", self.job.job.seq_len) if self.token_mode else ("forward", self.job.cfg.num_layers)
         run = MicroBatchRun(batch=batch, device_batch=device_batch, lease=lease,
                             stash_pages=jnp.asarray(pages, jnp.int32), layers_per_chunk=layers_per_chunk,
-                            phase=("forward", self.job.cfg.num_layers), calibration=calibration)
-        run.x = trainer.embed_step(self.job.params, device_batch)
+                            phase=phase, calibration=calibration)
+        if self.token_mode:
+            run.loss_sum, run.count = jnp.float32(0), jnp.float32(0)
+        else:
+            run.x = trainer.embed_step(self.job.params, device_batch)
         self.current = run
         return True
 
@@ -117,31 +145,104 @@ class MicroBatchExecutor:
         n = min(layers or run.layers_per_chunk, left)
         kind, run.phase = advance(run.phase, n, num_layers)
         lora = job.state.lora
-        if phase == "forward":
+        if phase == "tokens":
+            start = job.job.seq_len - left
+            run.loss_sum, run.count = self.arena.update(lambda buffer: _forward_tokens(
+                job.params, layout, lora, buffer, run.device_batch, run.stash_pages, jnp.int32(start),
+                (run.loss_sum, run.count), chunk=n)[:2])
+            if kind is MicroKind.TOKENS_LAST:
+                self._begin_backward(run)
+        elif phase == "forward":
             start = num_layers - left
             run.x = self.arena.update(lambda buffer: _forward_chunk(
                 job.params.layers[start: start + n], layout, lora, buffer, run.x, run.device_batch,
                 run.stash_pages, jnp.int32(start)))
             if kind is MicroKind.FORWARD_LOSS:
                 run.loss_sum, run.count, run.x = _loss_step(job.params, job.cfg, run.x, run.device_batch)
-                spare, self._spare_grads = self._spare_grads, None
-                run.grads = spare if spare is not None else jax.tree.map(jnp.zeros_like, lora)
+                run.grads = self._zero_grads()
         else:
             run.x, run.grads = _backward_chunk(job.params.layers[left - n: left], layout, lora, self.arena.buffer,
                                                run.x, run.grads, run.device_batch, run.stash_pages, jnp.int32(left))
             if kind is MicroKind.BACKWARD_COMMIT:
                 self._finish(run)
-        jax.block_until_ready((run.x, job.state.accum))
+        jax.block_until_ready((run.x, run.count, job.state.accum))
         seconds = time.perf_counter() - started
         if not run.calibration:
             self.busy_time += seconds
         return MicroStepResult(kind, seconds)
 
-    def run_to_end(self, chunks: Sequence[int]) -> None:
-        """Runs the micro-batch in flight to its end, each micro-step the largest of `chunks` that fits; drops it
-        if its lease is taken back on the way."""
+    def _zero_grads(self):
+        spare, self._spare_grads = self._spare_grads, None
+        return spare if spare is not None else jax.tree.map(jnp.zeros_like, self.job.state.lora)
+
+    def _begin_backward(self, run: MicroBatchRun) -> None:
+        """After a token-chunked forward: the backward starts from the stashed loss gradient."""
+        shape = (*run.device_batch.tokens.shape, self.job.cfg.hidden_size)
+        run.x = _loss_gradient(self.arena.layout, self.arena.buffer, run.stash_pages, shape)
+        run.grads = self._zero_grads()
+
+    # Fused steps ------------------------------------------------------------------------------------------------
+
+    def fused_call(self, size: int) -> FusedCall | None:
+        """The finetune part for the next inference step: the next token chunk of `size` positions or backward
+        slice of `size` layers of the micro-batch in flight, as its phase says; None when there is none or its
+        lease was taken back."""
+        phase = self.status()
+        if phase is None or phase[0] == "forward" or size > phase[1]:
+            return None
+        run, job = self.current, self.job
+        name, left = phase
+        if name == "tokens":
+            start = job.job.seq_len - left
+            args = (job.state.lora, run.device_batch, run.stash_pages, jnp.int32(start), (run.loss_sum, run.count))
+        else:
+            args = (job.state.lora, job.params.layers[left - size: left], run.x, run.grads, run.device_batch,
+                    run.stash_pages, jnp.int32(left))
+        return FusedCall(name, size, args)
+
+    def fused_examples(self, kind: str, size: int) -> tuple:
+        """The training arguments of a fused call of this shape, as shapes (for compiling its programs)."""
+        job, cfg = self.job, self.job.cfg
+        rows, seq_len = job.job.micro_batch_rows, job.job.seq_len
+
+        def like(tree):
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+        i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
+        batch = trainer.TrainBatch(*(jax.ShapeDtypeStruct((rows, seq_len), dtype) for dtype in (
+            jnp.int32, jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
+        pages = jax.ShapeDtypeStruct((self.stash_pages_needed,), jnp.int32)
+        lora = like(job.state.lora)
+        if kind == "tokens":
+            return lora, batch, pages, i32, (f32, f32)
+        g = jax.ShapeDtypeStruct((rows, seq_len, cfg.hidden_size), jnp.dtype(cfg.dtype))
+        return lora, like(job.params.layers[:size]), g, lora, batch, pages, i32
+
+    def fused_trial(self, call: FusedCall, out) -> None:
+        """Takes a timing run's results without moving the micro-batch on: only what its program consumed (the
+        donated gradient buffers) is replaced."""
+        if call.kind == "backward":
+            self.current.grads = out[1]
+
+    def fused_done(self, call: FusedCall, out) -> MicroKind:
+        """Takes the results of a fused step's finetune part (`call`'s) and moves the micro-batch on."""
+        run, num_layers = self.current, self.job.cfg.num_layers
+        kind, run.phase = advance(run.phase, call.size, num_layers)
+        if call.kind == "tokens":
+            run.loss_sum, run.count = out
+            if kind is MicroKind.TOKENS_LAST:
+                self._begin_backward(run)
+        else:
+            run.x, run.grads = out
+            if kind is MicroKind.BACKWARD_COMMIT:
+                self._finish(run)
+        return kind
+
+    def run_to_end(self, layer_chunks: Sequence[int], token_chunks: Sequence[int] = ()) -> None:
+        """Runs the micro-batch in flight to its end, each micro-step the largest of `layer_chunks` (of
+        `token_chunks` in a token-chunked forward) that fits; drops it if its lease is taken back on the way."""
         while (pending := self.status()) is not None:
-            self.run(largest_chunk(chunks, pending[1]))
+            self.run(largest_chunk(token_chunks if pending[0] == "tokens" else layer_chunks, pending[1]))
         self.abandon()
 
     def _finish(self, run: MicroBatchRun) -> None:

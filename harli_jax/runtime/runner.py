@@ -19,12 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from harli_jax.logs import StatusLine
+from harli_jax.lora.fused import forward_tokens
+from harli_jax.lora.trainer import backward_chunk
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import TokenBatch, paged_step, read_pages, write_pages
 from harli_jax.model.params import Adapters, Params
 from harli_jax.model.sampling import SamplingRows
 from harli_jax.runtime.arena import Arena
 from harli_jax.runtime.config import EngineConfig
+from harli_jax.runtime.microbatch import FusedCall
 from harli_jax.runtime.scheduler import SeqWork, StepPlan
 
 log = logging.getLogger("harli_jax")
@@ -64,6 +67,8 @@ class InFlight:
     next_tokens: jax.Array
     pack_time: float
     dispatched: float  # perf_counter time of the dispatch
+    fused: FusedCall | None = None  # the finetune work fused into the step
+    fused_out: tuple | None = None  # its results on the device
 
     def output(self) -> StepOutput:
         """Waits for the step and reads its tokens back."""
@@ -126,21 +131,57 @@ class InputLayout:
         return batch, v["token_source"]
 
 
-def _step(params, cfg, arena, inputs, previous, layout, attention_impl, lora):
-    """The step over the batch packed in `inputs` (`layout`), whose tokens at `token_source >= 0` are those rows
-    of the previous step's output `previous` (still on the device: the previous step need not have been read
-    back); returns (arena, next tokens padded to `previous`'s size)."""
+def _inference_batch(inputs, previous, layout) -> TokenBatch:
+    """The batch packed in `inputs` (`layout`), its tokens at `token_source >= 0` those rows of the previous
+    step's output `previous` (still on the device: the previous step need not have been read back)."""
     with jax.named_scope("inputs"):
         batch, token_source = layout.unpack(inputs)
         tokens = jnp.where(token_source >= 0, previous[jnp.maximum(token_source, 0)], batch.tokens)
-    arena, next_tokens = paged_step(params, cfg, arena, dataclasses.replace(batch, tokens=tokens),
+    return dataclasses.replace(batch, tokens=tokens)
+
+
+def _padded(next_tokens, previous):
+    return jnp.zeros_like(previous).at[: next_tokens.shape[0]].set(next_tokens)
+
+
+def _step(params, cfg, arena, inputs, previous, layout, attention_impl, lora):
+    """The step over the batch packed in `inputs`; returns (arena, next tokens padded to `previous`'s size)."""
+    arena, next_tokens = paged_step(params, cfg, arena, _inference_batch(inputs, previous, layout),
                                     attention_impl=attention_impl, lora=lora)
-    return arena, jnp.zeros_like(previous).at[: next_tokens.shape[0]].set(next_tokens)
+    return arena, _padded(next_tokens, previous)
 
 
-_step_jit = jax.jit(_step, static_argnames=("cfg", "layout", "attention_impl"), donate_argnames=("arena",))
+def _fused_tokens_step(params, cfg, arena, inputs, previous, layout, attention_impl, lora, stash, train_lora, batch,
+                       stash_pages, start, totals, chunk):
+    """The step with a micro-batch's token chunk of `chunk` positions in its program (`lora.fused`); returns
+    (arena, next tokens, the micro-batch's loss totals)."""
+    arena, totals, next_tokens = forward_tokens(
+        params, stash, train_lora, arena, batch, stash_pages, start, totals, chunk=chunk,
+        inference=_inference_batch(inputs, previous, layout), serving_lora=lora, attention_impl=attention_impl)
+    return arena, _padded(next_tokens, previous), totals
+
+
+def _fused_backward_step(params, cfg, arena, inputs, previous, layout, attention_impl, lora, stash, train_lora,
+                         layers, g, grads, batch, stash_pages, end):
+    """The step, then a backward slice over `layers` (ending at layer `end`) of a micro-batch in the same
+    program; returns (arena, next tokens, (gradient w.r.t. the slice's input, LoRA gradients))."""
+    arena, next_tokens = _step(params, cfg, arena, inputs, previous, layout, attention_impl, lora)
+    return arena, next_tokens, backward_chunk(layers, stash, train_lora, arena, g, grads, batch, stash_pages, end)
+
+
+_STATIC = ("cfg", "layout", "attention_impl")
+_step_jit = jax.jit(_step, static_argnames=_STATIC, donate_argnames=("arena",))
+_fused_jit = {"tokens": jax.jit(_fused_tokens_step, static_argnames=(*_STATIC, "stash", "chunk"),
+                                donate_argnames=("arena",)),
+              "backward": jax.jit(_fused_backward_step, static_argnames=(*_STATIC, "stash"),
+                                  donate_argnames=("arena", "grads"))}
 _read_pages_jit = jax.jit(read_pages)
 _write_pages_jit = jax.jit(write_pages, donate_argnames=("arena",))
+
+
+def _split_arena(results: tuple) -> tuple:
+    arena, *out = results
+    return arena, tuple(out)
 
 
 def use_compile_cache(directory: str | None) -> None:
@@ -169,6 +210,8 @@ class ModelRunner:
             Bucket(b, b + extra, p)
             for b in self.batch_buckets for extra in (0, self.prefill_chunk) for p in self.page_buckets)
         self._programs: dict[Bucket, jax.stages.Compiled] = {}
+        # Fused step programs by (bucket, "tokens" or "backward", size), compiled for a job (`prepare_fused`).
+        self._fused: dict[tuple[Bucket, str, int], jax.stages.Compiled] = {}
         # Whole-page copies (prefilled-KV import and export), one program each per page bucket: the page ids
         # are padded with the null page, which `write_pages` never writes.
         self._page_copies: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
@@ -180,6 +223,7 @@ class ModelRunner:
         if jax.tree.structure(lora) != jax.tree.structure(self.lora) or any(
                 a.shape != b.shape for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(self.lora), strict=True)):
             self._programs.clear()
+            self._fused.clear()
         self.lora = lora
 
     def bucket_for(self, seqs: int, tokens: int, pages: int) -> Bucket:
@@ -202,6 +246,37 @@ class ModelRunner:
         return _step_jit.lower(self.params, self.cfg, self.arena.buffer, inputs, self._no_previous, layout,
                                self.settings.attention_impl, self.lora).compile()
 
+    def compile_fused(self, bucket: Bucket, kind: str, size: int, args: tuple) -> jax.stages.Compiled:
+        """The program of `bucket` with a finetune token chunk (`kind` "tokens", `size` positions) or backward
+        slice ("backward", `size` layers) fused in, for training arguments shaped like `args`."""
+        layout = self.layout(bucket)
+        inputs = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
+        sizes = {"chunk": size} if kind == "tokens" else {}
+        return _fused_jit[kind].lower(self.params, self.cfg, self.arena.buffer, inputs, self._no_previous, layout,
+                                      self.settings.attention_impl, self.lora, self.arena.layout, *args,
+                                      **sizes).compile()
+
+    def prepare_fused(self, shapes: dict[tuple[str, int], tuple]) -> None:
+        """Compiles the fused programs of every decode bucket for these (kind, size) shapes and their training
+        arguments (in parallel threads); a step of another shape never fuses."""
+        todo = [(b, kind, size) for b in self.buckets if b.decode_only for kind, size in shapes
+                if (b, kind, size) not in self._fused]
+        if not todo:
+            return
+        started = time.perf_counter()
+        status = StatusLine("compiling fused step programs", len(todo))
+        workers = self.settings.compile_threads or os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            programs = pool.map(lambda key: self.compile_fused(*key, shapes[key[1:]]), todo)
+            for done, (key, program) in enumerate(zip(todo, programs, strict=True), 1):
+                self._fused[key] = program
+                status.update(done)
+        status.close()
+        log.info("compiled %d fused step programs in %.1fs", len(todo), time.perf_counter() - started)
+
+    def can_fuse(self, bucket: Bucket, kind: str, size: int) -> bool:
+        return (bucket, kind, size) in self._fused
+
     def _compile_page_copies(self, pages: int) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
         ids = jax.ShapeDtypeStruct((pages,), jnp.int32)
         buffer = self.arena.buffer
@@ -215,8 +290,8 @@ class ModelRunner:
         return padded, *self._page_copies[padded]
 
     def warmup(self) -> None:
-        """Compiles every bucket's program (in parallel threads: XLA compiles without the GIL), and the page
-        copies of every page bucket."""
+        """Compiles every bucket's program (in parallel threads: XLA compiles without the GIL) and runs it once,
+        and compiles the page copies of every page bucket."""
         for pages in self.page_buckets:
             self._page_copy(pages)
         todo = [b for b in self.buckets if b not in self._programs]
@@ -232,6 +307,8 @@ class ModelRunner:
                 self._programs[bucket] = program
                 status.update(done)
         status.close()
+        for bucket in todo:  # a program's first run is slow (the runtime's own setup): not in a served step
+            self.time_synthetic(bucket)
         log.info("compiled %d step programs in %.1fs", len(todo), time.perf_counter() - started)
 
     def program(self, bucket: Bucket) -> jax.stages.Compiled:
@@ -249,10 +326,10 @@ class ModelRunner:
         """Runs the plan's sequences as one step and reads its tokens back."""
         return self.dispatch(plan).output()
 
-    def dispatch(self, plan: StepPlan, previous: InFlight | None = None) -> InFlight:
+    def dispatch(self, plan: StepPlan, previous: InFlight | None = None, fused: FusedCall | None = None) -> InFlight:
         """Imports the plan's prefilled K/V pages, then starts its step without waiting for it. The input token
         of a sequence that `plan.previous` maps to a sequence of `previous` is that one's output, taken on the
-        device."""
+        device. With `fused`, that finetune work runs in the step's program (`prepare_fused` compiled it)."""
         dispatched = time.perf_counter()
         for page_ids, pages in plan.imports:
             self.write_pages(page_ids, pages)
@@ -268,10 +345,15 @@ class ModelRunner:
             mapped = sources >= 0
             views["token_source"][views["query_start"][rows[mapped]]] = previous.rows[sources[mapped]]
         pack_time = time.perf_counter() - packing
-        program = self.program(bucket)
         last = previous.next_tokens if previous is not None else self._no_previous
-        next_tokens = self.arena.update(lambda buffer: program(self.params, buffer, inputs, last, self.lora))
-        return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched)
+        if fused is None:
+            program = self.program(bucket)
+            next_tokens = self.arena.update(lambda buffer: program(self.params, buffer, inputs, last, self.lora))
+            return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched)
+        program = self._fused[(bucket, fused.kind, fused.size)]
+        next_tokens, out = self.arena.update(lambda buffer: _split_arena(
+            program(self.params, buffer, inputs, last, self.lora, *fused.args)))
+        return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched, fused, out)
 
     @staticmethod
     def _rows(work: Sequence[SeqWork]) -> np.ndarray:
@@ -317,6 +399,25 @@ class ModelRunner:
         (a mixed bucket's prefill chunks in its long rows), every K/V write into `scratch_page` (a page nobody
         owns), so no cache is changed. With scratch page 0 nothing is written and the attention sees empty
         sequences. Returns (attended context, seconds)."""
+        inputs, context = self._synthetic_inputs(bucket, seed, scratch_page)
+        program = self.program(bucket)
+        started = time.perf_counter()
+        np.asarray(self.arena.update(
+            lambda buffer: program(self.params, buffer, inputs, self._no_previous, self.lora)))
+        return context, time.perf_counter() - started
+
+    def time_fused(self, bucket: Bucket, fused: FusedCall, seed: int = 0,
+                   scratch_page: int = 0) -> tuple[int, float, tuple]:
+        """`time_synthetic` of `bucket`'s program with `fused` in it; also returns the finetune part's results."""
+        inputs, context = self._synthetic_inputs(bucket, seed, scratch_page)
+        program = self._fused[(bucket, fused.kind, fused.size)]
+        started = time.perf_counter()
+        next_tokens, out = self.arena.update(lambda buffer: _split_arena(
+            program(self.params, buffer, inputs, self._no_previous, self.lora, *fused.args)))
+        jax.block_until_ready((next_tokens, out))
+        return context, time.perf_counter() - started, out
+
+    def _synthetic_inputs(self, bucket: Bucket, seed: int, scratch_page: int) -> tuple[np.ndarray, int]:
         rng = np.random.default_rng(seed)
         num_pages = self.arena.table.num_pages
         b, p, t = bucket.seqs, bucket.pages, bucket.tokens
@@ -338,11 +439,7 @@ class ModelRunner:
         v["block_tables"][:] = rng.integers(1, max(num_pages, 2), (b, p))
         v["context_lens"][:] = contexts if scratch_page else 0
         v["sample_index"][:] = v["query_start"][1:] - 1
-        program = self.program(bucket)
-        started = time.perf_counter()
-        np.asarray(self.arena.update(
-            lambda buffer: program(self.params, buffer, inputs, self._no_previous, self.lora)))
-        return int(contexts.sum()), time.perf_counter() - started
+        return inputs, int(contexts.sum())
 
     def read_pages(self, page_ids: Sequence[int]) -> np.ndarray:
         """The K/V of whole pages, `[len(page_ids), layers, 2, kv_heads, page_tokens, head_dim]`."""

@@ -1,6 +1,8 @@
 """Co-location: the policies against a deterministic fake cost model, memory lending under pressure, and the
 real engine keeping the SLO while it trains."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,8 +14,10 @@ from harli_jax.lora.data import DataLoader
 from harli_jax.model import init_params, load_model
 from harli_jax.model.loader import LoadedModel
 from harli_jax.runtime.colocation import (
+    CoBatchPolicy,
     HarliPolicy,
     MicroKind,
+    Sizes,
     StaticPolicy,
     TemporalPolicy,
     WindowContext,
@@ -22,40 +26,91 @@ from harli_jax.runtime.colocation import (
     micro_sequence,
 )
 
-LAYERS = 8
+LAYERS, SEQ_LEN, ROWS = 8, 64, 2
+SIZES = Sizes(layers=(1, 2, 4, 8))
+TOKEN_SIZES = Sizes(layers=(1, 2, 4, 8), tokens=(8, 16, 32, 64), fused_tokens=(8, 16), fused_layers=(1, 2))
+NEXT_STEP = 0.005
 
 
 def fake_cost(kind):
-    """Deterministic costs: a forward layer 1 ms, a backward layer 2 ms, loss and commit 0.5 ms each."""
-    name, layers = kind
+    """Deterministic costs: a forward layer 1 ms, a backward layer 2 ms, loss and commit 0.5 ms each; a token
+    chunk of n positions n / 8 ms."""
+    name, size = kind
+    if name.startswith("tokens"):
+        return size / 8 * 1e-3
     per_layer = 1e-3 if name.startswith("forward") else 2e-3
-    return per_layer * layers + (0.5e-3 if "+" in name else 0.0)
+    return per_layer * size + (0.5e-3 if "+" in name else 0.0)
 
 
-def _ctx(budget_ms, pending=None, can_start=True, deadlines=None, steps=0):
+def fake_fused(kind, size):
+    """The next step with work fused in: the step plus a third of the work as a micro-step."""
+    return NEXT_STEP + fake_cost((kind, size)) / 3
+
+
+def _ctx(budget_ms, pending=None, can_start=True, deadlines=None, steps=0, tokens=False, next_tokens=4):
     slo = 0.05
-    # budget = min(deadline) - now - next_step_bound - margin, with now 0, next step 5 ms, margin 5 ms.
-    deadline = budget_ms / 1e3 + 0.01
-    return WindowContext(now=0.0, slo=slo, margin=0.005, next_step_bound=0.005,
+    # budget = min(deadline) - now - margin, with now 0 and margin 5 ms; the next step takes 5 ms of it.
+    deadline = budget_ms / 1e3 + 0.005
+    return WindowContext(now=0.0, slo=slo, margin=0.005, next_step_bound=NEXT_STEP,
                          deadlines=[deadline] if deadlines is None else deadlines, num_layers=LAYERS,
-                         pending=pending, can_start=can_start, inference_steps=steps)
+                         pending=pending, can_start=can_start, inference_steps=steps,
+                         fresh=("tokens", SEQ_LEN) if tokens else None, next_tokens=next_tokens, rows=ROWS,
+                         fused_bound=fake_fused if tokens else None)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)
-@given(budget_ms=st.floats(0, 60), phase=st.sampled_from([None, "forward", "backward"]),
+def _predicted(plan):
+    fused = NEXT_STEP if plan.fused is None else fake_fused("tokens" if plan.fused[0].startswith("tokens")
+                                                            else "backward", plan.fused[1])
+    return sum(fake_cost(k) for k in plan.steps) + fused
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(budget_ms=st.floats(0, 60), phase=st.sampled_from([None, "forward", "tokens", "backward"]),
        left=st.integers(1, LAYERS), can_start=st.booleans())
 def test_harli_never_exceeds_the_budget_and_fills_it(budget_ms, phase, left, can_start):
-    policy = HarliPolicy(fake_cost, chunks=(1, 2, 4, 8), bank_cap=10.0)
-    ctx = _ctx(budget_ms, None if phase is None else (phase, left), can_start)
+    tokens = phase == "tokens" or (phase is None and budget_ms > 30)
+    policy = HarliPolicy(fake_cost, TOKEN_SIZES if tokens else SIZES, bank_cap=10.0)
+    pending = None if phase is None else (phase, left * 8 if phase == "tokens" else left)
+    ctx = _ctx(budget_ms, pending, can_start, tokens=tokens)
     plan = policy.plan(ctx)
     assert plan.budget == pytest.approx(budget_ms / 1e3)
-    used = sum(fake_cost(k) for k in plan.steps)
-    assert used == pytest.approx(plan.predicted)
-    assert used <= plan.budget + 1e-12
-    # Every micro-step has a 1-layer form costing at most 2.5 ms, so a plan that stops while work is left
-    # leaves less than that unused: at least 90% of any budget from 25 ms up.
+    assert plan.predicted == pytest.approx(_predicted(plan))
+    if plan.steps or plan.fused:  # whatever trains fits: the micro-steps and the next step within the budget
+        assert plan.predicted <= plan.budget + 1e-12
+    # Every micro-step has a form costing at most 2.5 ms, so a plan that stops while work is left leaves less
+    # than that unused: at least 90% of any budget from 25 ms up.
     if plan.budget >= 0.025 and _work_left(plan, ctx):
-        assert used >= 0.9 * plan.budget
+        assert plan.predicted >= 0.9 * plan.budget
+
+
+def test_harli_fuses_work_into_the_next_step_when_the_window_has_no_room():
+    policy = HarliPolicy(fake_cost, TOKEN_SIZES)
+    # 1 ms over the next step: no micro-step (a token chunk of 8 costs 1 ms, a backward layer 2 ms) fits
+    # before it, but a third of a 16-position token chunk fits inside it.
+    plan = policy.plan(_ctx(NEXT_STEP * 1e3 + 1.0, tokens=True))
+    assert plan.steps == () and plan.fused == (MicroKind.TOKENS, 16)
+    plan = policy.plan(_ctx(NEXT_STEP * 1e3 + 1.0, pending=("backward", 5), tokens=True))
+    assert plan.steps == () and plan.fused == (MicroKind.BACKWARD, 1)  # 2 layers: 1.33 ms
+    # With room, micro-steps run before the step and the step still carries what fits.
+    plan = policy.plan(_ctx(20, pending=("tokens", 64), tokens=True))
+    assert plan.steps and plan.fused is not None and plan.predicted <= plan.budget
+    # Nothing is fused into a step that cannot carry work (not a compiled decode shape).
+    plan = policy.plan(dataclasses.replace(_ctx(NEXT_STEP * 1e3 + 1.0, tokens=True), fused_bound=None))
+    assert plan.fused is None
+
+
+def test_cobatch_fills_its_token_budget_inference_first():
+    policy = CoBatchPolicy(token_budget=40, backward_layers=2, sizes=TOKEN_SIZES)
+    # 40 tokens per step: 4 inference tokens leave 36, 18 positions per row of 2 -> a 16-position chunk.
+    assert policy.plan(_ctx(0, tokens=True, next_tokens=4)).fused == (MicroKind.TOKENS, 16)
+    assert policy.plan(_ctx(0, tokens=True, next_tokens=20)).fused == (MicroKind.TOKENS, 8)  # 20 left: 10 per row
+    assert policy.plan(_ctx(0, tokens=True, next_tokens=30)).fused is None  # 10 left: less than 8 per row
+    assert policy.plan(_ctx(0, pending=("tokens", 8), tokens=True)).fused == (MicroKind.TOKENS_LAST, 8)
+    # The backward: its fixed layers per step, SLO-blind (a budget of 0 does not stop it).
+    assert policy.plan(_ctx(0, pending=("backward", 5), tokens=True)).fused == (MicroKind.BACKWARD, 2)
+    assert policy.plan(_ctx(0, pending=("backward", 1), tokens=True)).fused == (MicroKind.BACKWARD_COMMIT, 1)
+    assert policy.plan(_ctx(0, can_start=False, tokens=True)).fused is None
+    assert all(policy.plan(_ctx(b, tokens=True)).steps == () for b in (0, 50))
 
 
 def _work_left(plan, ctx):
@@ -64,21 +119,22 @@ def _work_left(plan, ctx):
         return True
     if ctx.pending is None:
         return False
-    return not plan.steps or plan.steps[-1][0] != "backward+commit"
+    last = plan.fused or (plan.steps[-1] if plan.steps else None)
+    return last is None or last[0] != "backward+commit"
 
 
 def test_harli_uses_banked_slack_but_respects_the_earliest_deadline():
-    policy = HarliPolicy(fake_cost, chunks=(1, 2, 4, 8), bank_cap=1.0)
-    tight = policy.plan(_ctx(0, deadlines=[0.012, 0.5]))  # one request is 2 ms from its deadline
-    assert tight.budget == pytest.approx(0.002) and sum(fake_cost(k) for k in tight.steps) <= 0.002
+    policy = HarliPolicy(fake_cost, SIZES, bank_cap=1.0)
+    tight = policy.plan(_ctx(0, deadlines=[0.012, 0.5]))  # one request is 7 ms from its deadline
+    assert tight.budget == pytest.approx(0.007) and tight.predicted <= 0.007
     banked = policy.plan(_ctx(0, deadlines=[0.5]))  # far ahead: the bank is capped at one SLO
-    assert banked.budget == pytest.approx(0.05 * 2 - 0.01)
+    assert banked.budget == pytest.approx(0.05 * 2 - 0.005)
     late = policy.plan(_ctx(0, deadlines=[-0.01]))  # already late: nothing runs
     assert late.steps == ()
 
 
 def test_micro_steps_follow_the_phases_in_compiled_chunk_sizes():
-    plan = HarliPolicy(fake_cost, chunks=(1, 2, 8)).plan(_ctx(50, pending=("forward", 3)))
+    plan = HarliPolicy(fake_cost, Sizes(layers=(1, 2, 8))).plan(_ctx(50, pending=("forward", 3)))
     assert plan.steps[:3] == (("forward", 2), ("forward+loss", 1), ("backward+commit", 8))
 
 
@@ -87,6 +143,8 @@ def test_one_phase_machine_for_policies_and_trainer():
     assert advance(("forward", 1), 1, LAYERS) == (MicroKind.FORWARD_LOSS, ("backward", LAYERS))
     assert advance(("backward", 5), 4, LAYERS) == (MicroKind.BACKWARD, ("backward", 1))
     assert advance(("backward", 2), 2, LAYERS) == (MicroKind.BACKWARD_COMMIT, None)
+    assert advance(("tokens", 64), 16, LAYERS) == (MicroKind.TOKENS, ("tokens", 48))
+    assert advance(("tokens", 16), 16, LAYERS) == (MicroKind.TOKENS_LAST, ("backward", LAYERS))
     # A whole micro-batch in chunks of 3 over compiled sizes (1, 2, 3, 8): every layer once each way.
     steps = micro_sequence(None, True, LAYERS, 3, (1, 2, 3, 8))
     assert steps == [("forward", 3), ("forward", 3), ("forward+loss", 2), ("backward", 3), ("backward", 3),
@@ -106,9 +164,9 @@ def test_baselines():
         ("backward+commit", 1),)
     assert TemporalPolicy(k=3, chunk=3, chunks=(1, 2, 3, 8)).plan(_ctx(0, pending=("forward", 5), steps=3)).steps \
         == (("forward", 3), ("forward+loss", 2), ("backward", 3))
-    assert make_policy("decode-only", fake_cost, (1,)).plan(ctx).steps == ()
+    assert make_policy("decode-only", fake_cost, Sizes((1,))).plan(ctx).steps == ()
     with pytest.raises(ValueError, match="unknown policy"):
-        make_policy("fifo", fake_cost, (1,))
+        make_policy("fifo", fake_cost, Sizes((1,)))
 
 
 # The real engine -----------------------------------------------------------------------------------------
@@ -143,8 +201,8 @@ def test_harli_keeps_an_slo_that_a_slo_blind_policy_breaks(tiny, tmp_path):
     # solo decode step plus half the cheaper whole-model micro-step, so `static` with all layers after every
     # step (SLO-blind) cannot keep it, while harli fits smaller micro-steps into the slack.
     model = _deeper(tiny, 8)
-    base = dict(max_batch=8, prefill_chunk=32, max_seq_len=128, num_pages=300, calibration_dir=str(tmp_path),
-                calibration_runs=2, compile_threads=2)
+    base = dict(max_batch=8, batch_buckets=(4,), prefill_chunk=32, max_seq_len=128, num_pages=300,
+                calibration_dir=str(tmp_path), calibration_runs=2, compile_threads=2)
     job = FinetuneJob(total_steps=10_000, eval_interval=0)  # 8 x 128-token micro-batches
     blind = Engine(model, EngineConfig(**base, policy="static", static_layers=8))
     blind.finetune(job)
@@ -154,7 +212,7 @@ def test_harli_keeps_an_slo_that_a_slo_blind_policy_breaks(tiny, tmp_path):
     requests = _trace(24, rate=25)
     assert _attainment(blind, requests, slo) <= 0.5
 
-    harli = Engine(model, EngineConfig(**base, policy="harli", slo_margin=0.5))
+    harli = Engine(model, EngineConfig(**base, policy="harli", slo_margin=0.5, fused_tokens=(16,), fused_layers=(1,)))
     harli.set_tpot_slo(slo * 1e3)  # as `harli replay` sets an SLO derived from a measured step
     handle = harli.finetune(job)
     before = handle.progress().tokens
@@ -163,12 +221,14 @@ def test_harli_keeps_an_slo_that_a_slo_blind_policy_breaks(tiny, tmp_path):
     assert trained_windows, "harli trained nothing while serving"
     assert handle.progress().tokens > before
     assert all(r.decision_time < 0.01 for r in harli.step_records)
-    assert harli.predictor.error_report()["windows"] == len(trained_windows)
+    # Every window after a plain step is scored (a fused step is scored as one, stage 2's fused line).
+    assert harli.predictor.error_report()["windows"] == len([r for r in trained_windows if not r.fused])
 
 
 @pytest.mark.parametrize("policy", [dict(policy="static", static_layers=4),
                                     dict(policy="temporal-K", temporal_k=1, temporal_chunk=3),
-                                    dict(policy="harli", tpot_slo_ms=40.0)])
+                                    dict(policy="harli", tpot_slo_ms=40.0, fused_tokens=(16,), fused_layers=(1,),
+                                         batch_buckets=(2,))])
 def test_training_windows_do_not_recompile(tiny, tmp_path, policy):
     # 7 layers: 4- or 3-layer micro-steps leave 3 or 1 layers, and harli's powers of two leave 3, 5, 6 or 7.
     config = EngineConfig(max_batch=4, prefill_chunk=32, max_seq_len=64, num_pages=200,
@@ -187,13 +247,20 @@ def test_training_windows_do_not_recompile(tiny, tmp_path, policy):
     assert compiles == []
 
 
-def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path):
-    # 8 layers, one per micro-step: a micro-batch holds its lease for 16 windows, longer than the burst takes
-    # to fill the arena, so the burst must take the trainer's pages back.
+@pytest.mark.parametrize("policy", [dict(policy="static", static_layers=1, num_pages=48),
+                                    dict(policy="cobatch", cobatch_tokens=128, fused_tokens=(16,), fused_layers=(1,),
+                                         batch_buckets=(4,),
+                                         num_pages=66)])
+def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path, policy):
+    # 8 layers, one per micro-step (static) or per fused step's backward (cobatch, whose forward is 4 fused
+    # token chunks): a micro-batch holds its lease for 12 to 16 steps, longer than the burst takes to fill the
+    # arena, so the burst must take the trainer's pages back. A token-chunked micro-batch's stash also holds its
+    # K/V and loss gradient (34 pages, not 16): its arena is larger by the difference, so the burst's 55 pages
+    # fit only with the lease's.
     cfg = tiny.cfg.replace(num_layers=8)
     tiny = LoadedModel(cfg, init_params(cfg, seed=0), tiny.tokenizer)
-    config = EngineConfig(max_batch=8, prefill_chunk=128, max_seq_len=128, num_pages=48, tpot_slo_ms=200.0,
-                          policy="static", static_layers=1, calibration_dir=str(tmp_path), compile_threads=2)
+    config = EngineConfig(max_batch=8, prefill_chunk=128, max_seq_len=128, tpot_slo_ms=200.0,
+                          calibration_dir=str(tmp_path), compile_threads=2, **policy)
     engine = Engine(tiny, config)
     handle = engine.finetune(FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=4, seq_len=64))
     runner = handle._runner
@@ -213,8 +280,11 @@ def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path):
     # A long, light request keeps the trainer on the micro-step path; the burst comes while it holds a lease.
     engine.submit([5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True))
     events = []
-    while engine.arena.table.usage()["lease"] == 0:
+    for _ in range(50):
+        if engine.arena.table.usage()["lease"]:
+            break
         events += engine.step()
+    assert engine.arena.table.usage()["lease"] == need, "the trainer never leased its stash"
     for _ in range(6):
         engine.submit(list(range(3, 100)), SamplingParams(max_tokens=28, ignore_eos=True))
     while engine.has_unfinished():
@@ -225,6 +295,8 @@ def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path):
     assert all(lease == 0 for lease in waits), "a request waited for memory while the trainer held pages"
     progress = handle.progress()
     assert progress.abandoned_microbatches > 0
+    if policy["policy"] == "cobatch":  # its micro-batches only ever train inside decode steps
+        assert any(r.fused for r in engine.step_records) and not any(r.train for r in engine.step_records)
     handle.wait(max_steps=3)  # the job goes on after the burst
     assert handle.progress().step >= progress.step + 3
     # Every sample trained once, in the loader's order, none lost or counted twice.

@@ -97,8 +97,9 @@ def test_the_cli_takes_defaults_and_help_from_the_fields():
 
 def test_replay_defaults_come_from_the_fields_and_the_preset(tmp_path):
     options = replay.resolve_options(replay.build_parser().parse_args([]))
-    assert options["lora_rank"] == LoRAConfig().rank and options["policy"] == CoLocationConfig().policy
+    assert options["lora_rank"] == LoRAConfig().rank
     assert options["max_batch"] == 8 and options["seq_len"] == 64  # configs/replay/default.yaml
+    assert options["policy"] == f"{CoLocationConfig().policy},decode-only"  # and its comparison
     config = tmp_path / "replay.yaml"
     config.write_text("seq_len: 32\n")
     options = replay.resolve_options(replay.build_parser().parse_args(["--config", str(config), "--seed", "3"]))

@@ -194,7 +194,7 @@ def test_load_of_a_missing_or_corrupt_file_is_none(tmp_path, text):
 
 def test_error_report_by_hand():
     p = LatencyPredictor(quantile=0.875)
-    assert p.error_report() == {"windows": 0}
+    assert p.error_report()["windows"] == 0
     for t in SPREAD:
         p.observe_step(B1, 0, t)
     p.fit()  # mean 3, bound 7
@@ -213,3 +213,38 @@ def test_error_report_with_only_infinite_predictions():
     p.observe_window(B1, 0, [], 1.0)
     r = p.error_report()
     assert (r["windows"], r["under_prediction_rate"], math.isnan(r["mape"]), math.isnan(r["p99_ape"])) == (1, 0, 1, 1)
+
+
+FUSED = (*B1, "tokens", 8)
+
+
+def test_held_out_steps_set_a_conformal_margin_per_stage_and_are_reported():
+    p = LatencyPredictor(quantile=0.9)
+    _line(p, B1, 1.0, 0.0)
+    for c in range(4):
+        p.observe_step(FUSED, c, 2.0)
+    p.fit()
+    assert p.fused(FUSED, 0).mean == pytest.approx(2.0) and p.fused((*B1, "backward", 1), 0) is None
+    assert p.step(B3, 0).mean == pytest.approx(1.0)  # an unseen bucket: the slowest inference line, not fused
+    # 40 held-out steps: 1.0 predicted, measured 1.0 .. 1.39; the conformal rank ceil(41 * 0.9) = 37 -> 1.36.
+    for i in range(40):
+        p.observe_step(B1, 0, 1.0 + i / 100)
+    p.fit()
+    assert p.step_margin == pytest.approx(0.36)
+    assert p.fused_margin == 0.0  # the fused stage has no held-out samples yet: its in-sample residuals
+    stages = p.error_report()["stages"]
+    assert stages["step"]["samples"] == 40 and stages["fused"] == {"samples": 0}
+    assert stages["step"]["mape"] == pytest.approx(np.mean([(i / 100) / (1 + i / 100) for i in range(40)]))
+    assert stages["step"]["under_prediction_rate"] == pytest.approx(39 / 40)  # bound 1.0 until the refit
+
+
+def test_background_refit_installs_the_same_coefficients_and_the_host_bound():
+    p, q = LatencyPredictor(quantile=0.5), LatencyPredictor(quantile=0.5)
+    for predictor in (p, q):
+        _line(predictor, B1, 2e-3, 1e-5)
+        for seconds in (1e-4, 2e-4, 3e-4):
+            predictor.observe_host(seconds)
+    p.fit()
+    q.fit_async()
+    q.wait_fit()
+    assert q.step_coef == p.step_coef and q.host_bound() == p.host_bound() == pytest.approx(2e-4)

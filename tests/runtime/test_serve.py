@@ -77,8 +77,8 @@ def test_async_dispatch_gives_the_synchronous_tokens(tiny, monkeypatch):
     ahead_engine = engine_with(True)
     ahead = []
     dispatch = ahead_engine.runner.dispatch
-    monkeypatch.setattr(ahead_engine.runner, "dispatch", lambda plan, previous=None: (
-        ahead.append(previous is not None), dispatch(plan, previous))[1])
+    monkeypatch.setattr(ahead_engine.runner, "dispatch", lambda plan, previous=None, fused=None: (
+        ahead.append(previous is not None), dispatch(plan, previous, fused))[1])
     outputs = ahead_engine.generate(prompts, samplings)
     expected = engine_with(False).generate(prompts, samplings)
     assert sum(ahead) > 10, "no step was dispatched ahead"
