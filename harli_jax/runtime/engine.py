@@ -115,6 +115,11 @@ class Engine:
     # Co-location, finetuning and adapters --------------------------------------------------------------------
 
     @property
+    def training(self) -> bool:
+        """A finetune job is registered and running."""
+        return self.colocation.training
+
+    @property
     def predictor(self) -> LatencyPredictor:
         return self.colocation.predictor
 
@@ -184,6 +189,7 @@ class Engine:
         queues nothing). It joins the scheduler at the start of the next step."""
         if not isinstance(request, Request):
             request = Request(prompt=request, sampling=sampling or SamplingParams())
+        prefilled_kv = prefilled_kv if prefilled_kv is not None else request.prefilled_kv
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         with self._lock:
             request_id = request.request_id or f"req-{next(self._ids)}"
@@ -338,7 +344,7 @@ class Engine:
                 yield from self.step()
             elif upcoming is None:
                 return
-            elif self.colocation.training:
+            elif self.training:
                 self.step()  # idle until the next arrival: train
             else:
                 time.sleep(max(0.0, start + upcoming.arrival - time.perf_counter()))

@@ -43,12 +43,14 @@ class SamplingParams:
 
 @dataclasses.dataclass
 class Request:
-    """A prompt (token ids or text) to continue. `arrival` is seconds after `Engine.serve` starts."""
+    """A prompt (token ids or text) to continue. `arrival` is seconds after `Engine.serve` starts;
+    `prefilled_kv`, its prompt's K/V from a prefill engine (the request then only decodes here)."""
 
     prompt: Sequence[int] | str
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     arrival: float = 0.0
     request_id: str | None = None
+    prefilled_kv: PrefilledKV | None = None
 
 
 @dataclasses.dataclass(frozen=True)

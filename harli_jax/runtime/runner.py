@@ -447,7 +447,7 @@ class ModelRunner:
         padded, read, _ = self._page_copy(n)
         ids = np.zeros(padded, np.int32)
         ids[:n] = page_ids
-        return np.asarray(read(self.arena.buffer, ids))[:n]
+        return np.asarray(read(self.arena.buffer, ids))[:n].copy()  # not a view that keeps the padding alive
 
     def write_pages(self, page_ids: Sequence[int], pages: np.ndarray) -> None:
         """Writes whole pages (the inverse of `read_pages`) in place."""
