@@ -6,12 +6,16 @@ Per trace and role, once: `replay.run.prepare` on a first engine, after `common.
 decode role's prefill pass; the finetune job's standalone throughput). If other processes took more than
 `--max-other-share` of the CPUs meanwhile, that SLO base is marked invalid, and so is every ratio built on it.
 Then per SLO (`--slo`, multiples of that step or times), every policy of `--policy` (default: all of
-harli_jax.runtime.colocation.POLICIES) runs on a fresh engine held to that same SLO (`replay.run.run_policy`;
-a policy with an offline knob, static's layers, first gets it from `replay.run.sweep` at that SLO), in a seeded
+harli_jax.runtime.colocation.POLICIES: harli, cobatch, decode-only, temporal-K, static) runs on a fresh engine held
+to that same SLO (`replay.run.run_policy`; a policy with an offline knob, static's layers and cobatch's per-step
+token budget, first gets it from `replay.run.sweep` at that SLO, over the first --sweep-requests), in a seeded
 random order per round (`--rounds`) through `common.interleave`: an attempt under load is repeated, then marked
 invalid. A run's figures are `replay.report.summarize`'s; a policy's row holds the medians over its valid
 attempts; harli's finetune tokens/s is divided by the best baseline's that keeps >= 99% of the requests within
-the TPOT SLO.
+the TPOT SLO. Every engine has the program shapes of --batch-buckets, --fused-tokens and --fused-layers (harli's
+and cobatch's fused step programs: one per decode bucket per fused shape, compiled when each run's finetune job
+starts; on a CPU keep them few for small.yaml). A row also counts the steps that carried fused work and holds the
+predictor's errors per stage (inference steps, fused steps, windows).
 
 The bundled trace (`configs/traces/colocation-small.csv`; `--write-trace` regenerates it with the package's
 seeded generator, `synthesize("gamma")`): Gamma-renewal arrivals with a coefficient of variation > 1 (bursts and
@@ -22,6 +26,7 @@ only with --out).
     python bench/colocation.py --quick --out /tmp/bench           # smoke run: tiny.yaml, a short generated trace
     python bench/colocation.py --write-trace                      # regenerate configs/traces/colocation-small.csv
     python bench/colocation.py --policy harli,decode-only --slo 3x --role decode --trace a.csv,b.csv
+    python bench/colocation.py --fused-tokens 8 --fused-layers 1 --batch-buckets 4,8   # fewer fused programs
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from harli_jax.errors import HarliError
 from harli_jax.model.loader import load_model
 from harli_jax.replay import run as replay
 from harli_jax.replay.options import ROLES, check_options, defaults, parse_slo, policies_of
-from harli_jax.replay.report import percentile, summarize
+from harli_jax.replay.report import STAGE_KEYS, STAGES, percentile, summarize
 from harli_jax.replay.trace import Trace, synthesize, write_trace
 from harli_jax.runtime.colocation import POLICIES
 from harli_jax.runtime.config import CacheConfig
@@ -53,11 +58,12 @@ TARGETS = {"attainment_min": 0.99, "vs_best_baseline_min": 1.6, "mape_max": 0.05
 # The figures of a policy's row: the median of each over the run's valid attempts.
 ROW_KEYS = ("slo_attainment", "tbt_attainment", "tpot_p99_ms", "tbt_p99_ms", "ttft_p50_ms", "ttft_p99_ms",
             "decode_tokens_per_s", "finetune_tokens_per_s", "harvest_ratio", "reclaims", "abandoned_microbatches",
-            "predictor_mape", "predictor_under_prediction", "scheduler_overhead", "windows_with_training", "wall_s")
+            "predictor_mape", "predictor_under_prediction", "scheduler_overhead", "windows_with_training",
+            "fused_steps", "wall_s")
 # Each preset: what the flags left unset take.
 QUICK = dict(model=REPO / "configs/models/tiny.yaml", slo="3x", role="decode,colocated", max_batch=4,
              max_seq_len=128, micro_batch_rows=2, seq_len=32, sweep_requests=4, requests=10, rate=6.0,
-             prompt_mean=40.0, output_mean=16.0)
+             prompt_mean=40.0, output_mean=16.0, fused_tokens="8", fused_layers="1")
 FULL = dict(model=REPO / "configs/models/small.yaml", slo="1.5x,3x", role="decode,colocated", max_batch=16,
             max_seq_len=256, micro_batch_rows=1, seq_len=64, sweep_requests=40, requests=135, rate=1.5,
             prompt_mean=100.0, output_mean=45.0)
@@ -86,6 +92,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-requests", type=int, default=None, help="requests of each knob sweep's prefix "
                         "(default 40; 4 quick; 0: no sweep)")
     parser.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests")
+    parser.add_argument("--fused-tokens", default=None, help="positions per row of a token chunk fused into a decode "
+                        "step, comma-separated, each seq-len halved 0 to 3 times (default: an eighth and a quarter "
+                        "of --seq-len; 8 quick)")
+    parser.add_argument("--fused-layers", default=None, help="layers of a backward slice fused into a decode step, "
+                        "comma-separated (default 1,2; 1 quick)")
+    parser.add_argument("--batch-buckets", default=None, help="decode batch sizes compiled, comma-separated (max "
+                        "batch always; default powers of two)")
     parser.add_argument("--seed", type=int, default=0, help="weights, prompts, the generated trace, the run order")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny.yaml, a short generated trace")
     common.add_arguments(parser)
@@ -107,6 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not args.slos or set(args.roles) - set(ROLES) or not args.roles:
             raise HarliError(f"--slo needs at least one SLO and --role names of {', '.join(ROLES)}")
         parse_slo(args.tbt_slo, "tbt-slo")
+        replay_options(args, DEFAULT_TRACE, args.roles[0])  # every replay option checked before anything loads
     except HarliError as e:
         parser.error(str(e))
     if args.rounds < 1:
@@ -169,7 +183,8 @@ def replay_options(args, trace: Path, role: str) -> dict:
     options.update(model=str(args.model), trace=str(trace), role=role, policy=",".join(args.policies),
                    tpot_slo=str(args.slos[0]), tbt_slo=args.tbt_slo, max_batch=args.max_batch,
                    max_seq_len=args.max_seq_len, micro_batch_rows=args.micro_batch_rows, seq_len=args.seq_len,
-                   sweep_requests=args.sweep_requests, max_requests=args.max_requests, seed=args.seed)
+                   sweep_requests=args.sweep_requests, max_requests=args.max_requests, seed=args.seed,
+                   fused_tokens=args.fused_tokens, fused_layers=args.fused_layers, batch_buckets=args.batch_buckets)
     return check_options(options)
 
 
@@ -180,9 +195,14 @@ def policy_row(comparison: dict, policy: str) -> dict:
     """A policy's row: each figure's median over its valid attempts (None without one)."""
     valid = common.valid_results(comparison, policy)
     row = {"valid_attempts": len(valid), "attempts": sum(a["side"] == policy for a in comparison["attempts"])}
+    def median(values) -> float | None:
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
     for key in ROW_KEYS:
-        values = [v[key] for v in valid if v.get(key) is not None]
-        row[key] = statistics.median(values) if values else None
+        row[key] = median(v.get(key) for v in valid)
+    row["predictor_stages"] = {stage: {key: median((v.get("predictor_stages") or {}).get(stage, {}).get(key)
+                                                   for v in valid) for key in STAGE_KEYS} for stage in STAGES}
     return row
 
 
@@ -274,12 +294,16 @@ def print_summary(results: list[dict]) -> None:
                 f"(solo step {r['slo_base']['solo_decode_step_ms']:.2f} ms at batch {r['slo_base']['solo_batch']}"
                 f"{'' if r['slo_base']['valid'] else ', INVALID: measured under load'}), settings {entry['settings']}")
             say(f"{'policy':<14} {'valid':>5} {'TPOT ok':>8} {'TBT ok':>7} {'TBTp99 ms':>10} {'ft tok/s':>9} "
-                f"{'harvest':>8} {'MAPE':>6}")
+                f"{'harvest':>8} {'fused':>6} {'MAPE':>6} {'step':>6} {'fusedM':>6}")
             for policy, t in entry["table"].items():
+                stages = t["predictor_stages"]
                 say(f"{policy:<14} {t['valid_attempts']:>2}/{t['attempts']:<2} {f(t['slo_attainment'], '8.1%')} "
                     f"{f(t['tbt_attainment'], '7.1%')} {f(t['tbt_p99_ms'], '10.2f')} "
                     f"{f(t['finetune_tokens_per_s'], '9.0f')} {f(t['harvest_ratio'], '8.2f')} "
-                    f"{f(t['predictor_mape'], '6.3f')}")
+                    f"{f(t['fused_steps'], '6.0f')} {f(t['predictor_mape'], '6.3f')} "
+                    f"{f(stages['step']['mape'], '6.3f')} {f(stages['fused']['mape'], '6.3f')}")
+            say("fused: steps that carried fused finetune work; MAPE of the predictor's windows, its inference "
+                "steps (step) and its fused steps (fusedM)")
             ratio = entry.get("harli_vs_best_baseline")
             if ratio is not None:
                 say(f"harli / best baseline meeting 99% ({entry['best_baseline']}): "

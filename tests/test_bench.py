@@ -252,14 +252,20 @@ def test_colocation_quick(tmp_path):
         assert key == "3x" and entry["slo"]["tpot_slo_ms"] == pytest.approx(3 * base["solo_decode_step_ms"])
         cmp = entry["comparison"]
         check_comparison(cmp, set(POLICIES))
-        # Every policy held to that SLO, static with the layers its sweep chose.
+        # Every policy held to that SLO, static with the layers its sweep chose, cobatch with its token budget.
         assert {a["result"]["tpot_slo_ms"] for a in cmp["attempts"]} == {entry["slo"]["tpot_slo_ms"]}
-        (sweep,) = entry["sweeps"]
-        assert entry["settings"]["static"] == {"static_layers": sweep["chosen"]} and sweep["requests"] == 4
+        static, cobatch = entry["sweeps"]
+        assert entry["settings"]["static"] == {"static_layers": static["chosen"]} and static["requests"] == 4
+        assert entry["settings"]["cobatch"] == {"cobatch_tokens": cobatch["chosen"]} and cobatch["requests"] == 4
+        assert list(cobatch["attainment"]) == ["20"]  # 4 decoded + 2 rows x the one fused chunk of 8 (--quick)
         for policy, row in entry["table"].items():
             assert row["valid_attempts"] == 1
-            for k in ("slo_attainment", "finetune_tokens_per_s", "harvest_ratio"):
+            for k in ("slo_attainment", "finetune_tokens_per_s", "harvest_ratio", "fused_steps"):
                 assert close(row[k], valid_median(cmp, policy, lambda res, k=k: res[k]))
+            for stage in ("step", "fused", "window"):
+                mape = valid_median(cmp, policy, lambda res, s=stage: res["predictor_stages"][s]["mape"])
+                assert close(row["predictor_stages"][stage]["mape"], mape)
+        assert entry["table"]["decode-only"]["fused_steps"] == 0
         best, ratio = entry["best_baseline"], entry["harli_vs_best_baseline"]
         assert ratio["valid"] == (best is not None)
         if best:
@@ -271,9 +277,12 @@ def test_colocation_quick(tmp_path):
 def test_colocation_help_and_bad_flags():
     script = [sys.executable, str(REPO / "bench" / "colocation.py")]
     done = subprocess.run([*script, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 0 and "--role" in done.stdout and "--slo" in done.stdout
+    assert done.returncode == 0 and all(f in done.stdout for f in ("--role", "--slo", "--fused-tokens",
+                                                                    "--fused-layers", "--batch-buckets"))
     done = subprocess.run([*script, "--slo", "0x"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2 and "--slo must be positive" in done.stderr
+    done = subprocess.run([*script, "--fused-tokens", "12"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2 and "fused_tokens [12] must each be seq_len (64) halved" in done.stderr
 
 
 def test_paged_attention_quick(tmp_path):

@@ -20,7 +20,8 @@ from harli_jax.errors import ConfigError, HarliError
 from harli_jax.lora.adapters import LoRAConfig
 from harli_jax.options import field_of, help_of
 from harli_jax.runtime.colocation import POLICIES
-from harli_jax.runtime.config import CacheConfig, EngineConfig, SchedulerConfig
+from harli_jax.runtime.colocator import token_options
+from harli_jax.runtime.config import CacheConfig, CoLocationConfig, EngineConfig, SchedulerConfig
 from harli_jax.runtime.finetune import FinetuneJob
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,14 +50,18 @@ OWN = {
     "finetune_steps": (None, "optimizer steps of the finetune job (warmup, then cosine decay); unset: what the job "
                              "alone would train over the replay (see harli_jax.replay.run.finetune_steps)"),
     "sweep_requests": (24, "requests from the trace's start that each candidate of an offline-chosen policy knob "
-                           "(static: its layers) replays in the sweep before the comparison; 0: no sweep, the "
-                           "knob's default"),
+                           "(static: its layers; cobatch: its token budget) replays in the sweep before the "
+                           "comparison; 0: no sweep, the knob's default"),
     "out": (None, "report directory; unset: runs/<timestamp>/"),
     "profile": (None, "record a JAX profiler session per policy into this directory"),
 }
 FIELDS = {"lora_rank": (LoRAConfig, "rank"), "seed": (FinetuneJob, "seed"),
           "max_batch": (SchedulerConfig, "max_batch"), "max_seq_len": (CacheConfig, "max_seq_len"),
-          "micro_batch_rows": (FinetuneJob, "micro_batch_rows"), "seq_len": (FinetuneJob, "seq_len")}
+          "micro_batch_rows": (FinetuneJob, "micro_batch_rows"), "seq_len": (FinetuneJob, "seq_len"),
+          "fused_tokens": (CoLocationConfig, "fused_tokens"), "fused_layers": (CoLocationConfig, "fused_layers"),
+          "batch_buckets": (SchedulerConfig, "batch_buckets")}
+# Options that are lists of positive integers: comma-separated on the command line, a list (or that text) in YAML.
+LISTS = ("fused_tokens", "fused_layers", "batch_buckets")
 # Numeric options: their type and the least value they may take (positive: > 0).
 NUMBERS: dict[str, tuple[type, str]] = {
     "rate_scale": (float, "positive"), "time_scale": (float, "positive"), "duration": (float, "positive"),
@@ -95,9 +100,15 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", help=text)
     preset = load_config(PRESET)
     for name, (cls, field) in FIELDS.items():
-        text = help_of(cls, field, preset.get(name, dataclasses.MISSING))
+        default = preset.get(name, dataclasses.MISSING)
+        if name in LISTS:  # shown as the flag takes it, comma-separated; unset: the help says what applies
+            default = field_of(cls, field).default if default is dataclasses.MISSING else default
+            default = ",".join(str(n) for n in int_list(name, default)) or None
+        text = help_of(cls, field, default)
         if name == "seed":
             text += "; also of the prompts and of a YAML model's weights"
+        if name in LISTS:
+            text += "; comma-separated, every policy's engine"
         p.add_argument(f"--{name.replace('_', '-')}", help=text)
     p.add_argument("--config", help=f"YAML file with any of these options (flags override it); unset: "
                                     f"{PRESET.relative_to(REPO)}, the sizes of a replay of the tiny model on a CPU")
@@ -153,6 +164,32 @@ def _number(name: str, value: Any) -> int | float | None:
     return number
 
 
+def int_list(name: str, value: Any) -> tuple[int, ...]:
+    """A list option's value: '8,16' (or a YAML list, or one integer) as a tuple of positive integers; None and
+    '' are the empty tuple (the engine's default)."""
+    flag = f"--{name.replace('_', '-')}"
+    if value is None:
+        return ()
+    if isinstance(value, list | tuple):
+        items = list(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    else:
+        items = [x for x in str(value).split(",") if x.strip()]
+    out = []
+    for item in items:
+        try:
+            if isinstance(item, bool | float):
+                raise ValueError
+            number = int(str(item).strip())
+        except ValueError:
+            raise ConfigError(f"{flag} must be positive integers, comma-separated, got {value!r}") from None
+        if number <= 0:
+            raise ConfigError(f"{flag} must be positive integers, comma-separated, got {value!r}")
+        out.append(number)
+    return tuple(out)
+
+
 def policies_of(text: Any) -> list[str]:
     """The comma-separated policy names, each one of `POLICIES` and named once."""
     names = [p.strip() for p in str(text).split(",") if p.strip()]
@@ -171,6 +208,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     checked = dict(options)
     for name in NUMBERS:
         checked[name] = _number(name, options.get(name))
+    for name in LISTS:
+        checked[name] = int_list(name, options.get(name))
     checked["policies"] = policies_of(options["policy"])
     if options["role"] not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, got {options['role']!r}")
@@ -187,7 +226,10 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         if options.get(name) is not None and Path(options[name]).is_file():
             raise ConfigError(f"--{name} {options[name]} is a file, not a directory")
     try:  # the dataclasses' own checks, before anything is built from them
-        EngineConfig(max_batch=checked["max_batch"], max_seq_len=checked["max_seq_len"])
+        EngineConfig(max_batch=checked["max_batch"], max_seq_len=checked["max_seq_len"],
+                     batch_buckets=checked["batch_buckets"], fused_tokens=checked["fused_tokens"],
+                     fused_layers=checked["fused_layers"])
+        token_options(checked["seq_len"], checked["fused_tokens"])  # each a halving of the job's seq_len
         FinetuneJob(lora=LoRAConfig(rank=checked["lora_rank"], alpha=2.0 * checked["lora_rank"]),
                     micro_batch_rows=checked["micro_batch_rows"], seq_len=checked["seq_len"], seed=checked["seed"])
     except HarliError as e:

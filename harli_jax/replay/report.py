@@ -7,7 +7,10 @@ every token of the request (in the decode role t_first is the arrival of the pre
 between consecutive tokens. SLO attainment = share of requests with TPOT <= the TPOT SLO (and TTFT <= its SLO
 when set); token-level attainment (`tbt_attainment`) = share of gaps <= the TBT cap. Decode tokens/s counts the
 tokens this engine generated. Finetune throughput = trained tokens per second. Harvest ratio = co-located finetune
-tokens/s / the job's tokens/s alone on the same device.
+tokens/s / the job's tokens/s alone on the same device. Fused steps = inference steps that carried finetune work
+in the same program (`StepRecord.fused`: a token chunk's forward or a backward slice), by kind. The predictor's
+errors are per stage (`LatencyPredictor.error_report()["stages"]`): inference steps alone, fused steps and whole
+windows, each predicted before it was fitted.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class RunResult:
     finetune_tokens: int
     loss_history: list[dict[str, float]]
     standalone_tokens_per_s: float | None
-    predictor: dict[str, float]
+    predictor: dict[str, Any]  # LatencyPredictor.error_report(): the windows' errors, and "stages"
     reclaims: int
     abandoned: int
     interrupted: bool = False
@@ -66,6 +69,32 @@ def ttft(o: GenerationOutput, role: str) -> float | None:
     if role != "decode":
         return o.ttft
     return o.token_times[1] - o.arrival_time if len(o.token_times) > 1 else None
+
+
+def fused_counts(steps: Sequence[StepRecord]) -> dict[str, int]:
+    """Steps that carried fused finetune work, by kind ("tokens:8" counts as tokens)."""
+    kinds: dict[str, int] = {}
+    for s in steps:
+        if s.fused:
+            kind = s.fused.split(":")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
+STAGES = ("step", "fused", "window")
+STAGE_KEYS = ("samples", "mape", "p99_ape", "under_prediction_rate")
+
+
+def predictor_stages(predictor: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """The predictor's errors per stage, every key present (None where the stage had no sample or no finite
+    error)."""
+    stages = predictor.get("stages") or {}
+
+    def value(stage: str, key: str) -> float | None:
+        v = (stages.get(stage) or {}).get(key, 0 if key == "samples" else None)
+        return None if _nan(v) else v
+
+    return {stage: {key: value(stage, key) for key in STAGE_KEYS} for stage in STAGES}
 
 
 def summarize(r: RunResult) -> dict[str, Any]:
@@ -113,8 +142,11 @@ def summarize(r: RunResult) -> dict[str, Any]:
         "abandoned_microbatches": r.abandoned,
         "predictor_mape": r.predictor.get("mape"),
         "predictor_under_prediction": r.predictor.get("under_prediction_rate"),
+        "predictor_stages": predictor_stages(r.predictor),
         "scheduler_overhead": sum(s.decision_time for s in r.steps) / window_time if window_time else 0.0,
         "windows_with_training": sum(bool(s.train) for s in r.steps),
+        "fused_steps": sum(bool(s.fused) for s in r.steps),
+        "fused_by_kind": fused_counts(r.steps),
         "steps": len(r.steps),
         "wall_s": r.wall_s,
         "interrupted": r.interrupted,
@@ -123,11 +155,14 @@ def summarize(r: RunResult) -> dict[str, Any]:
 
 # What each policy does, for the printed report (a policy without an entry points to the policies' module).
 POLICY_TEXT = {
-    "harli": "trains in the slack the latency predictor finds before each request's next-token deadline",
+    "harli": "hybrid: finetune work fused into decode steps (token chunks, backward slices) plus micro-steps "
+             "between them, chosen by the latency predictor to fit before each request's next-token deadline "
+             "within the SLO",
     "decode-only": "no training while requests run (the separate-instances baseline)",
     "temporal-K": "K training micro-steps after every K inference steps, SLO-blind (FlexLLM's temporal sharing)",
     "static": "a fixed number of layers of training after every inference step, chosen offline for the peak",
-    "cobatch": "a fixed budget of finetune tokens fused into every decode step (FlexLLM's token-level co-serving)",
+    "cobatch": "FlexLLM's token-level co-serving, SLO-blind: inference tokens first, finetune tokens of a token "
+               "chunk fill a fixed per-step token budget, swept offline for the peak",
 }
 ROLE_TEXT = {"decode": "decode role: requests arrive with their prompt's K/V (prefilled elsewhere), only decode "
                        "runs under the SLO",
@@ -138,7 +173,7 @@ COLUMNS = [("policy", "policy", "{}"), ("tpot_slo_ms", "TPOT SLO ms", "{:.1f}"),
            ("tbt_p99_ms", "TBT p99 ms", "{:.1f}"), ("ttft_p50_ms", "TTFT p50 ms", "{:.1f}"),
            ("decode_tokens_per_s", "decode tok/s", "{:.0f}"), ("finetune_tokens_per_s", "finetune tok/s", "{:.0f}"),
            ("harvest_ratio", "harvest", "{:.1%}"), ("reclaims", "reclaims", "{}"),
-           ("predictor_mape", "pred MAPE", "{:.1%}")]
+           ("fused_steps", "fused steps", "{}"), ("predictor_mape", "pred MAPE", "{:.1%}")]
 
 
 def explain(policies: Sequence[str], role: str) -> str:
@@ -146,8 +181,29 @@ def explain(policies: Sequence[str], role: str) -> str:
     lines = [f"{p}: {POLICY_TEXT.get(p, 'see harli_jax.runtime.colocation')}" for p in policies]
     lines.append(f"{ROLE_TEXT.get(role, role)}. TPOT ok: requests whose time per output token is within the TPOT "
                  "SLO; TBT ok: gaps between two tokens within the TBT cap.")
-    lines.append("harvest: finetune tokens/s during the replay / the job's tokens/s alone on the same device.")
+    lines.append("harvest: finetune tokens/s during the replay / the job's tokens/s alone on the same device. "
+                 "fused steps: decode steps that carried finetune work in the same program. pred MAPE: of the "
+                 "windows (the stages are under the table).")
     return "\n".join(lines)
+
+
+def format_stages(summaries: Sequence[dict[str, Any]]) -> str:
+    """A line per policy whose predictor was scored: MAPE and under-prediction rate per stage (inference steps,
+    fused steps, windows), with the samples, and its fused steps by kind."""
+    lines = []
+    for s in summaries:
+        stages = s.get("predictor_stages") or {}
+        parts = [f"{stage} {_pct(e.get('mape'))} MAPE, {_pct(e.get('under_prediction_rate'))} under "
+                 f"({e.get('samples') or 0})" for stage, e in stages.items() if e.get("samples")]
+        kinds = ", ".join(f"{k} {n}" for k, n in (s.get("fused_by_kind") or {}).items())
+        if parts or kinds:
+            lines.append(f"{s['policy']}: predictor {'; '.join(parts) or 'not scored'}"
+                         + (f"; fused steps {kinds}" if kinds else ""))
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or _nan(value) else f"{value:.1%}"
 
 
 def format_table(summaries: Sequence[dict[str, Any]]) -> str:

@@ -13,7 +13,12 @@ A replay, in order (`main`):
    `--tpot-slo Nx` is N solo steps, `--tbt-slo` (the cap on any single gap) defaults to twice the TPOT SLO.
 3. Per policy, a fresh engine over the same weights with `tpot_slo_ms` and `tbt_slo_ms` in its EngineConfig, the
    same requests (same seed) and a fresh finetune job (`run_policy`). A policy knob that an operator would set
-   offline for the peak (static's layers: `KNOBS`) is first chosen by `sweep` over a prefix of the trace.
+   offline for the peak (static's layers, cobatch's token budget, as FlexLLM's artifact sweeps it: `KNOBS`) is
+   first chosen by `sweep` over a prefix of the trace.
+
+Every engine of a replay has the same program shapes: `--batch-buckets` (the decode batch sizes compiled) and,
+for harli and cobatch, `--fused-tokens` and `--fused-layers` (the fused step programs, one per decode bucket per
+fused shape, compiled when the finetune job starts); fewer of them compile faster.
 
 Roles (`--role`): `decode` (the default) is the decode instance of a prefill/decode-disaggregated deployment:
 each request is submitted at its arrival with the K/V of its prompt and the first token sampled by the prefill
@@ -40,7 +45,7 @@ import statistics
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +59,15 @@ from harli_jax.model.config import ModelConfig
 from harli_jax.model.loader import LoadedModel, load_model
 from harli_jax.model.paged import ArenaLayout
 from harli_jax.replay.options import SloSpec, build_parser, resolve_options
-from harli_jax.replay.report import RunResult, explain, format_table, plot, summarize, write_csvs
+from harli_jax.replay.report import RunResult, explain, format_stages, format_table, plot, summarize, write_csvs
 from harli_jax.replay.trace import Trace, load_trace, peak_concurrency
+from harli_jax.runtime.colocator import token_options
 from harli_jax.runtime.config import CacheConfig, EngineConfig
 from harli_jax.runtime.engine import Engine
 from harli_jax.runtime.finetune import FinetuneJob
 from harli_jax.runtime.processing import RequestError
 from harli_jax.runtime.request import (
-    Event,
     FinishedEvent,
-    FinishReason,
     GenerationOutput,
     PrefilledKV,
     Request,
@@ -118,8 +122,9 @@ class Standalone:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What every policy run of a replay shares: the weights, the trace and its requests, their prompts' K/V (the
-    decode role; empty in the colocated role), the measured solo step and the standalone throughput."""
+    """What every policy run of a replay shares: the weights, the trace and its requests (in the decode role each
+    carries its prompt's K/V, `Request.prefilled_kv`), those K/V by request id (empty in the colocated role), the
+    measured solo step and the standalone throughput."""
 
     model: LoadedModel
     trace: Trace
@@ -156,16 +161,35 @@ class Sweep:
                 "attainment": {str(k): v for k, v in self.attainment.items()}, "target": TARGET_ATTAINMENT}
 
 
-def _static_knob(cfg: ModelConfig) -> Knob:
+def _static_knob(cfg: ModelConfig, options: dict[str, Any]) -> Knob:
     """static: layers of micro-steps after every inference step, powers of two up to the model's layers."""
     layers = sorted({1 << i for i in range(cfg.num_layers.bit_length()) if 1 << i <= cfg.num_layers}
                     | {cfg.num_layers})
     return Knob("static_layers", tuple(layers), 0)
 
 
+def _cobatch_knob(cfg: ModelConfig, options: dict[str, Any]) -> Knob:
+    """cobatch: its token budget per step (`cobatch_tokens`: a decode step's inference tokens first, then the
+    finetune tokens of a token chunk, `micro_batch_rows` rows x a fused chunk size, fill the rest).
+
+    Candidates, ascending: twice the least fused work (rows x the smallest fused chunk: a budget of just that
+    leaves no room beside a decoded token), doubling while below the most a step can use (`max_batch` inference
+    tokens + rows x the largest fused chunk: a larger budget fuses the largest chunk into every step, as that
+    one does), then that most. A budget fuses a chunk into a step only when the step's inference tokens leave
+    that chunk's rows room, so the small ones train at low load only. With the defaults of small.yaml's
+    benchmark (16 sequences, 1 row of 64 positions, chunks of 8 and 16) they are 16 and 32. The fallback, when
+    none keeps the SLO: 1 token, which fuses no chunk beside a decoded token."""
+    seq_len, rows = options["seq_len"], options["micro_batch_rows"]
+    fused = token_options(seq_len, tuple(options.get("fused_tokens") or ()))[1]
+    unit, most = rows * min(fused), options["max_batch"] + rows * max(fused)
+    budgets = [unit << i for i in range(1, most.bit_length()) if unit << i < most]
+    return Knob("cobatch_tokens", (*budgets, most), 1)
+
+
 # The policies whose knob `sweep` chooses before the comparison (a policy added to POLICIES with a knob adds
-# its entry here).
-KNOBS: dict[str, Callable[[ModelConfig], Knob]] = {"static": _static_knob}
+# its entry here): the model and the replay's options give the candidates.
+KNOBS: dict[str, Callable[[ModelConfig, dict[str, Any]], Knob]] = {"static": _static_knob,
+                                                                   "cobatch": _cobatch_knob}
 
 
 # Configs -------------------------------------------------------------------------------------------------------
@@ -173,11 +197,16 @@ KNOBS: dict[str, Callable[[ModelConfig], Knob]] = {"static": _static_knob}
 
 def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | None = None,
                   **colocation: Any) -> EngineConfig:
-    """The engine of one run: the replay's sizes, the policy (with `colocation` overrides) and, with `slo`, its
-    TPOT SLO and TBT cap; the predictor's calibration is cached in the report directory for every run."""
+    """The engine of one run: the replay's sizes and program shapes (batch buckets, fused shapes: the same for
+    every engine of the replay, the first one included), the policy (with `colocation` overrides) and, with
+    `slo`, its TPOT SLO and TBT cap; the predictor's calibration is cached in the report directory for every
+    run."""
     limits = {} if slo is None else {"tpot_slo_ms": slo.tpot_s * 1e3, "tbt_slo_ms": slo.tbt_s * 1e3}
-    return EngineConfig(max_batch=options["max_batch"], max_seq_len=options["max_seq_len"], policy=policy,
-                        calibration_dir=str(out / "calibration"), **limits, **colocation)
+    shapes = {name: options[name] for name in ("fused_tokens", "fused_layers", "batch_buckets")
+              if options.get(name)}
+    return EngineConfig(**{"max_batch": options["max_batch"], "max_seq_len": options["max_seq_len"],
+                           "policy": policy, "calibration_dir": str(out / "calibration"), **shapes, **limits,
+                           **colocation})
 
 
 def finetune_job(options: dict[str, Any], name: str, total_steps: int, checkpoint_dir: Path | None) -> FinetuneJob:
@@ -243,8 +272,8 @@ def prefill_all(engine: Engine, requests: Sequence[Request], *, show: bool = Tru
 
     Up to the engine's batch of prompts prefill at once, each submitted to generate two tokens: when its first
     token appears (its prefill is done, it is still running) its K/V is exported and the request aborted, freeing
-    its pages. The K/V are host arrays of whole pages, copied out of the read buffer so each holds only its own
-    pages. A request the engine refuses gets none (the decoding engine, configured alike, refuses it in turn).
+    its pages. The K/V are host arrays of whole pages, each holding only its own request's pages. A request the
+    engine refuses gets none (the decoding engine, configured alike, refuses it in turn).
     With `show`, a status line shows the progress (else only the package's log at INFO)."""
     pending = deque(requests)
     running: dict[str, str] = {}  # the prefill engine's request id -> the replay's
@@ -263,8 +292,7 @@ def prefill_all(engine: Engine, requests: Sequence[Request], *, show: bool = Tru
             running[rid] = r.request_id
         for event in engine.step():
             if isinstance(event, TokenEvent) and event.index == 0 and event.request_id in running:
-                kv = engine.export_kv(event.request_id)
-                out[running.pop(event.request_id)] = dataclasses.replace(kv, kv=np.array(kv.kv, copy=True))
+                out[running.pop(event.request_id)] = engine.export_kv(event.request_id)  # its own host array
                 engine.abort(event.request_id)
             elif isinstance(event, FinishedEvent) and event.request_id in running:
                 raise HarliError(f"prefill: request {running[event.request_id]} ended before its first token "
@@ -357,6 +385,7 @@ def prepare(model: LoadedModel, trace: Trace, options: dict[str, Any], out: Path
         size = sum(kv.kv.nbytes for kv in prefilled.values())
         print(f"[setup] prefilled {len(prefilled)} prompts in {prefill_s:.1f}s ({size / 2**20:.1f} MiB of K/V)",
               file=sys.stderr)
+        requests = [dataclasses.replace(r, prefilled_kv=prefilled.get(r.request_id)) for r in requests]
     print("[setup] measuring the standalone finetune throughput...", file=sys.stderr)
     probe = finetune_job(options, "standalone", STANDALONE_STEPS + 4, None)
     standalone = measure_standalone(engine, probe)
@@ -367,40 +396,6 @@ def prepare(model: LoadedModel, trace: Trace, options: dict[str, Any], out: Path
 
 
 # Serving -------------------------------------------------------------------------------------------------------
-
-
-def rejected(request: Request, arrival: float, error: str) -> GenerationOutput:
-    """The output of a request the engine refused."""
-    prompt = tuple(request.prompt) if not isinstance(request.prompt, str) else ()
-    return GenerationOutput(request_id=request.request_id or "", prompt_ids=prompt, token_ids=(), text=None,
-                            finish_reason=FinishReason.REJECTED, arrival_time=arrival, first_token_time=None,
-                            token_times=(), error=error)
-
-
-def serve_requests(engine: Engine, requests: Sequence[Request], prefilled: dict[str, PrefilledKV],
-                   start: float) -> Iterator[Event]:
-    """`Engine.serve` in real time from `start` (a perf_counter time), each request submitted at its arrival with
-    its prompt's K/V when `prefilled` has them: token events and finished outputs as they happen, until all have
-    finished. Between arrivals with nothing to serve, the engine trains."""
-    pending = iter(requests)
-    upcoming = next(pending, None)
-    while True:
-        now = time.perf_counter()
-        while upcoming is not None and start + upcoming.arrival <= now:
-            arrival = start + upcoming.arrival
-            try:
-                engine.submit(upcoming, arrival_time=arrival, prefilled_kv=prefilled.get(upcoming.request_id))
-            except RequestError as e:
-                yield FinishedEvent(rejected(upcoming, arrival, str(e)))
-            upcoming = next(pending, None)
-        if engine.has_unfinished():
-            yield from engine.step()
-        elif upcoming is None:
-            return
-        elif engine.colocation.training:
-            engine.step()  # idle until the next arrival: train
-        else:
-            time.sleep(max(0.0, start + upcoming.arrival - time.perf_counter()))
 
 
 def _detail(decode_tokens: list[int], handle) -> str:
@@ -414,7 +409,9 @@ def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict
                requests: Sequence[Request] | None = None, name: str | None = None, checkpoint: bool = True,
                profile: Path | None = None) -> RunResult:
     """One policy's replay on a fresh engine held to `slo`, with a fresh finetune job of `finetune_steps` steps:
-    `requests` (all of the setup's by default) in real time; `settings` are CoLocationConfig overrides;
+    `requests` (all of the setup's by default) served in real time by `Engine.serve` (each submitted at its
+    arrival, with its prompt's K/V in the decode role; one the engine refuses comes back as a rejected output;
+    between arrivals with nothing to serve the engine trains); `settings` are CoLocationConfig overrides;
     `name` (default the policy) names the job and its checkpoint directory in `out`. Ctrl-C ends the serve: the
     result is marked interrupted."""
     name = name or policy
@@ -431,10 +428,10 @@ def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict
     decode_tokens, interrupted = [0], False
     detail = functools.partial(_detail, decode_tokens, handle)
     tokens_before, wall_start = handle.progress().tokens, time.time()
-    start = time.perf_counter()
+    start = time.perf_counter()  # Engine.serve's clock starts at its first step, a few microseconds later
     try:
         with engine.profile(profile) if profile is not None else contextlib.nullcontext():
-            for event in serve_requests(engine, requests, setup.prefilled, start):
+            for event in engine.serve(requests):
                 if isinstance(event, TokenEvent):
                     decode_tokens[0] += 1
                 elif isinstance(event, FinishedEvent):
@@ -471,8 +468,12 @@ def sweep(setup: Setup, policy: str, knob: Knob, slo: Slo, out: Path, requests: 
     the trace are replayed with the policy at each of `knob.candidates` in turn (ascending), each on a fresh
     engine at `slo`, without checkpoints or report files; the largest value whose request-level TPOT attainment
     is at least `target` is chosen, `knob.fallback` when none is. The sweep stops at the first candidate that
-    misses (attainment is taken to fall as the knob grows). Works for any CoLocationConfig field of any policy
-    (e.g. a fused-token budget). Ctrl-C stops it (KeyboardInterrupt)."""
+    misses (attainment is taken to fall as the knob grows). Works for any CoLocationConfig field of any policy.
+
+    The candidates differ in that field only, so their engines compile the same programs (the fused step
+    programs of cobatch included): every engine after the first loads them from JAX's persistent compilation
+    cache, and the predictor's calibration (keyed by the shapes, not the policy) from the report directory.
+    Ctrl-C stops it (KeyboardInterrupt)."""
     prefix = setup.requests[:requests]
     attainment: dict[int, float | None] = {}
     chosen = knob.fallback
@@ -497,7 +498,7 @@ def tuned_settings(setup: Setup, policy: str, slo: Slo, out: Path) -> tuple[dict
     n = setup.options["sweep_requests"]
     if policy not in KNOBS or not n:
         return {}, None
-    knob = KNOBS[policy](setup.model.cfg)
+    knob = KNOBS[policy](setup.model.cfg, setup.options)
     result = sweep(setup, policy, knob, slo, out, n)
     print(f"[{policy}] {knob.field} = {result.chosen} (swept {dict(result.attainment)})", file=sys.stderr)
     return {knob.field: result.chosen}, result
@@ -582,7 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(e, HarliError) else 130
     report = write_report(results, setup, slo, sweeps, out)
     print(format_table(report["summary"]))
-    print(explain(options["policies"], options["role"]))
+    stages = format_stages(report["summary"])
+    print(explain(options["policies"], options["role"]) + (f"\n{stages}" if stages else ""))
     print(f"\nreport: {out / 'summary.json'}, plots: {', '.join(report['plots'])}, CSVs per policy in {out}",
           file=sys.stderr)
     if options["profile"]:

@@ -279,9 +279,6 @@ class StaticPolicy(Policy):
         return WindowPlan(tuple(seq[:1]), math.inf, 0.0)
 
 
-TOKEN_MODE = ("harli", "cobatch")  # the policies whose micro-batches run their forward in token chunks
-
-
 def make_policy(name: str, cost: Callable[[MicroStep], float], sizes: Sizes, *, temporal_k: int = 2,
                 temporal_chunk: int = 1, static_layers: int = 1, bank_cap: float = 1.0, cobatch_tokens: int = 64,
                 cobatch_layers: int = 1) -> Policy:

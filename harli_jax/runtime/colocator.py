@@ -24,7 +24,7 @@ import jax
 from harli_jax.errors import ConfigError
 from harli_jax.model.config import ModelConfig
 from harli_jax.runtime.arena import Arena, Owner
-from harli_jax.runtime.colocation import TOKEN_MODE, Sizes, WindowContext, advance, largest_chunk, make_policy
+from harli_jax.runtime.colocation import Sizes, WindowContext, advance, largest_chunk, make_policy
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.job import FinetuneRunner
 from harli_jax.runtime.metrics import IdleTraining
@@ -95,8 +95,8 @@ class CoLocator:
         self.job = job
         c = self.config.colocation
         # Micro-batches run their forwards in token chunks, fused into inference steps or alone, for a policy that
-        # fuses (harli only when it has an SLO to train under).
-        self.token_mode = c.policy in TOKEN_MODE and (c.policy != "harli" or bool(c.tpot_slo_ms))
+        # fuses (harli only when it has an SLO to train under and `fuse` is on).
+        self.token_mode = c.policy == "cobatch" or (c.policy == "harli" and c.fuse and bool(c.tpot_slo_ms))
         self.sizes = Sizes(self.chunks)
         if self.token_mode:
             tokens, fused = token_options(job.job.seq_len, c.fused_tokens)

@@ -1,6 +1,7 @@
 """`harli replay` end to end on the tiny model: the default comparison (harli and decode-only in the decode role)
-held to one measured SLO, the colocated role with static's layers chosen by the offline sweep, the report files, a
-profiler session, an interrupted replay. The option checks and the sweep's choice run without an engine."""
+held to one measured SLO, the colocated role with static's layers and cobatch's token budget chosen by the offline
+sweep (with the program shapes given), the report files, a profiler session, an interrupted replay. The option
+checks, the knobs' candidates and the sweep's choice run without an engine."""
 
 import contextlib
 import csv
@@ -17,6 +18,7 @@ from harli_jax.replay import run as replay
 from harli_jax.replay.options import build_parser, resolve_options
 from harli_jax.replay.report import RunResult
 from harli_jax.replay.trace import Trace, TraceRequest, synthesize, write_trace
+from harli_jax.runtime.engine import Engine
 from harli_jax.runtime.request import FinishReason, GenerationOutput, Request
 
 REQUESTS = 12
@@ -72,10 +74,23 @@ def test_default_replay_compares_harli_with_decode_only_in_the_decode_role(decod
     for policy in ("harli", "decode-only"):
         steps = _rows(out / f"steps-{policy}.csv")
         assert steps and all(row["prefill_seqs"] == "0" for row in steps), policy
-    for line in ("TPOT SLO ms", "TBT cap ms", "harli: trains in the slack", "decode-only: no training",
+    for line in ("TPOT SLO ms", "TBT cap ms", "fused steps", "harli: hybrid", "decode-only: no training",
                  "harvest: finetune tokens/s during the replay"):
         assert line in stdout, line
     assert "prefill: prompts 12/12" in stderr
+    harli, decode_only = report["summary"]
+    assert decode_only["fused_steps"] == 0 and decode_only["fused_by_kind"] == {}
+    assert harli["fused_steps"] == sum(harli["fused_by_kind"].values())
+    kinds = {"tokens", "backward", "backward+commit"}  # the last backward slice commits the micro-batch
+    assert set(harli["fused_by_kind"]) <= kinds
+    fused = [row["fused"] for row in _rows(out / "steps-harli.csv") if row["fused"]]
+    assert len(fused) == harli["fused_steps"] and all(f.split(":")[0] in kinds for f in fused)
+    # The predictor's errors per stage, every key present; the windows' stage is the table's MAPE.
+    stages = harli["predictor_stages"]
+    assert list(stages) == ["step", "fused", "window"]
+    assert all(set(e) == {"samples", "mape", "p99_ape", "under_prediction_rate"} for e in stages.values())
+    assert stages["step"]["samples"] > 0 and stages["window"]["mape"] == harli["predictor_mape"]
+    assert "harli: predictor step " in stdout
 
 
 def test_every_policy_is_held_to_the_one_slo_measured_before_them(decode_run):
@@ -113,26 +128,39 @@ def test_the_finetune_job_follows_a_finite_schedule(decode_run):
     assert harli["finetune_total_steps"] == total and harli["finetune_steps"] == steps[-1]
 
 
-def test_the_colocated_role_with_static_layers_chosen_by_the_sweep(inputs):
+def test_the_colocated_role_with_static_and_cobatch_knobs_chosen_by_the_sweep(inputs):
     root, trace, config = inputs
     out = root / "colocated"
     code, stdout, stderr = _main(["--config", str(config), "--trace", str(trace), "--out", str(out), "--role",
-                                  "colocated", "--policy", "static", "--max-requests", "8"])
+                                  "colocated", "--policy", "static,cobatch", "--max-requests", "8",
+                                  "--fused-tokens", "8", "--fused-layers", "1", "--batch-buckets", "2"])
     assert code == 0, stderr
     report = json.loads((out / "summary.json").read_text())
-    (static,) = report["summary"]
+    static, cobatch = report["summary"]
     assert static["role"] == "colocated" and static["requests"] == 8 and report["setup"]["prefilled"] == 0
     assert any(int(row["prefill_seqs"]) for row in _rows(out / "steps-static.csv"))  # prompts prefilled here
-    (sweep,) = report["sweeps"]
-    assert sweep["policy"] == "static" and sweep["field"] == "static_layers" and sweep["requests"] == 4
-    assert set(sweep["attainment"]) <= {"1", "2"} and sweep["chosen"] in (0, 1, 2)
-    assert static["settings"] == {"static_layers": sweep["chosen"]}
-    assert "static: a fixed number of layers" in stdout and "colocated role" in stdout
+    assert report["options"]["fused_tokens"] == [8] and report["options"]["batch_buckets"] == [2]
+    static_sweep, cobatch_sweep = report["sweeps"]
+    assert static_sweep["policy"] == "static" and static_sweep["field"] == "static_layers"
+    assert static_sweep["requests"] == 4
+    assert set(static_sweep["attainment"]) <= {"1", "2"} and static_sweep["chosen"] in (0, 1, 2)
+    assert static["settings"] == {"static_layers": static_sweep["chosen"]}
+    # cobatch's budget: 2 rows x the one fused chunk of 8 is 16, which leaves no room beside a decoded token, so
+    # the one candidate is the most a step can use, 4 decoded + 16 fused tokens.
+    assert cobatch_sweep["policy"] == "cobatch" and cobatch_sweep["field"] == "cobatch_tokens"
+    assert list(cobatch_sweep["attainment"]) == ["20"] and cobatch_sweep["chosen"] in (1, 20)
+    assert cobatch["settings"] == {"cobatch_tokens": cobatch_sweep["chosen"]}
+    fused = {row["fused"] for row in _rows(out / "steps-cobatch.csv")} - {""}
+    assert fused <= {"tokens:8", "backward:1", "backward+commit:1"}
+    assert cobatch["fused_steps"] == sum(cobatch["fused_by_kind"].values())
+    assert static["fused_steps"] == 0
+    for line in ("static: a fixed number of layers", "cobatch: FlexLLM's token-level co-serving", "colocated role"):
+        assert line in stdout, line
 
 
 def test_interrupted_replay_writes_a_partial_report_and_a_checkpoint(inputs, monkeypatch):
     root, trace, config = inputs
-    serve = replay.serve_requests
+    serve = Engine.serve
 
     def interrupted(*args, **kwargs):
         for i, event in enumerate(serve(*args, **kwargs)):
@@ -140,7 +168,7 @@ def test_interrupted_replay_writes_a_partial_report_and_a_checkpoint(inputs, mon
                 raise KeyboardInterrupt
             yield event
 
-    monkeypatch.setattr(replay, "serve_requests", interrupted)
+    monkeypatch.setattr(Engine, "serve", interrupted)
     out = root / "interrupted"
     code, _, stderr = _main(["--config", str(config), "--trace", str(trace), "--out", str(out), "--policy", "harli"])
     assert code == 130
@@ -171,6 +199,10 @@ BAD_OPTIONS = [
     (["--max-batch", "abc"], "--max-batch must be an integer, got 'abc'"),
     (["--sweep-requests", "-1"], "--sweep-requests must be non-negative"),
     (["--finetune-steps", "0"], "--finetune-steps must be positive"),
+    (["--fused-tokens", "8,x"], "--fused-tokens must be positive integers, comma-separated, got '8,x'"),
+    (["--fused-tokens", "12"], "fused_tokens [12] must each be seq_len (32) halved 0 to 3 times"),
+    (["--fused-layers", "0"], "--fused-layers must be positive integers"),
+    (["--batch-buckets", "2,9"], "SchedulerConfig.batch_buckets must lie in [1, max_batch=4]"),
     (["--trace", "nope.csv"], "--trace not found: nope.csv"),
     (["--model", "nope.yaml"], "--model not found"),
 ]
@@ -195,6 +227,14 @@ def test_options_resolve_from_defaults_config_and_flags(inputs):
     assert options["max_batch"] == 2 and options["max_seq_len"] == 128  # the flag over the file over the default
     assert str(options["slo"]["tpot_slo"]) == "100x" and options["slo"]["tbt_slo"] is None
     assert options["slo"]["ttft_slo"] is None and options["sweep_requests"] == 4
+    assert (options["fused_tokens"], options["fused_layers"], options["batch_buckets"]) == ((), (1, 2), ())
+    lists = root / "lists.yaml"
+    lists.write_text(f"{config.read_text()}fused_tokens: [4, 8]\nfused-layers: 1\nbatch_buckets: '2,4'\n")
+    options = resolve_options(build_parser().parse_args(["--config", str(lists), "--fused-tokens", "16"]))
+    assert (options["fused_tokens"], options["fused_layers"], options["batch_buckets"]) == ((16,), (1,), (2, 4))
+    engine = replay.engine_config(options, "cobatch", root, cobatch_tokens=20)
+    assert engine.colocation.fused_tokens == (16,) and engine.colocation.fused_layers == (1,)
+    assert engine.scheduler.batch_buckets == (2, 4) and engine.colocation.cobatch_tokens == 20
     bad = root / "bad.yaml"
     bad.write_text("max_batch: 4\nbatch_size: 8\n")
     with pytest.raises(ConfigError, match=r"unknown replay option\(s\) \['batch_size'\]"):
@@ -249,6 +289,21 @@ def test_the_sweep_takes_the_largest_value_that_keeps_the_slo(monkeypatch, tmp_p
     assert result.chosen == chosen and list(result.attainment) == tried
     assert [r for r, *_ in ran] == tried and all(n == 6 and not ckpt for _, n, ckpt in ran)
     assert result.as_dict()["attainment"] == {str(v): (0.0 if v >= misses_from else 1.0) for v in tried}
+
+
+@pytest.mark.parametrize(("options", "candidates"), [
+    (dict(max_batch=16, micro_batch_rows=1, seq_len=64), (16, 32)),  # chunks of 8 and 16: the default
+    (dict(max_batch=16, micro_batch_rows=1, seq_len=64, fused_tokens=(8,)), (16, 24)),
+    (dict(max_batch=128, micro_batch_rows=1, seq_len=64), (16, 32, 64, 128, 144)),
+    (dict(max_batch=8, micro_batch_rows=4, seq_len=64, fused_tokens=(8, 32)), (64, 128, 136)),
+])
+def test_the_knobs_candidates_ascend_from_the_least_that_trains_to_the_most_a_step_uses(options, candidates):
+    from harli_jax.model.config import ModelConfig
+
+    cfg = ModelConfig.from_yaml(Path(__file__).parents[2] / "configs" / "models" / "small.yaml")  # 8 layers
+    knob = replay.KNOBS["cobatch"](cfg, options)
+    assert (knob.field, knob.candidates, knob.fallback) == ("cobatch_tokens", candidates, 1)
+    assert replay.KNOBS["static"](cfg, options).candidates == (1, 2, 4, 8)
 
 
 def test_the_decode_role_refuses_prompt_kv_beyond_half_the_available_memory(monkeypatch):

@@ -6,7 +6,16 @@ import dataclasses
 
 import pytest
 
-from harli_jax.replay.report import RunResult, explain, format_table, percentile, summarize, to_ms, write_csvs
+from harli_jax.replay.report import (
+    RunResult,
+    explain,
+    format_stages,
+    format_table,
+    percentile,
+    summarize,
+    to_ms,
+    write_csvs,
+)
 from harli_jax.runtime.metrics import StepRecord
 from harli_jax.runtime.request import FinishReason, GenerationOutput
 
@@ -31,14 +40,18 @@ OUTPUTS = [
 ]
 
 
-def _step(index, start, end, train=(), train_time=0.0, decision_time=0.0):
+def _step(index, start, end, train=(), train_time=0.0, decision_time=0.0, fused=""):
     return StepRecord(index=index, start=start, end=end, decode_seqs=1, prefill_seqs=0, prefill_tokens=0,
                       total_context=10, max_context=10, bucket_seqs=1, bucket_tokens=1, bucket_pages=1, preempted=0,
-                      train=train, train_time=train_time, decision_time=decision_time)
+                      train=train, train_time=train_time, decision_time=decision_time, fused=fused)
 
 
-# Windows 0.25 + 0.25 and 0.25; decisions 0.0625 + 0.03125 = 0.09375 over 0.75 s of windows.
-STEPS = [_step(0, 0.0, 0.25, ("forward:2",), 0.25, 0.0625), _step(1, 0.5, 0.75, (), 0.0, 0.03125)]
+# Windows 0.25 + 0.25 and 0.25; decisions 0.0625 + 0.03125 = 0.09375 over 0.75 s of windows. The second step
+# carried a token chunk of 8 positions.
+STEPS = [_step(0, 0.0, 0.25, ("forward:2",), 0.25, 0.0625), _step(1, 0.5, 0.75, (), 0.0, 0.03125, "tokens:8")]
+STAGES = {"step": {"samples": 4, "mape": 0.25, "p99_ape": 0.5, "under_prediction_rate": 0.0},
+          "fused": {"samples": 0},
+          "window": {"samples": 3, "mape": 0.125, "p99_ape": 0.25, "under_prediction_rate": 0.5}}
 
 
 def _run(**kw):
@@ -46,7 +59,8 @@ def _run(**kw):
                 steps=STEPS, wall_s=5.0, start=0.0, finetune_tokens=1000,
                 loss_history=[{"step": 1, "loss": 2.5, "time_s": 1.0, "tokens": 500, "grad_norm": 0.5},
                               {"step": 2, "loss": 1.75, "time_s": 2.0, "tokens": 1000, "grad_norm": 0.25}],
-                standalone_tokens_per_s=400.0, predictor={"windows": 3, "mape": 0.125, "under_prediction_rate": 0.5},
+                standalone_tokens_per_s=400.0,
+                predictor={"windows": 3, "mape": 0.125, "under_prediction_rate": 0.5, "stages": STAGES},
                 reclaims=2, abandoned=1)
     return RunResult(**{**base, **kw})
 
@@ -130,6 +144,7 @@ def test_throughputs_harvest_and_overhead():
     assert s["harvest_ratio"] == 0.5
     assert s["scheduler_overhead"] == 0.125
     assert (s["windows_with_training"], s["steps"]) == (1, 2)
+    assert (s["fused_steps"], s["fused_by_kind"]) == (1, {"tokens": 1})
     assert s["final_loss"] == 1.75 and s["finetune_steps"] == 2 and s["standalone_tokens_per_s"] == 400.0
     assert (s["predictor_mape"], s["predictor_under_prediction"]) == (0.125, 0.5)
     assert (s["reclaims"], s["abandoned_microbatches"], s["wall_s"], s["interrupted"]) == (2, 1, 5.0, False)
@@ -140,6 +155,20 @@ def test_throughputs_harvest_and_overhead():
     assert (empty["final_loss"], empty["predictor_mape"], empty["predictor_under_prediction"]) == (None, None, None)
 
 
+def test_fused_steps_by_kind_and_the_predictor_per_stage():
+    steps = [_step(i, i, i + 0.5, fused=f) for i, f in enumerate(["tokens:8", "", "backward:1", "tokens:16"])]
+    s = summarize(_run(steps=steps))
+    assert (s["fused_steps"], s["fused_by_kind"]) == (3, {"backward": 1, "tokens": 2})
+    stages = s["predictor_stages"]
+    assert stages["step"] == STAGES["step"] and stages["window"] == STAGES["window"]
+    assert stages["fused"] == {"samples": 0, "mape": None, "p99_ape": None, "under_prediction_rate": None}
+    nan = summarize(_run(predictor={"stages": {"step": {"samples": 2, "mape": float("nan")}}}))["predictor_stages"]
+    assert nan["step"]["mape"] is None and nan["window"]["samples"] == 0  # no NaN in summary.json
+    lines = format_stages([s, summarize(_run(policy="decode-only", steps=[], predictor={}))]).splitlines()
+    assert lines == ["harli: predictor step 25.0% MAPE, 0.0% under (4); window 12.5% MAPE, 50.0% under (3); "
+                     "fused steps backward 1, tokens 2"]  # decode-only: nothing scored, nothing fused
+
+
 def test_format_table_has_units_and_the_slo_and_a_dash_for_missing_values():
     full = summarize(_run())
     bare = summarize(_run(policy="static", outputs=[OUTPUTS[3]], standalone_tokens_per_s=None,
@@ -147,11 +176,11 @@ def test_format_table_has_units_and_the_slo_and_a_dash_for_missing_values():
     lines = format_table([full, bare]).splitlines()
     assert lines[0].split("  ") == [
         "policy", "TPOT SLO ms", "TPOT ok", "TPOT p99 ms", "TBT cap ms", "TBT ok", "TBT p99 ms", "TTFT p50 ms",
-        "decode tok/s", "finetune tok/s", "harvest", "reclaims", "pred MAPE"]
+        "decode tok/s", "finetune tok/s", "harvest", "reclaims", "fused steps", "pred MAPE"]
     assert set(lines[1].replace(" ", "")) == {"-"}
     assert lines[2].split() == ["harli", "125.0", "75.0%", "155.6", "250.0", "100.0%", "243.8", "375.0", "2", "200",
-                                "50.0%", "2", "12.5%"]
-    assert lines[3].split() == ["static", "125.0", "-", "-", "250.0", "-", "-", "-", "0", "200", "-", "2", "-"]
+                                "50.0%", "2", "1", "12.5%"]
+    assert lines[3].split() == ["static", "125.0", "-", "-", "250.0", "-", "-", "-", "0", "200", "-", "2", "1", "-"]
     assert len({len(line) for line in lines}) == 1  # columns aligned, to the right
     assert lines[2].endswith("  12.5%") and lines[3].endswith(" -")
 
@@ -159,8 +188,10 @@ def test_format_table_has_units_and_the_slo_and_a_dash_for_missing_values():
 def test_explain_names_each_policy_the_role_and_harvest():
     lines = explain(["harli", "decode-only", "cobatch", "new-policy"], "decode").splitlines()
     assert lines[0].startswith("harli: ") and lines[1].startswith("decode-only: no training")
-    assert lines[2].startswith("cobatch: ") and lines[3] == "new-policy: see harli_jax.runtime.colocation"
-    assert lines[4].startswith("decode role: ") and lines[5].startswith("harvest: ")
+    assert lines[0].startswith("harli: hybrid: finetune work fused into decode steps")
+    assert lines[2].startswith("cobatch: FlexLLM's token-level co-serving") and "swept offline" in lines[2]
+    assert lines[3] == "new-policy: see harli_jax.runtime.colocation"
+    assert lines[4].startswith("decode role: ") and lines[5].startswith("harvest: ") and "fused steps" in lines[5]
 
 
 def test_csvs_per_policy(tmp_path):
