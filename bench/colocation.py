@@ -120,7 +120,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not args.slos or set(args.roles) - set(ROLES) or not args.roles:
             raise HarliError(f"--slo needs at least one SLO and --role names of {', '.join(ROLES)}")
         parse_slo(args.tbt_slo, "tbt-slo")
-        replay_options(args, DEFAULT_TRACE, args.roles[0])  # every replay option checked before anything loads
+        # Every replay option, and every trace given (unless it is the one --write-trace writes), checked before
+        # anything loads.
+        traces = names(args.trace) if args.trace and not args.write_trace else [DEFAULT_TRACE]
+        for trace in traces:
+            replay_options(args, Path(trace), args.roles[0])
     except HarliError as e:
         parser.error(str(e))
     if args.rounds < 1:

@@ -254,7 +254,9 @@ def test_colocation_quick(tmp_path):
         check_comparison(cmp, set(POLICIES))
         # Every policy held to that SLO, static with the layers its sweep chose, cobatch with its token budget.
         assert {a["result"]["tpot_slo_ms"] for a in cmp["attempts"]} == {entry["slo"]["tpot_slo_ms"]}
-        static, cobatch = entry["sweeps"]
+        sweeps = {s["policy"]: s for s in entry["sweeps"]}  # in the order of --policy (POLICIES)
+        assert list(sweeps) == [p for p in POLICIES if p in ("static", "cobatch")]
+        static, cobatch = sweeps["static"], sweeps["cobatch"]
         assert entry["settings"]["static"] == {"static_layers": static["chosen"]} and static["requests"] == 4
         assert entry["settings"]["cobatch"] == {"cobatch_tokens": cobatch["chosen"]} and cobatch["requests"] == 4
         assert list(cobatch["attainment"]) == ["20"]  # 4 decoded + 2 rows x the one fused chunk of 8 (--quick)
@@ -283,6 +285,9 @@ def test_colocation_help_and_bad_flags():
     assert done.returncode == 2 and "--slo must be positive" in done.stderr
     done = subprocess.run([*script, "--fused-tokens", "12"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2 and "fused_tokens [12] must each be seq_len (64) halved" in done.stderr
+    done = subprocess.run([*script, "--trace", "configs/traces/default.csv,nope.csv"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2 and "--trace not found: nope.csv" in done.stderr  # before the first trace runs
 
 
 def test_paged_attention_quick(tmp_path):

@@ -72,11 +72,12 @@ def ttft(o: GenerationOutput, role: str) -> float | None:
 
 
 def fused_counts(steps: Sequence[StepRecord]) -> dict[str, int]:
-    """Steps that carried fused finetune work, by kind ("tokens:8" counts as tokens)."""
+    """Steps that carried fused finetune work, by phase: "tokens" (a token chunk; "tokens+last:8", the chunk that
+    ends the forward, counts too) or "backward" (a slice; "backward+commit:1" too)."""
     kinds: dict[str, int] = {}
     for s in steps:
         if s.fused:
-            kind = s.fused.split(":")[0]
+            kind = s.fused.split(":")[0].split("+")[0]
             kinds[kind] = kinds.get(kind, 0) + 1
     return dict(sorted(kinds.items()))
 

@@ -428,9 +428,10 @@ def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict
     decode_tokens, interrupted = [0], False
     detail = functools.partial(_detail, decode_tokens, handle)
     tokens_before, wall_start = handle.progress().tokens, time.time()
-    start = time.perf_counter()  # Engine.serve's clock starts at its first step, a few microseconds later
+    start = time.perf_counter()
     try:
         with engine.profile(profile) if profile is not None else contextlib.nullcontext():
+            start = time.perf_counter()  # once the profiler runs; Engine.serve's clock starts microseconds later
             for event in engine.serve(requests):
                 if isinstance(event, TokenEvent):
                     decode_tokens[0] += 1

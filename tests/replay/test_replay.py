@@ -81,8 +81,8 @@ def test_default_replay_compares_harli_with_decode_only_in_the_decode_role(decod
     harli, decode_only = report["summary"]
     assert decode_only["fused_steps"] == 0 and decode_only["fused_by_kind"] == {}
     assert harli["fused_steps"] == sum(harli["fused_by_kind"].values())
-    kinds = {"tokens", "backward", "backward+commit"}  # the last backward slice commits the micro-batch
-    assert set(harli["fused_by_kind"]) <= kinds
+    assert set(harli["fused_by_kind"]) <= {"tokens", "backward"}
+    kinds = {"tokens", "tokens+last", "backward", "backward+commit"}  # the last chunk of each phase is marked
     fused = [row["fused"] for row in _rows(out / "steps-harli.csv") if row["fused"]]
     assert len(fused) == harli["fused_steps"] and all(f.split(":")[0] in kinds for f in fused)
     # The predictor's errors per stage, every key present; the windows' stage is the table's MAPE.
@@ -151,7 +151,7 @@ def test_the_colocated_role_with_static_and_cobatch_knobs_chosen_by_the_sweep(in
     assert list(cobatch_sweep["attainment"]) == ["20"] and cobatch_sweep["chosen"] in (1, 20)
     assert cobatch["settings"] == {"cobatch_tokens": cobatch_sweep["chosen"]}
     fused = {row["fused"] for row in _rows(out / "steps-cobatch.csv")} - {""}
-    assert fused <= {"tokens:8", "backward:1", "backward+commit:1"}
+    assert fused <= {"tokens:8", "tokens+last:8", "backward:1", "backward+commit:1"}
     assert cobatch["fused_steps"] == sum(cobatch["fused_by_kind"].values())
     assert static["fused_steps"] == 0
     for line in ("static: a fixed number of layers", "cobatch: FlexLLM's token-level co-serving", "colocated role"):

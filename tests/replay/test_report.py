@@ -156,7 +156,8 @@ def test_throughputs_harvest_and_overhead():
 
 
 def test_fused_steps_by_kind_and_the_predictor_per_stage():
-    steps = [_step(i, i, i + 0.5, fused=f) for i, f in enumerate(["tokens:8", "", "backward:1", "tokens:16"])]
+    steps = [_step(i, i, i + 0.5, fused=f) for i, f in enumerate(["tokens:8", "", "backward+commit:1",
+                                                                    "tokens+last:16"])]
     s = summarize(_run(steps=steps))
     assert (s["fused_steps"], s["fused_by_kind"]) == (3, {"backward": 1, "tokens": 2})
     stages = s["predictor_stages"]
