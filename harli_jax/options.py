@@ -30,7 +30,7 @@ def help_of(cls: type, name: str, default: Any = dataclasses.MISSING) -> str:
     text = f.metadata.get("help", name.replace("_", " "))
     if default is None:
         return text  # the help says what unset means
-    return f"{text} (default {','.join(default) if isinstance(default, tuple) else default})"
+    return f"{text} (default {','.join(map(str, default)) if isinstance(default, tuple) else default})"
 
 
 def add_option(parser: argparse.ArgumentParser, flag: str, cls: type, name: str, **kwargs) -> None:
