@@ -1,20 +1,14 @@
 """Shared fixtures: tiny random HF models built offline with transformers (CPU torch)."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One persistent compilation cache for the session, empty at its start, shared with the scripts it starts: an
-# engine built again with the same shapes loads its programs instead of compiling them. `jax_events()` counts a
-# program loaded from it like a compile, so the no-recompile tests still see every program made after warm-up.
-SESSION_CACHE = tempfile.mkdtemp(prefix="harli-test-xla-cache-")
-atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
-os.environ.update(JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=SESSION_CACHE,
-                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+# No persistent compilation cache in the test session (nor in the scripts it starts, unless a test sets its own):
+# with jax 0.10.2 a cache write segfaulted, twice at the same test, deep into a full clean-clone run (never alone).
+# `jax_events()` counts compiles and cache loads, so the no-recompile tests mean the same either way.
+os.environ.update(JAX_ENABLE_COMPILATION_CACHE="false")
 
 import contextlib  # noqa: E402
 import logging  # noqa: E402

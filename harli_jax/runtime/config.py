@@ -90,8 +90,7 @@ class RunnerConfig:
 
     dtype: str | None = option(None, "weights and arena dtype; unset: the model's")
     attention_impl: str = option("auto", "paged attention: auto, pallas or reference")
-    compile_threads: int = option(0, "parallel compilations at warm-up; 0: one per CPU core (one at a time while "
-                                        "JAX's persistent compilation cache is on)")
+    compile_threads: int = option(0, "parallel compilations at warm-up; 0: one per CPU core")
     compile_cache_dir: str | None = option(None, "JAX's persistent compilation cache, so a restart reuses the "
                                                  "programs; unset: ~/.cache/harli_jax/xla; JAX's own setting wins")
     step_record_limit: int = option(100_000, "newest step records kept (Engine.step_records)")

@@ -265,7 +265,7 @@ class ModelRunner:
             return
         started = time.perf_counter()
         status = StatusLine("compiling fused step programs", len(todo))
-        workers = self._compile_workers()
+        workers = self.settings.compile_threads or os.cpu_count() or 1
         with ThreadPoolExecutor(max_workers=workers) as pool:
             programs = pool.map(lambda key: self.compile_fused(*key, shapes[key[1:]]), todo)
             for done, (key, program) in enumerate(zip(todo, programs, strict=True), 1):
@@ -273,14 +273,6 @@ class ModelRunner:
                 status.update(done)
         status.close()
         log.info("compiled %d fused step programs in %.1fs", len(todo), time.perf_counter() - started)
-
-    def _compile_workers(self) -> int:
-        """Parallel compilations: one per core (or `compile_threads`), but one at a time while JAX's persistent
-        cache is on, whose write of one program can crash (a segfault in `put_executable_and_time`, seen in CI
-        with jax 0.10) while another thread compiles."""
-        if jax.config.jax_compilation_cache_dir is not None and jax.config.jax_enable_compilation_cache:
-            return 1
-        return self.settings.compile_threads or os.cpu_count() or 1
 
     def can_fuse(self, bucket: Bucket, kind: str, size: int) -> bool:
         return (bucket, kind, size) in self._fused
@@ -308,7 +300,7 @@ class ModelRunner:
         started = time.perf_counter()
         log.info("compiling %d step programs (%d batch x %d page buckets, decode and prefill)...",
                  len(todo), len(self.batch_buckets), len(self.page_buckets))
-        workers = self._compile_workers()
+        workers = self.settings.compile_threads or os.cpu_count() or 1
         status = StatusLine("compiling step programs", len(todo))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for done, (bucket, program) in enumerate(zip(todo, pool.map(self.compile, todo), strict=True), 1):
