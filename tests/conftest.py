@@ -1,16 +1,23 @@
 """Shared fixtures: tiny random HF models built offline with transformers (CPU torch)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# No persistent compilation cache in the test session (nor in the scripts it starts, unless a test sets its own):
-# with jax 0.10.2 a cache write segfaulted, twice at the same test, deep into a full clean-clone run (never alone).
-# `jax_events()` counts compiles and cache loads, so the no-recompile tests mean the same either way.
-os.environ.update(JAX_ENABLE_COMPILATION_CACHE="false")
+# One persistent compilation cache for the session, empty at its start, shared with the scripts it starts: an
+# engine built again with the same shapes loads its programs instead of compiling them. `jax_events()` counts a
+# program loaded from it like a compile, so the no-recompile tests still see every program made after warm-up.
+SESSION_CACHE = tempfile.mkdtemp(prefix="harli-test-xla-cache-")
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+os.environ.update(JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=SESSION_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -154,3 +161,13 @@ def assert_tree_close(got, want, rtol):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         err = float(jnp.max(jnp.abs(g - w)) / (jnp.max(jnp.abs(w)) + 1e-30))
         assert err <= rtol, err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops JAX's caches after each test module. Every XLA:CPU executable holds a few memory maps of JIT code;
+    kept for the whole session they pass the kernel's limit (vm.max_map_count, 65530) and the next compile
+    segfaults (it did, ~8 min into a clean-clone run)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
