@@ -4,13 +4,11 @@ warm-up; packs a step's sequences into padded device arrays and runs the matchin
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -181,24 +179,6 @@ _read_pages_jit = jax.jit(read_pages)
 _write_pages_jit = jax.jit(write_pages, donate_argnames=("arena",))
 
 
-COMPILE_STACK_BYTES = 256 * 2**20  # XLA's compiler recurses deeply: its threads get more than the 8 MiB default
-
-
-@contextlib.contextmanager
-def _compile_pool(workers: int):
-    """A thread pool for compiling, its threads made with a `COMPILE_STACK_BYTES` stack (all are started here)."""
-    previous = threading.stack_size(COMPILE_STACK_BYTES)
-    try:
-        pool = ThreadPoolExecutor(max_workers=workers)
-        started = threading.Barrier(workers)  # every thread must exist for all to pass it
-        for future in [pool.submit(started.wait) for _ in range(workers)]:
-            future.result()
-    finally:
-        threading.stack_size(previous)
-    with pool:
-        yield pool
-
-
 def _split_arena(results: tuple) -> tuple:
     arena, *out = results
     return arena, tuple(out)
@@ -286,7 +266,7 @@ class ModelRunner:
         started = time.perf_counter()
         status = StatusLine("compiling fused step programs", len(todo))
         workers = self.settings.compile_threads or os.cpu_count() or 1
-        with _compile_pool(workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             programs = pool.map(lambda key: self.compile_fused(*key, shapes[key[1:]]), todo)
             for done, (key, program) in enumerate(zip(todo, programs, strict=True), 1):
                 self._fused[key] = program
@@ -322,7 +302,7 @@ class ModelRunner:
                  len(todo), len(self.batch_buckets), len(self.page_buckets))
         workers = self.settings.compile_threads or os.cpu_count() or 1
         status = StatusLine("compiling step programs", len(todo))
-        with _compile_pool(workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             for done, (bucket, program) in enumerate(zip(todo, pool.map(self.compile, todo), strict=True), 1):
                 self._programs[bucket] = program
                 status.update(done)
