@@ -142,7 +142,7 @@ class CoLocator:
         in flight or train one micro-batch at full speed in the single program."""
         self.predictor.refresh()
         if self.predictor.unfitted >= 64:
-            self.predictor.fit()
+            self.predictor.fit_async()
         if not self.training:
             return
         job = self.job
@@ -168,8 +168,8 @@ class CoLocator:
         if micro and bucket is not None:
             key = (bucket.seqs, bucket.tokens, bucket.pages)
             self.predictor.observe_window(key, plan.context, micro, seconds + window["train_time"])
-        if self.predictor.unfitted >= 256:  # under sustained load (a refit is milliseconds)
-            self.predictor.fit()
+        if self.predictor.unfitted >= 256:  # under sustained load: refit off the serving loop
+            self.predictor.fit_async()
         self._window_end = time.perf_counter()
         return window
 
