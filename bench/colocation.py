@@ -236,8 +236,9 @@ def score(table: dict, slo_valid: bool) -> dict:
 def at_slo(setup, spec, args, work: Path, settings: dict, slo_valid: bool) -> dict:
     """Every policy at one SLO: the knobs swept at it, then the interleaved runs; the table and the scoring."""
     slo = replay.slo_of({"tpot_slo": spec, "tbt_slo": parse_slo(args.tbt_slo, "tbt-slo"), "ttft_slo": None},
-                        setup.solo)
-    say(f"  SLO {spec}: TPOT {slo.tpot_s * 1e3:.2f} ms, TBT cap {slo.tbt_s * 1e3:.2f} ms")
+                        setup.solo, setup.mixed)
+    paced = "" if slo.mixed is None else f", a prefill chunk every {slo.prefill_interval} steps while others decode"
+    say(f"  SLO {spec}: TPOT {slo.tpot_s * 1e3:.2f} ms, TBT cap {slo.tbt_s * 1e3:.2f} ms{paced}")
     tuned, sweeps = {}, []
     with common.LoadMeter() as sweep_load:
         for policy in args.policies:
@@ -281,7 +282,8 @@ def one_trace_role(model, path: Path, role: str, args, settings: dict) -> dict:
     return {"trace": path.name, "role": role, "trace_stats": trace_stats(trace),
             "slo_base": {"valid": valid, "load": load.record, "quiet_wait": quiet,
                          "solo_decode_step_ms": setup.solo.seconds * 1e3, "solo_batch": setup.solo.batch,
-                         "solo_gaps": setup.solo.gaps},
+                         "solo_gaps": setup.solo.gaps,
+                         "mixed_step_ms": None if setup.mixed is None else setup.mixed.seconds * 1e3},
             "setup": {"prefill_s": setup.prefill_s, "prefilled": len(setup.prefilled),
                       "standalone_tokens_per_s": setup.standalone.tokens_per_s,
                       "standalone_steps_per_s": setup.standalone.steps_per_s},

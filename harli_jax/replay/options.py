@@ -43,6 +43,10 @@ OWN = {
     "tbt_slo": (None, "cap on any single gap between two tokens: '100ms', or 'Nx' of the solo decode step; unset: "
                       "twice the TPOT SLO"),
     "ttft_slo": (None, "'500ms'; unset: none"),
+    "prefill_interval": (None, "colocated role: steps from one prefill chunk to the next while others decode; "
+                               "unset: the fewest that keep a decoding request's mean gap within the TPOT SLO, from "
+                               "a mixed step measured before any policy runs (harli_jax.replay.run."
+                               "prefill_interval_for)"),
     "rate_scale": (1.0, "multiply the arrival rate"),
     "time_scale": (1.0, "stretch the trace's time axis"),
     "duration": (None, "replay only the first N seconds of the trace"),
@@ -56,7 +60,8 @@ OWN = {
     "profile": (None, "record a JAX profiler session per policy into this directory"),
 }
 FIELDS = {"lora_rank": (LoRAConfig, "rank"), "seed": (FinetuneJob, "seed"),
-          "max_batch": (SchedulerConfig, "max_batch"), "max_seq_len": (CacheConfig, "max_seq_len"),
+          "max_batch": (SchedulerConfig, "max_batch"), "prefill_chunk": (SchedulerConfig, "prefill_chunk"),
+          "max_seq_len": (CacheConfig, "max_seq_len"),
           "micro_batch_rows": (FinetuneJob, "micro_batch_rows"), "seq_len": (FinetuneJob, "seq_len"),
           "fused_tokens": (CoLocationConfig, "fused_tokens"), "fused_layers": (CoLocationConfig, "fused_layers"),
           "batch_buckets": (SchedulerConfig, "batch_buckets")}
@@ -65,7 +70,8 @@ LISTS = ("fused_tokens", "fused_layers", "batch_buckets")
 # Numeric options: their type and the least value they may take (positive: > 0).
 NUMBERS: dict[str, tuple[type, str]] = {
     "rate_scale": (float, "positive"), "time_scale": (float, "positive"), "duration": (float, "positive"),
-    "max_requests": (int, "positive"), "finetune_steps": (int, "positive"), "sweep_requests": (int, "non-negative"),
+    "max_requests": (int, "positive"), "finetune_steps": (int, "positive"), "prefill_interval": (int, "positive"),
+    "prefill_chunk": (int, "positive"), "sweep_requests": (int, "non-negative"),
     "lora_rank": (int, "positive"), "seed": (int, "non-negative"), "max_batch": (int, "positive"),
     "max_seq_len": (int, "positive"), "micro_batch_rows": (int, "positive"), "seq_len": (int, "positive")}
 SLO_OPTIONS = ("tpot_slo", "tbt_slo", "ttft_slo")
@@ -219,6 +225,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     if slo["ttft_slo"] is not None and slo["ttft_slo"].unit == "x":
         raise ConfigError(f"--ttft-slo takes a time ('500ms'), not a multiple, got {options['ttft_slo']!r}")
     checked["slo"] = slo
+    if checked["prefill_interval"] is not None and options["role"] != "colocated":
+        raise ConfigError("--prefill-interval paces prefill on the decoding engine: it applies to --role colocated")
     for name in ("model", "trace", "dataset"):
         if options.get(name) is not None and not Path(options[name]).exists():
             raise ConfigError(f"--{name} not found: {options[name]}")
@@ -227,6 +235,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"--{name} {options[name]} is a file, not a directory")
     try:  # the dataclasses' own checks, before anything is built from them
         EngineConfig(max_batch=checked["max_batch"], max_seq_len=checked["max_seq_len"],
+                     prefill_chunk=checked["prefill_chunk"],
                      batch_buckets=checked["batch_buckets"], fused_tokens=checked["fused_tokens"],
                      fused_layers=checked["fused_layers"])
         token_options(checked["seq_len"], checked["fused_tokens"])  # each a halving of the job's seq_len

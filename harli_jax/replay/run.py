@@ -10,7 +10,9 @@ A replay, in order (`main`):
    wall time between the ends of consecutive decode-only steps, host work included, at the trace's peak batch);
    in the decode role, every request's prompt K/V (`prefill_all`, a separate engine from those that decode);
    the job's standalone throughput (`measure_standalone`). The SLO (`slo_of`) is fixed from these once:
-   `--tpot-slo Nx` is N solo steps, `--tbt-slo` (the cap on any single gap) defaults to twice the TPOT SLO.
+   `--tpot-slo Nx` is N solo steps, `--tbt-slo` (the cap on any single gap) defaults to twice the TPOT SLO. In
+   the colocated role, a mixed step (a prefill chunk beside the decoding sequences, `measure_mixed_step`) is
+   measured too, and prefill is paced to what the SLO affords (`prefill_interval_for`).
 3. Per policy, a fresh engine over the same weights with `tpot_slo_ms` and `tbt_slo_ms` in its EngineConfig, the
    same requests (same seed) and a fresh finetune job (`run_policy`). A policy knob that an operator would set
    offline for the peak (static's layers, cobatch's token budget, as FlexLLM's artifact sweeps it: `KNOBS`) is
@@ -22,7 +24,8 @@ fused shape, compiled when the finetune job starts); fewer of them compile faste
 
 Roles (`--role`): `decode` (the default) is the decode instance of a prefill/decode-disaggregated deployment:
 each request is submitted at its arrival with the K/V of its prompt and the first token sampled by the prefill
-engine, so only decode steps run under the SLO. `colocated` prefills prompts in chunks on the decoding engine.
+engine, so only decode steps run under the SLO. `colocated` prefills prompts in chunks on the decoding engine,
+a chunk every `prefill_interval` steps while others decode (the same for every policy).
 
 The finetune job decays its learning rate over a finite schedule (`finetune_steps`): as many optimizer steps as
 the job alone would make over the longest the replay can take within the SLO, so no policy runs out of work
@@ -94,19 +97,37 @@ class SoloStep:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixedStep:
+    """A step that carries a prefill chunk of `chunk` tokens beside `decoding` decoding sequences: the median wall
+    time between the end of the step before it and its own end, over `samples` such steps."""
+
+    seconds: float
+    decoding: int
+    chunk: int
+    samples: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Slo:
-    """The one SLO every policy of a replay is held to (seconds)."""
+    """The one SLO every policy of a replay is held to (seconds), and the prefill pacing it affords in the
+    colocated role (`prefill_interval`, 1 in the decode role)."""
 
     tpot_s: float
     tbt_s: float  # the cap on any single gap between two tokens of a request
     ttft_s: float | None
     solo: SoloStep
+    mixed: MixedStep | None = None
+    prefill_interval: int = 1
 
     def as_dict(self) -> dict[str, Any]:
+        mixed = self.mixed
         return {"tpot_slo_ms": self.tpot_s * 1e3, "tbt_slo_ms": self.tbt_s * 1e3,
                 "ttft_slo_ms": None if self.ttft_s is None else self.ttft_s * 1e3,
                 "solo_decode_step_ms": self.solo.seconds * 1e3, "solo_batch": self.solo.batch,
                 "solo_gaps": self.solo.gaps, "solo_context": self.solo.context,
+                "mixed_step_ms": None if mixed is None else mixed.seconds * 1e3,
+                "mixed_step": None if mixed is None else dataclasses.asdict(mixed),
+                "prefill_interval": self.prefill_interval,
                 "definition": "Nx = N x the solo decode step: the median wall time between the ends of consecutive "
                               "decode-only steps at the trace's peak batch, host work included, measured once on a "
                               "first engine without a finetune job before any policy runs"}
@@ -134,6 +155,7 @@ class Setup:
     solo: SoloStep
     standalone: Standalone
     prefill_s: float  # wall seconds of the prefill pass (0 in the colocated role)
+    mixed: MixedStep | None  # measured in the colocated role
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,12 +223,13 @@ def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | No
     every engine of the replay, the first one included), the policy (with `colocation` overrides) and, with
     `slo`, its TPOT SLO and TBT cap; the predictor's calibration is cached in the report directory for every
     run."""
-    limits = {} if slo is None else {"tpot_slo_ms": slo.tpot_s * 1e3, "tbt_slo_ms": slo.tbt_s * 1e3}
+    limits = {} if slo is None else {"tpot_slo_ms": slo.tpot_s * 1e3, "tbt_slo_ms": slo.tbt_s * 1e3,
+                                     "prefill_interval": slo.prefill_interval}
     shapes = {name: options[name] for name in ("fused_tokens", "fused_layers", "batch_buckets")
               if options.get(name)}
     return EngineConfig(**{"max_batch": options["max_batch"], "max_seq_len": options["max_seq_len"],
-                           "policy": policy, "calibration_dir": str(out / "calibration"), **shapes, **limits,
-                           **colocation})
+                           "prefill_chunk": options["prefill_chunk"], "policy": policy,
+                           "calibration_dir": str(out / "calibration"), **shapes, **limits, **colocation})
 
 
 def finetune_job(options: dict[str, Any], name: str, total_steps: int, checkpoint_dir: Path | None) -> FinetuneJob:
@@ -230,13 +253,27 @@ def replay_trace(options: dict[str, Any], cfg: ModelConfig) -> Trace:
         duration=options["duration"], max_requests=options["max_requests"])
 
 
-def slo_of(specs: dict[str, SloSpec | None], solo: SoloStep) -> Slo:
+def slo_of(specs: dict[str, SloSpec | None], solo: SoloStep, mixed: MixedStep | None = None,
+           prefill_interval: int | None = None) -> Slo:
     """The SLO from the options' specs (`check_options`'s `slo`) and the measured solo step; the TBT cap defaults
-    to twice the TPOT SLO."""
+    to twice the TPOT SLO. With a measured `mixed` step (the colocated role), prefill is paced at
+    `prefill_interval` steps, or where unset at the fewest the TPOT SLO affords (`prefill_interval_for`)."""
     tpot = specs["tpot_slo"].seconds(solo.seconds)
     tbt = specs["tbt_slo"].seconds(solo.seconds) if specs.get("tbt_slo") else 2 * tpot
     ttft = specs["ttft_slo"].seconds(solo.seconds) if specs.get("ttft_slo") else None
-    return Slo(tpot, tbt, ttft, solo)
+    if mixed is None:
+        return Slo(tpot, tbt, ttft, solo)
+    interval = prefill_interval or prefill_interval_for(tpot, solo.seconds, mixed.seconds)
+    return Slo(tpot, tbt, ttft, solo, mixed, interval)
+
+
+def prefill_interval_for(tpot_s: float, decode_s: float, mixed_s: float) -> int:
+    """The fewest steps N from one prefill chunk to the next that keep a decoding request's mean gap within the
+    TPOT SLO, one mixed step in every N: (mixed + (N - 1) decode) / N <= TPOT. 1 when mixed steps fit the SLO
+    by themselves, or when decode alone does not (no pacing can help)."""
+    if mixed_s <= tpot_s or decode_s >= tpot_s:
+        return 1
+    return math.ceil((mixed_s - decode_s) / (tpot_s - decode_s))
 
 
 # The prefill pass ------------------------------------------------------------------------------------------------
@@ -329,10 +366,39 @@ def measure_solo_step(engine: Engine, batch: int, kv: PrefilledKV, gaps: int = S
     return SoloStep(statistics.median(times), batch, len(times), len(kv.prompt_ids))
 
 
-def measure_slo_base(engine: Engine, trace: Trace, seed: int) -> SoloStep:
+def measure_mixed_step(engine: Engine, batch: int, kv: PrefilledKV, seed: int) -> MixedStep | None:
+    """A mixed step at `batch`: `batch` - 1 requests decode (from the prompt K/V `kv`) while one more prefills a
+    prompt of several chunks (`engine` paces nothing: a chunk every step); the median of the gaps that end in a
+    step with the chunk and every decoder. None where the engine cannot hold a decoder beside the prefill."""
+    settings, seq_len = engine.config.scheduler, engine.seq_len
+    decoding = min(max(1, batch - 1), settings.max_batch - 1)
+    chunks = min(4, (seq_len - 2) // settings.prefill_chunk)
+    if decoding < 1 or chunks < 1:
+        return None
+    first = len(engine.step_records)
+    sampling = SamplingParams(max_tokens=chunks + SOLO_GAPS, ignore_eos=True)
+    for _ in range(decoding):
+        engine.submit(Request(list(kv.prompt_ids), sampling), prefilled_kv=kv)
+    while engine.has_unfinished() and (len(engine.step_records) == first
+                                       or engine.step_records[-1].decode_seqs < decoding):
+        engine.step()  # every decoder running before the prompt arrives
+    prompt = np.random.default_rng(seed + 1).integers(3, engine.cfg.vocab_size, chunks * settings.prefill_chunk)
+    engine.submit(Request(prompt.tolist(), SamplingParams(max_tokens=1)))
+    while engine.has_unfinished():
+        engine.step()
+    records = engine.step_records[first:]
+    times = [b.end - a.end for a, b in zip(records, records[1:], strict=False)
+             if b.prefill_seqs == 1 and b.decode_seqs == decoding]
+    if not times:
+        raise HarliError(f"the mixed step at batch {batch}: no step prefilled beside {decoding} decoding requests")
+    return MixedStep(statistics.median(times), decoding, settings.prefill_chunk, len(times))
+
+
+def measure_slo_base(engine: Engine, trace: Trace, seed: int, role: str) -> tuple[SoloStep, MixedStep | None]:
     """The solo decode step at the trace's peak batch: measured at the engine's largest batch, which gives the
-    time per token the peak concurrency is estimated with (`peak_concurrency`), then at that peak. The prompt is
-    the trace's median context (prompt + half the output), prefilled once on `engine`."""
+    time per token the peak concurrency is estimated with (`peak_concurrency`), then at that peak; in the
+    colocated role, the mixed step at that peak too. The prompt is the trace's median context (prompt + half the
+    output), prefilled once on `engine`."""
     seq_len, max_batch = engine.seq_len, engine.config.scheduler.max_batch
     context = int(np.median([r.prompt_tokens + r.output_tokens // 2 for r in trace.requests]))
     context = max(1, min(context, seq_len - SOLO_GAPS - 2))
@@ -340,7 +406,8 @@ def measure_slo_base(engine: Engine, trace: Trace, seed: int) -> SoloStep:
     kv = prefill_all(engine, [Request(prompt, request_id="solo")], show=False)["solo"]
     at_max = measure_solo_step(engine, max_batch, kv)
     peak = max(1, min(max_batch, peak_concurrency(trace, at_max.seconds)))
-    return at_max if peak == max_batch else measure_solo_step(engine, peak, kv)
+    solo = at_max if peak == max_batch else measure_solo_step(engine, peak, kv)
+    return solo, measure_mixed_step(engine, peak, kv, seed) if role == "colocated" else None
 
 
 def measure_standalone(engine: Engine, job: FinetuneJob, steps: int = STANDALONE_STEPS) -> Standalone:
@@ -374,9 +441,12 @@ def prepare(model: LoadedModel, trace: Trace, options: dict[str, Any], out: Path
     requests = trace.to_requests(model.cfg.vocab_size, seed=options["seed"])
     print("[setup] compiling the step programs...", file=sys.stderr)
     engine = Engine(model, engine_config(options, "decode-only", out))
-    solo = measure_slo_base(engine, trace, options["seed"])
+    solo, mixed = measure_slo_base(engine, trace, options["seed"], options["role"])
     print(f"[setup] solo decode step at the peak batch {solo.batch}: {solo.seconds * 1e3:.2f} ms (median of "
           f"{solo.gaps} decode-only steps, wall time)", file=sys.stderr)
+    if mixed is not None:
+        print(f"[setup] mixed step ({mixed.decoding} decoding + a prefill chunk of {mixed.chunk} tokens): "
+              f"{mixed.seconds * 1e3:.2f} ms (median of {mixed.samples})", file=sys.stderr)
     prefilled, prefill_s = {}, 0.0
     if options["role"] == "decode":
         started = time.perf_counter()
@@ -392,7 +462,7 @@ def prepare(model: LoadedModel, trace: Trace, options: dict[str, Any], out: Path
     print(f"[setup] standalone finetune: {standalone.tokens_per_s:,.0f} trained tokens/s", file=sys.stderr)
     del engine, probe
     gc.collect()  # the first engine's arena, before the next engine takes the device's memory
-    return Setup(model, trace, requests, prefilled, options, solo, standalone, prefill_s)
+    return Setup(model, trace, requests, prefilled, options, solo, standalone, prefill_s, mixed)
 
 
 # Serving -------------------------------------------------------------------------------------------------------
@@ -564,9 +634,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"in the {options['role']} role with {', '.join(options['policies'])}; report in {out}",
               file=sys.stderr)
         setup = prepare(model, trace, options, out)
-        slo = slo_of(options["slo"], setup.solo)
+        slo = slo_of(options["slo"], setup.solo, setup.mixed, options["prefill_interval"])
         print(f"[setup] TPOT SLO {slo.tpot_s * 1e3:.2f} ms, TBT cap {slo.tbt_s * 1e3:.2f} ms, for every policy; "
               f"the finetune job: {finetune_steps(setup, slo)} optimizer steps", file=sys.stderr)
+        if slo.mixed is not None:
+            print(f"[setup] prefill paced to a chunk every {slo.prefill_interval} steps while others decode",
+                  file=sys.stderr)
+            if slo.mixed.seconds > slo.tbt_s:
+                print(f"[setup] warning: a mixed step ({slo.mixed.seconds * 1e3:.2f} ms) is longer than the TBT "
+                      f"cap: every prefill chunk breaks it; a smaller --prefill-chunk shortens it", file=sys.stderr)
         for policy in options["policies"]:
             settings, swept = tuned_settings(setup, policy, slo, out)
             sweeps += [swept] if swept else []

@@ -57,11 +57,14 @@ class SchedulerConfig:
     prefill_chunk: int = option(64, "prompt tokens per step, shared by the prefilling sequences")
     max_prefill_seqs: int = option(4, "sequences that may prefill in one step (the rows a mixed step's attention "
                                       "reads as chunks)")
+    prefill_interval: int = option(1, "steps from one prefill chunk to the next while other sequences decode: "
+                                      "a chunk every N steps paces prefill to prefill_chunk/N prompt tokens per "
+                                      "step, so the decoding ones keep their TPOT")
     batch_buckets: tuple[int, ...] = option((), "sequences-per-step program shapes; unset: powers of two")
     page_buckets: tuple[int, ...] = option((), "pages-per-sequence program shapes; unset: x4 steps to the maximum")
 
     def __post_init__(self):
-        _positive_ints(self, "max_batch", "prefill_chunk", "max_prefill_seqs")
+        _positive_ints(self, "max_batch", "prefill_chunk", "max_prefill_seqs", "prefill_interval")
         if any(b <= 0 or b > self.max_batch for b in self.batch_buckets):
             raise ConfigError(f"SchedulerConfig.batch_buckets must lie in [1, max_batch={self.max_batch}], "
                               f"got {self.batch_buckets}")

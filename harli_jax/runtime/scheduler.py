@@ -46,6 +46,7 @@ class StepPlan:
     # A plan made ahead (`schedule_ahead`): per sequence, its index in the previous plan, whose output is its
     # input token (its `tokens` are a placeholder). Empty: every input token is known.
     previous: list[int] = dataclasses.field(default_factory=list)
+    chunks: int = 0  # sequences that run a chunk of their prompt (what `prefill_interval` paces)
 
     @property
     def num_tokens(self) -> int:
@@ -61,7 +62,8 @@ class Scheduler:
     def __init__(self, page_table: PageTable, settings: SchedulerConfig, output: OutputProcessor):
         self.pages = page_table
         self.max_batch, self.prefill_chunk = settings.max_batch, settings.prefill_chunk
-        self.max_prefill_seqs = settings.max_prefill_seqs
+        self.max_prefill_seqs, self.prefill_interval = settings.max_prefill_seqs, settings.prefill_interval
+        self._steps_without_prefill = settings.prefill_interval  # steps run since the last chunk (none yet)
         self.output = output
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []  # in admission order: the last is the youngest
@@ -90,6 +92,7 @@ class Scheduler:
     def update(self, plan: StepPlan, tokens: Sequence[int], now: float) -> list[Event]:
         """Applies a step's output: every sequence's K/V advanced; past its prompt, it gained one token."""
         events: list[Event] = []
+        self._steps_without_prefill = 0 if plan.chunks else self._steps_without_prefill + 1
         for state, work, token in zip(plan.states, plan.work, tokens, strict=True):
             if self._requests.get(state.request_id) is not state:
                 continue  # it ended (a stop, an abort) after this plan was made ahead: its token is dropped
@@ -192,24 +195,29 @@ class Scheduler:
             if seq in self.running:
                 self._run(seq, 1, plan)
         # 2. Prefill: continue partly prefilled sequences, then admit waiting ones, within the chunk budget and
-        # the number of sequences that may prefill in one step.
+        # the number of sequences that may prefill in one step; while others decode, prompt chunks run every
+        # `prefill_interval` steps (admitting a request whose K/V was imported is no chunk: it is not paced).
+        paced = bool(plan.work) and self._steps_without_prefill + 1 < self.prefill_interval
         budget, prefills = self.prefill_chunk, 0
         for seq in [s for s in self.running if s.num_pending > 1]:
-            if budget == 0 or prefills == self.max_prefill_seqs:
+            if paced or budget == 0 or prefills == self.max_prefill_seqs:
                 break
             n = min(seq.num_pending, budget)
             if not self._grow(seq, seq.num_computed + n, plan):
                 continue
             self._run(seq, n, plan)
-            budget, prefills = budget - n, prefills + 1
+            budget, prefills, plan.chunks = budget - n, prefills + 1, plan.chunks + 1
         while (budget > 0 and prefills < self.max_prefill_seqs and self.waiting
                and len(self.running) < self.max_batch):
             seq = self.waiting[0]
+            if paced and seq.prefilled is None:
+                break
             n = min(seq.num_pending, budget)
             if not self._grow(seq, seq.num_computed + n, plan):
                 break  # new requests wait for memory; they never preempt running ones
             self.waiting.popleft()
             self.running.append(seq)
+            plan.chunks += seq.prefilled is None
             self._run(seq, n, plan)
             budget, prefills = budget - n, prefills + 1
         if not plan.work and self.running:

@@ -133,12 +133,21 @@ def test_the_colocated_role_with_static_and_cobatch_knobs_chosen_by_the_sweep(in
     out = root / "colocated"
     code, stdout, stderr = _main(["--config", str(config), "--trace", str(trace), "--out", str(out), "--role",
                                   "colocated", "--policy", "static,cobatch", "--max-requests", "8",
-                                  "--fused-tokens", "8", "--fused-layers", "1", "--batch-buckets", "2"])
+                                  "--fused-tokens", "8", "--fused-layers", "1", "--batch-buckets", "2",
+                                  "--prefill-chunk", "8", "--prefill-interval", "3"])
     assert code == 0, stderr
     report = json.loads((out / "summary.json").read_text())
     static, cobatch = report["summary"]
     assert static["role"] == "colocated" and static["requests"] == 8 and report["setup"]["prefilled"] == 0
-    assert any(int(row["prefill_seqs"]) for row in _rows(out / "steps-static.csv"))  # prompts prefilled here
+    steps = _rows(out / "steps-static.csv")
+    assert any(int(row["prefill_seqs"]) for row in steps)  # prompts prefilled here
+    # A mixed step was measured; every engine paced prompt chunks (8 tokens: prompts take several) beside
+    # decoding requests to one in 3 steps.
+    assert report["slo"]["mixed_step_ms"] > 0 and report["slo"]["prefill_interval"] == 3
+    assert report["slo"]["mixed_step"]["chunk"] == 8 and "prefill paced to a chunk every 3 steps" in stderr
+    chunk = [int(row["prefill_tokens"]) > 1 for row in steps]
+    paced = [i for i, row in enumerate(steps) if chunk[i] and int(row["decode_seqs"])]
+    assert paced and all(i >= 2 and not chunk[i - 1] and not chunk[i - 2] for i in paced), paced
     assert report["options"]["fused_tokens"] == [8] and report["options"]["batch_buckets"] == [2]
     static_sweep, cobatch_sweep = report["sweeps"]
     assert static_sweep["policy"] == "static" and static_sweep["field"] == "static_layers"
@@ -199,6 +208,10 @@ BAD_OPTIONS = [
     (["--max-batch", "abc"], "--max-batch must be an integer, got 'abc'"),
     (["--sweep-requests", "-1"], "--sweep-requests must be non-negative"),
     (["--finetune-steps", "0"], "--finetune-steps must be positive"),
+    (["--prefill-interval", "0", "--role", "colocated"], "--prefill-interval must be positive, got '0'"),
+    (["--prefill-interval", "2"], "--prefill-interval paces prefill on the decoding engine: it applies to --role "
+                                  "colocated"),
+    (["--prefill-chunk", "-8"], "--prefill-chunk must be positive"),
     (["--fused-tokens", "8,x"], "--fused-tokens must be positive integers, comma-separated, got '8,x'"),
     (["--fused-tokens", "12"], "fused_tokens [12] must each be seq_len (32) halved 0 to 3 times"),
     (["--fused-layers", "0"], "--fused-layers must be positive integers"),
@@ -283,7 +296,8 @@ def test_the_sweep_takes_the_largest_value_that_keeps_the_slo(monkeypatch, tmp_p
 
     monkeypatch.setattr(replay, "run_policy", fake_run)
     setup = replay.Setup(model=None, trace=Trace(()), requests=[Request([1], request_id=f"r{i}") for i in range(10)],
-                         prefilled={}, options={}, solo=None, standalone=None, prefill_s=0.0)
+                         prefilled={}, options={}, solo=None, standalone=None, prefill_s=0.0,
+                         mixed=None)
     knob = replay.Knob("static_layers", (1, 2, 3, 4), fallback=0)
     result = replay.sweep(setup, "static", knob, slo=None, out=tmp_path, requests=6)
     assert result.chosen == chosen and list(result.attainment) == tried
@@ -316,3 +330,16 @@ def test_the_decode_role_refuses_prompt_kv_beyond_half_the_available_memory(monk
     monkeypatch.setattr(replay, "available_memory", lambda: 2**16)
     with pytest.raises(ConfigError, match=r"2 requests need 0.04 MiB, more than 50% of the 0.06 MiB available"):
         replay.check_prefill_memory(trace, cfg, 16)
+
+
+@pytest.mark.parametrize(("tpot", "decode", "mixed", "interval"), [
+    (20.0, 10.0, 30.0, 2), (25.0, 10.0, 100.0, 6), (25.0, 10.0, 101.0, 7),
+    (20.0, 10.0, 20.0, 1),  # a mixed step within the SLO by itself: no pacing
+    (10.0, 12.0, 50.0, 1),  # decode alone misses the SLO: pacing cannot help
+])
+def test_prefill_interval_is_the_fewest_steps_that_keep_the_mean_gap_within_the_slo(tpot, decode, mixed, interval):
+    assert replay.prefill_interval_for(tpot, decode, mixed) == interval
+    if decode < tpot < mixed:
+        def mean(n):
+            return (mixed + (n - 1) * decode) / n
+        assert mean(interval) <= tpot < mean(interval - 1)

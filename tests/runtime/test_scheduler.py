@@ -24,9 +24,10 @@ def _state(rid, prompt_len, max_tokens=4, prefilled=None):
                         prefilled=prefilled)
 
 
-def _scheduler(num_pages=64, page_tokens=4, max_batch=4, prefill_chunk=8, max_prefill_seqs=4):
+def _scheduler(num_pages=64, page_tokens=4, max_batch=4, prefill_chunk=8, max_prefill_seqs=4, prefill_interval=1):
     table = PageTable(num_pages, page_tokens, max_pages_per_seq=16)
-    settings = SchedulerConfig(max_batch=max_batch, prefill_chunk=prefill_chunk, max_prefill_seqs=max_prefill_seqs)
+    settings = SchedulerConfig(max_batch=max_batch, prefill_chunk=prefill_chunk, max_prefill_seqs=max_prefill_seqs,
+                               prefill_interval=prefill_interval)
     return Scheduler(table, settings, OutputProcessor(None)), table
 
 
@@ -59,6 +60,31 @@ def test_at_most_max_prefill_seqs_prefill_in_one_step():
     assert _shape(plan) == [("a", 2, 0), ("b", 2, 0)]  # budget left for c, but two prefills already
     sched.update(plan, [7, 8], now=1.0)
     assert _shape(sched.schedule()) == [("a", 1, 2), ("b", 1, 2), ("c", 2, 0)]  # decodes do not count
+    table.check_invariants()
+
+
+def _step(sched):
+    """Schedules a step and applies it (every sampled token 7); the plan."""
+    plan = sched.schedule()
+    sched.update(plan, [7] * len(plan.work), now=0.0)
+    return plan
+
+
+def test_prefill_chunks_are_paced_while_others_decode():
+    sched, table = _scheduler(prefill_chunk=4, prefill_interval=3)
+    sched.add(_state("a", 2, max_tokens=20), now=0.0)
+    assert _shape(_step(sched)) == [("a", 2, 0)]  # nothing decodes: prefill at once
+    sched.add(_state("b", 10), now=1.0)
+    shapes = [_shape(_step(sched)) for _ in range(3)]
+    assert shapes == [[("a", 1, 2)], [("a", 1, 3)], [("a", 1, 4), ("b", 4, 0)]]  # a chunk every third step
+    kv = np.zeros((2, 1, 2, 1, 4, 8), np.float32)
+    sched.add(_state("d", 6, prefilled=PrefilledKV(tuple(range(10, 16)), first_token=4, kv=kv, page_tokens=4)),
+              now=2.0)
+    shapes = [_shape(_step(sched)) for _ in range(4)]
+    assert shapes == [[("a", 1, 5), ("d", 1, 6)],  # imported K/V is no chunk: admitted at once, not counted
+                      [("a", 1, 6), ("d", 1, 7)], [("a", 1, 7), ("d", 1, 8), ("b", 4, 4)], [("a", 1, 8)]]
+    sched.abort("a")
+    assert _shape(_step(sched)) == [("b", 2, 8)]  # alone: no reason to wait
     table.check_invariants()
 
 
