@@ -9,7 +9,7 @@ every row is full and has `seq_len - 1` trained tokens), each its own `FinetuneR
   and the headline reference of every ratio;
 - `single-remat`: the same with `remat=True` (each layer recomputed in backward from its input): the secondary
   reference;
-- `micro-K`: `micro.start(layers_per_chunk=K)` then `micro.run()` until done, for K in `--chunks`
+- `micro-K`: `micro.start()` then `micro.run(K)` until done, for K in `--chunks`
   (default 1, 4 and all layers): forward chunks stashing each layer's input into leased arena pages, the loss,
   backward chunks recomputing each layer from its stash with `jax.vjp`, the commit.
 
@@ -163,10 +163,10 @@ class Mode:
         if self.chunk is None:
             r.train_microbatch()
         else:
-            if not r.micro.start(layers_per_chunk=self.chunk):
+            if not r.micro.start():
                 raise RuntimeError(f"{self.name}: no stash lease granted (arena too small?)")
             while r.micro.current is not None:
-                r.micro.run()
+                r.micro.run(self.chunk)
         block(r.state, self.arena.buffer)
         wall = time.perf_counter() - started
         return {"seconds": wall, "trained_tokens": r.progress().tokens - before,
@@ -194,14 +194,14 @@ def breakdown(mode: Mode, iters: int) -> dict:
     for _ in range(iters):
         t_mb = time.perf_counter()
         f, t = minor_faults(), time.perf_counter()
-        if not r.micro.start(layers_per_chunk=mode.chunk):
+        if not r.micro.start():
             raise RuntimeError("no stash lease granted")
         block(r.micro.current.x)
         per_kind.setdefault("start", []).append(time.perf_counter() - t)
         faults.setdefault("start", []).append(minor_faults() - f)
         while r.micro.current is not None:
             f, t = minor_faults(), time.perf_counter()
-            kind = r.micro.run().kind
+            kind = r.micro.run(mode.chunk).kind
             block(mode.arena.buffer, r.state, r.micro.current.x if r.micro.current is not None else None)
             per_kind.setdefault(kind, []).append(time.perf_counter() - t)
             faults.setdefault(kind, []).append(minor_faults() - f)

@@ -258,7 +258,7 @@ class CoLocator:
         decision_time = time.perf_counter() - decided
         ran, timed, train_time = [], [], 0.0
         for _, size in plan.steps:
-            if micro.current is None and not micro.start(size, watermark=reserve):
+            if micro.current is None and not micro.start(watermark=reserve):
                 break
             with jax.profiler.TraceAnnotation(f"train_micro_step size={size}"):
                 done = micro.run(size)
@@ -271,7 +271,7 @@ class CoLocator:
             if not job.active:
                 break
         if plan.fused is not None and job.active and len(ran) == len(plan.steps) and next_plan.work:
-            if micro.current is not None or micro.start(plan.fused[1], watermark=reserve):
+            if micro.current is not None or micro.start(watermark=reserve):
                 call = micro.fused_call(plan.fused[1])
                 if call is not None and self.runner.can_fuse(self.runner.bucket_of(next_plan), call.kind, call.size):
                     self._fused = (next_plan, call)

@@ -52,7 +52,6 @@ class MicroBatchRun:
     device_batch: trainer.TrainBatch
     lease: Owner
     stash_pages: jax.Array
-    layers_per_chunk: int
     phase: Phase  # "forward" or "backward" and the layers left in it (colocation.advance moves it on)
     x: jax.Array | None = None  # hidden state (forward) or its gradient (backward)
     grads: Any = None
@@ -103,7 +102,7 @@ class MicroBatchExecutor:
             return None
         return run.phase
 
-    def start(self, layers_per_chunk: int = 1, watermark: int = 0, calibration: bool = False) -> bool:
+    def start(self, watermark: int = 0, calibration: bool = False) -> bool:
         """Leases stash pages and starts the job's next micro-batch; False if no lease was granted or the job has
         no data left. A `calibration` micro-batch runs for timing only: at its end it is dropped like an
         abandoned one without counting as abandoned."""
@@ -121,8 +120,7 @@ class MicroBatchExecutor:
         device_batch = trainer.TrainBatch.from_host(batch.arrays())
         phase = ("tokens", self.job.job.seq_len) if self.token_mode else ("forward", self.job.cfg.num_layers)
         run = MicroBatchRun(batch=batch, device_batch=device_batch, lease=lease,
-                            stash_pages=jnp.asarray(pages, jnp.int32), layers_per_chunk=layers_per_chunk,
-                            phase=phase, calibration=calibration)
+                            stash_pages=jnp.asarray(pages, jnp.int32), phase=phase, calibration=calibration)
         if self.token_mode:
             run.loss_sum, run.count = jnp.float32(0), jnp.float32(0)
         else:
@@ -130,9 +128,10 @@ class MicroBatchExecutor:
         self.current = run
         return True
 
-    def run(self, layers: int | None = None) -> MicroStepResult:
-        """Runs the next micro-step of the micro-batch in flight over `layers` layers (default: its chunk size, at
-        most what its phase has left); abandons the micro-batch instead if its lease was taken back."""
+    def run(self, size: int) -> MicroStepResult:
+        """Runs the next micro-step of the micro-batch in flight over `size` layers (positions, in a token-chunked
+        forward), at most what its phase has left; abandons the micro-batch instead if its lease was taken
+        back."""
         run = self.current
         if run is None:
             raise RuntimeError("no micro-batch in flight")
@@ -142,7 +141,7 @@ class MicroBatchExecutor:
         started = time.perf_counter()
         job, layout = self.job, self.arena.layout
         (phase, left), num_layers = run.phase, job.cfg.num_layers
-        n = min(layers or run.layers_per_chunk, left)
+        n = min(size, left)
         kind, run.phase = advance(run.phase, n, num_layers)
         lora = job.state.lora
         if phase == "tokens":

@@ -108,13 +108,13 @@ def _micro_step_job(engine, abandon_at=None):
     micro = runner.micro
     started = 0
     while runner.active:
-        assert micro.start(layers_per_chunk=1)
+        assert micro.start()
         started += 1
         while micro.current is not None:
-            kind = micro.run().kind
+            kind = micro.run(1).kind
             if started == abandon_at and kind == "forward":
                 assert engine.arena.table.reclaim(engine.arena.table.capacity)
-                assert micro.run() == (None, 0.0)
+                assert micro.run(1) == (None, 0.0)
                 assert micro.current is None
                 break
     assert engine.arena.table.usage()["lease"] == 0
