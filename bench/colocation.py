@@ -60,6 +60,7 @@ ROW_KEYS = ("slo_attainment", "tbt_attainment", "tpot_p99_ms", "tbt_p99_ms", "tt
             "decode_tokens_per_s", "finetune_tokens_per_s", "harvest_ratio", "reclaims", "abandoned_microbatches",
             "predictor_mape", "predictor_under_prediction", "scheduler_overhead", "windows_with_training",
             "fused_steps", "wall_s")
+TEMPORAL = "harli-temporal"  # the ablation side: harli without fused steps (`fuse: false`), not a baseline
 # Each preset: what the flags left unset take.
 QUICK = dict(model=REPO / "configs/models/tiny.yaml", slo="3x", role="decode,colocated", max_batch=4,
              max_seq_len=128, micro_batch_rows=2, seq_len=32, sweep_requests=4, requests=10, rate=6.0,
@@ -99,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "comma-separated (default 1,2; 1 quick)")
     parser.add_argument("--batch-buckets", default=None, help="decode batch sizes compiled, comma-separated (max "
                         "batch always; default powers of two)")
+    parser.add_argument("--temporal-ablation", action="store_true", help=f"also run {TEMPORAL}: harli with fused "
+                        "steps off (micro-steps between steps only), and report harli's finetune tokens/s over it")
     parser.add_argument("--seed", type=int, default=0, help="weights, prompts, the generated trace, the run order")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny.yaml, a short generated trace")
     common.add_arguments(parser)
@@ -129,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(e))
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.temporal_ablation and "harli" not in args.policies:
+        parser.error("--temporal-ablation compares harli with and without fused steps: --policy must name harli")
+    args.sides = args.policies + ([TEMPORAL] if args.temporal_ablation else [])
     return args
 
 
@@ -212,7 +218,7 @@ def policy_row(comparison: dict, policy: str) -> dict:
 
 def score(table: dict, slo_valid: bool) -> dict:
     """The best baseline that keeps >= 99% of the requests within the TPOT SLO, and harli's ratio to it."""
-    ok = {p: r for p, r in table.items() if p != "harli" and r["valid_attempts"]
+    ok = {p: r for p, r in table.items() if p not in ("harli", TEMPORAL) and r["valid_attempts"]
           and (r["slo_attainment"] or 0) >= TARGETS["attainment_min"]}
     best = max(ok, key=lambda p: ok[p]["finetune_tokens_per_s"] or 0) if ok else None
     out: dict = {"best_baseline": best}
@@ -223,6 +229,10 @@ def score(table: dict, slo_valid: bool) -> dict:
     if not slo_valid:
         ratio = {"value": None, "valid": False, "why": "the SLO base was measured under load"}
     out["harli_vs_best_baseline"] = ratio
+    if TEMPORAL in table:  # what fused steps add: harli over harli with micro-steps between steps only
+        fused = common.ratio(harli["finetune_tokens_per_s"], table[TEMPORAL]["finetune_tokens_per_s"])
+        out["fused_vs_temporal"] = fused if slo_valid else {"value": None, "valid": False,
+                                                            "why": "the SLO base was measured under load"}
     if harli["valid_attempts"]:
         out["targets"] = {
             "attainment": (harli["slo_attainment"] or 0) >= TARGETS["attainment_min"],
@@ -246,6 +256,11 @@ def at_slo(setup, spec, args, work: Path, settings: dict, slo_valid: bool) -> di
             sweeps += [swept.as_dict()] if swept else []
 
     def attempt(policy: str) -> dict:
+        if policy == TEMPORAL:
+            result = replay.run_policy(setup, "harli", slo, work, settings={"fuse": False}, checkpoint=False,
+                                       name=TEMPORAL)
+            gc.collect()
+            return summarize(result)
         result = replay.run_policy(setup, policy, slo, work, settings=tuned[policy], checkpoint=False)
         gc.collect()
         return summarize(result)
@@ -254,10 +269,10 @@ def at_slo(setup, spec, args, work: Path, settings: dict, slo_valid: bool) -> di
         return (f"{s['slo_attainment'] or 0:.1%} within the TPOT SLO, {s['finetune_tokens_per_s']:.0f} finetune "
                 f"tokens/s, harvest {s['harvest_ratio'] or 0:.2f}")
 
-    sides = {policy: functools.partial(attempt, policy) for policy in args.policies}
+    sides = {policy: functools.partial(attempt, policy) for policy in args.sides}
     comparison = common.interleave(sides, args.rounds, seed=args.seed, log=say, describe=describe,
                                    quiet_before_each=True, **settings)
-    table = {policy: policy_row(comparison, policy) for policy in args.policies}
+    table = {policy: policy_row(comparison, policy) for policy in args.sides}
     return {"slo": slo.as_dict(), "finetune_total_steps": replay.finetune_steps(setup, slo), "settings": tuned,
             "sweeps": sweeps, "sweep_load": sweep_load.record, "table": table, **score(table, slo_valid),
             "comparison": comparison}
@@ -314,6 +329,10 @@ def print_summary(results: list[dict]) -> None:
             if ratio is not None:
                 say(f"harli / best baseline meeting 99% ({entry['best_baseline']}): "
                     + (f"{ratio['value']:.2f}x" if ratio["valid"] else f"invalid ({ratio.get('why', 'no baseline')})"))
+            fused = entry.get("fused_vs_temporal")
+            if fused is not None:
+                say(f"harli / {TEMPORAL} (what fused steps add): "
+                    + (f"{fused['value']:.2f}x" if fused["valid"] else f"invalid ({fused.get('why')})"))
 
 
 def main() -> None:
@@ -327,7 +346,7 @@ def main() -> None:
     settings = common.comparison_settings(args)
     paths = trace_paths(args, Path(tempfile.mkdtemp(prefix="harli-colocation-trace-")))
     say(f"colocation: {args.model}, traces {[p.name for p in paths]}, roles {args.roles}, SLOs "
-        f"{[str(s) for s in args.slos]}, policies {args.policies}")
+        f"{[str(s) for s in args.slos]}, policies {args.sides}")
     model = load_model(args.model, seed=args.seed)
     results = [one_trace_role(model, path, role, args, settings) for path in paths for role in args.roles]
     print_summary(results)

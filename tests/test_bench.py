@@ -239,7 +239,7 @@ def test_finetune_quick(tmp_path):
 def test_colocation_quick(tmp_path):
     from harli_jax.runtime.colocation import POLICIES
 
-    data = run_script("colocation", tmp_path, "--max-other-share", "1.0")
+    data = run_script("colocation", tmp_path, "--max-other-share", "1.0", "--temporal-ablation")
     assert [(r["trace"], r["role"]) for r in data["results"]] == [("generated.csv", "decode"),
                                                                   ("generated.csv", "colocated")]
     for r in data["results"]:
@@ -251,7 +251,7 @@ def test_colocation_quick(tmp_path):
         entry = r["slos"][key]
         assert key == "3x" and entry["slo"]["tpot_slo_ms"] == pytest.approx(3 * base["solo_decode_step_ms"])
         cmp = entry["comparison"]
-        check_comparison(cmp, set(POLICIES))
+        check_comparison(cmp, {*POLICIES, "harli-temporal"})
         # Every policy held to that SLO, static with the layers its sweep chose, cobatch with its token budget.
         assert {a["result"]["tpot_slo_ms"] for a in cmp["attempts"]} == {entry["slo"]["tpot_slo_ms"]}
         sweeps = {s["policy"]: s for s in entry["sweeps"]}  # in the order of --policy (POLICIES)
@@ -267,6 +267,11 @@ def test_colocation_quick(tmp_path):
             for stage in ("step", "fused", "window"):
                 mape = valid_median(cmp, policy, lambda res, s=stage: res["predictor_stages"][s]["mape"])
                 assert close(row["predictor_stages"][stage]["mape"], mape)
+        # The ablation: harli without fused steps, never a baseline; harli's tokens/s over it is reported.
+        assert entry["table"]["harli-temporal"]["fused_steps"] == 0 and entry["best_baseline"] != "harli-temporal"
+        fused = entry["fused_vs_temporal"]
+        assert fused["valid"] and close(fused["value"], entry["table"]["harli"]["finetune_tokens_per_s"]
+                                        / entry["table"]["harli-temporal"]["finetune_tokens_per_s"])
         assert entry["table"]["decode-only"]["fused_steps"] == 0
         best, ratio = entry["best_baseline"], entry["harli_vs_best_baseline"]
         assert ratio["valid"] == (best is not None)
@@ -288,6 +293,9 @@ def test_colocation_help_and_bad_flags():
     done = subprocess.run([*script, "--trace", "configs/traces/default.csv,nope.csv"], capture_output=True,
                           text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2 and "--trace not found: nope.csv" in done.stderr  # before the first trace runs
+    done = subprocess.run([*script, "--temporal-ablation", "--policy", "static"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 2 and "--policy must name harli" in done.stderr
 
 
 def test_paged_attention_quick(tmp_path):
