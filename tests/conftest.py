@@ -8,6 +8,9 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# LLVM's lowest optimization level for XLA:CPU programs in the test session (and the scripts it starts): compiles
+# take most of the suite's time and the tests time nothing; the benchmarks run without it.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # One persistent compilation cache for the session, empty at its start, shared with the scripts it starts: an
 # engine built again with the same shapes loads its programs instead of compiling them. `jax_events()` counts a
 # program loaded from it like a compile, so the no-recompile tests still see every program made after warm-up.
