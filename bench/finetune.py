@@ -226,12 +226,12 @@ def _fwd_nostash(layers, cfg, lora, x, batch, start):
 
 def _stash_write(layout, arena, x, stash_pages, start, num_layers):
     """forward_chunk's stash scatter alone."""
-    per_layer, per_page = trainer._stash_sizes(layout, x.shape[0] * x.shape[1])
+    tokens = x.shape[0] * x.shape[1]
 
     def body(i, arena):
-        pages, slots = trainer._stash_index(stash_pages, start + i, per_layer, per_page)
+        pages, slots = trainer.stash_index(layout, stash_pages, start + i, jnp.arange(tokens), tokens)
         rows = layout.stash_rows(arena)
-        return rows.at[pages, slots].set(x.reshape(per_layer, layout.stash_row)).reshape(arena.shape)
+        return rows.at[pages, slots].set(x.reshape(-1, layout.stash_row)).reshape(arena.shape)
 
     return jax.lax.fori_loop(0, num_layers, body, arena)
 
@@ -239,10 +239,10 @@ def _stash_write(layout, arena, x, stash_pages, start, num_layers):
 def _stash_read(layout, arena, g, stash_pages, end, num_layers):
     """backward_chunk's stash gather alone (summed so that nothing is dead)."""
     arena_rows = layout.stash_rows(arena)
-    per_layer, per_page = trainer._stash_sizes(layout, g.shape[0] * g.shape[1])
+    tokens = g.shape[0] * g.shape[1]
 
     def body(i, acc):
-        pages, slots = trainer._stash_index(stash_pages, end - 1 - i, per_layer, per_page)
+        pages, slots = trainer.stash_index(layout, stash_pages, end - 1 - i, jnp.arange(tokens), tokens)
         return acc + arena_rows[pages, slots].reshape(g.shape)
 
     return jax.lax.fori_loop(0, num_layers, body, jnp.zeros_like(g))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from harli_jax.lora.trainer import TrainBatch, token_loss_sum
+from harli_jax.lora.trainer import TrainBatch, stash_index, token_loss_sum
 from harli_jax.model.layers import Rope, attention_out, attention_qkv, dense_attention, mlp_block, rope_tables
 from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_attend
 from harli_jax.model.params import Adapters, Params, layer_adapters, mix_adapters
@@ -49,12 +49,8 @@ def _kv_row(layout: ArenaLayout) -> int:
 def _stash_hidden(layout: ArenaLayout, arena: Array, stash_pages: Array, slot: int, ids: Array, tokens: int,
                   x: Array) -> Array:
     """Writes the hidden states `x [n, D]` of tokens `ids` at layer slot `slot` of the hidden-state region."""
-    per_token = layout.cfg.hidden_size // layout.stash_row
-    per_page = layout.page_elements // layout.stash_row
-    rows = (slot * tokens + ids)[:, None] * per_token + jnp.arange(per_token)
-    view = layout.stash_rows(arena)
-    view = view.at[stash_pages[rows // per_page], rows % per_page].set(
-        x.reshape(-1, per_token, layout.stash_row).astype(arena.dtype))
+    pages, slots = stash_index(layout, stash_pages, slot, ids, tokens)
+    view = layout.stash_rows(arena).at[pages, slots].set(x.reshape(-1, layout.stash_row).astype(arena.dtype))
     return view.reshape(arena.shape)
 
 
@@ -87,12 +83,9 @@ def _read_kv(layout: ArenaLayout, arena: Array, stash_pages: Array, layer: int, 
 def read_loss_gradient(layout: ArenaLayout, arena: Array, stash_pages: Array, shape: tuple[int, int, int]) -> Array:
     """The stashed gradient of the loss w.r.t. the last hidden state, `shape = [rows, seq_len, D]`: where the
     backward of a token-chunked micro-batch starts."""
-    rows, seq_len, hidden = shape
-    tokens = rows * seq_len
-    per_token = hidden // layout.stash_row
-    per_page = layout.page_elements // layout.stash_row
-    index = (layout.cfg.num_layers * tokens + jnp.arange(tokens))[:, None] * per_token + jnp.arange(per_token)
-    return layout.stash_rows(arena)[stash_pages[index // per_page], index % per_page].reshape(shape)
+    tokens = shape[0] * shape[1]
+    pages, slots = stash_index(layout, stash_pages, layout.cfg.num_layers, jnp.arange(tokens), tokens)
+    return layout.stash_rows(arena)[pages, slots].reshape(shape)
 
 
 def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, batch: TrainBatch,

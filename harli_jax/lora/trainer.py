@@ -131,31 +131,32 @@ def apply_update(config: OptimizerConfig, state: TrainState):
 # Micro-steps ------------------------------------------------------------------------------------------------
 
 
-def _stash_index(stash_pages: Array, layer: Array, rows_per_layer: int, rows_per_page: int) -> tuple[Array, Array]:
-    rows = layer * rows_per_layer + jnp.arange(rows_per_layer)
-    return stash_pages[rows // rows_per_page], rows % rows_per_page
+def stash_index(layout: ArenaLayout, stash_pages: Array, slot: Array | int, ids: Array,
+                tokens: int) -> tuple[Array, Array]:
+    """(page, row) of each stash row that holds the hidden states of tokens `ids` (of a `tokens`-token
+    micro-batch) at layer slot `slot`: slot-major, then token, then the token's `hidden_size / stash_row` rows."""
+    per_token = layout.cfg.hidden_size // layout.stash_row
+    per_page = layout.page_elements // layout.stash_row
+    rows = ((slot * tokens + ids)[:, None] * per_token + jnp.arange(per_token)).reshape(-1)
+    return stash_pages[rows // per_page], rows % per_page
 
 
 def embed_step(params: Params, batch: TrainBatch) -> Array:
     return embed(params, batch.tokens)
 
 
-def _stash_sizes(layout: ArenaLayout, tokens: int) -> tuple[int, int]:
-    """(stash rows per layer of a `tokens`-token micro-batch, stash rows per page)."""
-    return tokens * layout.cfg.hidden_size // layout.stash_row, layout.page_elements // layout.stash_row
-
-
 def forward_chunk(layers: tuple[LayerParams, ...], layout: ArenaLayout, lora: Adapters, arena: Array, x: Array,
                   batch: TrainBatch, stash_pages: Array, start: Array) -> tuple[Array, Array]:
     """Layers `start .. start + len(layers) - 1` (their weights given, so one program serves every chunk of a
     size), stashing each layer's input in `arena`'s stash view; returns (arena, output)."""
-    per_layer, per_page = _stash_sizes(layout, x.shape[0] * x.shape[1])
+    tokens = x.shape[0] * x.shape[1]
+    ids = jnp.arange(tokens)
     mask, rope = causal_mask(batch.segment_ids), rope_tables(layout.cfg, batch.positions)
     with jax.named_scope("train_forward_chunk"):
         for i, lp in enumerate(layers):
-            pages, slots = _stash_index(stash_pages, start + i, per_layer, per_page)
+            pages, slots = stash_index(layout, stash_pages, start + i, ids, tokens)
             rows = layout.stash_rows(arena)
-            arena = rows.at[pages, slots].set(x.reshape(per_layer, layout.stash_row)).reshape(arena.shape)
+            arena = rows.at[pages, slots].set(x.reshape(-1, layout.stash_row)).reshape(arena.shape)
             x = decoder_layer(lp, layout.cfg, x, rope, mask, layer_adapters(lora, start + i))
     return arena, x
 
@@ -176,12 +177,13 @@ def backward_chunk(layers: tuple[LayerParams, ...], layout: ArenaLayout, lora: A
     its stash: returns (d loss / d input of the first layer, the micro-batch's LoRA gradients with these layers
     added)."""
     arena_rows = layout.stash_rows(arena)
-    per_layer, per_page = _stash_sizes(layout, g.shape[0] * g.shape[1])
+    tokens = g.shape[0] * g.shape[1]
+    ids = jnp.arange(tokens)
     mask, rope = causal_mask(batch.segment_ids), rope_tables(layout.cfg, batch.positions)
     with jax.named_scope("train_backward_chunk"):
         for i, lp in enumerate(reversed(layers)):
             layer = end - 1 - i
-            pages, slots = _stash_index(stash_pages, layer, per_layer, per_page)
+            pages, slots = stash_index(layout, stash_pages, layer, ids, tokens)
             x = arena_rows[pages, slots].reshape(g.shape)
 
             def layer_fn(x, adapters, lp=lp):
