@@ -96,6 +96,9 @@ class WindowContext:
     rows: int = 1  # rows of a micro-batch: a token chunk of n positions is rows * n tokens
     # The next step's bound with (phase, size) work fused in; None: the next step cannot carry any.
     fused_bound: Callable[[str, int], float] | None = None
+    # Seconds of the banked slack kept for a later step: what a pending prompt chunk's step will cost beyond a
+    # decode step (the colocated role), so a window does not spend what that step needs.
+    reserve: float = 0.0
 
     @property
     def start_phase(self) -> Phase:
@@ -185,13 +188,13 @@ class HarliPolicy(Policy):
 
     def budget(self, ctx: WindowContext) -> float:
         """Seconds until the earliest next-token deadline (banked slack capped at `bank_cap` SLOs), less the
-        margin: the window and the next step must fit in it."""
+        margin and the reserve: the window and the next step must fit in it."""
         room = ctx.slo * (1 + self.bank_cap)
         if ctx.deadlines:
             room = min(room, min(ctx.deadlines) - ctx.now)
         else:
             room = min(room, ctx.slo)
-        return room - ctx.margin
+        return room - ctx.margin - ctx.reserve
 
     def plan(self, ctx: WindowContext) -> WindowPlan:
         budget = self.budget(ctx)

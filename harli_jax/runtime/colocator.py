@@ -201,6 +201,22 @@ class CoLocator:
         return self.predictor.step((bucket.seqs, bucket.tokens, bucket.pages), next_plan.context).bound + \
             self.predictor.host_bound()
 
+    def _prefill_reserve(self, next_plan: StepPlan) -> float:
+        """While requests decode and a prompt chunk is pending but not in `next_plan` (prefill is paced): how much
+        longer that chunk's step is predicted to take than `next_plan`'s decode step."""
+        scheduler = self.scheduler
+        pending = any(s.num_pending > 1 for s in scheduler.running) or any(
+            s.prefilled is None for s in scheduler.waiting)
+        if next_plan.chunks or not next_plan.work or not pending:
+            return 0.0
+        decode = self.runner.bucket_of(next_plan)
+        seqs = min(len(next_plan.work) + 1, self.config.scheduler.max_batch)
+        mixed = self.runner.bucket_for(seqs, seqs + 1, decode.pages)
+        chunk = self.config.scheduler.prefill_chunk
+        extra = self.predictor.step((mixed.seqs, mixed.tokens, mixed.pages), next_plan.context + chunk).bound - \
+            self.predictor.step((decode.seqs, decode.tokens, decode.pages), next_plan.context).bound
+        return max(0.0, extra)
+
     def _fused_bound(self, next_plan: StepPlan):
         """The next step's bound with (kind, size) fused in: its own measurements, or before there are any the
         step's bound plus the same work as a micro-step (fusing never costs more than running both)."""
@@ -252,7 +268,8 @@ class CoLocator:
                             pending=micro.status(), can_start=can_start, inference_steps=self._steps_since_train,
                             fresh=("tokens", job.job.seq_len) if self.token_mode else None,
                             next_tokens=next_plan.num_tokens, rows=job.job.micro_batch_rows,
-                            fused_bound=self._fused_bound(next_plan))
+                            fused_bound=self._fused_bound(next_plan),
+                            reserve=self._prefill_reserve(next_plan) if slo else 0.0)
         with jax.profiler.TraceAnnotation("schedule"):
             plan = self.policy.plan(ctx)
         decision_time = time.perf_counter() - decided
@@ -317,8 +334,10 @@ class CoLocator:
         return self.predictor
 
     def _calibrate_fused(self, page: int, runs: int) -> None:
-        """Times every fused program on synthetic inference batches with a timing micro-batch: its token chunks
-        at its start, its backward slices once its forward is done (dropped at the end, nothing applied)."""
+        """Times every fused program `runs` times on synthetic inference batches with a timing micro-batch: its
+        token chunks at its start, its backward slices once its forward is done (dropped at the end, nothing
+        applied). `runs` 0: each runs once, untimed (at `register`, which compiles them: a program's first run
+        is slow)."""
         micro, sizes = self.job.micro, self.sizes
         if not (sizes.fused_tokens or sizes.fused_layers) or not micro.start(calibration=True):
             return
@@ -327,13 +346,13 @@ class CoLocator:
                 micro.run(largest_chunk(sizes.of(status[0]), status[1]))
             for size in sizes.fused_of(phase):
                 for bucket in (b for b in self.runner.buckets if self.runner.can_fuse(b, phase, size)):
-                    for i in range(runs + 1):
+                    for i in range(max(runs, 1)):
                         call = micro.fused_call(size)
                         if call is None:
                             break
                         context, seconds, out = self.runner.time_fused(bucket, call, seed=i, scratch_page=page)
                         micro.fused_trial(call, out)
-                        if i:  # the first run of each program only warms it
+                        if runs:
                             key = (bucket.seqs, bucket.tokens, bucket.pages, phase, size)
                             self.predictor.observe_step(key, context, seconds)
         micro.abandon()

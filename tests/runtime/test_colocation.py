@@ -133,6 +133,14 @@ def test_harli_uses_banked_slack_but_respects_the_earliest_deadline():
     assert late.steps == ()
 
 
+def test_harli_keeps_the_reserve_for_a_pending_prompt_chunk():
+    policy = HarliPolicy(fake_cost, SIZES, bank_cap=1.0)
+    free = policy.plan(_ctx(30))
+    kept = policy.plan(dataclasses.replace(_ctx(30), reserve=0.02))  # a chunk's step will take 20 ms more
+    assert kept.budget == pytest.approx(free.budget - 0.02) and kept.predicted <= kept.budget
+    assert sum(fake_cost(k) for k in kept.steps) < sum(fake_cost(k) for k in free.steps)
+
+
 def test_micro_steps_follow_the_phases_in_compiled_chunk_sizes():
     plan = HarliPolicy(fake_cost, Sizes(layers=(1, 2, 8))).plan(_ctx(50, pending=("forward", 3)))
     assert plan.steps[:3] == (("forward", 2), ("forward+loss", 1), ("backward+commit", 8))
