@@ -102,12 +102,13 @@ class OutputProcessor:
         if stream is None and self.tokenizer is not None:
             stream = self._streams[state.request_id] = _Detokenized(self.tokenizer.stream())
         reason, cut = None, None
-        if ids[-1] in state.stop_ids:
+        may_stop = len(ids) >= state.sampling.min_tokens
+        if ids[-1] in state.stop_ids and may_stop:
             reason = FinishReason.STOP
         elif stream is not None:
             delta = stream.text.add(ids[-1])
             stream.decoded += delta
-            if stops and delta:
+            if stops and delta and may_stop:
                 start = max(len(stream.decoded) - len(delta) - max(map(len, stops)) + 1, 0)
                 hits = [i for i in (stream.decoded.find(stop, start) for stop in stops) if i >= 0]
                 if hits:

@@ -23,6 +23,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = option(0, "new tokens before a stop id, EOS or stop string may end the request")
 
     def problems(self) -> list[str]:
         out = []
@@ -38,6 +39,10 @@ class SamplingParams:
             out.append(f"seed must be in [0, 2**32), got {self.seed}")
         if any(not s for s in self.stop):
             out.append("stop strings must be non-empty")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            out.append(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
+        elif isinstance(self.max_tokens, int) and self.min_tokens > self.max_tokens:
+            out.append(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         return out
 
 

@@ -101,6 +101,18 @@ def test_update_finishes_on_max_tokens_and_stop_ids_and_frees_pages():
     assert not sched.has_work() and table.usage() == {"free": 63, "kv": 0, "lease": 0}
 
 
+def test_eos_does_not_end_a_request_before_min_tokens():
+    sched, _ = _scheduler()
+    state = _state("m", 3, max_tokens=10)
+    state.sampling = SamplingParams(max_tokens=10, min_tokens=2)
+    sched.add(state, now=0.0)
+    sched.update(sched.schedule(), [EOS], now=1.0)  # the first token: EOS is not a stop yet
+    assert sched.get("m").output_ids == [EOS]
+    events = sched.update(sched.schedule(), [EOS], now=2.0)  # the second may stop
+    assert events[-1].output.finish_reason is FinishReason.STOP and events[-1].output.token_ids == (EOS, EOS)
+    assert SamplingParams(max_tokens=2, min_tokens=3).problems() == ["min_tokens (3) must not exceed max_tokens (2)"]
+
+
 def test_abort_finishes_once():
     sched, table = _scheduler()
     sched.add(_state("a", 3), now=0.0)
