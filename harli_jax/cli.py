@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("replay", add_help=False, help="replay a trace with a finetune job and report "
                                                         "(harli replay --help)")
+    commands.add_parser("serve", add_help=False, help="an OpenAI-compatible HTTP server (harli serve --help)")
 
     gen = commands.add_parser("generate", help="generate from a prompt",
                               description="Generates from a prompt with an HF checkpoint or a YAML model config "
@@ -156,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["replay"]:
         return replay_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from harli_jax.server.main import main as serve_main  # FastAPI and uvicorn load only for the server
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -13,7 +13,7 @@ def test_regular_install_maps_kernels(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(REPO)], check=True, capture_output=True, cwd=tmp_path)
-    code = ("import harli_jax.kernels, harli_jax.model, harli_jax.lora, harli_jax.runtime; "
+    code = ("import harli_jax.kernels, harli_jax.model, harli_jax.lora, harli_jax.runtime, harli_jax.server.app; "
             "print(harli_jax.kernels.__file__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(target), "PATH": ""})

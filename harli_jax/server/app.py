@@ -1,0 +1,217 @@
+"""The OpenAI-compatible HTTP API over an `EngineLoop` (FastAPI): `/v1/completions`, `/v1/chat/completions`
+(each plain or streamed as server-sent events ending with `data: [DONE]`), `/v1/models`, `/health` and
+`/metrics` (Prometheus, vLLM's metric names under a `harli:` prefix).
+
+Errors come back the OpenAI way, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad parameter,
+malformed JSON or a prompt over the context, 401 for a wrong API key, 404 for an unknown model, 429 when the
+server already holds `max batch + max waiting` requests, 503 when the engine is down. A streaming client that
+disconnects aborts its request, which frees its pages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException
+
+from harli_jax.lora.data import DataError, chat_prompt_ids
+from harli_jax.runtime.processing import RequestError
+from harli_jax.runtime.request import FinishedEvent, GenerationOutput, SamplingParams
+from harli_jax.runtime.request import Request as EngineRequest
+from harli_jax.server import protocol
+from harli_jax.server.loop import EngineLoop, EngineStopped, QueueFull
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                   20.0, 40.0, 80.0)
+
+
+class ServerMetrics:
+    """The server's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self, loop: EngineLoop):
+        self.registry = registry = CollectorRegistry()
+        self.ttft = Histogram("harli:time_to_first_token_seconds", "Time to first token", registry=registry,
+                              buckets=LATENCY_BUCKETS)
+        self.itl = Histogram("harli:inter_token_latency_seconds", "Time between two tokens of a request",
+                             registry=registry, buckets=LATENCY_BUCKETS)
+        self.e2e = Histogram("harli:e2e_request_latency_seconds", "Arrival to last token", registry=registry,
+                             buckets=LATENCY_BUCKETS)
+        self.prompt_tokens = Counter("harli:prompt_tokens", "Prompt tokens of finished requests", registry=registry)
+        self.generation_tokens = Counter("harli:generation_tokens", "Generated tokens of finished requests",
+                                         registry=registry)
+        self.success = Counter("harli:request_success", "Finished requests by finish reason", ["finished_reason"],
+                               registry=registry)
+        gauges = {"num_requests_running": ("Requests in the engine's batch", lambda s: s.running),
+                  "num_requests_waiting": ("Requests waiting for the batch", lambda s: s.waiting),
+                  "kv_cache_usage_perc": ("Share of the arena's pages holding K/V", lambda s: s.kv_usage),
+                  "finetune_trained_tokens": ("Tokens the finetune job has trained", lambda s: s.trained_tokens)}
+        for name, (text, read) in gauges.items():
+            Gauge(f"harli:{name}", text, registry=registry).set_function(lambda read=read: read(loop.snapshot))
+        pages = Gauge("harli:arena_pages", "Arena pages by owner", ["owner"], registry=registry)
+        for owner in ("kv", "lease", "free"):
+            pages.labels(owner).set_function(lambda owner=owner: getattr(loop.snapshot, f"{owner}_pages"))
+
+    def finished(self, output: GenerationOutput) -> None:
+        self.success.labels(protocol.finish_reason(output.finish_reason)).inc()
+        self.prompt_tokens.inc(len(output.prompt_ids))
+        self.generation_tokens.inc(len(output.token_ids))
+        if output.first_token_time is not None:
+            self.ttft.observe(output.first_token_time - output.arrival_time)
+        for a, b in zip(output.token_times, output.token_times[1:], strict=False):
+            self.itl.observe(b - a)
+        if output.token_times:
+            self.e2e.observe(output.token_times[-1] - output.arrival_time)
+
+
+def create_app(loop: EngineLoop, model_name: str, *, api_key: str | None = None,
+               default_max_tokens: int = 16) -> FastAPI:
+    """The API serving `loop`'s engine under the name `model_name`."""
+    app = FastAPI(title="harli_jax", version="0.1.0")
+    metrics = ServerMetrics(loop)
+    loop.on_finished = metrics.finished
+    created = protocol.now()
+    engine = loop.engine
+
+    @app.exception_handler(protocol.ApiError)
+    async def api_error(_: Request, e: protocol.ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON ({first.get('msg')})"
+        else:
+            message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+        return JSONResponse(protocol.ApiError(400, message, param=where or None).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(protocol.ApiError(e.status_code, str(e.detail), type=kind).body(),
+                            status_code=e.status_code)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                error = protocol.ApiError(401, "invalid API key: send 'Authorization: Bearer <key>'",
+                                          type="authentication_error", code="invalid_api_key")
+                return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not loop.alive:
+            return JSONResponse(protocol.ApiError(503, "the engine is not running", type="server_error").body(),
+                                status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [protocol.model_card(model_name, None, created)]}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise protocol.ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+                                    type="not_found_error", param="model", code="model_not_found")
+
+    def start(prompt: str | list[int], sampling: SamplingParams, request_id: str):
+        try:
+            return loop.submit(EngineRequest(prompt, sampling, request_id=request_id))
+        except RequestError as e:
+            raise protocol.ApiError(400, str(e), param="prompt") from None
+        except QueueFull as e:
+            raise protocol.ApiError(429, str(e), type="rate_limit_error") from None
+        except EngineStopped as e:
+            raise protocol.ApiError(503, str(e), type="server_error") from None
+
+    async def finish(stream) -> GenerationOutput:
+        try:
+            async for event in stream.events():
+                if isinstance(event, FinishedEvent):
+                    return event.output
+        except EngineStopped as e:
+            raise protocol.ApiError(503, str(e), type="server_error") from None
+        finally:
+            loop.abort(stream.request_id)  # a no-op once finished; a cancelled request ends here
+        raise protocol.ApiError(503, "the request ended without an output", type="server_error")
+
+    async def sse(stream, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        except EngineStopped as e:
+            error = protocol.ApiError(503, str(e), type="server_error")
+            yield f"data: {json.dumps(error.body())}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            loop.abort(stream.request_id)  # a client gone mid-stream: the request stops, its pages are freed
+
+    @app.post("/v1/completions")
+    async def completions(body: protocol.CompletionRequest):
+        check_model(body.model)
+        sampling = body.sampling(default_max_tokens)
+        request_id = protocol.new_id("cmpl")
+        stream = start(body.prompt_input(), sampling, request_id)
+        if not body.stream:
+            output = await finish(stream)
+            return protocol.completion(request_id, model_name, output, protocol.now())
+
+        async def chunks() -> AsyncIterator[dict]:
+            stamp = protocol.now()
+            async for event in stream.events():
+                if isinstance(event, FinishedEvent):
+                    yield protocol.completion_chunk(request_id, model_name, stamp, "",
+                                                    protocol.finish_reason(event.output.finish_reason))
+                    if body.include_usage:
+                        yield protocol.usage_chunk(request_id, model_name, stamp, event.output, chat=False)
+                elif event.text:
+                    yield protocol.completion_chunk(request_id, model_name, stamp, event.text)
+
+        return StreamingResponse(sse(stream, chunks()), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: protocol.ChatRequest):
+        check_model(body.model)
+        sampling = body.sampling(default_max_tokens)
+        if engine.tokenizer is None:
+            raise protocol.ApiError(400, "this model has no tokenizer: chat needs one (send token ids to "
+                                         "/v1/completions)", param="messages")
+        try:
+            prompt = chat_prompt_ids([m.model_dump() for m in body.messages], engine.tokenizer)
+        except DataError as e:
+            raise protocol.ApiError(400, str(e), param="messages") from None
+        request_id = protocol.new_id("chatcmpl")
+        stream = start(prompt, sampling, request_id)
+        if not body.stream:
+            output = await finish(stream)
+            return protocol.chat_completion(request_id, model_name, output, protocol.now())
+
+        async def chunks() -> AsyncIterator[dict]:
+            stamp = protocol.now()
+            yield protocol.chat_chunk(request_id, model_name, stamp, {"role": "assistant", "content": ""})
+            async for event in stream.events():
+                if isinstance(event, FinishedEvent):
+                    yield protocol.chat_chunk(request_id, model_name, stamp, {},
+                                              protocol.finish_reason(event.output.finish_reason))
+                    if body.include_usage:
+                        yield protocol.usage_chunk(request_id, model_name, stamp, event.output, chat=True)
+                elif event.text:
+                    yield protocol.chat_chunk(request_id, model_name, stamp, {"content": event.text})
+
+        return StreamingResponse(sse(stream, chunks()), media_type="text/event-stream")
+
+    app.state.metrics = metrics
+    return app

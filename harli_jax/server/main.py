@@ -1,0 +1,135 @@
+"""`harli serve`: the OpenAI-compatible server (harli_jax.server.app) over one engine, with uvicorn.
+
+It loads the model, compiles the engine's step programs, starts the engine thread and the HTTP server, and prints
+`harli serve: listening on http://HOST:PORT` once `/health` answers 200 (`--port 0` takes a free port; the line
+names it). SIGINT or SIGTERM stops taking requests, lets those in flight finish for up to `--drain-timeout`
+seconds, aborts the rest and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from harli_jax.errors import HarliError
+from harli_jax.model import load_model
+from harli_jax.model.config import DTYPES
+from harli_jax.runtime.config import EngineConfig
+from harli_jax.runtime.engine import Engine
+from harli_jax.server.app import create_app
+from harli_jax.server.loop import EngineLoop
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that SIGINT or SIGTERM only ends `run()`: uvicorn raises the signal again once it
+    has stopped, which would kill the process before the engine drains."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        handlers = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harli serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="DIR_OR_YAML",
+                   help="HF checkpoint directory, or a model config such as configs/models/tiny.yaml")
+    p.add_argument("--served-model-name", help="the name clients call the model by (default: the model's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    p.add_argument("--engine-config", help="engine YAML (EngineConfig.from_yaml); the flags below override it")
+    p.add_argument("--max-batch", type=int, help="sequences per step")
+    p.add_argument("--max-seq-len", type=int, help="context length")
+    p.add_argument("--prefill-chunk", type=int, help="prompt tokens per step")
+    p.add_argument("--max-waiting", type=int, help="requests that may wait beyond the batch; more get 429 "
+                                                   "(default: no limit)")
+    p.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens of a request that sets none "
+                                                                      "(default 16, as the OpenAI API)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests may take to "
+                                                                     "finish at shutdown (default 30)")
+    p.add_argument("--dtype", choices=DTYPES, help="weights and activations dtype (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="weights of a YAML model (default 0)")
+    return p
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    flags = {name: getattr(args, name) for name in ("max_batch", "max_seq_len", "prefill_chunk", "dtype")
+             if getattr(args, name) is not None}
+    if args.engine_config:
+        return EngineConfig.from_yaml(args.engine_config, **flags)
+    return EngineConfig(**flags)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """A HarliError naming the first bad flag, before anything loads."""
+    if not Path(args.model).exists():
+        raise HarliError(f"--model not found: {args.model}")
+    for name in ("max_batch", "max_seq_len", "prefill_chunk", "default_max_tokens"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise HarliError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise HarliError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if not 0 <= args.port < 65536:
+        raise HarliError(f"--port must be in [0, 65535], got {args.port}")
+    if args.drain_timeout < 0:
+        raise HarliError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+
+
+def _announce(server, host: str) -> None:
+    """Prints the URL once the server listens and /health answers 200."""
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://{host}:{port}"
+    for _ in range(200):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1.0) as response:
+                if response.status == 200:
+                    print(f"harli serve: listening on {url}", flush=True)
+                    return
+        except OSError:
+            time.sleep(0.05)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        check_args(args)
+        config = engine_config(args)
+        model = load_model(args.model, dtype=config.runner.dtype, seed=args.seed)
+        name = args.served_model_name or model.cfg.name
+        print(f"harli serve: {name}, compiling the step programs...", file=sys.stderr, flush=True)
+        engine = Engine(model, config)
+    except HarliError as e:
+        print(f"harli serve: error: {e}", file=sys.stderr)
+        return 2
+    loop = EngineLoop(engine, args.max_waiting)
+    loop.start()
+    app = create_app(loop, name, api_key=args.api_key, default_max_tokens=args.default_max_tokens)
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=int(args.drain_timeout) or None))
+    threading.Thread(target=_announce, args=(server, args.host), daemon=True).start()
+    server.run()  # until SIGINT/SIGTERM: uvicorn stops listening and waits for the open streams
+    loop.stop(drain_s=args.drain_timeout)
+    print("harli serve: stopped", file=sys.stderr, flush=True)
+    return 0 if loop.failure is None else 1

@@ -1,0 +1,238 @@
+"""`harli serve` in a subprocess, driven with the official `openai` client and raw HTTP: completions and chat, plain
+and streamed, against `Engine.generate` on the same prompts; concurrent streams; the errors the OpenAI way; a
+client that disconnects; the metrics; SIGTERM. The waiting-queue limit runs on an in-process `EngineLoop`."""
+
+import asyncio
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import REPO
+from harli_jax import Engine, EngineConfig, SamplingParams
+from harli_jax.lora.data import chat_prompt_ids
+from harli_jax.model import load_model
+from harli_jax.runtime.request import FinishedEvent, Request
+from harli_jax.server.loop import EngineLoop, QueueFull
+
+KEY = "test-key"
+NAME = "tiny-test"
+SIZES = ["--max-batch", "4", "--max-seq-len", "1024", "--prefill-chunk", "32"]  # long enough to disconnect from
+PROMPT = "the quick brown fox"
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_yaml):
+    """The server process and its URL (the line it prints once /health answers)."""
+    process = subprocess.Popen([sys.executable, "-m", "harli_jax.cli", "serve", "--model", str(tiny_yaml), "--port",
+                                "0", "--api-key", KEY, "--served-model-name", NAME, "--drain-timeout", "5", *SIZES],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    errors: list[str] = []  # drained, so a chatty server never blocks on a full pipe
+    for pipe, into in ((process.stdout, lines), (process.stderr, errors)):
+        threading.Thread(target=into.extend, args=(pipe,), daemon=True).start()
+    deadline = time.monotonic() + 120
+    url = None
+    while url is None and time.monotonic() < deadline and process.poll() is None:
+        found = [m.group(1) for line in lines if (m := re.search(r"listening on (http://\S+)", line))]
+        url = found[0] if found else None
+        time.sleep(0.05)
+    if url is None:
+        process.kill()
+        process.wait()
+        pytest.fail(f"the server did not start: {''.join(errors)}")
+    yield process, url, errors
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_yaml):
+    """An engine of the same weights and sizes as the server's (seed 0), in this process."""
+    return Engine(load_model(tiny_yaml), EngineConfig(max_batch=4, max_seq_len=1024, prefill_chunk=32))
+
+
+def _raw(url, path, body=None, key=KEY, raw: bytes | None = None) -> tuple[int, bytes]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _metrics(url) -> dict:
+    status, body = _raw(url, "/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def test_completions_plain_and_streamed_equal_the_engine(client, engine):
+    want = engine.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    out = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].text == want.text and out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 8 and out.usage.prompt_tokens == len(want.prompt_ids)
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8  # the usage chunk comes last
+
+
+def test_chat_plain_and_streamed_equal_the_engine(client, engine):
+    prompt = chat_prompt_ids(MESSAGES, engine.tokenizer)
+    want = engine.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    out = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == want.text
+    assert out.usage.prompt_tokens == len(prompt) and out.usage.completion_tokens == 6
+    chunks = list(client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage is None  # not asked for
+
+
+def test_a_stream_ends_with_done(server):
+    status, body = _raw(server[1], "/v1/completions", {"model": NAME, "prompt": PROMPT, "max_tokens": 3,
+                                                       "stream": True})
+    events = [e for e in body.decode().split("\n\n") if e]
+    assert status == 200 and events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_models_lists_the_base_model(client):
+    (card,) = client.models.list().data
+    assert card.id == NAME and card.object == "model"
+
+
+def test_sixteen_concurrent_streams_all_complete(client):
+    results: dict[int, tuple[str, int]] = {}
+
+    def stream(i):
+        chunks = list(client.completions.create(model=NAME, prompt=f"{i} {PROMPT}", max_tokens=5, temperature=0.8,
+                                                seed=i, stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True}))
+        results[i] = (chunks[-2].choices[0].finish_reason, chunks[-1].usage.completion_tokens)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == {i: ("length", 5) for i in range(16)}
+
+
+BAD = [
+    ({"model": NAME, "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
+    ({"model": NAME, "prompt": PROMPT, "temperature": -1}, 400, "temperature must be >= 0"),
+    ({"model": NAME, "prompt": PROMPT, "n": 2}, 400, "n is not supported"),
+    ({"model": NAME, "prompt": PROMPT, "min_tokens": 9, "max_tokens": 4}, 400, "min_tokens (9) must not exceed"),
+    ({"model": NAME, "prompt": "x" * 1100, "max_tokens": 4}, 400, "exceeds the context length 1024"),
+    ({"model": NAME, "prompt": ""}, 400, "prompt must not be empty"),
+    ({"model": NAME}, 400, "prompt: Field required"),
+    ({"model": "gpt-4", "prompt": PROMPT}, 404, "model 'gpt-4' does not exist"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD)
+def test_bad_requests_get_the_openai_error(server, body, status, message):
+    got, raw = _raw(server[1], "/v1/completions", body)
+    error = json.loads(raw)["error"]
+    assert got == status and message in error["message"], error
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_malformed_json_a_wrong_key_and_the_client_errors(server, client):
+    status, raw = _raw(server[1], "/v1/chat/completions", raw=b'{"model": ')
+    assert status == 400 and "not valid JSON" in json.loads(raw)["error"]["message"]
+    status, raw = _raw(server[1], "/v1/models", key="wrong")
+    assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
+    status, raw = _raw(server[1], "/v1/chat/completions", {"model": NAME, "messages": [{"role": "bot",
+                                                                                          "content": "hi"}]})
+    assert status == 400 and "messages.0.role" in json.loads(raw)["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be a positive integer"):
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=0)
+
+
+def test_a_client_that_disconnects_aborts_its_request_and_frees_its_pages(server):
+    host, port = server[1].removeprefix("http://").split(":")
+    before = _metrics(server[1]).get(("harli:request_success_total", (("finished_reason", "abort"),)), 0.0)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": PROMPT, "max_tokens": 1000,
+                                                              "ignore_eos": True, "stream": True}),
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")  # it is running
+    connection.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = _metrics(server[1])
+        aborted = m.get(("harli:request_success_total", (("finished_reason", "abort"),)), 0.0)
+        if aborted == before + 1 and m[("harli:num_requests_running", ())] == 0:
+            break
+        time.sleep(0.1)
+    assert aborted == before + 1, "the request was not aborted"
+    assert m[("harli:arena_pages", (("owner", "kv"),))] == 0 and m[("harli:kv_cache_usage_perc", ())] == 0
+
+
+def test_metrics_count_every_finished_request(server):
+    m = _metrics(server[1])
+    finished = sum(v for (name, _), v in m.items() if name == "harli:request_success_total")
+    assert finished >= 2 + 2 + 1 + 16 + 1  # the requests of the tests above that reached the engine
+    assert m[("harli:e2e_request_latency_seconds_count", ())] == finished
+    assert m[("harli:time_to_first_token_seconds_count", ())] == finished
+    assert m[("harli:generation_tokens_total", ())] >= 8 + 8 + 6 + 6 + 16 * 5
+
+
+def test_sigterm_drains_and_exits_0(server):
+    process, _, errors = server
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    time.sleep(0.2)  # the reader thread takes the last lines
+    assert "harli serve: stopped" in "".join(errors)
+
+
+def test_the_waiting_queue_is_bounded(engine):
+    loop = EngineLoop(engine, max_waiting=1)  # batch 4 + 1 waiting
+    loop.start()
+
+    async def fill():
+        long = SamplingParams(max_tokens=60, ignore_eos=True)
+        streams = [loop.submit(Request(PROMPT, long, request_id=f"q{i}")) for i in range(5)]
+        with pytest.raises(QueueFull, match="retry later"):
+            loop.submit(Request(PROMPT, long, request_id="q5"))
+        for s in streams:
+            loop.abort(s.request_id)
+        return [[e async for e in s.events()][-1] for s in streams]
+
+    try:
+        last = asyncio.run(fill())
+    finally:
+        loop.stop()
+    assert all(isinstance(e, FinishedEvent) for e in last) and loop.in_flight() == 0
