@@ -64,6 +64,7 @@ FIELDS = {"lora_rank": (LoRAConfig, "rank"), "seed": (FinetuneJob, "seed"),
           "max_seq_len": (CacheConfig, "max_seq_len"),
           "micro_batch_rows": (FinetuneJob, "micro_batch_rows"), "seq_len": (FinetuneJob, "seq_len"),
           "fused_tokens": (CoLocationConfig, "fused_tokens"), "fused_layers": (CoLocationConfig, "fused_layers"),
+          "slo_margin": (CoLocationConfig, "slo_margin"),
           "batch_buckets": (SchedulerConfig, "batch_buckets")}
 # Options that are lists of positive integers: comma-separated on the command line, a list (or that text) in YAML.
 LISTS = ("fused_tokens", "fused_layers", "batch_buckets")
@@ -71,7 +72,7 @@ LISTS = ("fused_tokens", "fused_layers", "batch_buckets")
 NUMBERS: dict[str, tuple[type, str]] = {
     "rate_scale": (float, "positive"), "time_scale": (float, "positive"), "duration": (float, "positive"),
     "max_requests": (int, "positive"), "finetune_steps": (int, "positive"), "prefill_interval": (int, "positive"),
-    "prefill_chunk": (int, "positive"), "sweep_requests": (int, "non-negative"),
+    "prefill_chunk": (int, "positive"), "slo_margin": (float, "non-negative"), "sweep_requests": (int, "non-negative"),
     "lora_rank": (int, "positive"), "seed": (int, "non-negative"), "max_batch": (int, "positive"),
     "max_seq_len": (int, "positive"), "micro_batch_rows": (int, "positive"), "seq_len": (int, "positive")}
 SLO_OPTIONS = ("tpot_slo", "tbt_slo", "ttft_slo")
@@ -235,7 +236,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"--{name} {options[name]} is a file, not a directory")
     try:  # the dataclasses' own checks, before anything is built from them
         EngineConfig(max_batch=checked["max_batch"], max_seq_len=checked["max_seq_len"],
-                     prefill_chunk=checked["prefill_chunk"],
+                     prefill_chunk=checked["prefill_chunk"], slo_margin=checked["slo_margin"],
                      batch_buckets=checked["batch_buckets"], fused_tokens=checked["fused_tokens"],
                      fused_layers=checked["fused_layers"])
         token_options(checked["seq_len"], checked["fused_tokens"])  # each a halving of the job's seq_len

@@ -228,7 +228,8 @@ def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | No
     shapes = {name: options[name] for name in ("fused_tokens", "fused_layers", "batch_buckets")
               if options.get(name)}
     return EngineConfig(**{"max_batch": options["max_batch"], "max_seq_len": options["max_seq_len"],
-                           "prefill_chunk": options["prefill_chunk"], "policy": policy,
+                           "prefill_chunk": options["prefill_chunk"], "slo_margin": options["slo_margin"],
+                           "policy": policy,
                            "calibration_dir": str(out / "calibration"), **shapes, **limits, **colocation})
 
 

@@ -26,14 +26,15 @@ REQUESTS = 12
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A short trace (its last request longer than the context: shrunk) and a replay config for a CPU."""
+    """A short trace (its last request longer than the context: shrunk) and a replay config for a CPU (tolerant:
+    harli keeps half the SLO as its margin)."""
     root = tmp_path_factory.mktemp("replay")
     trace = synthesize("poisson", num_requests=REQUESTS - 1, rate=20.0, seed=1, prompt_mean=20, output_mean=10)
     long = TraceRequest(trace.duration + 0.05, 150, 30)  # 180 tokens > the 128-token context
     path = write_trace(Trace((*trace.requests, long)), root / "trace.csv")
     config = root / "replay.yaml"
     config.write_text("max_batch: 4\nmax_seq_len: 128\nmicro_batch_rows: 2\nseq_len: 32\ntpot_slo: 100x\n"
-                      "sweep_requests: 4\n")
+                      "sweep_requests: 4\nfused_tokens: 8\nfused_layers: 1\nslo_margin: 0.5\n")
     return root, path, config
 
 
@@ -240,7 +241,8 @@ def test_options_resolve_from_defaults_config_and_flags(inputs):
     assert options["max_batch"] == 2 and options["max_seq_len"] == 128  # the flag over the file over the default
     assert str(options["slo"]["tpot_slo"]) == "100x" and options["slo"]["tbt_slo"] is None
     assert options["slo"]["ttft_slo"] is None and options["sweep_requests"] == 4
-    assert (options["fused_tokens"], options["fused_layers"], options["batch_buckets"]) == ((), (1, 2), ())
+    assert (options["fused_tokens"], options["fused_layers"], options["batch_buckets"]) == ((8,), (1,), ())
+    assert options["slo_margin"] == 0.5 and replay.engine_config(options, "harli", root).colocation.slo_margin == 0.5
     lists = root / "lists.yaml"
     lists.write_text(f"{config.read_text()}fused_tokens: [4, 8]\nfused-layers: 1\nbatch_buckets: '2,4'\n")
     options = resolve_options(build_parser().parse_args(["--config", str(lists), "--fused-tokens", "16"]))
