@@ -247,6 +247,7 @@ def test_colocation_quick(tmp_path):
         base = r["slo_base"]
         assert base["valid"] is True and "other_processes_cpu_share" in base["load"] and base["solo_decode_step_ms"] > 0
         assert r["setup"]["prefilled"] == (r["trace_stats"]["requests"] if r["role"] == "decode" else 0)
+        assert (base["mixed_step_ms"] is None) == (r["role"] == "decode")  # measured where prompts prefill here
         (key,) = r["slos"]
         entry = r["slos"][key]
         assert key == "3x" and entry["slo"]["tpot_slo_ms"] == pytest.approx(3 * base["solo_decode_step_ms"])

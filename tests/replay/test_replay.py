@@ -34,7 +34,7 @@ def inputs(tmp_path_factory):
     path = write_trace(Trace((*trace.requests, long)), root / "trace.csv")
     config = root / "replay.yaml"
     config.write_text("max_batch: 4\nmax_seq_len: 128\nmicro_batch_rows: 2\nseq_len: 32\ntpot_slo: 100x\n"
-                      "sweep_requests: 4\nfused_tokens: 8\nfused_layers: 1\nslo_margin: 0.5\n")
+                      "sweep_requests: 4\nfused_tokens: 8\nfused_layers: 1\nbatch_buckets: 4\nslo_margin: 0.5\n")
     return root, path, config
 
 
@@ -236,12 +236,12 @@ def test_a_bad_option_fails_at_once_and_leaves_no_run_directory(inputs, flags, m
 
 def test_options_resolve_from_defaults_config_and_flags(inputs):
     root, trace, config = inputs
-    options = resolve_options(build_parser().parse_args(["--config", str(config), "--max-batch", "2"]))
+    options = resolve_options(build_parser().parse_args(["--config", str(config), "--max-batch", "8"]))
     assert options["policies"] == ["harli", "decode-only"] and options["role"] == "decode"
-    assert options["max_batch"] == 2 and options["max_seq_len"] == 128  # the flag over the file over the default
+    assert options["max_batch"] == 8 and options["max_seq_len"] == 128  # the flag over the file over the default
     assert str(options["slo"]["tpot_slo"]) == "100x" and options["slo"]["tbt_slo"] is None
     assert options["slo"]["ttft_slo"] is None and options["sweep_requests"] == 4
-    assert (options["fused_tokens"], options["fused_layers"], options["batch_buckets"]) == ((8,), (1,), ())
+    assert (options["fused_tokens"], options["fused_layers"], options["batch_buckets"]) == ((8,), (1,), (4,))
     assert options["slo_margin"] == 0.5 and replay.engine_config(options, "harli", root).colocation.slo_margin == 0.5
     lists = root / "lists.yaml"
     lists.write_text(f"{config.read_text()}fused_tokens: [4, 8]\nfused-layers: 1\nbatch_buckets: '2,4'\n")

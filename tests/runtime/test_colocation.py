@@ -211,7 +211,7 @@ def test_harli_keeps_an_slo_that_a_slo_blind_policy_breaks(tiny, tmp_path):
     model = _deeper(tiny, 8)
     base = dict(max_batch=8, batch_buckets=(4,), prefill_chunk=32, max_seq_len=128, num_pages=300,
                 calibration_dir=str(tmp_path), calibration_runs=2, compile_threads=2)
-    job = FinetuneJob(total_steps=10_000, eval_interval=0)  # 8 x 128-token micro-batches
+    job = FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=4, seq_len=64)
     blind = Engine(model, EngineConfig(**base, policy="static", static_layers=8))
     blind.finetune(job)
     costs = blind.calibrate()
@@ -233,8 +233,8 @@ def test_harli_keeps_an_slo_that_a_slo_blind_policy_breaks(tiny, tmp_path):
     assert harli.predictor.error_report()["windows"] == len([r for r in trained_windows if not r.fused])
 
 
-@pytest.mark.parametrize("policy", [dict(policy="static", static_layers=4),
-                                    dict(policy="temporal-K", temporal_k=1, temporal_chunk=3),
+@pytest.mark.parametrize("policy", [dict(policy="static", static_layers=4, batch_buckets=(4,)),
+                                    dict(policy="temporal-K", temporal_k=1, temporal_chunk=3, batch_buckets=(4,)),
                                     dict(policy="harli", tpot_slo_ms=40.0, fused_tokens=(16,), fused_layers=(1,),
                                          batch_buckets=(2,))])
 def test_training_windows_do_not_recompile(tiny, tmp_path, policy):
@@ -255,10 +255,9 @@ def test_training_windows_do_not_recompile(tiny, tmp_path, policy):
     assert compiles == []
 
 
-@pytest.mark.parametrize("policy", [dict(policy="static", static_layers=1, num_pages=48),
+@pytest.mark.parametrize("policy", [dict(policy="static", static_layers=1, num_pages=48, batch_buckets=(8,)),
                                     dict(policy="cobatch", cobatch_tokens=128, fused_tokens=(16,), fused_layers=(1,),
-                                         batch_buckets=(4,),
-                                         num_pages=66)])
+                                         batch_buckets=(8,), num_pages=66)])
 def test_reclaims_before_requests_wait_and_no_sample_is_lost(tiny, tmp_path, policy):
     # 8 layers, one per micro-step (static) or per fused step's backward (cobatch, whose forward is 4 fused
     # token chunks): a micro-batch holds its lease for 12 to 16 steps, longer than the burst takes to fill the
