@@ -48,8 +48,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def accuracy(engine: Engine, samples: list[dict]) -> dict:
-    outputs = engine.generate([s["prompt"] for s in samples], SamplingParams(max_tokens=8))
+def accuracy(engine: Engine, samples: list[dict], adapter: str | None = None) -> dict:
+    outputs = engine.generate([s["prompt"] for s in samples], SamplingParams(max_tokens=8), adapter=adapter)
     hits = [o.text == s["completion"] for o, s in zip(outputs, samples, strict=True)]
     return {"exact_match": sum(hits) / len(hits), "correct": sum(hits), "scored": len(hits),
             "examples": [{"prompt": s["prompt"], "expected": s["completion"], "got": o.text}
@@ -58,7 +58,8 @@ def accuracy(engine: Engine, samples: list[dict]) -> dict:
 
 def run(args, seed: int) -> dict:
     # The CLI's engine and job (harli_jax/cli.py _finetune) with its default flags.
-    engine = Engine.from_config(args.model, EngineConfig(max_batch=8, max_seq_len=128, num_pages=64), seed=seed)
+    engine = Engine.from_config(args.model, EngineConfig(max_batch=8, max_seq_len=128, num_pages=64,
+                                                             max_loras=1, max_lora_rank=LoRAConfig().rank), seed=seed)
     job = FinetuneJob(lora=LoRAConfig(), learning_rate=3e-3, micro_batch_rows=8, seq_len=128,
                       total_steps=args.steps, seed=seed, eval_interval=max(args.steps // 4, 1))
     dataset = default_dataset(seed=seed)  # what the job trains and evaluates on (dataset=None)
@@ -72,8 +73,8 @@ def run(args, seed: int) -> dict:
     started = time.perf_counter()
     progress = handle.wait()
     train_s = time.perf_counter() - started
-    engine.use_adapter(handle)
-    tuned = accuracy(engine, words)
+    engine.add_adapter("tuned", handle)
+    tuned = accuracy(engine, words, adapter="tuned")
     row = {"seed": seed, "steps": progress.step, "trained_tokens": progress.tokens, "train_s": train_s,
            "eval_loss_before": eval_before, "eval_loss_after": progress.eval_loss,
            "final_train_loss": progress.loss, "base": base, "tuned": tuned}

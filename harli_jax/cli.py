@@ -11,8 +11,10 @@ from collections.abc import Sequence
 import harli_jax
 from harli_jax import Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingParams
 from harli_jax.errors import HarliError
+from harli_jax.lora.adapters import load_peft
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
+from harli_jax.model.params import PROJECTIONS
 from harli_jax.options import add_option, default_of, given
 from harli_jax.replay.run import main as replay_main
 from harli_jax.replay.trace import synthesize, write_trace
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, metavar="DIR_OR_YAML",
                      help="HF checkpoint directory, or a model config such as configs/models/tiny.yaml")
     gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--adapter", metavar="DIR", help="an HF PEFT LoRA adapter directory to generate with "
+                                                      "(e.g. harli finetune --out, harli replay --export-adapter)")
     add_option(gen, "--max-tokens", SamplingParams, "max_tokens", type=_positive_int)
     add_option(gen, "--temperature", SamplingParams, "temperature", type=float)
     add_option(gen, "--top-k", SamplingParams, "top_k", type=int)
@@ -138,12 +142,17 @@ def _generate(args: argparse.Namespace) -> None:
         raise HarliError("the prompt is empty")  # as the engine says of an empty prompt
     prompt_ids = model.tokenizer.encode(args.prompt)
     # One request: one batch slot, a context just long enough, the whole prompt in one chunk.
+    adapter = load_peft(args.adapter, model.cfg)[0] if args.adapter else None
     config = EngineConfig(max_batch=1, max_seq_len=len(prompt_ids) + sampling.max_tokens,
-                          prefill_chunk=max(1, min(len(prompt_ids), 512)))
+                          prefill_chunk=max(1, min(len(prompt_ids), 512)), max_loras=int(adapter is not None),
+                          max_lora_rank=adapter.rank if adapter else 1,
+                          lora_targets=adapter.targets if adapter else PROJECTIONS)
     started = time.perf_counter()
     engine = Engine(model, config)
+    if args.adapter:
+        engine.add_adapter(args.adapter, args.adapter)
     compiled = time.perf_counter()
-    output = engine.generate(args.prompt, sampling)[0]
+    output = engine.generate(args.prompt, sampling, adapter=args.adapter)[0]
     if output.error:
         raise HarliError(output.error)
     elapsed = time.perf_counter() - compiled

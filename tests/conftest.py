@@ -159,6 +159,44 @@ def train_batch(vocab, seed=0):
                       segment_ids=jnp.asarray(segment_ids), positions=jnp.asarray(positions))
 
 
+def launch_server(model, *args: str):
+    """`harli serve --model MODEL --port 0 ARGS` in a subprocess: (process, URL, its stderr lines so far), once it
+    prints the URL (its output is drained by threads, so a chatty server never blocks on a full pipe)."""
+    import re
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "harli_jax.cli", "serve", "--model", str(model), "--port", "0",
+                                *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    errors: list[str] = []
+    for pipe, into in ((process.stdout, lines), (process.stderr, errors)):
+        threading.Thread(target=into.extend, args=(pipe,), daemon=True).start()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        found = [m.group(1) for line in lines if (m := re.search(r"listening on (http://\S+)", line))]
+        if found:
+            return process, found[0], errors
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    time.sleep(0.2)
+    pytest.fail(f"the server did not start: {''.join(errors)}")
+
+
+def resident_slots(cfg, adapters, rank=8):
+    """Resident adapter slots holding `adapters` (slot i: adapters[i]), on every projection."""
+    from harli_jax.lora.adapters import empty_slots, slot_weights, write_slot
+
+    slots = empty_slots(cfg, len(adapters), rank, dtype=jnp.float32)
+    for i, one in enumerate(adapters):
+        slots = write_slot(slots, np.int32(i), slot_weights(one, slots))
+    return slots
+
+
 def assert_tree_close(got, want, rtol):
     """Every leaf within `rtol` of the reference, relative to the leaf's largest magnitude."""
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

@@ -85,6 +85,29 @@ def test_finetune_exports_a_peft_adapter(tiny_yaml, tmp_path, capsys):
         assert np.abs(np.asarray(exported[target].b)).max() > 1e-4, target
 
 
+def test_generate_with_an_adapter_gives_the_engines_tokens_with_it(tiny_yaml, tmp_path, capsys):
+    import jax
+
+    from harli_jax import Engine, EngineConfig, LoRAConfig, SamplingParams
+    from harli_jax.lora.adapters import export_peft, init_lora
+    from harli_jax.model import ModelConfig
+    from harli_jax.model.params import LoRAPair
+
+    cfg, lora = ModelConfig.from_yaml(tiny_yaml), LoRAConfig(rank=4, alpha=8, targets=("q_proj", "up_proj"))
+    adapters = {k: LoRAPair(p.a, 0.5 * jax.random.normal(jax.random.key(1), p.b.shape), p.scale)
+                for k, p in init_lora(cfg, lora).items()}
+    export_peft(adapters, lora, cfg, tmp_path / "adapter")
+    assert main(["generate", "--model", str(tiny_yaml), "--prompt", "hello", "--max-tokens", "6",
+                 "--adapter", str(tmp_path / "adapter")]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    engine = Engine.from_config(tiny_yaml, EngineConfig(max_batch=1, max_seq_len=32, num_pages=4, max_loras=1),
+                                warmup=False)
+    engine.add_adapter("a", tmp_path / "adapter")
+    greedy = SamplingParams(max_tokens=6)
+    with_adapter, base = (engine.generate("hello", greedy, adapter=a)[0].text for a in ("a", None))
+    assert text == with_adapter != base
+
+
 def test_finetune_bad_dataset_is_a_clear_error(tiny_yaml, tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
     assert main(["finetune", "--model", str(tiny_yaml), "--dataset", str(missing), "--steps", "1"]) == 2

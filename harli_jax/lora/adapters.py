@@ -1,8 +1,10 @@
-"""LoRA adapters: configuration, initialization (PEFT's), and HF PEFT export/import."""
+"""LoRA adapters: configuration, initialization (PEFT's), HF PEFT export/import, and the resident slots a
+multi-adapter serving step picks from."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -14,7 +16,7 @@ import safetensors.numpy
 
 from harli_jax.errors import CheckpointError, ConfigError
 from harli_jax.model.config import ModelConfig
-from harli_jax.model.params import PROJECTIONS, Adapters, LoRAPair, layer_shapes
+from harli_jax.model.params import PROJECTIONS, Adapters, LoRAPair, LoRASlots, SlotLoRA, layer_shapes
 from harli_jax.options import option
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -113,3 +115,44 @@ def load_peft(path: str | Path, cfg: ModelConfig) -> tuple[LoRAConfig, Adapters]
             return jnp.asarray(np.stack([tensors[n].T for n in names]).astype(np.float32))
         out[target] = LoRAPair(a=stacked("A"), b=stacked("B"), scale=lora.scale)
     return lora, out
+
+
+def empty_slots(cfg: ModelConfig, num_slots: int, rank: int, targets: tuple[str, ...] = PROJECTIONS,
+                dtype=None) -> LoRASlots:
+    """`num_slots` resident adapter slots of rank `rank` on `targets`, all zero (each serves as the base model)."""
+    dtype = dtype or cfg.dtype
+    shapes = layer_shapes(cfg)
+    return {t: SlotLoRA(a=jnp.zeros((cfg.num_layers, num_slots, shapes[t][0], rank), dtype),
+                        b=jnp.zeros((cfg.num_layers, num_slots, rank, shapes[t][1]), dtype)) for t in targets}
+
+
+def slot_weights(adapters: Adapters, slots: LoRASlots) -> LoRASlots:
+    """`adapters` as one slot's weights of `slots` (no slot axis): each scale folded into b, zero-padded to the
+    slots' rank, zeros on the targets it does not adapt. A ConfigError when it does not fit."""
+    some = next(iter(slots.values()))
+    num_layers, _, _, rank = some.a.shape
+    outside = sorted(set(adapters) - set(slots))
+    if outside:
+        raise ConfigError(f"the adapter adapts {outside}, which the resident slots do not hold "
+                          f"(they hold {sorted(slots)})")
+    out = {}
+    for target, slot in slots.items():
+        a = np.zeros((num_layers, *slot.a.shape[2:]), np.float32)
+        b = np.zeros((num_layers, *slot.b.shape[2:]), np.float32)
+        pair = adapters.get(target)
+        if pair is not None:
+            r = pair.a.shape[-1]
+            if r > rank:
+                raise ConfigError(f"the adapter's rank {r} exceeds the resident slots' rank {rank} "
+                                  f"(raise max_lora_rank)")
+            a[..., :r] = np.asarray(pair.a, np.float32)
+            b[:, :r] = np.asarray(pair.b, np.float32) * pair.scale
+        out[target] = SlotLoRA(a=a, b=b)
+    return out
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def write_slot(slots: LoRASlots, slot, weights: LoRASlots) -> LoRASlots:
+    """`slots` with slot `slot` (traced: one program for every slot) holding `weights` (from `slot_weights`)."""
+    return {t: SlotLoRA(a=s.a.at[:, slot].set(weights[t].a.astype(s.a.dtype)),
+                        b=s.b.at[:, slot].set(weights[t].b.astype(s.b.dtype))) for t, s in slots.items()}

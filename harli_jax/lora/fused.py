@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from harli_jax.lora.trainer import TrainBatch, stash_index, token_loss_sum
 from harli_jax.model.layers import Rope, attention_out, attention_qkv, dense_attention, mlp_block, rope_tables
 from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_attend
-from harli_jax.model.params import Adapters, Params, layer_adapters, mix_adapters
+from harli_jax.model.params import Adapters, LoRASlots, Params, layer_adapters, mix_adapters, slot_deltas
 from harli_jax.model.sampling import sample
 from harli_jax.model.transformer import embed, lm_logits
 
@@ -90,12 +90,13 @@ def read_loss_gradient(layout: ArenaLayout, arena: Array, stash_pages: Array, sh
 
 def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, batch: TrainBatch,
                    stash_pages: Array, start: Array, totals: tuple[Array, Array], *, chunk: int,
-                   inference: TokenBatch | None = None, serving_lora: Adapters | None = None,
+                   inference: TokenBatch | None = None, serving_lora: LoRASlots | None = None,
                    attention_impl: str = "auto") -> tuple[Array, tuple[Array, Array], Array | None]:
     """Positions `start .. start + chunk - 1` of every row of `batch` through every layer, stashing each layer's
     input and K/V and, after the last layer, the loss gradient; adds the chunk's loss sum and trained tokens to
-    `totals`. With `inference`, that step's tokens run in the same program (over `serving_lora`), sharing every
-    projection and the LM head. Returns (arena, totals, the inference step's next tokens or None)."""
+    `totals`. With `inference`, that step's tokens run in the same program (each token with its adapter slot
+    of `serving_lora`), sharing every projection and the LM head. Returns (arena, totals, the inference step's
+    next tokens or None)."""
     cfg = layout.cfg
     rows, seq_len = batch.tokens.shape
     tokens = rows * seq_len
@@ -119,10 +120,13 @@ def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: A
             x = jnp.concatenate([embed(params, inference.tokens), x])
             rope = Rope(*(jnp.concatenate([a, b]) for a, b in zip(served, rope, strict=True)))
             is_served = (jnp.arange(x.shape[0]) < first)[:, None]
+            if serving_lora is not None:
+                token_slots = jnp.concatenate([inference.adapter_slots, jnp.full(rows * chunk, -1, jnp.int32)])
     for index, lp in enumerate(params.layers):
         adapters = layer_adapters(lora, index)
         if inference is not None:
-            adapters = mix_adapters([(layer_adapters(serving_lora, index), is_served), (adapters, ~is_served)])
+            served = slot_deltas(serving_lora, index, token_slots) if serving_lora is not None else None
+            adapters = mix_adapters([(served, None), (adapters, ~is_served)])
         with jax.named_scope("fused_layer"):
             arena = _stash_hidden(layout, arena, stash_pages, index, ids, tokens, x[first:])
             q, k, v = attention_qkv(lp, cfg, x, rope, adapters)

@@ -16,7 +16,7 @@ import numpy as np
 
 from harli_jax.kernels import MASK_VALUE
 from harli_jax.model.config import ModelConfig, RopeScaling
-from harli_jax.model.params import Adapters, LayerParams, LoRAPair, TokenLoRA
+from harli_jax.model.params import Adapters, LayerParams, LoRAPair, SlotDelta, TokenLoRA
 
 Array = jax.Array
 
@@ -76,18 +76,30 @@ def apply_rope(x: Array, rope: Rope) -> Array:
 
 
 def linear(x: Array, w: Array, b: Array | None = None,
-           lora: LoRAPair | tuple[TokenLoRA, ...] | None = None) -> Array:
-    """`x @ w (+ b) (+ scale * x @ a @ b)`: a base projection with an optional bias and LoRA delta, or several
-    deltas each on its own tokens (`params.mix_adapters`) over the one base projection."""
+           lora: LoRAPair | SlotDelta | tuple[TokenLoRA | SlotDelta, ...] | None = None) -> Array:
+    """`x @ w (+ b) (+ scale * x @ a @ b)`: a base projection with an optional bias and LoRA delta, a delta per
+    token out of the resident slots (`SlotDelta`), or several deltas each on its own tokens
+    (`params.mix_adapters`) over the one base projection."""
     y = x @ w
     if b is not None:
         y = y + b
-    if isinstance(lora, LoRAPair):
-        y = y + lora.scale * ((x @ lora.a.astype(x.dtype)) @ lora.b.astype(x.dtype))
-    for delta in lora if isinstance(lora, tuple) else ():
-        pair = delta.pair
-        y = y + delta.rows.astype(x.dtype) * (pair.scale * ((x @ pair.a.astype(x.dtype)) @ pair.b.astype(x.dtype)))
+    for delta in lora if isinstance(lora, tuple) else () if lora is None else (lora,):
+        if isinstance(delta, SlotDelta):
+            y = y + _slot_delta(x, delta)
+            continue
+        pair, rows = (delta, None) if isinstance(delta, LoRAPair) else (delta.pair, delta.rows)
+        update = pair.scale * ((x @ pair.a.astype(x.dtype)) @ pair.b.astype(x.dtype))
+        y = y + (update if rows is None else rows.astype(x.dtype) * update)
     return y
+
+
+def _slot_delta(x: Array, delta: SlotDelta) -> Array:
+    """Each token's slot delta as two dense matmuls over every slot at once, masked by the one-hot between them
+    (no gather: `x [T, in]` times a `[in, slots * rank]`, then `[T, slots * rank]` times b)."""
+    slots, d_in, rank = delta.slots.a.shape
+    a = jnp.moveaxis(delta.slots.a, 0, 1).reshape(d_in, slots * rank).astype(x.dtype)
+    xa = (x @ a).reshape(*x.shape[:-1], slots, rank) * delta.onehot[..., None].astype(x.dtype)
+    return xa.reshape(*x.shape[:-1], slots * rank) @ delta.slots.b.reshape(slots * rank, -1).astype(x.dtype)
 
 
 def attention_qkv(lp: LayerParams, cfg: ModelConfig, x: Array, rope: Rope,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from harli_jax.kernels import paged_attention, ragged_paged_attention, write_kv
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import Rope, attention_out, attention_qkv, mlp_block, rope_tables
-from harli_jax.model.params import Adapters, LayerParams, Params, layer_adapters
+from harli_jax.model.params import Adapters, LayerParams, LoRASlots, Params, slot_deltas
 from harli_jax.model.sampling import SamplingRows, sample
 from harli_jax.model.transformer import embed, lm_logits
 
@@ -42,6 +42,7 @@ class TokenBatch:
     context_lens: Array  # int32[B]: the sequence's tokens in the cache after this step
     sample_index: Array  # int32[B]: the token whose output gives the sequence's next token
     sampling: SamplingRows  # [B]
+    adapter_slots: Array | None = None  # int32[T]: the resident adapter slot of each token (-1: the base model)
     max_query: int = dataclasses.field(default=1, metadata={"static": True})
     long_rows: int | None = dataclasses.field(default=None, metadata={"static": True})
 
@@ -114,13 +115,16 @@ def paged_layer(lp: LayerParams, cfg: ModelConfig, x: Array, arena: Array, index
 
 
 def paged_step(params: Params, cfg: ModelConfig, arena: Array, batch: TokenBatch, *,
-               attention_impl: str = "auto", lora: Adapters | None = None) -> tuple[Array, Array]:
-    """Runs the batch through the model (with LoRA deltas if given), writing its K/V into `arena`; returns
-    (arena, next token `[B]`). The layers are unrolled over their own weight arrays: nothing is sliced."""
+               attention_impl: str = "auto", lora: LoRASlots | None = None) -> tuple[Array, Array]:
+    """Runs the batch through the model, each token with the LoRA delta of its adapter slot
+    (`batch.adapter_slots` into `lora`) if given, writing its K/V into `arena`; returns (arena, next token `[B]`).
+    The layers are unrolled over their own weight arrays: nothing is sliced."""
+    if lora is not None and batch.adapter_slots is None:
+        raise ValueError("a step with resident adapters needs the batch's adapter_slots")
     x, rope = embed(params, batch.tokens), rope_tables(cfg, batch.positions)
     for index, lp in enumerate(params.layers):
         x, arena = paged_layer(lp, cfg, x, arena, index, batch, rope, attention_impl=attention_impl,
-                               adapters=layer_adapters(lora, index))
+                               adapters=slot_deltas(lora, index, batch.adapter_slots))
     logits = lm_logits(params, cfg, x[batch.sample_index])
     with jax.named_scope("sample"):
         return arena, sample(logits, batch.sampling)

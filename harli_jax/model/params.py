@@ -65,13 +65,49 @@ class TokenLoRA:
     rows: jax.Array
 
 
-def mix_adapters(groups) -> dict[str, tuple[TokenLoRA, ...]]:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotLoRA:
+    """The resident adapters of one projection, one per slot (Punica / S-LoRA's multi-LoRA batch): a
+    `[slots, in, rank]`, b `[slots, rank, out]` with each adapter's scale folded into its b, zero-padded to the
+    slots' rank (with a leading layer axis when stacked). A slot's adapter can be replaced without a new shape."""
+
+    a: Array
+    b: Array
+
+
+# The resident adapters by projection name, stacked over layers: what a serving step's tokens pick from.
+LoRASlots = dict[str, SlotLoRA]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotDelta:
+    """The per-token LoRA delta of a multi-adapter batch: token t adds the delta of the slot where `onehot[t]` is
+    1 (a row of zeros: the base model)."""
+
+    slots: SlotLoRA
+    onehot: Array  # [T, slots]
+
+
+def slot_deltas(slots: LoRASlots | None, index, token_slots: Array) -> dict[str, SlotDelta] | None:
+    """Layer `index`'s per-token deltas: token t uses slot `token_slots[t]` (-1: none)."""
+    if slots is None:
+        return None
+    layer = layer_adapters(slots, index)
+    num_slots = next(iter(layer.values())).a.shape[0]
+    onehot = jax.nn.one_hot(token_slots, num_slots, dtype=jnp.float32)
+    return {name: SlotDelta(pair, onehot) for name, pair in layer.items()}
+
+
+def mix_adapters(groups) -> dict[str, tuple[TokenLoRA | SlotDelta, ...]]:
     """One layer's adapters for a batch whose token groups use different adapters: `groups` holds (adapters or
-    None, `[T, 1]` row mask) pairs; each projection gets the deltas of the groups that adapt it."""
-    mixed: dict[str, tuple[TokenLoRA, ...]] = {}
+    None, `[T, 1]` row mask) pairs, or (per-token `slot_deltas`, None); each projection gets the deltas of the
+    groups that adapt it."""
+    mixed: dict[str, tuple[TokenLoRA | SlotDelta, ...]] = {}
     for adapters, rows in groups:
         for name, pair in (adapters or {}).items():
-            mixed[name] = (*mixed.get(name, ()), TokenLoRA(pair, rows))
+            mixed[name] = (*mixed.get(name, ()), pair if rows is None else TokenLoRA(pair, rows))
     return mixed
 
 

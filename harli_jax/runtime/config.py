@@ -1,6 +1,6 @@
-"""EngineConfig, by concern: the arena and its KV cache, the scheduler, the model runner, co-location and the
-latency predictor. Every field has its default and help once, here; defaults work on a CPU for models up to
-configs/models/small.yaml."""
+"""EngineConfig, by concern: the arena and its KV cache, the scheduler, the model runner, the served adapters,
+co-location and the latency predictor. Every field has its default and help once, here; defaults work on a CPU
+for models up to configs/models/small.yaml."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import yaml
 
 from harli_jax.errors import ConfigError
 from harli_jax.model.config import DTYPES, ModelConfig
+from harli_jax.model.params import PROJECTIONS
 from harli_jax.options import option
 from harli_jax.runtime.colocation import POLICIES
 
@@ -114,6 +115,25 @@ class RunnerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """The LoRA adapters served at once: each resident one has a slot, and one step mixes tokens of any slots."""
+
+    max_loras: int = option(0, "adapters resident at once (a step serves any mix of them and the base model; the "
+                               "least recently used idle one makes room for another); 0: the base model only")
+    max_lora_rank: int = option(16, "rank of the resident slots: a served adapter's rank is at most this")
+    lora_targets: tuple[str, ...] = option(PROJECTIONS, "projections the resident slots adapt")
+
+    def __post_init__(self):
+        _positive_ints(self, "max_lora_rank")
+        if isinstance(self.max_loras, bool) or not isinstance(self.max_loras, int) or self.max_loras < 0:
+            raise ConfigError(f"AdapterConfig.max_loras must be an integer >= 0, got {self.max_loras!r}")
+        unknown = [t for t in self.lora_targets if t not in PROJECTIONS]
+        if unknown or not self.lora_targets:
+            raise ConfigError(f"AdapterConfig.lora_targets must be a non-empty subset of {PROJECTIONS}, "
+                              f"got {self.lora_targets}")
+
+
+@dataclasses.dataclass(frozen=True)
 class CoLocationConfig:
     """Training a finetune job in decode's slack (see harli_jax.runtime.colocation)."""
 
@@ -174,7 +194,7 @@ class PredictorConfig:
 
 
 GROUPS: dict[str, type] = {"cache": CacheConfig, "scheduler": SchedulerConfig, "runner": RunnerConfig,
-                           "colocation": CoLocationConfig, "predictor": PredictorConfig}
+                           "adapters": AdapterConfig, "colocation": CoLocationConfig, "predictor": PredictorConfig}
 RENAMED = {"predictor_quantile": "quantile"}  # flat names of the first EngineConfig whose group field differs
 
 
@@ -197,6 +217,7 @@ class EngineConfig:
     cache: CacheConfig
     scheduler: SchedulerConfig
     runner: RunnerConfig
+    adapters: AdapterConfig
     colocation: CoLocationConfig
     predictor: PredictorConfig
 

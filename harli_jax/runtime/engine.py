@@ -22,11 +22,12 @@ from pathlib import Path
 
 import jax
 
-from harli_jax.errors import HarliError
+from harli_jax.errors import ConfigError, HarliError
 from harli_jax.logs import show_progress
-from harli_jax.lora.adapters import load_peft
+from harli_jax.lora.adapters import load_peft, slot_weights
 from harli_jax.model.loader import LoadedModel, load_model
 from harli_jax.model.paged import ArenaLayout
+from harli_jax.runtime.adapters import AdapterCatalog, ServedAdapter, SlotTable
 from harli_jax.runtime.arena import Arena, pages_from_memory
 from harli_jax.runtime.colocator import CoLocator
 from harli_jax.runtime.config import EngineConfig
@@ -66,9 +67,11 @@ class Engine:
         layout = ArenaLayout(cfg, cache.page_tokens)
         num_pages = self._num_pages(layout, params)
         self.arena = Arena(layout, num_pages, cache.max_pages_per_seq(cfg))
-        self.runner = ModelRunner(cfg, params, config, self.arena)
+        self.adapters = AdapterCatalog()
+        self.runner = ModelRunner(cfg, params, config, self.arena, self.adapters)
         self.inputs = InputProcessor(cfg, model.tokenizer, self.seq_len, cache.page_tokens, self.arena.table.capacity)
-        self.scheduler = Scheduler(self.arena.table, scheduler, OutputProcessor(model.tokenizer))
+        slots = SlotTable(config.adapters.max_loras) if config.adapters.max_loras else None
+        self.scheduler = Scheduler(self.arena.table, scheduler, OutputProcessor(model.tokenizer), slots)
         self.colocation = CoLocator(cfg, config, self.scheduler, self.arena, self.runner)
         self.step_records = StepLog(config.runner.step_record_limit)
         self._next_plan: StepPlan | None = None  # scheduled after the last step, before its training window
@@ -168,18 +171,24 @@ class Engine:
         with jax.profiler.trace(str(directory), create_perfetto_trace=True):
             yield Path(directory)
 
-    def use_adapter(self, adapter: JobHandle | str | Path | None) -> None:
-        """Serves with a LoRA adapter: a job's current weights, an HF PEFT directory, or None for the base model.
-        A new adapter shape recompiles the step programs."""
+    def add_adapter(self, name: str, adapter: JobHandle | str | Path, base_model: str | None = None) -> str:
+        """Makes a LoRA adapter servable as `name` (a request's `adapter`): a job's weights now (a snapshot: the
+        job trains on, the served copy stays), or an HF PEFT directory. Adding one never recompiles: it takes a
+        resident slot (`AdapterConfig.max_loras`) when a request first uses it. Any thread may call it."""
+        served = self.config.adapters
+        if not served.max_loras:
+            raise ConfigError("this engine serves the base model only: set AdapterConfig.max_loras (e.g. "
+                              "EngineConfig(max_loras=4)) to serve adapters")
+        if self.adapters.get(name) is not None:
+            raise HarliError(f"an adapter named {name!r} is already served; adapters never change: add the new "
+                             f"weights under a new name")
         if isinstance(adapter, JobHandle):
-            lora = adapter.adapters
-        elif adapter is None:
-            lora = None
+            lora, weights = adapter.lora_config, adapter.adapters
         else:
-            lora = load_peft(adapter, self.cfg)[1]
-        log.info("serving %s", "the base model" if lora is None else f"adapter {getattr(adapter, 'name', adapter)}")
-        self.runner.set_lora(lora)
-        self.runner.warmup()
+            lora, weights = load_peft(adapter, self.cfg)
+        self.adapters.add(ServedAdapter(name, lora, slot_weights(weights, self.runner.lora), base_model))
+        log.info("serving adapter %r (rank %d on %s)", name, lora.rank, ", ".join(lora.targets))
+        return name
 
     # Requests: any thread ------------------------------------------------------------------------------------
 
@@ -195,6 +204,10 @@ class Engine:
             request_id = request.request_id or f"req-{next(self._ids)}"
             if request_id in self._live:
                 raise RequestError(f"request id {request_id!r} is already in use")
+            if request.adapter is not None and self.adapters.get(request.adapter) is None:
+                known = self.adapters.names()
+                raise RequestError(f"unknown adapter {request.adapter!r}; this engine serves "
+                                   f"{', '.join(map(repr, known)) if known else 'no adapters'}")
             state = self.inputs.process(request, request_id, arrival, prefilled_kv)
             self._live.add(request_id)
             self._messages.append(("submit", state))
@@ -309,17 +322,22 @@ class Engine:
     # Front ends ---------------------------------------------------------------------------------------------
 
     def generate(self, prompts: str | Sequence[int] | Sequence[Sequence[int] | str],
-                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
-        """Runs the prompts to completion; an invalid prompt gets a `rejected` output with the reason. A single
-        string or a single list of token ids is one prompt."""
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 adapter: str | Sequence[str | None] | None = None) -> list[GenerationOutput]:
+        """Runs the prompts to completion (with the named adapter, or one per prompt; None: the base model); an
+        invalid prompt gets a `rejected` output with the reason. A single string or a single list of token ids
+        is one prompt."""
         if isinstance(prompts, str) or (len(prompts) and not isinstance(prompts[0], (str, list, tuple))):
             prompts = [prompts]
         samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         if len(samplings) != len(prompts):
             raise RequestError(f"{len(samplings)} sampling params for {len(prompts)} prompts")
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise RequestError(f"{len(adapters)} adapters for {len(prompts)} prompts")
         ids = [f"generate-{next(self._ids)}" for _ in prompts]
-        requests = [Request(p, s or SamplingParams(), request_id=i) for p, s, i in zip(prompts, samplings, ids,
-                                                                                        strict=True)]
+        requests = [Request(p, s or SamplingParams(), request_id=i, adapter=a)
+                    for p, s, i, a in zip(prompts, samplings, ids, adapters, strict=True)]
         done = {e.request_id: e.output for e in self.serve(requests, realtime=False) if isinstance(e, FinishedEvent)}
         return [done[i] for i in ids]
 

@@ -61,7 +61,7 @@ class InputProcessor:
             self._check_prefilled(prefilled_kv, prompt_ids)
         stop_ids = set(s.stop_token_ids) | (set() if s.ignore_eos else set(self.cfg.eos_token_ids))
         return RequestState(request_id=request_id, prompt_ids=prompt_ids, sampling=s, stop_ids=frozenset(stop_ids),
-                            arrival_time=arrival_time, prefilled=prefilled_kv)
+                            arrival_time=arrival_time, prefilled=prefilled_kv, adapter=request.adapter)
 
     def _check_prefilled(self, kv: PrefilledKV, prompt_ids: tuple[int, ...]) -> None:
         want = (-(-len(prompt_ids) // self.page_tokens), self.cfg.num_layers, 2, self.cfg.num_kv_heads,

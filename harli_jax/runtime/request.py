@@ -49,13 +49,15 @@ class SamplingParams:
 @dataclasses.dataclass
 class Request:
     """A prompt (token ids or text) to continue. `arrival` is seconds after `Engine.serve` starts;
-    `prefilled_kv`, its prompt's K/V from a prefill engine (the request then only decodes here)."""
+    `prefilled_kv`, its prompt's K/V from a prefill engine (the request then only decodes here); `adapter`, the
+    name of a LoRA adapter added to the engine (`Engine.add_adapter`; None: the base model)."""
 
     prompt: Sequence[int] | str
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     arrival: float = 0.0
     request_id: str | None = None
     prefilled_kv: PrefilledKV | None = None
+    adapter: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,12 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from harli_jax.logs import StatusLine
+from harli_jax.lora.adapters import empty_slots, write_slot
 from harli_jax.lora.fused import forward_tokens
 from harli_jax.lora.trainer import backward_chunk
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import TokenBatch, paged_step, read_pages, write_pages
-from harli_jax.model.params import Adapters, Params
+from harli_jax.model.params import LoRASlots, Params
 from harli_jax.model.sampling import SamplingRows
+from harli_jax.runtime.adapters import AdapterCatalog
 from harli_jax.runtime.arena import Arena
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.microbatch import FusedCall
@@ -95,7 +97,8 @@ class InputLayout:
         specs = (("tokens", (t,), i32), ("positions", (t,), i32), ("page_ids", (t,), i32), ("offsets", (t,), i32),
                  ("token_source", (t,), i32), ("block_tables", (b, self.pages), i32), ("query_start", (b + 1,), i32),
                  ("context_lens", (b,), i32), ("sample_index", (b,), i32), ("temperature", (b,), f32),
-                 ("top_k", (b,), i32), ("top_p", (b,), f32), ("seed", (b,), u32), ("counter", (b,), i32))
+                 ("top_k", (b,), i32), ("top_p", (b,), f32), ("seed", (b,), u32), ("counter", (b,), i32),
+                 ("adapter_slots", (t,), i32))
         out, offset = [], 0
         for name, shape, dtype in specs:
             out.append((name, shape, dtype, offset))
@@ -108,11 +111,13 @@ class InputLayout:
         return offset + math.prod(shape)
 
     def host(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """A new buffer holding an empty step (no tokens; token sources -1, top_p 1) and a view of each input."""
+        """A new buffer holding an empty step (no tokens; token sources and adapter slots -1, top_p 1) and a view
+        of each input."""
         flat = np.zeros(self.size, np.int32)
         views = {name: flat[offset: offset + math.prod(shape)].view(dtype).reshape(shape)
                  for name, shape, dtype, offset in self.fields}
         views["token_source"][:] = -1
+        views["adapter_slots"][:] = -1
         views["top_p"][:] = 1.0
         return flat, views
 
@@ -127,7 +132,7 @@ class InputLayout:
         batch = TokenBatch(tokens=v["tokens"], positions=v["positions"], page_ids=v["page_ids"],
                            offsets=v["offsets"], block_tables=v["block_tables"], query_start=v["query_start"],
                            context_lens=v["context_lens"], sample_index=v["sample_index"], sampling=sampling,
-                           max_query=self.max_query, long_rows=self.long_rows)
+                           adapter_slots=v["adapter_slots"], max_query=self.max_query, long_rows=self.long_rows)
         return batch, v["token_source"]
 
 
@@ -196,7 +201,8 @@ def use_compile_cache(directory: str | None) -> None:
 class ModelRunner:
     """Runs plans: one compiled program per bucket over the engine's weights and arena."""
 
-    def __init__(self, cfg: ModelConfig, params: Params, engine_cfg: EngineConfig, arena: Arena):
+    def __init__(self, cfg: ModelConfig, params: Params, engine_cfg: EngineConfig, arena: Arena,
+                 adapters: AdapterCatalog | None = None):
         use_compile_cache(engine_cfg.runner.compile_cache_dir)
         self.cfg = cfg
         self.params = params
@@ -215,16 +221,22 @@ class ModelRunner:
         # Whole-page copies (prefilled-KV import and export), one program each per page bucket: the page ids
         # are padded with the null page, which `write_pages` never writes.
         self._page_copies: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
-        self.lora: Adapters | None = None  # the adapter decode applies (None: the base model)
+        served = engine_cfg.adapters
+        # The resident adapter slots every step program takes (None: the base model only), and the adapter each
+        # slot holds now: a slot is written before the first step whose tokens use it with another adapter.
+        self.lora: LoRASlots | None = (empty_slots(cfg, served.max_loras, served.max_lora_rank, served.lora_targets)
+                                       if served.max_loras else None)
+        self.adapters = adapters
+        self._slot_holds: dict[int, str] = {}
         self._no_previous = jnp.zeros(self.batch_buckets[-1], jnp.int32)  # for a step whose tokens are all known
 
-    def set_lora(self, lora: Adapters | None) -> None:
-        """Serves with `lora` from the next step on; a new adapter structure recompiles the programs."""
-        if jax.tree.structure(lora) != jax.tree.structure(self.lora) or any(
-                a.shape != b.shape for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(self.lora), strict=True)):
-            self._programs.clear()
-            self._fused.clear()
-        self.lora = lora
+    def _write_slots(self, work: Sequence[SeqWork]) -> None:
+        """Writes the resident slots the step's sequences use whose weights are another adapter's."""
+        for w in work:
+            if w.adapter is not None and self._slot_holds.get(w.adapter_slot) != w.adapter:
+                served = self.adapters.get(w.adapter)
+                self.lora = write_slot(self.lora, np.int32(w.adapter_slot), served.weights)
+                self._slot_holds[w.adapter_slot] = w.adapter
 
     def bucket_for(self, seqs: int, tokens: int, pages: int) -> Bucket:
         """The smallest bucket of `seqs` sequences with `tokens` tokens in all (each has at least one)."""
@@ -333,8 +345,9 @@ class ModelRunner:
         dispatched = time.perf_counter()
         for page_ids, pages in plan.imports:
             self.write_pages(page_ids, pages)
-        packing = time.perf_counter()
         work = plan.work
+        self._write_slots(work)
+        packing = time.perf_counter()
         bucket = self.bucket_of(plan)
         rows = self._rows(work)
         inputs, views = self._pack(work, rows, bucket)
@@ -370,6 +383,7 @@ class ModelRunner:
         tokens, positions, page_ids, offsets, tables = (v[k] for k in (
             "tokens", "positions", "page_ids", "offsets", "block_tables"))
         query_start, context_lens, sample_index = v["query_start"], v["context_lens"], v["sample_index"]
+        adapter_slots = v["adapter_slots"]
         temperature, top_k, top_p, seed, counter = (v[k] for k in ("temperature", "top_k", "top_p", "seed", "counter"))
         cursor, page_tokens = 0, self.page_tokens
         for i in np.argsort(rows):
@@ -378,12 +392,12 @@ class ModelRunner:
             tables[row, : len(w.block_table)] = w.block_table
             if n == 1:  # a decode token: scalars, not array operations
                 p = w.start
-                tokens[cursor], positions[cursor] = w.tokens[0], p
+                tokens[cursor], positions[cursor], adapter_slots[cursor] = w.tokens[0], p, w.adapter_slot
                 page_ids[cursor], offsets[cursor] = w.block_table[p // page_tokens], p % page_tokens
             else:
                 pos = np.arange(w.start, w.start + n, dtype=np.int32)
                 span = slice(cursor, cursor + n)
-                tokens[span], positions[span] = w.tokens, pos
+                tokens[span], positions[span], adapter_slots[span] = w.tokens, pos, w.adapter_slot
                 page_ids[span], offsets[span] = tables[row, pos // page_tokens], pos % page_tokens
             sample_index[row], context_lens[row] = cursor + n - 1, w.start + n
             s = w.sampling

@@ -1,8 +1,9 @@
 """The inference scheduler (policy) and the only writer of request state.
 
 `schedule()` decides the next step: which sequences run with how many tokens (continuous batching with chunked
-prefill, decode first), whom to preempt when the arena is full, which prefilled K/V to import, and which
-trainer leases the page table took back to make room. `update(plan, tokens, now)` applies the step's output:
+prefill, decode first), whom to preempt when the arena is full, which prefilled K/V to import, which
+trainer leases the page table took back to make room, and which resident adapter slot each admitted request's
+adapter takes. `update(plan, tokens, now)` applies the step's output:
 it appends tokens, asks the output processor whether a request ends, finishes and frees it. `add` and `abort`
 are the other two ways a request's state changes; all of them run on the engine thread.
 """
@@ -16,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from harli_jax.runtime.adapters import SlotTable
 from harli_jax.runtime.arena import Owner, PageTable
 from harli_jax.runtime.config import SchedulerConfig
 from harli_jax.runtime.processing import OutputProcessor
@@ -31,6 +33,8 @@ class SeqWork(NamedTuple):
     start: int
     sampling: SamplingParams
     counter: int  # tokens generated so far (the sampling RNG's position)
+    adapter: str | None = None  # its LoRA adapter (None: the base model)
+    adapter_slot: int = -1  # that adapter's resident slot
 
 
 @dataclasses.dataclass
@@ -59,8 +63,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, page_table: PageTable, settings: SchedulerConfig, output: OutputProcessor):
+    def __init__(self, page_table: PageTable, settings: SchedulerConfig, output: OutputProcessor,
+                 adapter_slots: SlotTable | None = None):
         self.pages = page_table
+        self.adapter_slots = adapter_slots
         self.max_batch, self.prefill_chunk = settings.max_batch, settings.prefill_chunk
         self.max_prefill_seqs, self.prefill_interval = settings.max_prefill_seqs, settings.prefill_interval
         self._steps_without_prefill = settings.prefill_interval  # steps run since the last chunk (none yet)
@@ -117,6 +123,7 @@ class Scheduler:
         elif state in self.waiting:
             self.waiting.remove(state)
         self.pages.free(state.owner)
+        self._release_adapter(state)
         del self._requests[state.request_id]
         state.text = self.output.finished_text(state)
         return FinishedEvent(state.output(reason))
@@ -125,11 +132,27 @@ class Scheduler:
         """Frees the sequence's pages; it waits at the front and recomputes its KV when readmitted."""
         self.running.remove(seq)
         self.pages.free(seq.owner)
+        self._release_adapter(seq)
         seq.num_computed = 0
         seq.prefilled = None  # its pages are gone: the prompt is recomputed
         seq.preemptions += 1
         self.waiting.appendleft(seq)
         plan.preempted.append(seq)
+
+    def _acquire_adapter(self, seq: RequestState) -> bool:
+        """Gives an admitted sequence its adapter's resident slot; False when every slot is in use."""
+        if seq.adapter is None:
+            return True
+        slot = self.adapter_slots.acquire(seq.adapter)
+        if slot is None:
+            return False
+        seq.adapter_slot = slot
+        return True
+
+    def _release_adapter(self, seq: RequestState) -> None:
+        if seq.adapter_slot >= 0:
+            self.adapter_slots.release(seq.adapter)
+            seq.adapter_slot = -1
 
     # Queries ------------------------------------------------------------------------------------------------
 
@@ -150,7 +173,7 @@ class Scheduler:
         plan.states.append(seq)
         plan.work.append(SeqWork(block_table=tuple(self.pages.block_table(seq.request_id)),
                                  tokens=seq.pending_ids(n), start=seq.num_computed, sampling=seq.sampling,
-                                 counter=len(seq.output_ids)))
+                                 counter=len(seq.output_ids), adapter=seq.adapter, adapter_slot=seq.adapter_slot))
 
     def schedule_ahead(self, plan: StepPlan) -> StepPlan | None:
         """The step after `plan`, made before `plan`'s tokens are known: the plan `schedule()` would make after
@@ -177,7 +200,8 @@ class Scheduler:
                 return None
             ahead.states.append(state)
             ahead.work.append(SeqWork(block_table=tuple(self.pages.block_table(state.request_id)), tokens=(0,),
-                                      start=computed[index], sampling=state.sampling, counter=generated))
+                                      start=computed[index], sampling=state.sampling, counter=generated,
+                                      adapter=state.adapter, adapter_slot=state.adapter_slot))
             ahead.previous.append(index)
         return ahead
 
@@ -213,7 +237,10 @@ class Scheduler:
             if paced and seq.prefilled is None:
                 break
             n = min(seq.num_pending, budget)
+            if not self._acquire_adapter(seq):
+                break  # its adapter waits for a resident slot that no running request uses
             if not self._grow(seq, seq.num_computed + n, plan):
+                self._release_adapter(seq)
                 break  # new requests wait for memory; they never preempt running ones
             self.waiting.popleft()
             self.running.append(seq)

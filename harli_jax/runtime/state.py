@@ -21,6 +21,8 @@ class RequestState:
     preemptions: int = 0
     prefilled: PrefilledKV | None = None  # K/V to import when admitted (prefill/decode disaggregation)
     text: str | None = None
+    adapter: str | None = None  # the LoRA adapter it is served with (None: the base model)
+    adapter_slot: int = -1  # that adapter's resident slot while the request runs (-1: none held)
 
     @property
     def owner(self) -> Owner:

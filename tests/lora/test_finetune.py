@@ -18,7 +18,7 @@ from harli_jax.model import load_model
 from harli_jax.runtime.finetune import JobStatus
 
 CONFIG = EngineConfig(max_batch=4, prefill_chunk=16, max_seq_len=64, num_pages=80, page_tokens=16,
-                      compile_threads=2)
+                      compile_threads=2, max_loras=1, max_lora_rank=8)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,8 @@ def test_default_finetune_learns_and_the_engine_serves_the_adapter(engine, model
     prompts = [s["prompt"] for s in samples]
     greedy = SamplingParams(max_tokens=8)
     base = engine.generate(prompts, greedy)
-    engine.use_adapter(handle)
-    tuned = engine.generate(prompts, greedy)
-    engine.use_adapter(None)
+    engine.add_adapter("upper-casing", handle)
+    tuned = engine.generate(prompts, greedy, adapter="upper-casing")
 
     def accuracy(outputs):
         return np.mean([o.text == s["completion"] for o, s in zip(outputs, samples, strict=True)])

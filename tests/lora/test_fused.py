@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SEQ, assert_tree_close, train_batch
+from conftest import SEQ, assert_tree_close, resident_slots, train_batch
 from harli_jax.lora.adapters import LoRAConfig, init_lora
 from harli_jax.lora.fused import forward_tokens, read_loss_gradient, token_stash_pages
 from harli_jax.lora.trainer import OptimizerConfig, backward_chunk, grad_step, init_state, make_optimizer
@@ -34,7 +34,8 @@ def model(request, tiny_yaml):
     if request.param == "qwen2":
         cfg = cfg.replace(architecture="qwen2", qkv_bias=True)
     params = init_params(cfg, seed=1, init_std=0.1)
-    return cfg, params, _lora(cfg, 2), _lora(cfg, 7), train_batch(cfg.vocab_size)
+    return cfg, params, _lora(cfg, 2), resident_slots(cfg, [_lora(cfg, 7), _lora(cfg, 11)]), train_batch(
+        cfg.vocab_size)
 
 
 def _decode_batch(cfg, seqs=3, pages_each=2):
@@ -47,7 +48,7 @@ def _decode_batch(cfg, seqs=3, pages_each=2):
                       page_ids=jnp.asarray(tables[np.arange(seqs), positions // PAGE_TOKENS]),
                       offsets=jnp.asarray(positions % PAGE_TOKENS), block_tables=jnp.asarray(tables),
                       query_start=jnp.arange(seqs + 1, dtype=i32), context_lens=jnp.asarray(positions + 1),
-                      sample_index=jnp.arange(seqs, dtype=i32),
+                      sample_index=jnp.arange(seqs, dtype=i32), adapter_slots=jnp.asarray([0, -1, 1][:seqs], i32),
                       sampling=SamplingRows(temperature=jnp.zeros(seqs), top_k=jnp.zeros(seqs, i32),
                                             top_p=jnp.ones(seqs), seed=jnp.zeros(seqs, jnp.uint32),
                                             counter=jnp.zeros(seqs, i32)))

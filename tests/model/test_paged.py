@@ -2,12 +2,14 @@
 step, the arena updated where it lies, one RoPE table for all layers), and the step's tokens equal to the dense
 forward's."""
 
+import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import resident_slots
 from harli_jax.lora.adapters import LoRAConfig, init_lora
 from harli_jax.model import ModelConfig, forward, init_params
 from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_step
@@ -35,10 +37,16 @@ def _batch(cfg, lengths=(5, 4)):
                                             np.zeros(n, np.uint32), np.zeros(n, np.int32)))
 
 
-def _lora(cfg):
-    lora = init_lora(cfg, LoRAConfig(rank=2, alpha=4), seed=1)
-    return {k: LoRAPair(p.a, 0.1 * jax.random.normal(jax.random.key(i), p.b.shape), p.scale)
+def _lora(cfg, seed=1, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    lora = init_lora(cfg, LoRAConfig(rank=2, alpha=4, targets=targets), seed=seed)
+    return {k: LoRAPair(p.a, 0.1 * jax.random.normal(jax.random.key(seed + i), p.b.shape), p.scale)
             for i, (k, p) in enumerate(lora.items())}
+
+
+def _with_slots(batch, slots_by_seq):
+    """`batch` with every token of sequence s in adapter slot `slots_by_seq[s]`."""
+    lengths = np.diff(np.asarray(batch.query_start))
+    return dataclasses.replace(batch, adapter_slots=np.repeat(np.asarray(slots_by_seq, np.int32), lengths))
 
 
 # Instructions that name a value without computing it.
@@ -68,8 +76,8 @@ def test_compiled_step_reads_layer_weights_and_the_arena_in_place(tiny_yaml):
     activations = {(len(batch.tokens), cfg.hidden_size), (len(batch.tokens), cfg.q_size)}
     assert weights and not weights & activations  # the shapes the check looks for are only weights'
     step = jax.jit(paged_step, static_argnames=("cfg",), donate_argnames=("arena",))
-    for adapters in (None, lora):
-        lowered = step.lower(params, cfg, arena, batch, lora=adapters)
+    for adapters in (None, resident_slots(cfg, [lora, lora])):
+        lowered = step.lower(params, cfg, arena, _with_slots(batch, [0, 1]), lora=adapters)
         # One RoPE table for every layer in the program (XLA:CPU may still recompute it inside its fusions).
         assert lowered.as_text().count("stablehlo.cosine") == 1
         hlo = lowered.compile().as_text()
@@ -78,17 +86,27 @@ def test_compiled_step_reads_layer_weights_and_the_arena_in_place(tiny_yaml):
 
 
 def test_step_tokens_equal_the_dense_forward(tiny_yaml):
+    """Each sequence of one step with its own adapter (or none) gives the dense forward's token with that adapter
+    alone: adapters on different projections and of ranks under the slots' rank, through the resident slots."""
     cfg = ModelConfig.from_yaml(tiny_yaml).replace(num_layers=3)
     params = init_params(cfg, seed=0, init_std=0.1)
     rng = np.random.default_rng(1)
     arena = rng.standard_normal(ArenaLayout(cfg, PAGE).shape(6)).astype(np.float32)  # garbage in unused slots
     batch = _batch(cfg)
     step = jax.jit(paged_step, static_argnames=("cfg",))
-    for adapters in (None, _lora(cfg)):
-        new_arena, tokens = step(params, cfg, arena, batch, lora=adapters)
+    first, second = _lora(cfg, 1), _lora(cfg, 5, targets=("v_proj", "gate_proj", "down_proj"))
+    slots = resident_slots(cfg, [first, second], rank=4)
+    cases = [(None, [None, None]), (slots, [first, second]), (slots, [second, None]), (slots, [None, first])]
+    for resident, adapters in cases:
+        slot_of = [-1 if a is None else [first, second].index(a) for a in adapters]
+        new_arena, tokens = step(params, cfg, arena, _with_slots(batch, slot_of), lora=resident)
         want = []
-        for s, n in enumerate((5, 4)):
+        for s, (n, adapter) in enumerate(zip((5, 4), adapters, strict=True)):
             ids = np.asarray(batch.tokens)[batch.query_start[s]: batch.query_start[s + 1]][None]
-            want.append(int(np.argmax(forward(params, cfg, jnp.asarray(ids), lora=adapters)[0, n - 1])))
-        assert np.asarray(tokens).tolist() == want
+            logits = forward(params, cfg, jnp.asarray(ids), lora=adapter)[0, n - 1]
+            want.append(int(np.argmax(logits)))
+        assert np.asarray(tokens).tolist() == want, (slot_of, want)
         assert not np.allclose(new_arena, arena)  # the step wrote its K/V
+    # The adapters change the tokens (the check above can tell them apart).
+    ids = jnp.asarray(np.asarray(batch.tokens)[:5][None])
+    assert len({int(np.argmax(forward(params, cfg, ids, lora=a)[0, 4])) for a in (None, first, second)}) > 1
