@@ -33,6 +33,8 @@ class FinetuneJob:
     dataset: str | Path | Sequence[dict] | None = option(
         None, "JSONL of {text} | {prompt, completion} | {messages} records, or a list of them; unset: the embedded "
               "upper-casing task")
+    eval_dataset: str | Path | Sequence[dict] | None = option(
+        None, "evaluation records (JSONL path or list) instead of an eval_fraction split of the dataset")
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     learning_rate: float = option(3e-3, "peak learning rate (warmup, then cosine decay)")
     warmup_steps: int = option(10, "optimizer steps of linear warmup")
@@ -162,6 +164,14 @@ class JobHandle:
         p = self.progress()
         return f"loss {'-' if p.loss is None else f'{p.loss:.4f}'}, {p.tokens_per_s:.0f} trained tokens/s"
 
-    def export_peft(self, path: str | Path) -> Path:
-        """Writes the adapter in the HF PEFT format (`adapter_model.safetensors`, `adapter_config.json`)."""
-        return self._runner.export_peft(path)
+    def export_peft(self, path: str | Path, base_model: str | None = None) -> Path:
+        """Writes the adapter in the HF PEFT format (`adapter_model.safetensors`, `adapter_config.json` naming
+        `base_model`, by default the model's name, as its `base_model_name_or_path`)."""
+        return self._runner.export_peft(path, base_model)
+
+    def checkpoint(self) -> None:
+        """Saves the job's state now (with a `checkpoint_dir`), so that a new job with that directory resumes
+        from here; nothing without one."""
+        if self._runner.checkpointer is not None and self._runner.status is not JobStatus.FINISHED:
+            self._runner.save()
+            self._runner.checkpointer.wait()

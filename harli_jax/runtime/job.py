@@ -50,12 +50,12 @@ class FinetuneRunner:
             raise ConfigError("finetuning needs a tokenizer to encode the dataset; this model has none")
         self.job, self.cfg, self.params = job, cfg, params
         records = data_lib.default_dataset(seed=job.seed) if job.dataset is None else job.dataset
-        if isinstance(records, (str, Path)):
-            dataset = data_lib.load_jsonl(records, tokenizer, strict=job.strict_data)
+        dataset = self._load(records, tokenizer)
+        if job.eval_dataset is not None:
+            self.train_set, self.eval_set = dataset, self._load(job.eval_dataset, tokenizer)
         else:
-            dataset = data_lib.from_records(records, tokenizer, strict=job.strict_data)
-        self.train_set, self.eval_set = data_lib.split(dataset, job.eval_fraction, job.seed) \
-            if job.eval_fraction > 0 else (dataset, None)
+            self.train_set, self.eval_set = data_lib.split(dataset, job.eval_fraction, job.seed) \
+                if job.eval_fraction > 0 else (dataset, None)
         self.loader = data_lib.DataLoader(self.train_set, job.micro_batch_rows, job.seq_len, seed=job.seed,
                                           epochs=job.epochs if job.total_steps is None else None,
                                           overflow=job.overflow, vocab_size=cfg.vocab_size)
@@ -85,6 +85,11 @@ class FinetuneRunner:
         self.checkpointer = TrainCheckpointer(job.checkpoint_dir) if job.checkpoint_dir is not None else None
         if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
             self._restore(self.checkpointer.latest_step())
+
+    def _load(self, records, tokenizer: Tokenizer) -> data_lib.Dataset:
+        if isinstance(records, (str, Path)):
+            return data_lib.load_jsonl(records, tokenizer, strict=self.job.strict_data)
+        return data_lib.from_records(records, tokenizer, strict=self.job.strict_data)
 
     def warmup(self, sequences: Sequence[Sequence[int]] = ()) -> None:
         """Compiles the training programs without changing anything: the single-program step, the update and the
@@ -261,5 +266,5 @@ class FinetuneRunner:
         if self.step >= self.total_steps:
             self.status = JobStatus.FINISHED
 
-    def export_peft(self, path: str | Path) -> Path:
-        return export_peft(self.state.lora, self.job.lora, self.cfg, path)
+    def export_peft(self, path: str | Path, base_model: str | None = None) -> Path:
+        return export_peft(self.state.lora, self.job.lora, self.cfg, path, base_model or self.cfg.name)

@@ -1,19 +1,23 @@
 """The OpenAI-compatible HTTP API over an `EngineLoop` (FastAPI): `/v1/completions`, `/v1/chat/completions`
-(each plain or streamed as server-sent events ending with `data: [DONE]`), `/v1/models`, `/health` and
-`/metrics` (Prometheus, vLLM's metric names under a `harli:` prefix).
+(each plain or streamed as server-sent events ending with `data: [DONE]`; a request's `model` is the base model or
+one of its adapters), `/v1/models`, `/health`, `/metrics` (Prometheus, vLLM's metric names under a `harli:`
+prefix), and fine-tuning: `/v1/files` and `/v1/fine_tuning/jobs` (harli_jax.server.finetuning).
 
 Errors come back the OpenAI way, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad parameter,
-malformed JSON or a prompt over the context, 401 for a wrong API key, 404 for an unknown model, 429 when the
-server already holds `max batch + max waiting` requests, 503 when the engine is down. A streaming client that
+malformed JSON, a prompt over the context or bad fine-tuning data, 401 for a wrong API key, 404 for an unknown
+model, job or file, 429 when the server already holds `max batch + max waiting` requests, 503 when the engine is
+down. A streaming client that
 disconnects aborts its request, which frees its pages.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,16 +28,18 @@ from harli_jax.runtime.processing import RequestError
 from harli_jax.runtime.request import FinishedEvent, GenerationOutput, SamplingParams
 from harli_jax.runtime.request import Request as EngineRequest
 from harli_jax.server import protocol
-from harli_jax.server.loop import EngineLoop, EngineStopped, QueueFull
+from harli_jax.server.finetuning import FineTuning
+from harli_jax.server.loop import EngineLoop, EngineStopped, QueueFull, Snapshot
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0)
 
 
 class ServerMetrics:
-    """The server's Prometheus metrics, in a registry of their own."""
+    """The server's Prometheus metrics, in a registry of their own: request histograms and counters from finished
+    outputs (`finished`), gauges from the engine thread's snapshots (`observe`)."""
 
-    def __init__(self, loop: EngineLoop):
+    def __init__(self):
         self.registry = registry = CollectorRegistry()
         self.ttft = Histogram("harli:time_to_first_token_seconds", "Time to first token", registry=registry,
                               buckets=LATENCY_BUCKETS)
@@ -46,15 +52,21 @@ class ServerMetrics:
                                          registry=registry)
         self.success = Counter("harli:request_success", "Finished requests by finish reason", ["finished_reason"],
                                registry=registry)
-        gauges = {"num_requests_running": ("Requests in the engine's batch", lambda s: s.running),
-                  "num_requests_waiting": ("Requests waiting for the batch", lambda s: s.waiting),
-                  "kv_cache_usage_perc": ("Share of the arena's pages holding K/V", lambda s: s.kv_usage),
-                  "finetune_trained_tokens": ("Tokens the finetune job has trained", lambda s: s.trained_tokens)}
-        for name, (text, read) in gauges.items():
-            Gauge(f"harli:{name}", text, registry=registry).set_function(lambda read=read: read(loop.snapshot))
-        pages = Gauge("harli:arena_pages", "Arena pages by owner", ["owner"], registry=registry)
+        self.gauges = {
+            "running": Gauge("harli:num_requests_running", "Requests in the engine's batch", registry=registry),
+            "waiting": Gauge("harli:num_requests_waiting", "Requests waiting for the batch", registry=registry),
+            "kv_usage": Gauge("harli:kv_cache_usage_perc", "Share of the arena's pages holding K/V",
+                              registry=registry),
+            "trained_tokens": Gauge("harli:finetune_trained_tokens", "Tokens the finetune job has trained",
+                                    registry=registry)}
+        self.pages = Gauge("harli:arena_pages", "Arena pages by owner", ["owner"], registry=registry)
+        self.observe(Snapshot())
+
+    def observe(self, snapshot: Snapshot) -> None:
+        for name, gauge in self.gauges.items():
+            gauge.set(getattr(snapshot, name))
         for owner in ("kv", "lease", "free"):
-            pages.labels(owner).set_function(lambda owner=owner: getattr(loop.snapshot, f"{owner}_pages"))
+            self.pages.labels(owner).set(getattr(snapshot, f"{owner}_pages"))
 
     def finished(self, output: GenerationOutput) -> None:
         self.success.labels(protocol.finish_reason(output.finish_reason)).inc()
@@ -68,12 +80,11 @@ class ServerMetrics:
             self.e2e.observe(output.token_times[-1] - output.arrival_time)
 
 
-def create_app(loop: EngineLoop, model_name: str, *, api_key: str | None = None,
-               default_max_tokens: int = 16) -> FastAPI:
-    """The API serving `loop`'s engine under the name `model_name`."""
+def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fine_tuning: FineTuning | None = None,
+               api_key: str | None = None, default_max_tokens: int = 16) -> FastAPI:
+    """The API serving `loop`'s engine under the name `model_name` (its adapters under theirs), with the
+    fine-tuning routes when `fine_tuning` is given."""
     app = FastAPI(title="harli_jax", version="0.1.0")
-    metrics = ServerMetrics(loop)
-    loop.on_finished = metrics.finished
     created = protocol.now()
     engine = loop.engine
 
@@ -119,16 +130,23 @@ def create_app(loop: EngineLoop, model_name: str, *, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [protocol.model_card(model_name, None, created)]}
+        cards = [protocol.model_card(model_name, None, created)]
+        cards += [protocol.model_card(name, model_name, created) for name in engine.adapters.names()]
+        return {"object": "list", "data": cards}
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise protocol.ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+    def adapter_of(name: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model); a 404 for a model not served here."""
+        if name == model_name:
+            return None
+        if engine.adapters.get(name) is None:
+            raise protocol.ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r} and its "
+                                         f"adapters (GET /v1/models lists them)",
                                     type="not_found_error", param="model", code="model_not_found")
+        return name
 
-    def start(prompt: str | list[int], sampling: SamplingParams, request_id: str):
+    def start(prompt: str | list[int], sampling: SamplingParams, request_id: str, adapter: str | None):
         try:
-            return loop.submit(EngineRequest(prompt, sampling, request_id=request_id))
+            return loop.submit(EngineRequest(prompt, sampling, request_id=request_id, adapter=adapter))
         except RequestError as e:
             raise protocol.ApiError(400, str(e), param="prompt") from None
         except QueueFull as e:
@@ -161,30 +179,30 @@ def create_app(loop: EngineLoop, model_name: str, *, api_key: str | None = None,
 
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest):
-        check_model(body.model)
+        adapter = adapter_of(body.model)
         sampling = body.sampling(default_max_tokens)
         request_id = protocol.new_id("cmpl")
-        stream = start(body.prompt_input(), sampling, request_id)
+        stream = start(body.prompt_input(), sampling, request_id, adapter)
         if not body.stream:
             output = await finish(stream)
-            return protocol.completion(request_id, model_name, output, protocol.now())
+            return protocol.completion(request_id, body.model, output, protocol.now())
 
         async def chunks() -> AsyncIterator[dict]:
             stamp = protocol.now()
             async for event in stream.events():
                 if isinstance(event, FinishedEvent):
-                    yield protocol.completion_chunk(request_id, model_name, stamp, "",
+                    yield protocol.completion_chunk(request_id, body.model, stamp, "",
                                                     protocol.finish_reason(event.output.finish_reason))
                     if body.include_usage:
-                        yield protocol.usage_chunk(request_id, model_name, stamp, event.output, chat=False)
+                        yield protocol.usage_chunk(request_id, body.model, stamp, event.output, chat=False)
                 elif event.text:
-                    yield protocol.completion_chunk(request_id, model_name, stamp, event.text)
+                    yield protocol.completion_chunk(request_id, body.model, stamp, event.text)
 
         return StreamingResponse(sse(stream, chunks()), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat(body: protocol.ChatRequest):
-        check_model(body.model)
+        adapter = adapter_of(body.model)
         sampling = body.sampling(default_max_tokens)
         if engine.tokenizer is None:
             raise protocol.ApiError(400, "this model has no tokenizer: chat needs one (send token ids to "
@@ -194,24 +212,100 @@ def create_app(loop: EngineLoop, model_name: str, *, api_key: str | None = None,
         except DataError as e:
             raise protocol.ApiError(400, str(e), param="messages") from None
         request_id = protocol.new_id("chatcmpl")
-        stream = start(prompt, sampling, request_id)
+        stream = start(prompt, sampling, request_id, adapter)
         if not body.stream:
             output = await finish(stream)
-            return protocol.chat_completion(request_id, model_name, output, protocol.now())
+            return protocol.chat_completion(request_id, body.model, output, protocol.now())
 
         async def chunks() -> AsyncIterator[dict]:
             stamp = protocol.now()
-            yield protocol.chat_chunk(request_id, model_name, stamp, {"role": "assistant", "content": ""})
+            yield protocol.chat_chunk(request_id, body.model, stamp, {"role": "assistant", "content": ""})
             async for event in stream.events():
                 if isinstance(event, FinishedEvent):
-                    yield protocol.chat_chunk(request_id, model_name, stamp, {},
+                    yield protocol.chat_chunk(request_id, body.model, stamp, {},
                                               protocol.finish_reason(event.output.finish_reason))
                     if body.include_usage:
-                        yield protocol.usage_chunk(request_id, model_name, stamp, event.output, chat=True)
+                        yield protocol.usage_chunk(request_id, body.model, stamp, event.output, chat=True)
                 elif event.text:
-                    yield protocol.chat_chunk(request_id, model_name, stamp, {"content": event.text})
+                    yield protocol.chat_chunk(request_id, body.model, stamp, {"content": event.text})
 
         return StreamingResponse(sse(stream, chunks()), media_type="text/event-stream")
 
-    app.state.metrics = metrics
+    if fine_tuning is not None:
+        add_fine_tuning_routes(app, loop, fine_tuning)
     return app
+
+
+def _page(items: list[dict], after: str | None, limit: int) -> dict:
+    """The OpenAI API's list page: the items after the one with id `after`, at most `limit` of them."""
+    if limit < 1:
+        raise protocol.ApiError(400, f"limit must be >= 1, got {limit}", param="limit")
+    ids = [item["id"] for item in items]
+    start = ids.index(after) + 1 if after in ids else 0
+    data = items[start: start + limit]
+    return {"object": "list", "data": data, "has_more": start + limit < len(items)}
+
+
+def add_fine_tuning_routes(app: FastAPI, loop: EngineLoop, jobs: FineTuning) -> None:
+    """`/v1/files` and `/v1/fine_tuning/jobs` (create, list, retrieve, cancel, pause, resume, events,
+    checkpoints) over `jobs`; changes to a job run on the engine thread."""
+
+    async def on_engine(fn):
+        try:
+            return await asyncio.wrap_future(loop.call(fn))
+        except EngineStopped as e:
+            raise protocol.ApiError(503, str(e), type="server_error") from None
+
+    @app.post("/v1/files")
+    async def upload(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict:
+        content = await file.read()
+        return await asyncio.to_thread(jobs.files.upload, file.filename or "upload.jsonl", content, purpose)
+
+    @app.get("/v1/files")
+    async def files() -> dict:
+        return {"object": "list", "data": jobs.files.list(), "has_more": False}
+
+    @app.get("/v1/files/{file_id}")
+    async def file(file_id: str) -> dict:
+        return jobs.files.get(file_id)
+
+    @app.post("/v1/fine_tuning/jobs")
+    async def create(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise protocol.ApiError(400, f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise protocol.ApiError(400, "the body must be a JSON object")
+        return jobs.create(body)
+
+    @app.get("/v1/fine_tuning/jobs")
+    async def list_jobs(after: str | None = None, limit: int = 20) -> dict:
+        return _page(jobs.list(), after, limit)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    async def retrieve(job_id: str) -> dict:
+        return jobs.retrieve(job_id)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel(job_id: str) -> dict:
+        jobs.get(job_id)
+        return await on_engine(lambda: jobs.cancel(job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
+    async def pause(job_id: str) -> dict:
+        jobs.get(job_id)
+        return await on_engine(lambda: jobs.pause(job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
+    async def resume(job_id: str) -> dict:
+        jobs.get(job_id)
+        return await on_engine(lambda: jobs.resume(job_id))
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    async def events(job_id: str, after: str | None = None, limit: int = 20) -> dict:
+        return _page(jobs.events(job_id), after, limit)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    async def checkpoints(job_id: str, after: str | None = None, limit: int = 10) -> dict:
+        return _page(jobs.checkpoints(job_id), after, limit)

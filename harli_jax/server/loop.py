@@ -2,19 +2,23 @@
 
 The server's event loop hands requests to `EngineLoop.submit` and reads each one's events from its
 `RequestStream`; the engine thread steps the engine whenever it has requests or a finetune job, and delivers the
-events of each step to the streams through the event loop (`call_soon_threadsafe`). Between steps it publishes a
-`Snapshot` of the engine's state for the metrics, so no other thread reads the engine's own structures.
+events of each step to the streams through the event loop (`call_soon_threadsafe`). After each step it hands a
+`Snapshot` of the engine's state to `on_snapshot` (the metrics), so no other thread reads the engine's own
+structures. Between steps it runs what `call` queued and lets the fine-tuning jobs (`jobs`) follow their work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 from harli_jax.errors import HarliError
 from harli_jax.runtime.engine import Engine
@@ -42,7 +46,6 @@ class Snapshot:
     lease_pages: int = 0
     free_pages: int = 0
     capacity_pages: int = 1
-    steps: int = 0
     trained_tokens: int = 0
 
     @property
@@ -67,21 +70,31 @@ class RequestStream:
                 return
 
 
+class Jobs(Protocol):
+    """What the engine thread drives besides requests (server.finetuning.FineTuning)."""
+
+    def tick(self, engine: Engine) -> None: ...
+
+    def shutdown(self, engine: Engine) -> None: ...
+
+
 class EngineLoop:
     """Runs `engine` on a thread of its own; `max_waiting` (None: no limit) bounds the requests admitted beyond
-    the engine's batch; `on_finished` sees every finished request's output, on the engine thread (whether or not
-    its client still reads)."""
+    the engine's batch. On the engine thread, `on_finished` sees every finished request's output (whether or not
+    its client still reads), `on_snapshot` the engine's state after every step, and `jobs` ticks between steps
+    and shuts down after the last one."""
 
-    def __init__(self, engine: Engine, max_waiting: int | None = None,
-                 on_finished: Callable[[GenerationOutput], None] | None = None):
-        self.engine = engine
-        self.on_finished = on_finished
+    def __init__(self, engine: Engine, max_waiting: int | None = None, *,
+                 on_finished: Callable[[GenerationOutput], None] | None = None,
+                 on_snapshot: Callable[[Snapshot], None] | None = None, jobs: Jobs | None = None):
+        self.engine, self.jobs = engine, jobs
+        self.on_finished, self.on_snapshot = on_finished, on_snapshot
         batch = engine.config.scheduler.max_batch
         self.max_requests = None if max_waiting is None else batch + max_waiting
-        self.snapshot = Snapshot(capacity_pages=engine.arena.table.capacity)
         self.failure: BaseException | None = None
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()  # guards _streams
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._lock = threading.Lock()  # guards _streams and _calls
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="harli-engine", daemon=True)
@@ -114,6 +127,16 @@ class EngineLoop:
         self._wake.set()
         return RequestStream(request_id, queue)
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Runs `fn` on the engine thread between two steps; its result (or exception) comes in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if not self.alive or self._stopping.is_set():
+                raise EngineStopped("the engine is not running")
+            self._calls.append((fn, future))
+        self._wake.set()
+        return future
+
     def abort(self, request_id: str) -> None:
         """Stops a request that has not finished (nothing if it has)."""
         with contextlib.suppress(RequestError):
@@ -142,20 +165,41 @@ class EngineLoop:
         engine = self.engine
         try:
             while not self._stopping.is_set():
+                self._run_calls()
+                if self.jobs is not None:
+                    self.jobs.tick(engine)
                 if engine.has_unfinished() or engine.training:
                     self._deliver(engine.step())
                     self._publish()
                 else:
                     self._wake.wait(0.1)
                     self._wake.clear()
+            self._run_calls()
+            if self.jobs is not None:
+                self.jobs.shutdown(engine)
         except BaseException as e:  # noqa: BLE001  (every waiting stream gets it; the server reports it)
             log.exception("the engine thread failed")
             self.failure = e
             with self._lock:
                 streams, self._streams = list(self._streams.values()), {}
+                calls, self._calls = list(self._calls), deque()
             for loop, queue in streams:
                 with contextlib.suppress(RuntimeError):  # its event loop is closed
                     loop.call_soon_threadsafe(queue.put_nowait, EngineStopped(f"the engine failed: {e!r}"))
+            for _, future in calls:
+                future.set_exception(EngineStopped(f"the engine failed: {e!r}"))
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # noqa: BLE001  (the caller gets it)
+                    future.set_exception(e)
 
     def _deliver(self, events: list[Event]) -> None:
         with self._lock:
@@ -171,10 +215,12 @@ class EngineLoop:
                         loop.call_soon_threadsafe(queue.put_nowait, event)
 
     def _publish(self) -> None:
+        if self.on_snapshot is None:
+            return
         engine = self.engine
         usage = engine.arena.table.usage()
         job = engine.colocation.job
-        self.snapshot = Snapshot(
+        self.on_snapshot(Snapshot(
             running=len(engine.scheduler.running), waiting=len(engine.scheduler.waiting), kv_pages=usage["kv"],
             lease_pages=usage["lease"], free_pages=usage["free"], capacity_pages=engine.arena.table.capacity,
-            steps=len(engine.step_records), trained_tokens=0 if job is None else job.tokens)
+            trained_tokens=0 if job is None else job.tokens))

@@ -2,8 +2,10 @@
 
 It loads the model, compiles the engine's step programs, starts the engine thread and the HTTP server, and prints
 `harli serve: listening on http://HOST:PORT` once `/health` answers 200 (`--port 0` takes a free port; the line
-names it). SIGINT or SIGTERM stops taking requests, lets those in flight finish for up to `--drain-timeout`
-seconds, aborts the rest and exits 0.
+names it). With `--state-dir` it also runs OpenAI fine-tuning jobs in the decode slack under `--tpot-slo` and
+serves their adapters (with `--max-loras` adapters resident at once, any mix in one batch). SIGINT or SIGTERM
+stops taking requests, lets those in flight finish for up to `--drain-timeout` seconds, aborts the rest,
+checkpoints a running fine-tuning job (a restart resumes it) and exits 0.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ import uvicorn
 from harli_jax.errors import HarliError
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
+from harli_jax.replay.options import parse_slo
+from harli_jax.runtime.colocation import POLICIES
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.engine import Engine
-from harli_jax.server.app import create_app
+from harli_jax.server.app import ServerMetrics, create_app
+from harli_jax.server.finetuning import FineTuning
 from harli_jax.server.loop import EngineLoop
 
 
@@ -65,12 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "finish at shutdown (default 30)")
     p.add_argument("--dtype", choices=DTYPES, help="weights and activations dtype (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="weights of a YAML model (default 0)")
+    p.add_argument("--state-dir", help="fine-tuning: files, jobs and adapters live here and survive a restart "
+                                       "(unset: the fine-tuning routes are off)")
+    p.add_argument("--max-loras", type=int, default=8, help="adapters resident at once, mixed freely in a batch "
+                                                             "(default 8; 0: the base model only)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the highest rank a served adapter may have "
+                                                                  "(default 16)")
+    p.add_argument("--tpot-slo", default="4x", help="the time-per-output-token SLO fine-tuning keeps to: '50ms', "
+                                                   "or 'Nx' of the measured solo decode step (default 4x)")
+    p.add_argument("--policy", choices=POLICIES, default="harli", help="co-location policy of fine-tuning jobs "
+                                                                       "(default harli)")
+    p.add_argument("--finetune-seq-len", type=int, default=128, help="tokens per training row (default 128)")
+    p.add_argument("--finetune-rank", type=int, default=8, help="LoRA rank of fine-tuning jobs (default 8)")
+    p.add_argument("--checkpoint-steps", type=int, default=25, help="optimizer steps between a job's servable "
+                                                                    "checkpoints (default 25)")
     return p
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    flags = {name: getattr(args, name) for name in ("max_batch", "max_seq_len", "prefill_chunk", "dtype")
-             if getattr(args, name) is not None}
+    flags = {name: getattr(args, name) for name in ("max_batch", "max_seq_len", "prefill_chunk", "dtype",
+                                                    "max_loras", "max_lora_rank") if getattr(args, name) is not None}
+    flags["policy"] = args.policy
     if args.engine_config:
         return EngineConfig.from_yaml(args.engine_config, **flags)
     return EngineConfig(**flags)
@@ -80,12 +100,20 @@ def check_args(args: argparse.Namespace) -> None:
     """A HarliError naming the first bad flag, before anything loads."""
     if not Path(args.model).exists():
         raise HarliError(f"--model not found: {args.model}")
-    for name in ("max_batch", "max_seq_len", "prefill_chunk", "default_max_tokens"):
+    for name in ("max_batch", "max_seq_len", "prefill_chunk", "default_max_tokens", "max_lora_rank",
+                 "finetune_seq_len", "finetune_rank", "checkpoint_steps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise HarliError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.max_waiting is not None and args.max_waiting < 0:
-        raise HarliError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    for name in ("max_waiting", "max_loras"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise HarliError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.finetune_rank > args.max_lora_rank:
+        raise HarliError(f"--finetune-rank {args.finetune_rank} exceeds --max-lora-rank {args.max_lora_rank}: the "
+                         f"jobs' adapters could not be served")
+    if args.state_dir is not None and args.max_loras == 0:
+        raise HarliError("--state-dir serves fine-tuned adapters: it needs --max-loras >= 1")
+    parse_slo(args.tpot_slo, "tpot-slo")
     if not 0 <= args.port < 65536:
         raise HarliError(f"--port must be in [0, 65535], got {args.port}")
     if args.drain_timeout < 0:
@@ -120,12 +148,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = args.served_model_name or model.cfg.name
         print(f"harli serve: {name}, compiling the step programs...", file=sys.stderr, flush=True)
         engine = Engine(model, config)
+        slo = parse_slo(args.tpot_slo, "tpot-slo")
+        solo = engine.time_decode_step(config.scheduler.max_batch) if slo.unit == "x" else 0.0
+        engine.set_tpot_slo(slo.seconds(solo) * 1e3)
+        fine_tuning = None if args.state_dir is None else FineTuning(
+            args.state_dir, engine, name, seq_len=args.finetune_seq_len, rank=args.finetune_rank,
+            checkpoint_steps=args.checkpoint_steps)
     except HarliError as e:
         print(f"harli serve: error: {e}", file=sys.stderr)
         return 2
-    loop = EngineLoop(engine, args.max_waiting)
+    print(f"harli serve: TPOT SLO {engine.config.colocation.tpot_slo_ms:.1f} ms ({slo}), policy {args.policy}"
+          + (f", fine-tuning state in {args.state_dir}" if fine_tuning else ""), file=sys.stderr, flush=True)
+    metrics = ServerMetrics()
+    loop = EngineLoop(engine, args.max_waiting, on_finished=metrics.finished, on_snapshot=metrics.observe,
+                      jobs=fine_tuning)
     loop.start()
-    app = create_app(loop, name, api_key=args.api_key, default_max_tokens=args.default_max_tokens)
+    app = create_app(loop, name, metrics, fine_tuning=fine_tuning, api_key=args.api_key,
+                     default_max_tokens=args.default_max_tokens)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=int(args.drain_timeout) or None))
     threading.Thread(target=_announce, args=(server, args.host), daemon=True).start()

@@ -76,7 +76,8 @@ class _Sampling(BaseModel):
             top_k = 0
         seed = self.seed if self.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
         temperature = self.temperature if self.temperature is not None else OPENAI_DEFAULT_TEMPERATURE
-        params = SamplingParams(max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
+        max_tokens = self.requested_max_tokens
+        params = SamplingParams(max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
                                 temperature=temperature, top_k=top_k,
                                 top_p=self.top_p if self.top_p is not None else 1.0, seed=seed, stop=stop,
                                 ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
@@ -84,6 +85,10 @@ class _Sampling(BaseModel):
         if problems:
             raise ApiError(400, "; ".join(problems), param=problems[0].split()[0])
         return params
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
 
     @property
     def include_usage(self) -> bool:
@@ -124,10 +129,10 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
-        if self.max_completion_tokens is not None and self.max_tokens is None:
-            self.max_tokens = self.max_completion_tokens
-        return super().sampling(default_max_tokens)
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """`max_tokens`, else the newer name `max_completion_tokens`."""
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
 
 # Responses -------------------------------------------------------------------------------------------------------

@@ -5,11 +5,7 @@ client that disconnects; the metrics; SIGTERM. The waiting-queue limit runs on a
 import asyncio
 import http.client
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO
+from conftest import launch_server
 from harli_jax import Engine, EngineConfig, SamplingParams
 from harli_jax.lora.data import chat_prompt_ids
 from harli_jax.model import load_model
@@ -36,24 +32,8 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 @pytest.fixture(scope="module")
 def server(tiny_yaml):
     """The server process and its URL (the line it prints once /health answers)."""
-    process = subprocess.Popen([sys.executable, "-m", "harli_jax.cli", "serve", "--model", str(tiny_yaml), "--port",
-                                "0", "--api-key", KEY, "--served-model-name", NAME, "--drain-timeout", "5", *SIZES],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    errors: list[str] = []  # drained, so a chatty server never blocks on a full pipe
-    for pipe, into in ((process.stdout, lines), (process.stderr, errors)):
-        threading.Thread(target=into.extend, args=(pipe,), daemon=True).start()
-    deadline = time.monotonic() + 120
-    url = None
-    while url is None and time.monotonic() < deadline and process.poll() is None:
-        found = [m.group(1) for line in lines if (m := re.search(r"listening on (http://\S+)", line))]
-        url = found[0] if found else None
-        time.sleep(0.05)
-    if url is None:
-        process.kill()
-        process.wait()
-        pytest.fail(f"the server did not start: {''.join(errors)}")
+    process, url, errors = launch_server(tiny_yaml, "--api-key", KEY, "--served-model-name", NAME,
+                                         "--drain-timeout", "5", *SIZES)
     yield process, url, errors
     if process.poll() is None:
         process.kill()

@@ -1,0 +1,398 @@
+"""Fine-tuning through the OpenAI API, on the serving engine: uploaded files, jobs, their events and checkpoints,
+all kept in the state directory so that a restarted server lists them and serves their adapters again.
+
+Layout of `--state-dir`: `files/<file id>.jsonl` and `.json` (the upload and its file object);
+`jobs/<job id>/job.json` (the job, its events and checkpoints), `jobs/<job id>/state/` (the trainer's Orbax
+checkpoints, which a restarted job resumes from), `jobs/<job id>/checkpoints/step-<N>/` and
+`jobs/<job id>/adapter/` (HF PEFT adapters: each checkpoint's, and the final one).
+
+A job goes `validating_files -> queued -> running -> succeeded | failed | cancelled` (and `paused` while paused).
+One job trains at a time, in the decode slack under the engine's SLO (its co-location policy). Every change of a
+running job happens on the engine thread: `tick` (called between steps) starts queued jobs, records their
+progress, exports checkpoints and serves each under its `fine_tuned_model_checkpoint` name, and serves the final
+adapter as `fine_tuned_model`, `ft:<base>:<suffix>:<job id>`; cancel, pause and resume reach it through
+`EngineLoop.call`. The HTTP side reads the records under a lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from harli_jax.errors import HarliError
+from harli_jax.lora.adapters import LoRAConfig
+from harli_jax.lora.data import load_jsonl
+from harli_jax.model.tokenizer import Tokenizer
+from harli_jax.runtime.engine import Engine
+from harli_jax.runtime.finetune import FinetuneJob, JobHandle, JobStatus
+from harli_jax.server.protocol import ApiError
+
+log = logging.getLogger("harli_jax")
+
+BASE_LEARNING_RATE = 3e-3  # learning_rate_multiplier 1 (FinetuneJob's default)
+AUTO_EPOCHS, AUTO_BATCH_SIZE = 3, 4  # what "auto" (or nothing) means
+FINAL = ("succeeded", "failed", "cancelled")
+MAX_PROBLEMS = 5  # line problems named in an upload's error
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Writes `value` as JSON atomically (a crash leaves the old file or the new one, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _not_found(kind: str, ident: str, param: str) -> ApiError:
+    return ApiError(404, f"no {kind} with id {ident!r}", type="not_found_error", param=param, code="not_found")
+
+
+class FileStore:
+    """Uploaded `purpose=fine-tune` JSONL files, each validated as fine-tuning data when it is uploaded."""
+
+    def __init__(self, directory: Path, tokenizer: Tokenizer | None):
+        self.directory, self.tokenizer = directory, tokenizer
+        directory.mkdir(parents=True, exist_ok=True)
+        self._files = {f["id"]: f for f in (json.loads(p.read_text()) for p in sorted(directory.glob("*.json")))}
+        self._lock = threading.Lock()
+
+    def upload(self, filename: str, content: bytes, purpose: str) -> dict[str, Any]:
+        """Stores and returns the file object; an ApiError (400) naming the first problems, by line, for data
+        that cannot be trained on."""
+        if purpose != "fine-tune":
+            raise ApiError(400, f"purpose {purpose!r} is not supported: this server takes 'fine-tune' files",
+                           param="purpose")
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer: it cannot be fine-tuned on text", param="file")
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        path = self.directory / f"{file_id}.jsonl"
+        path.write_bytes(content)
+        try:
+            problems, samples = self._validate(path, filename)
+        except HarliError as e:
+            problems, samples = [str(e)], 0
+        if problems or not samples:
+            path.unlink()
+            more = f" (and {len(problems) - MAX_PROBLEMS} more)" if len(problems) > MAX_PROBLEMS else ""
+            detail = "; ".join(problems[:MAX_PROBLEMS]) + more if problems else "it holds no records"
+            raise ApiError(400, f"{filename} is not valid fine-tuning data: {detail}", param="file",
+                           code="invalid_file")
+        record = {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                  "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
+        _write_json(self.directory / f"{file_id}.json", record)
+        with self._lock:
+            self._files[file_id] = record
+        return record
+
+    def _validate(self, path: Path, filename: str) -> tuple[list[str], int]:
+        dataset = load_jsonl(path, self.tokenizer)
+        return [f"line {p.line}: {p.message}" for p in dataset.problems], len(dataset)
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return sorted(self._files.values(), key=lambda f: f["created_at"], reverse=True)
+
+    def get(self, file_id: str, param: str = "file_id") -> dict[str, Any]:
+        with self._lock:
+            record = self._files.get(file_id)
+        if record is None:
+            raise _not_found("file", file_id, param)
+        return record
+
+    def path(self, file_id: str) -> Path:
+        return self.directory / f"{file_id}.jsonl"
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """A fine-tuning job as the API shows it, with its events (oldest first) and checkpoints."""
+
+    id: str
+    model: str
+    training_file: str
+    validation_file: str | None
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    suffix: str | None
+    seed: int
+    created_at: int
+    status: str = "validating_files"
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    trained_tokens: int | None = None
+    error: dict[str, Any] | None = None
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def model_name(self) -> str:
+        """`ft:<base>:<suffix>:<job id>`, its `fine_tuned_model` once it succeeds."""
+        return f"ft:{self.model}:{self.suffix or ''}:{self.id}"
+
+    def event(self, message: str, kind: str = "message", data: dict[str, Any] | None = None,
+              level: str = "info") -> None:
+        self.events.append({"id": f"ftevent-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job.event",
+                            "created_at": int(time.time()), "level": level, "message": message, "data": data or {},
+                            "type": kind})
+
+    def api(self) -> dict[str, Any]:
+        hyperparameters = {"n_epochs": self.n_epochs, "batch_size": self.batch_size,
+                           "learning_rate_multiplier": self.learning_rate_multiplier}
+        return {"id": self.id, "object": "fine_tuning.job", "created_at": self.created_at,
+                "finished_at": self.finished_at, "model": self.model, "fine_tuned_model": self.fine_tuned_model,
+                "organization_id": "harli_jax", "result_files": [], "status": self.status,
+                "training_file": self.training_file, "validation_file": self.validation_file,
+                "hyperparameters": hyperparameters, "trained_tokens": self.trained_tokens, "error": self.error,
+                "seed": self.seed, "estimated_finish": None, "integrations": [], "user_provided_suffix": self.suffix,
+                "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}}
+
+
+def _hyperparameter(body: dict[str, Any], name: str, auto, kind: type, low: float) -> Any:
+    """A hyperparameter of the request (top-level `hyperparameters` or `method.supervised.hyperparameters`);
+    "auto" or absent: `auto`."""
+    method = ((body.get("method") or {}).get("supervised") or {}).get("hyperparameters") or {}
+    value = {**method, **(body.get("hyperparameters") or {})}.get(name, "auto")
+    if value == "auto" or value is None:
+        return auto
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ApiError(400, f"hyperparameters.{name} must be {'an integer' if kind is int else 'a number'} or "
+                            f"'auto', got {value!r}", param=f"hyperparameters.{name}")
+    if not value >= low or not math.isfinite(value):
+        raise ApiError(400, f"hyperparameters.{name} must be >= {low}, got {value!r}",
+                       param=f"hyperparameters.{name}")
+    return kind(value)
+
+
+class FineTuning:
+    """The fine-tuning jobs of one server over `engine` (served as `base_model`)."""
+
+    def __init__(self, state_dir: str | Path, engine: Engine, base_model: str, *, seq_len: int = 128,
+                 rank: int = 8, checkpoint_steps: int = 25):
+        self.root = Path(state_dir)
+        self.engine, self.base_model = engine, base_model
+        self.seq_len, self.checkpoint_steps = seq_len, checkpoint_steps
+        self.lora = LoRAConfig(rank=rank, alpha=2.0 * rank)
+        self.files = FileStore(self.root / "files", engine.tokenizer)
+        self._jobs: dict[str, JobRecord] = {}
+        self._lock = threading.Lock()  # guards the records
+        self._active: tuple[JobRecord, JobHandle] | None = None  # the registered job (engine thread only)
+        self._seen_steps = 0
+        for path in sorted((self.root / "jobs").glob("*/job.json")):
+            self._restore(JobRecord(**json.loads(path.read_text())))
+
+    def _restore(self, job: JobRecord) -> None:
+        """A job of an earlier run: its adapters served again; one that was training resumes (queued)."""
+        self._jobs[job.id] = job
+        for checkpoint in job.checkpoints:
+            self._serve(checkpoint["fine_tuned_model_checkpoint"], self._dir(job) / "checkpoints" /
+                        f"step-{checkpoint['step_number']}")
+        if job.status == "succeeded":
+            self._serve(job.fine_tuned_model, self._dir(job) / "adapter")
+        elif job.status in ("running", "validating_files"):
+            job.status = "queued"
+            job.event("Queued again after a server restart")
+            self._save(job)
+
+    def _serve(self, name: str, directory: Path) -> None:
+        self.engine.add_adapter(name, directory, base_model=self.base_model)
+
+    def _dir(self, job: JobRecord) -> Path:
+        return self.root / "jobs" / job.id
+
+    def _save(self, job: JobRecord) -> None:
+        _write_json(self._dir(job) / "job.json", dataclasses.asdict(job))
+
+    # The HTTP side ------------------------------------------------------------------------------------------
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A new job from a `POST /v1/fine_tuning/jobs` body (validated here: files, model, hyperparameters)."""
+        model = body.get("model")
+        if model != self.base_model:
+            raise ApiError(404 if isinstance(model, str) else 400,
+                           f"model {model!r} cannot be fine-tuned here; this server fine-tunes {self.base_model!r}",
+                           param="model", code="model_not_found")
+        training = body.get("training_file")
+        if not isinstance(training, str):
+            raise ApiError(400, "training_file is required: the id of an uploaded fine-tune file",
+                           param="training_file")
+        self.files.get(training, "training_file")
+        validation = body.get("validation_file")
+        if validation is not None:
+            self.files.get(validation, "validation_file")
+        suffix = body.get("suffix")
+        if suffix is not None and (not isinstance(suffix, str) or ":" in suffix or len(suffix) > 64):
+            raise ApiError(400, "suffix must be a string of at most 64 characters without ':'", param="suffix")
+        seed = body.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ApiError(400, f"seed must be a non-negative integer, got {seed!r}", param="seed")
+        job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", model=model, training_file=training,
+                        validation_file=validation, suffix=suffix, seed=seed, created_at=int(time.time()),
+                        n_epochs=_hyperparameter(body, "n_epochs", AUTO_EPOCHS, int, 1),
+                        batch_size=_hyperparameter(body, "batch_size", AUTO_BATCH_SIZE, int, 1),
+                        learning_rate_multiplier=_hyperparameter(body, "learning_rate_multiplier", 1.0, float,
+                                                                 1e-6))
+        job.event(f"Created fine-tuning job: {job.id}")
+        job.event("Validated the training file" + (" and the validation file" if validation else ""))
+        job.status = "queued"
+        with self._lock:
+            self._jobs[job.id] = job
+            self._save(job)
+            return job.api()
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            return self._find(job_id)
+
+    def _find(self, job_id: str) -> JobRecord:
+        """The job (the caller holds the lock); a 404 for an unknown id."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise _not_found("fine-tuning job", job_id, "fine_tuning_job_id")
+        return job
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [j.api() for j in sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)]
+
+    def retrieve(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            return self._find(job_id).api()
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(reversed(self._find(job_id).events))  # newest first, as the API lists them
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(reversed(self._find(job_id).checkpoints))
+
+    # The engine thread ---------------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        job = self.get(job_id)
+        if job.status in FINAL:
+            raise ApiError(400, f"job {job_id} is already {job.status}", param="fine_tuning_job_id")
+        if self._active is not None and self._active[0] is job:
+            self._active[1].stop()
+            self._active = None
+        return self._update(job, "cancelled", "Fine-tuning job cancelled", finished=True)
+
+    def pause(self, job_id: str) -> dict[str, Any]:
+        job = self.get(job_id)
+        if job.status not in ("queued", "running"):
+            raise ApiError(400, f"job {job_id} is {job.status}: only a queued or running job can be paused",
+                           param="fine_tuning_job_id")
+        if self._active is not None and self._active[0] is job:
+            self._active[1].pause()
+        return self._update(job, "paused", "Fine-tuning job paused")
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        job = self.get(job_id)
+        if job.status != "paused":
+            raise ApiError(400, f"job {job_id} is {job.status}: only a paused job can be resumed",
+                           param="fine_tuning_job_id")
+        if self._active is not None and self._active[0] is job:
+            self._active[1].resume()
+            return self._update(job, "running", "Fine-tuning job resumed")
+        return self._update(job, "queued", "Fine-tuning job resumed: queued")
+
+    def _update(self, job: JobRecord, status: str, message: str, *, finished: bool = False,
+                level: str = "info") -> dict[str, Any]:
+        with self._lock:
+            job.status = status
+            job.event(message, level=level)
+            if finished:
+                job.finished_at = int(time.time())
+            self._save(job)
+            return job.api()
+
+    def tick(self, engine: Engine) -> None:
+        """Between two engine steps: follows the registered job, or starts the oldest queued one."""
+        if self._active is not None:
+            self._follow(*self._active)
+            return
+        with self._lock:
+            queued = sorted((j for j in self._jobs.values() if j.status == "queued"), key=lambda j: j.created_at)
+        if queued:
+            self._start(engine, queued[0])
+
+    def _start(self, engine: Engine, job: JobRecord) -> None:
+        spec = FinetuneJob(dataset=self.files.path(job.training_file),
+                           eval_dataset=self.files.path(job.validation_file) if job.validation_file else None,
+                           lora=self.lora, learning_rate=BASE_LEARNING_RATE * job.learning_rate_multiplier,
+                           warmup_steps=1, micro_batch_rows=job.batch_size, seq_len=self.seq_len, total_steps=None,
+                           epochs=job.n_epochs, eval_fraction=0.0, eval_interval=0,
+                           checkpoint_dir=self._dir(job) / "state", checkpoint_interval=self.checkpoint_steps,
+                           seed=job.seed, name=job.id)
+        try:
+            handle = engine.finetune(spec)
+        except HarliError as e:
+            with self._lock:
+                job.error = {"code": "invalid_training_job", "message": str(e), "param": None}
+            self._update(job, "failed", f"Fine-tuning job failed: {e}", finished=True, level="error")
+            return
+        self._active, self._seen_steps = (job, handle), handle.progress().step
+        total = handle.progress().total_steps
+        self._update(job, "running", f"Fine-tuning job started: {total} steps")
+        self._follow(job, handle)
+
+    def _follow(self, job: JobRecord, handle: JobHandle) -> None:
+        progress = handle.progress()
+        if progress.step > self._seen_steps:
+            with self._lock:
+                for entry in handle.history:
+                    if self._seen_steps < entry["step"] <= progress.step:
+                        job.event(f"Step {entry['step']}/{progress.total_steps}: training loss={entry['loss']:.4f}",
+                                  "metrics", {"step": entry["step"], "train_loss": entry["loss"],
+                                              "total_steps": progress.total_steps})
+                job.trained_tokens = progress.tokens
+                self._save(job)
+            self._seen_steps = progress.step
+            if progress.step % self.checkpoint_steps == 0 and progress.status is JobStatus.RUNNING:
+                self._checkpoint(job, handle, progress.step, progress.loss)
+        if progress.status is JobStatus.FINISHED:
+            self._active = None
+            handle.export_peft(self._dir(job) / "adapter", self.base_model)
+            self._serve(job.model_name, self._dir(job) / "adapter")
+            with self._lock:
+                job.fine_tuned_model, job.trained_tokens = job.model_name, progress.tokens
+            self._update(job, "succeeded", f"The job has successfully completed: {job.model_name}", finished=True)
+        elif progress.status is JobStatus.PAUSED and job.status == "running":
+            self._update(job, "paused", f"Fine-tuning job paused: {progress.reason}", level="warn")
+
+    def _checkpoint(self, job: JobRecord, handle: JobHandle, step: int, loss: float | None) -> None:
+        """Exports the adapter at `step` and serves it by its checkpoint name while the job trains on."""
+        directory = self._dir(job) / "checkpoints" / f"step-{step}"
+        handle.export_peft(directory, self.base_model)
+        name = f"{job.model_name}:ckpt-step-{step}"
+        self._serve(name, directory)
+        with self._lock:
+            job.checkpoints.append({"id": f"ftckpt-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job.checkpoint",
+                                    "created_at": int(time.time()), "fine_tuned_model_checkpoint": name,
+                                    "fine_tuning_job_id": job.id, "step_number": step,
+                                    "metrics": {"step": step, "train_loss": loss}})
+            job.event(f"Checkpoint at step {step}: {name}")
+            self._save(job)
+
+    def shutdown(self, engine: Engine) -> None:
+        """At server shutdown: the registered job checkpointed, so that the next run resumes it."""
+        if self._active is None:
+            return
+        job, handle = self._active
+        handle.checkpoint()
+        self._active = None
+        with self._lock:
+            job.event(f"Server stopped: the job's state is saved at step {handle.progress().step} and a restarted "
+                      f"server resumes it")
+            self._save(job)

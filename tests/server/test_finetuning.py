@@ -1,0 +1,195 @@
+"""Fine-tuning through the OpenAI API on `harli serve`, driven with the official `openai` client: upload (and
+refusing bad data by line), a job trained to `succeeded` with its events and servable checkpoints, chat with the
+fine-tuned model against an in-process engine serving the job's exported PEFT adapter, two adapters in one
+batch, pause / resume / cancel, the errors, and a restart that resumes a running job and serves the finished one."""
+
+import concurrent.futures
+import json
+import signal
+import time
+
+import openai
+import pytest
+
+from conftest import launch_server
+from harli_jax import Engine, EngineConfig, SamplingParams
+from harli_jax.lora.data import chat_prompt_ids, default_dataset
+from harli_jax.model import load_model
+
+NAME = "tiny-ft"
+JOB_FLAGS = ["--served-model-name", NAME, "--max-batch", "4", "--max-seq-len", "128", "--prefill-chunk", "32",
+             "--finetune-seq-len", "64", "--checkpoint-steps", "2", "--max-loras", "2", "--tpot-slo", "1000ms",
+             "--policy", "temporal-K", "--drain-timeout", "5"]
+MESSAGES = [{"role": "user", "content": "word: apple"}]
+GREEDY = {"max_tokens": 6, "temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def _records(n):
+    return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            for r in default_dataset(seed=1)[:n]]
+
+
+def _jsonl(records):
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_yaml, state):
+    process, url, errors = launch_server(tiny_yaml, "--state-dir", str(state), *JOB_FLAGS)
+    yield process, url, errors
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_yaml):
+    """The server's weights and sizes in this process, with room for two adapters."""
+    return Engine(load_model(tiny_yaml), EngineConfig(max_batch=4, max_seq_len=128, prefill_chunk=32, max_loras=2))
+
+
+def _wait(client, job_id, statuses, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.2)
+    pytest.fail(f"job {job_id} is still {job.status}")
+
+
+@pytest.fixture(scope="module")
+def finished(client):
+    """A job trained to the end: (job, its training file)."""
+    upload = client.files.create(file=("train.jsonl", _jsonl(_records(12))), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=NAME, training_file=upload.id, suffix="upper", seed=1,
+                                         hyperparameters={"n_epochs": 1, "batch_size": 2})
+    assert job.status == "queued" and job.fine_tuned_model is None
+    return _wait(client, job.id, ("succeeded", "failed", "cancelled")), upload
+
+
+def test_an_upload_is_validated_by_line(client):
+    good = _records(2)
+    bad = [good[0], "not an object", {"messages": [{"role": "user", "content": "no answer"}]}, good[1]]
+    raw = _jsonl(bad).replace(b'"not an object"', b"{not json")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("bad.jsonl", raw), purpose="fine-tune")
+    message = e.value.body["message"]
+    assert message.startswith("bad.jsonl is not valid fine-tuning data: line 2: ") and "line 3: " in message, message
+    with pytest.raises(openai.BadRequestError, match="purpose 'assistants' is not supported"):
+        client.files.create(file=("a.jsonl", _jsonl(good)), purpose="assistants")
+    assert "bad.jsonl" not in [f.filename for f in client.files.list().data]  # nothing kept of a refused upload
+
+
+def test_a_job_trains_to_succeeded_with_events_and_checkpoints(client, finished):
+    job, upload = finished
+    assert job.status == "succeeded", [e.message for e in client.fine_tuning.jobs.list_events(job.id).data]
+    assert job.fine_tuned_model == f"ft:{NAME}:upper:{job.id}" and job.trained_tokens > 0
+    assert job.hyperparameters.n_epochs == 1 and job.training_file == upload.id
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    messages = [e.message for e in events]
+    assert messages[0].startswith("The job has successfully completed") and messages[-1].startswith("Created")
+    steps = [e.data["step"] for e in events if e.type == "metrics"]
+    assert steps == sorted(steps, reverse=True) and steps[0] >= 2 and len(steps) == steps[0]
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [s for s in range(steps[0] - 1, 0, -1) if s % 2 == 0][:10]
+    assert checkpoints[-1].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-2"
+    assert [j.id for j in client.fine_tuning.jobs.list().data][0] == job.id
+    models = {m.id: m for m in client.models.list().data}
+    assert models[job.fine_tuned_model].parent == NAME and checkpoints[-1].fine_tuned_model_checkpoint in models
+
+
+def test_the_fine_tuned_model_and_a_checkpoint_in_one_batch_equal_the_exported_adapters(client, finished, engine,
+                                                                                        state):
+    job, _ = finished
+    checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[-1]
+    engine.add_adapter("final", state / "jobs" / job.id / "adapter")
+    engine.add_adapter("step-2", state / "jobs" / job.id / "checkpoints" / "step-2")
+    config = json.loads((state / "jobs" / job.id / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == NAME
+    prompt = chat_prompt_ids(MESSAGES, engine.tokenizer)
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = {a: engine.generate(prompt, sampling, adapter=a)[0].text for a in ("final", "step-2", None)}
+    assert len(set(want.values())) > 1  # the adapters change the answer, so the comparison can tell them apart
+    names = {"final": job.fine_tuned_model, "step-2": checkpoint.fine_tuned_model_checkpoint, None: NAME}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # both adapters and the base model in the same steps
+        futures = {pool.submit(client.chat.completions.create, model=names[a], messages=MESSAGES, **GREEDY): a
+                   for a in ("final", "step-2", None) * 2}
+        for future, adapter in futures.items():
+            assert future.result().choices[0].message.content == want[adapter], adapter
+
+
+def test_pause_resume_and_cancel(client, finished):
+    upload = client.files.create(file=("long.jsonl", _jsonl(_records(12))), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=NAME, training_file=upload.id, hyperparameters={"n_epochs": 500})
+    _wait(client, job.id, ("running",))
+    assert client.fine_tuning.jobs.pause(job.id).status == "paused"
+    paused_at = client.fine_tuning.jobs.retrieve(job.id).trained_tokens
+    time.sleep(0.5)
+    assert client.fine_tuning.jobs.retrieve(job.id).trained_tokens == paused_at  # it does not train while paused
+    assert client.fine_tuning.jobs.resume(job.id).status == "running"
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    with pytest.raises(openai.BadRequestError, match="already cancelled"):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"model": "other", "training_file": "file-x"}, 404, "model 'other' cannot be fine-tuned here"),
+    ({"model": NAME}, 400, "training_file is required"),
+    ({"model": NAME, "training_file": "file-nope"}, 404, "no file with id 'file-nope'"),
+    ({"model": NAME, "training_file": "FILE", "hyperparameters": {"n_epochs": 0}}, 400, "n_epochs must be >= 1"),
+    ({"model": NAME, "training_file": "FILE", "hyperparameters": {"batch_size": "big"}}, 400,
+     "batch_size must be an integer or 'auto'"),
+    ({"model": NAME, "training_file": "FILE", "suffix": "a:b"}, 400, "suffix must be"),
+])
+def test_bad_job_requests_get_the_openai_error(client, finished, body, status, message):
+    _, upload = finished
+    body = {k: upload.id if v == "FILE" else v for k, v in body.items()}
+    with pytest.raises(openai.APIStatusError) as e:
+        client.post("/fine_tuning/jobs", body=body, cast_to=object)
+    assert e.value.status_code == status and message in e.value.body["message"], e.value.body
+
+
+def test_unknown_jobs_and_models_are_404(client, finished):
+    for call in (lambda: client.fine_tuning.jobs.retrieve("ftjob-nope"),
+                 lambda: client.fine_tuning.jobs.cancel("ftjob-nope"),
+                 lambda: client.fine_tuning.jobs.list_events("ftjob-nope"),
+                 lambda: client.chat.completions.create(model=f"ft:{NAME}:x:ftjob-nope", messages=MESSAGES)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+
+
+def test_a_restart_resumes_the_running_job_and_serves_the_finished_one(client, finished, server, tiny_yaml, state):
+    job, upload = finished
+    before = client.chat.completions.create(model=job.fine_tuned_model, messages=MESSAGES, **GREEDY)
+    running = client.fine_tuning.jobs.create(model=NAME, training_file=upload.id, hyperparameters={"n_epochs": 500})
+    _wait(client, running.id, ("running",))
+    process, _, errors = server
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, "".join(errors)
+    again, url, _ = launch_server(tiny_yaml, "--state-dir", str(state), *JOB_FLAGS)
+    try:
+        restarted = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        listed = {j.id: j for j in restarted.fine_tuning.jobs.list(limit=100).data}
+        assert listed[job.id].status == "succeeded" and listed[job.id].fine_tuned_model == job.fine_tuned_model
+        after = restarted.chat.completions.create(model=job.fine_tuned_model, messages=MESSAGES, **GREEDY)
+        assert after.choices[0].message.content == before.choices[0].message.content
+        resumed = _wait(restarted, running.id, ("running",))
+        messages = [e.message for e in restarted.fine_tuning.jobs.list_events(resumed.id, limit=1000).data]
+        assert any(m.startswith("Server stopped: the job's state is saved at step") for m in messages)
+        assert "Queued again after a server restart" in messages
+        assert restarted.fine_tuning.jobs.cancel(running.id).status == "cancelled"
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=60) == 0
