@@ -282,21 +282,21 @@ def test_colocation_quick(tmp_path):
                                 / entry["table"][best]["finetune_tokens_per_s"])
 
 
-def test_colocation_help_and_bad_flags():
-    script = [sys.executable, str(REPO / "bench" / "colocation.py")]
-    done = subprocess.run([*script, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 0 and all(f in done.stdout for f in ("--role", "--slo", "--fused-tokens",
-                                                                    "--fused-layers", "--batch-buckets"))
-    done = subprocess.run([*script, "--slo", "0x"], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 2 and "--slo must be positive" in done.stderr
-    done = subprocess.run([*script, "--fused-tokens", "12"], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 2 and "fused_tokens [12] must each be seq_len (64) halved" in done.stderr
-    done = subprocess.run([*script, "--trace", "configs/traces/default.csv,nope.csv"], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 2 and "--trace not found: nope.csv" in done.stderr  # before the first trace runs
-    done = subprocess.run([*script, "--temporal-ablation", "--policy", "static"], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
-    assert done.returncode == 2 and "--policy must name harli" in done.stderr
+def test_colocation_help_and_bad_flags(capsys):
+    import colocation
+
+    with pytest.raises(SystemExit) as done:
+        colocation.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and all(f in out for f in ("--role", "--slo", "--fused-tokens", "--fused-layers",
+                                                           "--batch-buckets"))
+    for flags, message in [(["--slo", "0x"], "--slo must be positive"),
+                           (["--fused-tokens", "12"], "fused_tokens [12] must each be seq_len (64) halved"),
+                           (["--trace", "configs/traces/default.csv,nope.csv"], "--trace not found: nope.csv"),
+                           (["--temporal-ablation", "--policy", "static"], "--policy must name harli")]:
+        with pytest.raises(SystemExit) as done:
+            colocation.parse_args(flags)
+        assert done.value.code == 2 and message in capsys.readouterr().err, flags
 
 
 def test_paged_attention_quick(tmp_path):

@@ -15,7 +15,12 @@ Every sample starts with the tokenizer's BOS id (when it has one) and the text, 
 assistant turn end with the terminator ``EOS = eos_ids[0]`` (when the tokenizer has EOS ids). Text is encoded
 with ``add_special_tokens=False``; the special ids are placed by this module only.
 
-Plain chat format (our tokenizers carry no chat template). Each turn is rendered as::
+A tokenizer with a chat template (a checkpoint's ``tokenizer_config.json`` ``chat_template``) renders
+``"messages"`` with it, as transformers' ``apply_chat_template`` does (the rendered text carries the special
+tokens, so no BOS is added); the loss is on what the template adds for each assistant turn after its header
+(``render(turns before, add_generation_prompt=True)``): the content and the template's end-of-turn text.
+
+Plain chat format (a tokenizer without a chat template). Each turn is rendered as::
 
     <|{role}|>\\n{content}\\n          system and user turns (no loss)
     <|assistant|>\\n{content}<EOS>     assistant turns: loss on {content} and <EOS>, not on the header
@@ -199,11 +204,11 @@ def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 class _Builder:
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, bos: bool = True):
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
         self.loss: list[bool] = []
-        if tokenizer.bos_id is not None:
+        if bos and tokenizer.bos_id is not None:
             self.add_ids([tokenizer.bos_id], False)
 
     def add_ids(self, ids: Sequence[int], loss: bool) -> None:
@@ -236,6 +241,30 @@ def _render_turns(b: _Builder, messages: Sequence[Mapping[str, Any]], *, train: 
             b.terminate("\n", train)
         else:
             b.add(f"<|{role}|>\n{content}\n", False)
+
+
+def _templated(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, train: bool) -> _Builder:
+    """The conversation rendered by the tokenizer's chat template (its text holds the special tokens, so no BOS
+    is added), the loss on each assistant turn: what the template adds from the assistant header to the end of
+    that turn. Each turn's rendering must extend the one before it, or the turns cannot be told apart."""
+    template = tokenizer.chat_template
+    b, done = _Builder(tokenizer, bos=False), ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        header = template.render(messages[:i], add_generation_prompt=True)
+        turn = template.render(messages[: i + 1], add_generation_prompt=False)
+        if not header.startswith(done) or not turn.startswith(header):
+            raise DataError("the tokenizer's chat template does not render each turn as an extension of the ones "
+                            "before it, so the assistant turns cannot be masked")
+        b.add(header[len(done):], False)
+        b.add(turn[len(header):], train)
+        done = turn
+    full = template.render(messages, add_generation_prompt=False)
+    if not full.startswith(done):
+        raise DataError("the tokenizer's chat template renders the whole conversation differently from its turns")
+    b.add(full[len(done):], False)
+    return b
 
 
 def _check_messages(messages: Any) -> None:
@@ -292,16 +321,23 @@ def encode_record(record: Any, tokenizer: Tokenizer, *, source: str = MEMORY, li
         b.terminate()
     else:
         _check_messages(record["messages"])
-        _render_turns(b, record["messages"], train=True)
+        if tokenizer.chat_template is not None:
+            b = _templated(tokenizer, record["messages"], train=True)
+        else:
+            _render_turns(b, record["messages"], train=True)
     return b.sample(source, line)
 
 
 def chat_prompt_ids(messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer) -> list[int]:
-    """Token ids of a conversation in the plain chat format followed by the ``<|assistant|>\\n`` header: the
-    prompt from which a model finetuned on ``"messages"`` records generates the next assistant turn."""
+    """Token ids of a conversation followed by the assistant's header, rendered by the tokenizer's chat template
+    (as transformers' `apply_chat_template(..., add_generation_prompt=True)`), else in the plain chat format
+    with the ``<|assistant|>\\n`` header: the prompt from which a model finetuned on ``"messages"`` records
+    generates the next assistant turn."""
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise DataError(f"messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}")
+    if tokenizer.chat_template is not None:
+        return _encode(tokenizer, tokenizer.chat_template.render(messages, add_generation_prompt=True))
     b = _Builder(tokenizer)
     _render_turns(b, messages, train=False)
     b.add("<|assistant|>\n", False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +18,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     bos_id: int | None
     eos_ids: tuple[int, ...]
+    chat_template: ChatTemplate | None  # the checkpoint's, if it has one
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
@@ -30,6 +33,61 @@ class TextStream(Protocol):
     def add(self, token_id: int) -> str:
         """The text that `token_id` completes (empty while a character's bytes are still to come)."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """A checkpoint's Jinja chat template (`tokenizer_config.json`'s `chat_template`) and the special-token
+    strings it may refer to."""
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+    @functools.cached_property
+    def _compiled(self):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.source)
+
+    def render(self, messages, add_generation_prompt: bool) -> str:
+        """The conversation as text (`add_generation_prompt`: followed by the assistant's header), as
+        transformers' `apply_chat_template(..., tokenize=False)` renders it; a ConfigError when it fails."""
+        import jinja2
+
+        try:
+            return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.exceptions.TemplateError as e:
+            raise ConfigError(f"the chat template failed: {e}") from None
+
+
+def _chat_template(directory: Path) -> ChatTemplate | None:
+    file = directory / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: invalid JSON: {e}") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not isinstance(template, str):
+        return None
+
+    def token(name: str) -> str:
+        value = config.get(name) or ""
+        return value.get("content", "") if isinstance(value, dict) else str(value)
+
+    return ChatTemplate(template, token("bos_token"), token("eos_token"))
 
 
 class _Utf8Stream:
@@ -74,6 +132,7 @@ class ByteTokenizer:
     vocab_size = 256 + OFFSET
     bos_id = BOS
     eos_ids = (EOS,)
+    chat_template = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [b + self.OFFSET for b in text.encode("utf-8")]
@@ -89,7 +148,8 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A `tokenizer.json` with EOS ids from `generation_config.json` (an int or a list), else `config.json`."""
+    """A `tokenizer.json` with EOS ids from `generation_config.json` (an int or a list), else `config.json`, and
+    the chat template of `tokenizer_config.json` if it has one."""
 
     def __init__(self, directory: str | Path):
         directory = Path(directory)
@@ -102,6 +162,7 @@ class HFTokenizer:
         ids = _special_ids(directory)
         self.bos_id = ids.get("bos")
         self.eos_ids = ids.get("eos", ())
+        self.chat_template = _chat_template(directory)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

@@ -58,6 +58,8 @@ OWN = {
                            "comparison; 0: no sweep, the knob's default"),
     "out": (None, "report directory; unset: runs/<timestamp>/"),
     "profile": (None, "record a JAX profiler session per policy into this directory"),
+    "export_adapter": (None, "write each policy's trained adapter (HF PEFT: harli generate --adapter, "
+                             "Engine.add_adapter, peft) into DIR/<policy>"),
 }
 FIELDS = {"lora_rank": (LoRAConfig, "rank"), "seed": (FinetuneJob, "seed"),
           "max_batch": (SchedulerConfig, "max_batch"), "prefill_chunk": (SchedulerConfig, "prefill_chunk"),
@@ -231,7 +233,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     for name in ("model", "trace", "dataset"):
         if options.get(name) is not None and not Path(options[name]).exists():
             raise ConfigError(f"--{name} not found: {options[name]}")
-    for name in ("out", "profile"):
+    for name in ("out", "profile", "export_adapter"):
         if options.get(name) is not None and Path(options[name]).is_file():
             raise ConfigError(f"--{name} {options[name]} is a file, not a directory")
     try:  # the dataclasses' own checks, before anything is built from them

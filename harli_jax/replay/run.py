@@ -478,12 +478,13 @@ def _detail(decode_tokens: list[int], handle) -> str:
 
 def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict[str, Any] | None = None,
                requests: Sequence[Request] | None = None, name: str | None = None, checkpoint: bool = True,
-               profile: Path | None = None) -> RunResult:
+               profile: Path | None = None, export_adapter: Path | None = None) -> RunResult:
     """One policy's replay on a fresh engine held to `slo`, with a fresh finetune job of `finetune_steps` steps:
     `requests` (all of the setup's by default) served in real time by `Engine.serve` (each submitted at its
     arrival, with its prompt's K/V in the decode role; one the engine refuses comes back as a rejected output;
     between arrivals with nothing to serve the engine trains); `settings` are CoLocationConfig overrides;
-    `name` (default the policy) names the job and its checkpoint directory in `out`. Ctrl-C ends the serve: the
+    `name` (default the policy) names the job and its checkpoint directory in `out`; `export_adapter`, where its
+    trained adapter goes. Ctrl-C ends the serve: the
     result is marked interrupted."""
     name = name or policy
     settings = dict(settings or {})
@@ -515,6 +516,9 @@ def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict
     progress.update(len(outputs), detail, force=True)
     progress.close()
     handle.stop()  # a final checkpoint
+    if export_adapter is not None:
+        handle.export_peft(export_adapter)
+        print(f"[{name}] adapter written to {export_adapter}", file=sys.stderr)
     if interrupted and checkpoint_dir is not None:
         print(f"\n[{name}] interrupted: the finetune checkpoint is in {checkpoint_dir}", file=sys.stderr)
     history = [{**h, "time_s": h["time"] - wall_start} for h in handle.history if h["time"] >= wall_start]
@@ -648,7 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings, swept = tuned_settings(setup, policy, slo, out)
             sweeps += [swept] if swept else []
             profile = Path(options["profile"]) / policy if options["profile"] else None
-            results.append(run_policy(setup, policy, slo, out, settings=settings, profile=profile))
+            adapter = Path(options["export_adapter"]) / policy if options["export_adapter"] else None
+            results.append(run_policy(setup, policy, slo, out, settings=settings, profile=profile,
+                                      export_adapter=adapter))
             if results[-1].interrupted:
                 break
     except (HarliError, KeyboardInterrupt) as e:

@@ -102,10 +102,16 @@ class GenerationOutput:
     token_times: tuple[float, ...]
     error: str | None = None
     preemptions: int = 0
+    scheduled_time: float | None = None  # when it was first admitted to the batch (None: never)
 
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def queue_time(self) -> float | None:
+        """Arrival to first admission to the batch."""
+        return None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
 
     @property
     def tpot(self) -> float | None:

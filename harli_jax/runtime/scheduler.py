@@ -11,6 +11,7 @@ are the other two ways a request's state changes; all of them run on the engine 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -244,6 +245,8 @@ class Scheduler:
                 break  # new requests wait for memory; they never preempt running ones
             self.waiting.popleft()
             self.running.append(seq)
+            if seq.scheduled_time is None:
+                seq.scheduled_time = time.perf_counter()
             plan.chunks += seq.prefilled is None
             self._run(seq, n, plan)
             budget, prefills = budget - n, prefills + 1

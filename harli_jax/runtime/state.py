@@ -23,6 +23,7 @@ class RequestState:
     text: str | None = None
     adapter: str | None = None  # the LoRA adapter it is served with (None: the base model)
     adapter_slot: int = -1  # that adapter's resident slot while the request runs (-1: none held)
+    scheduled_time: float | None = None  # perf_counter time of its first admission to the batch
 
     @property
     def owner(self) -> Owner:
@@ -44,4 +45,5 @@ class RequestState:
             request_id=self.request_id, prompt_ids=self.prompt_ids, token_ids=tuple(self.output_ids),
             text=self.text, finish_reason=reason, arrival_time=self.arrival_time,
             first_token_time=self.token_times[0] if self.token_times else None,
-            token_times=tuple(self.token_times), error=error, preemptions=self.preemptions)
+            token_times=tuple(self.token_times), error=error, preemptions=self.preemptions,
+            scheduled_time=self.scheduled_time)

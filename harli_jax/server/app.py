@@ -6,8 +6,8 @@ prefix), and fine-tuning: `/v1/files` and `/v1/fine_tuning/jobs` (harli_jax.serv
 Errors come back the OpenAI way, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad parameter,
 malformed JSON, a prompt over the context or bad fine-tuning data, 401 for a wrong API key, 404 for an unknown
 model, job or file, 429 when the server already holds `max batch + max waiting` requests, 503 when the engine is
-down. A streaming client that
-disconnects aborts its request, which frees its pages.
+down. A client that disconnects
+(streaming or not) aborts its request, which frees its pages.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -39,7 +39,8 @@ class ServerMetrics:
     """The server's Prometheus metrics, in a registry of their own: request histograms and counters from finished
     outputs (`finished`), gauges from the engine thread's snapshots (`observe`)."""
 
-    def __init__(self):
+    def __init__(self, tpot_slo_s: float | None = None):
+        self.tpot_slo_s = tpot_slo_s
         self.registry = registry = CollectorRegistry()
         self.ttft = Histogram("harli:time_to_first_token_seconds", "Time to first token", registry=registry,
                               buckets=LATENCY_BUCKETS)
@@ -47,6 +48,20 @@ class ServerMetrics:
                              registry=registry, buckets=LATENCY_BUCKETS)
         self.e2e = Histogram("harli:e2e_request_latency_seconds", "Arrival to last token", registry=registry,
                              buckets=LATENCY_BUCKETS)
+        self.queue = Histogram("harli:request_queue_time_seconds", "Arrival to first admission to the batch",
+                               registry=registry, buckets=LATENCY_BUCKETS)
+        self.slo_violations = Counter("harli:slo_violations", "Finished requests whose TPOT exceeded the SLO",
+                                      registry=registry)
+        self.step_time = Histogram("harli:step_duration_seconds", "Inference step wall time (a fused one with its "
+                                   "finetune work)", registry=registry, buckets=LATENCY_BUCKETS)
+        self.window_predicted = Histogram("harli:train_window_predicted_seconds", "Predicted bound of each "
+                                          "training window", registry=registry, buckets=LATENCY_BUCKETS)
+        self.window_observed = Histogram("harli:train_window_seconds", "Observed time of each training window",
+                                         registry=registry, buckets=LATENCY_BUCKETS)
+        self.micro_steps = Counter("harli:finetune_micro_steps", "Training micro-steps run between steps",
+                                   registry=registry)
+        self.fused_steps = Counter("harli:finetune_fused_steps", "Inference steps with finetune work fused in",
+                                   registry=registry)
         self.prompt_tokens = Counter("harli:prompt_tokens", "Prompt tokens of finished requests", registry=registry)
         self.generation_tokens = Counter("harli:generation_tokens", "Generated tokens of finished requests",
                                          registry=registry)
@@ -67,6 +82,16 @@ class ServerMetrics:
             gauge.set(getattr(snapshot, name))
         for owner in ("kv", "lease", "free"):
             self.pages.labels(owner).set(getattr(snapshot, f"{owner}_pages"))
+        step = snapshot.step
+        if step is None:
+            return
+        self.step_time.observe(step.end - step.start)
+        self.micro_steps.inc(len(step.train))
+        if step.fused:
+            self.fused_steps.inc()
+        if step.predicted is not None:
+            self.window_predicted.observe(step.predicted)
+            self.window_observed.observe(step.train_time)
 
     def finished(self, output: GenerationOutput) -> None:
         self.success.labels(protocol.finish_reason(output.finish_reason)).inc()
@@ -78,13 +103,26 @@ class ServerMetrics:
             self.itl.observe(b - a)
         if output.token_times:
             self.e2e.observe(output.token_times[-1] - output.arrival_time)
+        if output.queue_time is not None:
+            self.queue.observe(output.queue_time)
+        if self.tpot_slo_s is not None and output.tpot is not None and output.tpot > self.tpot_slo_s:
+            self.slo_violations.inc()
 
 
 def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fine_tuning: FineTuning | None = None,
                api_key: str | None = None, default_max_tokens: int = 16) -> FastAPI:
     """The API serving `loop`'s engine under the name `model_name` (its adapters under theirs), with the
     fine-tuning routes when `fine_tuning` is given."""
-    app = FastAPI(title="harli_jax", version="0.1.0")
+
+    async def authenticate(request: Request) -> None:
+        """Every /v1/ route needs the key (a dependency, not an HTTP middleware: Starlette's middleware would hide
+        a client's disconnect from the routes)."""
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                raise protocol.ApiError(401, "invalid API key: send 'Authorization: Bearer <key>'",
+                                        type="authentication_error", code="invalid_api_key")
+
+    app = FastAPI(title="harli_jax", version="0.1.0", dependencies=[Depends(authenticate)])
     created = protocol.now()
     engine = loop.engine
 
@@ -107,15 +145,6 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(protocol.ApiError(e.status_code, str(e.detail), type=kind).body(),
                             status_code=e.status_code)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                error = protocol.ApiError(401, "invalid API key: send 'Authorization: Bearer <key>'",
-                                          type="authentication_error", code="invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> Response:
@@ -154,7 +183,15 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         except EngineStopped as e:
             raise protocol.ApiError(503, str(e), type="server_error") from None
 
-    async def finish(stream) -> GenerationOutput:
+    async def finish(stream, client: Request) -> GenerationOutput:
+        """The request's output; a client that disconnects first aborts it (its pages are freed)."""
+
+        async def watch() -> None:
+            while not await client.is_disconnected():
+                await asyncio.sleep(0.25)
+            loop.abort(stream.request_id)
+
+        watcher = asyncio.create_task(watch())
         try:
             async for event in stream.events():
                 if isinstance(event, FinishedEvent):
@@ -162,6 +199,7 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         except EngineStopped as e:
             raise protocol.ApiError(503, str(e), type="server_error") from None
         finally:
+            watcher.cancel()
             loop.abort(stream.request_id)  # a no-op once finished; a cancelled request ends here
         raise protocol.ApiError(503, "the request ended without an output", type="server_error")
 
@@ -178,13 +216,13 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
             loop.abort(stream.request_id)  # a client gone mid-stream: the request stops, its pages are freed
 
     @app.post("/v1/completions")
-    async def completions(body: protocol.CompletionRequest):
+    async def completions(body: protocol.CompletionRequest, client: Request):
         adapter = adapter_of(body.model)
         sampling = body.sampling(default_max_tokens)
         request_id = protocol.new_id("cmpl")
         stream = start(body.prompt_input(), sampling, request_id, adapter)
         if not body.stream:
-            output = await finish(stream)
+            output = await finish(stream, client)
             return protocol.completion(request_id, body.model, output, protocol.now())
 
         async def chunks() -> AsyncIterator[dict]:
@@ -201,7 +239,7 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         return StreamingResponse(sse(stream, chunks()), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat(body: protocol.ChatRequest):
+    async def chat(body: protocol.ChatRequest, client: Request):
         adapter = adapter_of(body.model)
         sampling = body.sampling(default_max_tokens)
         if engine.tokenizer is None:
@@ -214,7 +252,7 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         request_id = protocol.new_id("chatcmpl")
         stream = start(prompt, sampling, request_id, adapter)
         if not body.stream:
-            output = await finish(stream)
+            output = await finish(stream, client)
             return protocol.chat_completion(request_id, body.model, output, protocol.now())
 
         async def chunks() -> AsyncIterator[dict]:

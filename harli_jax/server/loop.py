@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from harli_jax.errors import HarliError
 from harli_jax.runtime.engine import Engine
+from harli_jax.runtime.metrics import StepRecord
 from harli_jax.runtime.processing import RequestError
 from harli_jax.runtime.request import Event, FinishedEvent, GenerationOutput, Request, TokenEvent
 
@@ -47,6 +48,7 @@ class Snapshot:
     free_pages: int = 0
     capacity_pages: int = 1
     trained_tokens: int = 0
+    step: StepRecord | None = None  # the record of a step no earlier snapshot carried
 
     @property
     def kv_usage(self) -> float:
@@ -93,6 +95,7 @@ class EngineLoop:
         self.max_requests = None if max_waiting is None else batch + max_waiting
         self.failure: BaseException | None = None
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._published = -1  # the index of the last step record a snapshot carried
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._lock = threading.Lock()  # guards _streams and _calls
         self._wake = threading.Event()
@@ -223,4 +226,12 @@ class EngineLoop:
         self.on_snapshot(Snapshot(
             running=len(engine.scheduler.running), waiting=len(engine.scheduler.waiting), kv_pages=usage["kv"],
             lease_pages=usage["lease"], free_pages=usage["free"], capacity_pages=engine.arena.table.capacity,
-            trained_tokens=0 if job is None else job.tokens))
+            trained_tokens=0 if job is None else job.tokens, step=self._new_step()))
+
+    def _new_step(self) -> StepRecord | None:
+        """The latest step's record if no snapshot had it yet (a step of training alone adds none)."""
+        records = self.engine.step_records
+        if not records or records[-1].index == self._published:
+            return None
+        self._published = records[-1].index
+        return records[-1]

@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"harli serve: TPOT SLO {engine.config.colocation.tpot_slo_ms:.1f} ms ({slo}), policy {args.policy}"
           + (f", fine-tuning state in {args.state_dir}" if fine_tuning else ""), file=sys.stderr, flush=True)
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(engine.config.colocation.tpot_slo_ms / 1e3)
     loop = EngineLoop(engine, args.max_waiting, on_finished=metrics.finished, on_snapshot=metrics.observe,
                       jobs=fine_tuning)
     loop.start()

@@ -3,8 +3,8 @@
 Requests: `/v1/completions` and `/v1/chat/completions` with `max_tokens`, `temperature`, `top_p`, `top_k`,
 `stop`, `seed`, `stream` and `stream_options.include_usage`, plus vLLM's `ignore_eos` and `min_tokens`. Fields
 this server does not implement (`n` > 1, `logprobs`, `echo`, ...) are refused with a 400 naming them, rather than
-ignored; fields it does not know are ignored, as vLLM does. Chat messages are rendered in the plain chat format
-of harli_jax.lora.data (the format fine-tuning data is trained in).
+ignored; fields it does not know are ignored, as vLLM does. Chat messages are rendered by the tokenizer's chat
+template, else in the plain chat format of harli_jax.lora.data (either way as fine-tuning data is trained).
 """
 
 from __future__ import annotations

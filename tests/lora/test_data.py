@@ -120,6 +120,42 @@ def test_hf_tokenizer_places_special_ids_once(tmp_path):
     assert tok.decode([t for t, f in zip(ids, s.loss.tolist(), strict=True) if not f][1:]) == "the quick "
 
 
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<eot>{{ m['role'] }} {{ m['content'] }}{{ eos_token }}"
+                 "{% endfor %}{% if add_generation_prompt %}<eot>assistant {% endif %}")
+CONVERSATION = [{"role": "system", "content": "the lazy dog"}, {"role": "user", "content": "quick"},
+                {"role": "assistant", "content": "brown fox"}, {"role": "user", "content": "jumps"},
+                {"role": "assistant", "content": "over the dog"}]
+
+
+def test_a_chat_template_renders_chat_as_transformers_does_and_masks_the_assistant_turns(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    train_bpe_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHAT_TEMPLATE, "bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    tok = HFTokenizer(tmp_path)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<s>", eos_token="</s>")
+    hf.chat_template = CHAT_TEMPLATE
+    history = CONVERSATION[:4]
+    want = hf.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    assert tok.chat_template.render(history, add_generation_prompt=True) == want
+    assert chat_prompt_ids(history, tok) == hf(want, add_special_tokens=False)["input_ids"]
+    assert chat_prompt_ids(history, tok)[0] == 1  # the template's BOS, once
+
+    sample = encode_record({"messages": CONVERSATION}, tok)
+    ids, loss = sample.tokens.tolist(), sample.loss.tolist()
+    full = hf.apply_chat_template(CONVERSATION, tokenize=False)
+    assert tok.decode(ids, skip_special_tokens=False).replace(" ", "") == full.replace(" ", "")
+    trained = "".join(tok.decode([t], skip_special_tokens=False) if f else "|" for t, f in zip(ids, loss, strict=True))
+    assert [part for part in trained.split("|") if part] == ["brown fox</s>", "over the dog</s>"], trained
+    assert ids.count(1) == 1
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages | length }}"}))
+    with pytest.raises(DataError, match="does not render each turn as an extension"):
+        encode_record({"messages": CONVERSATION}, HFTokenizer(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------- malformed input
 
 BAD_LINES = [

@@ -11,7 +11,9 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.numpy
 
 from harli_jax.errors import ConfigError, HarliError
 from harli_jax.replay import run as replay
@@ -52,7 +54,7 @@ def decode_run(inputs):
     root, trace, config = inputs
     out, profile = root / "decode", root / "profile"
     code, stdout, stderr = _main(["--config", str(config), "--trace", str(trace), "--out", str(out),
-                                  "--profile", str(profile)])
+                                  "--profile", str(profile), "--export-adapter", str(root / "adapters")])
     assert code == 0, stderr
     return out, profile, stdout, stderr, json.loads((out / "summary.json").read_text())
 
@@ -115,6 +117,17 @@ def test_the_report_files_and_the_profile(decode_run):
     traces = list((profile / "harli").rglob("*.trace.json.gz"))
     assert traces, "no profiler trace written"
     assert b"inference" in gzip.open(traces[0]).read()
+
+
+def test_each_policys_trained_adapter_is_exported(decode_run):
+    out, *_ = decode_run
+    for policy in ("harli", "decode-only"):
+        directory = out.parent / "adapters" / policy
+        config = json.loads((directory / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "tiny" and config["peft_type"] == "LORA"
+        weights = safetensors.numpy.load_file(str(directory / "adapter_model.safetensors"))
+        trained = any(k.endswith("lora_B.weight") and np.abs(v).max() > 0 for k, v in weights.items())
+        assert trained or policy != "harli"  # B starts at zero: harli trained (decode-only may not have)
 
 
 def test_the_finetune_job_follows_a_finite_schedule(decode_run):

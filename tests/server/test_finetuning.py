@@ -7,9 +7,11 @@ import concurrent.futures
 import json
 import signal
 import time
+import urllib.request
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import launch_server
 from harli_jax import Engine, EngineConfig, SamplingParams
@@ -110,7 +112,7 @@ def test_a_job_trains_to_succeeded_with_events_and_checkpoints(client, finished)
 
 
 def test_the_fine_tuned_model_and_a_checkpoint_in_one_batch_equal_the_exported_adapters(client, finished, engine,
-                                                                                        state):
+                                                                                        state, server):
     job, _ = finished
     checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[-1]
     engine.add_adapter("final", state / "jobs" / job.id / "adapter")
@@ -127,6 +129,9 @@ def test_the_fine_tuned_model_and_a_checkpoint_in_one_batch_equal_the_exported_a
                    for a in ("final", "step-2", None) * 2}
         for future, adapter in futures.items():
             assert future.result().choices[0].message.content == want[adapter], adapter
+    metrics = urllib.request.urlopen(f"{server[1]}/metrics", timeout=30).read().decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples if not s.labels}
+    assert samples["harli:finetune_trained_tokens"] == job.trained_tokens  # the last job's, as the engine saw it
 
 
 def test_pause_resume_and_cancel(client, finished):

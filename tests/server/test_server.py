@@ -24,7 +24,8 @@ from harli_jax.server.loop import EngineLoop, QueueFull
 
 KEY = "test-key"
 NAME = "tiny-test"
-SIZES = ["--max-batch", "4", "--max-seq-len", "1024", "--prefill-chunk", "32"]  # long enough to disconnect from
+# A context long enough to disconnect from; no adapter slots (tests/server/test_finetuning.py serves adapters).
+SIZES = ["--max-batch", "4", "--max-seq-len", "1024", "--prefill-chunk", "32", "--max-loras", "0"]
 PROMPT = "the quick brown fox"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
 
@@ -160,15 +161,21 @@ def test_malformed_json_a_wrong_key_and_the_client_errors(server, client):
         client.completions.create(model=NAME, prompt=PROMPT, max_tokens=0)
 
 
-def test_a_client_that_disconnects_aborts_its_request_and_frees_its_pages(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_aborts_its_request_and_frees_its_pages(server, stream):
     host, port = server[1].removeprefix("http://").split(":")
     before = _metrics(server[1]).get(("harli:request_success_total", (("finished_reason", "abort"),)), 0.0)
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     connection.request("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": PROMPT, "max_tokens": 1000,
-                                                              "ignore_eos": True, "stream": True}),
+                                                              "ignore_eos": True, "stream": stream}),
                        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
-    response = connection.getresponse()
-    assert response.status == 200 and response.readline().startswith(b"data: ")  # it is running
+    if stream:
+        response = connection.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")  # it is running
+    else:
+        deadline = time.monotonic() + 30
+        while _metrics(server[1])[("harli:num_requests_running", ())] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until it runs
     connection.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -188,6 +195,9 @@ def test_metrics_count_every_finished_request(server):
     assert m[("harli:e2e_request_latency_seconds_count", ())] == finished
     assert m[("harli:time_to_first_token_seconds_count", ())] == finished
     assert m[("harli:generation_tokens_total", ())] >= 8 + 8 + 6 + 6 + 16 * 5
+    assert 0 < m[("harli:request_queue_time_seconds_count", ())] <= finished  # an aborted waiting one has none
+    assert m[("harli:step_duration_seconds_count", ())] >= 16 * 5 / 4  # 16 streams of 5 tokens, 4 per step
+    assert m[("harli:slo_violations_total", ())] >= 0 and m[("harli:finetune_micro_steps_total", ())] == 0
 
 
 def test_sigterm_drains_and_exits_0(server):
