@@ -299,6 +299,27 @@ def test_colocation_help_and_bad_flags(capsys):
         assert done.value.code == 2 and message in capsys.readouterr().err, flags
 
 
+def test_serve_hands_the_server_the_replays_engine_and_times_what_the_client_saw(tmp_path):
+    """bench/serve.py's two pieces that decide its figures, without a server: the engine YAML `harli serve` is
+    started with is the replay's engine, and the HTTP side's TPOT / attainment / throughput follow the replay's
+    definitions over the chunk times the client received."""
+    import serve
+
+    from harli_jax.runtime.config import EngineConfig
+
+    config = EngineConfig(max_batch=8, batch_buckets=(4, 8), fused_tokens=(8,), tpot_slo_ms=12.5,
+                          prefill_interval=3, max_loras=1, policy="harli")
+    assert EngineConfig.from_yaml(serve.engine_yaml(config, tmp_path / "e.yaml")) == config
+    results = [{"sent": 0.0, "chunks": [0.1, 0.2, 0.3], "tokens": 3},  # TPOT 0.1
+               {"sent": 1.0, "chunks": [1.2, 1.5], "tokens": 4},  # TPOT 0.1: 4 tokens, two of them without text
+               {"sent": 2.0, "chunks": [2.5, 3.5], "tokens": 2},  # TPOT 1.0
+               {"sent": 3.0, "chunks": [3.1], "tokens": 1}]  # one token: no TPOT
+    row = serve.http_summary(results, tpot_slo=0.15, wall=10.0, trained=500)
+    assert row["requests"] == 4 and row["timed"] == 3 and row["slo_attainment"] == pytest.approx(2 / 3)
+    assert row["tpot_p50_ms"] == pytest.approx(100.0) and row["ttft_p50_ms"] == pytest.approx(150.0)
+    assert row["finetune_tokens_per_s"] == 50.0
+
+
 def test_paged_attention_quick(tmp_path):
     data = run_script("paged_attention", tmp_path)
     rows = data["results"]
