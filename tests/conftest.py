@@ -187,6 +187,18 @@ def launch_server(model, *args: str):
     pytest.fail(f"the server did not start: {''.join(errors)}")
 
 
+@contextlib.contextmanager
+def running_server(model, *args: str):
+    """`launch_server` for the block; the process is killed after it unless it has exited."""
+    process, url, errors = launch_server(model, *args)
+    try:
+        yield process, url, errors
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def resident_slots(cfg, adapters, rank=8):
     """Resident adapter slots holding `adapters` (slot i: adapters[i]), on every projection."""
     from harli_jax.lora.adapters import empty_slots, slot_weights, write_slot

@@ -271,6 +271,12 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
 
     if fine_tuning is not None:
         add_fine_tuning_routes(app, loop, fine_tuning)
+    else:
+        @app.api_route("/v1/files{rest:path}", methods=["GET", "POST", "DELETE"])
+        @app.api_route("/v1/fine_tuning{rest:path}", methods=["GET", "POST", "DELETE"])
+        async def fine_tuning_off(rest: str) -> None:
+            raise protocol.ApiError(404, "fine-tuning is off on this server: start harli serve with --state-dir DIR",
+                                    type="not_found_error", code="fine_tuning_disabled")
     return app
 
 

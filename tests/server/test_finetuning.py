@@ -13,7 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import launch_server
+from conftest import launch_server, running_server
 from harli_jax import Engine, EngineConfig, SamplingParams
 from harli_jax.lora.data import chat_prompt_ids, default_dataset
 from harli_jax.model import load_model
@@ -42,11 +42,8 @@ def state(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_yaml, state):
-    process, url, errors = launch_server(tiny_yaml, "--state-dir", str(state), *JOB_FLAGS)
-    yield process, url, errors
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    with running_server(tiny_yaml, "--state-dir", str(state), *JOB_FLAGS) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import launch_server
+from conftest import running_server
 from harli_jax import Engine, EngineConfig, SamplingParams
 from harli_jax.lora.data import chat_prompt_ids
 from harli_jax.model import load_model
@@ -33,12 +33,9 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 @pytest.fixture(scope="module")
 def server(tiny_yaml):
     """The server process and its URL (the line it prints once /health answers)."""
-    process, url, errors = launch_server(tiny_yaml, "--api-key", KEY, "--served-model-name", NAME,
-                                         "--drain-timeout", "5", *SIZES)
-    yield process, url, errors
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    with running_server(tiny_yaml, "--api-key", KEY, "--served-model-name", NAME, "--drain-timeout", "5",
+                        *SIZES) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +156,13 @@ def test_malformed_json_a_wrong_key_and_the_client_errors(server, client):
         client.chat.completions.create(model="nope", messages=MESSAGES)
     with pytest.raises(openai.BadRequestError, match="max_tokens must be a positive integer"):
         client.completions.create(model=NAME, prompt=PROMPT, max_tokens=0)
+
+
+def test_fine_tuning_routes_say_how_to_turn_them_on(client):
+    with pytest.raises(openai.NotFoundError, match="start harli serve with --state-dir DIR"):
+        client.fine_tuning.jobs.list()
+    with pytest.raises(openai.NotFoundError, match="fine-tuning is off"):
+        client.files.create(file=("a.jsonl", b"{}\n"), purpose="fine-tune")
 
 
 @pytest.mark.parametrize("stream", [True, False])
