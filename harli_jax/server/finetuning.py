@@ -363,6 +363,10 @@ class FineTuning:
                 self._checkpoint(job, handle, progress.step, progress.loss)
         if progress.status is JobStatus.FINISHED:
             self._active = None
+            if progress.eval_loss is not None:  # the validation file's loss at the end
+                with self._lock:
+                    job.event(f"Step {progress.step}: validation loss={progress.eval_loss:.4f}", "metrics",
+                              {"step": progress.step, "valid_loss": progress.eval_loss})
             handle.export_peft(self._dir(job) / "adapter", self.base_model)
             self._serve(job.model_name, self._dir(job) / "adapter")
             with self._lock:

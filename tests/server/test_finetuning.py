@@ -71,8 +71,9 @@ def _wait(client, job_id, statuses, timeout=180):
 def finished(client):
     """A job trained to the end: (job, its training file)."""
     upload = client.files.create(file=("train.jsonl", _jsonl(_records(12))), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model=NAME, training_file=upload.id, suffix="upper", seed=1,
-                                         hyperparameters={"n_epochs": 1, "batch_size": 2})
+    validation = client.files.create(file=("valid.jsonl", _jsonl(_records(16)[12:])), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=NAME, training_file=upload.id, validation_file=validation.id,
+                                         suffix="upper", seed=1, hyperparameters={"n_epochs": 1, "batch_size": 2})
     assert job.status == "queued" and job.fine_tuned_model is None
     return _wait(client, job.id, ("succeeded", "failed", "cancelled")), upload
 
@@ -98,8 +99,10 @@ def test_a_job_trains_to_succeeded_with_events_and_checkpoints(client, finished)
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     messages = [e.message for e in events]
     assert messages[0].startswith("The job has successfully completed") and messages[-1].startswith("Created")
-    steps = [e.data["step"] for e in events if e.type == "metrics"]
+    (valid,) = [e.data for e in events if e.type == "metrics" and "valid_loss" in e.data]
+    steps = [e.data["step"] for e in events if e.type == "metrics" and "train_loss" in e.data]
     assert steps == sorted(steps, reverse=True) and steps[0] >= 2 and len(steps) == steps[0]
+    assert valid["step"] == steps[0] and 0 < valid["valid_loss"] < 20
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [s for s in range(steps[0] - 1, 0, -1) if s % 2 == 0][:10]
     assert checkpoints[-1].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-2"
