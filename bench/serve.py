@@ -142,7 +142,8 @@ def run_http(setup, slo, options: dict, config, work: Path) -> dict:
             "--state-dir", str(work / "state"), "--max-loras", "1", "--max-lora-rank", str(rank),
             "--finetune-rank", str(rank), "--finetune-seq-len", str(options["seq_len"]),
             "--tpot-slo", f"{slo.tpot_s * 1e3}ms", "--policy", config.colocation.policy,
-            "--checkpoint-steps", str(10**6), "--drain-timeout", "5", "--seed", str(options["seed"])]
+            "--checkpoint-steps", str(10**6), "--drain-timeout", "5", "--seed", str(options["seed"]),
+            "--max-logprobs", "0"]  # as the in-process engine: no logprobs computed
     common.say("[http] starting harli serve...")
     process, url, errors = start_server(argv)
     try:

@@ -25,7 +25,7 @@ from harli_jax.lora.trainer import TrainBatch, stash_index, token_loss_sum
 from harli_jax.model.layers import Rope, attention_out, attention_qkv, dense_attention, mlp_block, rope_tables
 from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_attend
 from harli_jax.model.params import Adapters, LoRASlots, Params, layer_adapters, mix_adapters, slot_deltas
-from harli_jax.model.sampling import sample
+from harli_jax.model.sampling import logprobs_of, sample
 from harli_jax.model.transformer import embed, lm_logits
 
 Array = jax.Array
@@ -91,12 +91,12 @@ def read_loss_gradient(layout: ArenaLayout, arena: Array, stash_pages: Array, sh
 def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, batch: TrainBatch,
                    stash_pages: Array, start: Array, totals: tuple[Array, Array], *, chunk: int,
                    inference: TokenBatch | None = None, serving_lora: LoRASlots | None = None,
-                   attention_impl: str = "auto") -> tuple[Array, tuple[Array, Array], Array | None]:
+                   attention_impl: str = "auto", logprobs: int | None = None):
     """Positions `start .. start + chunk - 1` of every row of `batch` through every layer, stashing each layer's
     input and K/V and, after the last layer, the loss gradient; adds the chunk's loss sum and trained tokens to
     `totals`. With `inference`, that step's tokens run in the same program (each token with its adapter slot
     of `serving_lora`), sharing every projection and the LM head. Returns (arena, totals, the inference step's
-    next tokens or None)."""
+    next tokens or None), and with `logprobs` (as `paged_step`) their `Logprobs` last."""
     cfg = layout.cfg
     rows, seq_len = batch.tokens.shape
     tokens = rows * seq_len
@@ -154,4 +154,7 @@ def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: A
     if inference is None:
         return arena, totals, None
     with jax.named_scope("sample"):
-        return arena, totals, sample(served_logits, inference.sampling)
+        tokens = sample(served_logits, inference.sampling)
+        if logprobs is None:
+            return arena, totals, tokens
+        return arena, totals, tokens, logprobs_of(served_logits, tokens, logprobs)

@@ -19,7 +19,7 @@ from harli_jax.kernels import paged_attention, ragged_paged_attention, write_kv
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import Rope, attention_out, attention_qkv, mlp_block, rope_tables
 from harli_jax.model.params import Adapters, LayerParams, LoRASlots, Params, slot_deltas
-from harli_jax.model.sampling import SamplingRows, sample
+from harli_jax.model.sampling import SamplingRows, logprobs_of, sample
 from harli_jax.model.transformer import embed, lm_logits
 
 Array = jax.Array
@@ -115,10 +115,11 @@ def paged_layer(lp: LayerParams, cfg: ModelConfig, x: Array, arena: Array, index
 
 
 def paged_step(params: Params, cfg: ModelConfig, arena: Array, batch: TokenBatch, *,
-               attention_impl: str = "auto", lora: LoRASlots | None = None) -> tuple[Array, Array]:
+               attention_impl: str = "auto", lora: LoRASlots | None = None, logprobs: int | None = None):
     """Runs the batch through the model, each token with the LoRA delta of its adapter slot
-    (`batch.adapter_slots` into `lora`) if given, writing its K/V into `arena`; returns (arena, next token `[B]`).
-    The layers are unrolled over their own weight arrays: nothing is sliced."""
+    (`batch.adapter_slots` into `lora`) if given, writing its K/V into `arena`; returns (arena, next token `[B]`),
+    and with `logprobs` (static) also each next token's `Logprobs` with the `logprobs` most likely tokens. The
+    layers are unrolled over their own weight arrays: nothing is sliced."""
     if lora is not None and batch.adapter_slots is None:
         raise ValueError("a step with resident adapters needs the batch's adapter_slots")
     x, rope = embed(params, batch.tokens), rope_tables(cfg, batch.positions)
@@ -127,7 +128,10 @@ def paged_step(params: Params, cfg: ModelConfig, arena: Array, batch: TokenBatch
                                adapters=slot_deltas(lora, index, batch.adapter_slots))
     logits = lm_logits(params, cfg, x[batch.sample_index])
     with jax.named_scope("sample"):
-        return arena, sample(logits, batch.sampling)
+        tokens = sample(logits, batch.sampling)
+        if logprobs is None:
+            return arena, tokens
+        return arena, tokens, logprobs_of(logits, tokens, logprobs)
 
 
 def read_pages(arena: Array, page_ids: Array) -> Array:

@@ -24,6 +24,25 @@ class SamplingRows:
     counter: Array  # int32: tokens the request has generated so far, so a draw never depends on the batch
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Logprobs:
+    """Log-probabilities under the model's own distribution (before temperature, top-k and top-p, as the OpenAI
+    API and vLLM report them) of each row's sampled token, and its `k` most likely tokens."""
+
+    token: Array  # float32 [rows]
+    top: Array  # float32 [rows, k], descending
+    top_ids: Array  # int32 [rows, k]
+
+
+def logprobs_of(logits: Array, tokens: Array, k: int) -> Logprobs:
+    """The `Logprobs` of `tokens [rows]` sampled from `logits [rows, vocab]`."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+    top, ids = jax.lax.top_k(log_probs, k)
+    return Logprobs(token, top, ids.astype(jnp.int32))
+
+
 def sample(logits: Array, rows: SamplingRows) -> Array:
     """Next token per row of `logits [rows, vocab]` (float32), as int32."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)

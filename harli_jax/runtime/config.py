@@ -98,12 +98,17 @@ class RunnerConfig:
     compile_cache_dir: str | None = option(None, "JAX's persistent compilation cache, so a restart reuses the "
                                                  "programs; unset: ~/.cache/harli_jax/xla; JAX's own setting wins")
     step_record_limit: int = option(100_000, "newest step records kept (Engine.step_records)")
+    max_logprobs: int | None = option(None, "every step also gives each new token's logprob and this many top "
+                                            "logprobs (the most a request may ask for); unset: none")
     async_dispatch: bool | None = option(None, "dispatch each decode step before the previous one's tokens are read "
                                                "back (while no finetune job trains); unset: on an accelerator, not on "
                                                "a CPU, where the host's work would take the cores XLA computes on")
 
     def __post_init__(self):
         _positive_ints(self, "step_record_limit")
+        if self.max_logprobs is not None and (isinstance(self.max_logprobs, bool) or
+                                              not isinstance(self.max_logprobs, int) or self.max_logprobs < 0):
+            raise ConfigError(f"RunnerConfig.max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"RunnerConfig.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.attention_impl not in ("auto", "pallas", "reference"):

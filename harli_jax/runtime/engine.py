@@ -69,7 +69,8 @@ class Engine:
         self.arena = Arena(layout, num_pages, cache.max_pages_per_seq(cfg))
         self.adapters = AdapterCatalog()
         self.runner = ModelRunner(cfg, params, config, self.arena, self.adapters)
-        self.inputs = InputProcessor(cfg, model.tokenizer, self.seq_len, cache.page_tokens, self.arena.table.capacity)
+        self.inputs = InputProcessor(cfg, model.tokenizer, self.seq_len, cache.page_tokens, self.arena.table.capacity,
+                                     config.runner.max_logprobs)
         slots = SlotTable(config.adapters.max_loras) if config.adapters.max_loras else None
         self.scheduler = Scheduler(self.arena.table, scheduler, OutputProcessor(model.tokenizer), slots)
         self.colocation = CoLocator(cfg, config, self.scheduler, self.arena, self.runner)
@@ -279,7 +280,7 @@ class Engine:
         end = time.perf_counter()
         start, self._last_end = max(flight.dispatched, self._last_end), end  # an ahead step waits for its previous
         fused_ran = self.colocation.fused_finished(flight, end - start) if flight.fused is not None else ""
-        events += self.scheduler.update(flight.plan, output.tokens, end)
+        events += self.scheduler.update(flight.plan, output.tokens, end, output.logprobs)
         ahead = self._in_flight
         if ahead is not None and not any(self.scheduler.get(s.request_id) is s for s in ahead.plan.states):
             self._in_flight = None  # every sequence of the step ahead just ended: nothing to wait for

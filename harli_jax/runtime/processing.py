@@ -24,9 +24,10 @@ class InputProcessor:
     """Turns a `Request` into a `RequestState`, or raises RequestError naming what is wrong with it."""
 
     def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None, seq_len: int, page_tokens: int,
-                 capacity_pages: int):
+                 capacity_pages: int, max_logprobs: int | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.seq_len, self.page_tokens, self.capacity_pages = seq_len, page_tokens, capacity_pages
+        self.max_logprobs = max_logprobs
 
     def prompt_ids(self, prompt: Sequence[int] | str) -> tuple[int, ...]:
         if isinstance(prompt, str):
@@ -51,6 +52,9 @@ class InputProcessor:
         problems = s.problems()
         if problems:
             raise RequestError("; ".join(problems))
+        if s.logprobs is not None and (self.max_logprobs is None or s.logprobs > self.max_logprobs):
+            most = "none: RunnerConfig.max_logprobs is unset" if self.max_logprobs is None else self.max_logprobs
+            raise RequestError(f"logprobs {s.logprobs} exceeds this engine's max_logprobs ({most})")
         prompt_ids = self.prompt_ids(request.prompt)
         if len(prompt_ids) + s.max_tokens > self.seq_len:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({s.max_tokens}) exceeds the "

@@ -24,6 +24,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = option(0, "new tokens before a stop id, EOS or stop string may end the request")
+    logprobs: int | None = option(None, "report each new token's logprob and this many top logprobs (the "
+                                        "engine's RunnerConfig.max_logprobs at most); unset: none")
 
     def problems(self) -> list[str]:
         out = []
@@ -43,6 +45,9 @@ class SamplingParams:
             out.append(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
         elif isinstance(self.max_tokens, int) and self.min_tokens > self.max_tokens:
             out.append(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or self.logprobs < 0):
+            out.append(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
         return out
 
 
@@ -82,12 +87,22 @@ class FinishReason(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely tokens' (id, logprob), best
+    first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenEvent:
     request_id: str
     token: int
     index: int  # 0 for the first generated token
     time: float
     text: str | None = None  # the text this token adds (None without a tokenizer; may be "" mid-character)
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs (none for an imported token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +118,7 @@ class GenerationOutput:
     error: str | None = None
     preemptions: int = 0
     scheduled_time: float | None = None  # when it was first admitted to the batch (None: never)
+    logprobs: tuple[TokenLogprob | None, ...] | None = None  # per generated token, when asked for
 
     @property
     def ttft(self) -> float | None:

@@ -25,7 +25,7 @@ from harli_jax.lora.trainer import backward_chunk
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import TokenBatch, paged_step, read_pages, write_pages
 from harli_jax.model.params import LoRASlots, Params
-from harli_jax.model.sampling import SamplingRows
+from harli_jax.model.sampling import Logprobs, SamplingRows
 from harli_jax.runtime.adapters import AdapterCatalog
 from harli_jax.runtime.arena import Arena
 from harli_jax.runtime.config import EngineConfig
@@ -57,6 +57,7 @@ class StepOutput:
     tokens: np.ndarray
     bucket: Bucket
     pack_time: float
+    logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (token, top, top ids) by planned sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +72,15 @@ class InFlight:
     dispatched: float  # perf_counter time of the dispatch
     fused: FusedCall | None = None  # the finetune work fused into the step
     fused_out: tuple | None = None  # its results on the device
+    logprobs: Logprobs | None = None  # of its next tokens, by batch row (with `RunnerConfig.max_logprobs`)
 
     def output(self) -> StepOutput:
-        """Waits for the step and reads its tokens back."""
-        return StepOutput(np.asarray(self.next_tokens)[self.rows], self.bucket, self.pack_time)
+        """Waits for the step and reads its tokens (and their logprobs) back."""
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = tuple(np.asarray(a)[self.rows] for a in (self.logprobs.token, self.logprobs.top,
+                                                                 self.logprobs.top_ids))
+        return StepOutput(np.asarray(self.next_tokens)[self.rows], self.bucket, self.pack_time, logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +94,7 @@ class InputLayout:
     pages: int
     max_query: int
     long_rows: int
+    logprobs: int | None = None  # the step's program also gives its tokens' Logprobs with this many top tokens
 
     @functools.cached_property
     def fields(self) -> tuple[tuple[str, tuple[int, ...], np.dtype, int], ...]:
@@ -150,28 +157,32 @@ def _padded(next_tokens, previous):
 
 
 def _step(params, cfg, arena, inputs, previous, layout, attention_impl, lora):
-    """The step over the batch packed in `inputs`; returns (arena, next tokens padded to `previous`'s size)."""
-    arena, next_tokens = paged_step(params, cfg, arena, _inference_batch(inputs, previous, layout),
-                                    attention_impl=attention_impl, lora=lora)
-    return arena, _padded(next_tokens, previous)
+    """The step over the batch packed in `inputs`; returns (arena, next tokens padded to `previous`'s size, their
+    Logprobs or None)."""
+    arena, next_tokens, *logprobs = paged_step(params, cfg, arena, _inference_batch(inputs, previous, layout),
+                                               attention_impl=attention_impl, lora=lora, logprobs=layout.logprobs)
+    return arena, _padded(next_tokens, previous), (logprobs or [None])[0]
 
 
 def _fused_tokens_step(params, cfg, arena, inputs, previous, layout, attention_impl, lora, stash, train_lora, batch,
                        stash_pages, start, totals, chunk):
     """The step with a micro-batch's token chunk of `chunk` positions in its program (`lora.fused`); returns
-    (arena, next tokens, the micro-batch's loss totals)."""
-    arena, totals, next_tokens = forward_tokens(
+    (arena, next tokens, their Logprobs or None, the micro-batch's loss totals)."""
+    arena, totals, next_tokens, *logprobs = forward_tokens(
         params, stash, train_lora, arena, batch, stash_pages, start, totals, chunk=chunk,
-        inference=_inference_batch(inputs, previous, layout), serving_lora=lora, attention_impl=attention_impl)
-    return arena, _padded(next_tokens, previous), totals
+        inference=_inference_batch(inputs, previous, layout), serving_lora=lora, attention_impl=attention_impl,
+        logprobs=layout.logprobs)
+    return arena, _padded(next_tokens, previous), (logprobs or [None])[0], totals
 
 
 def _fused_backward_step(params, cfg, arena, inputs, previous, layout, attention_impl, lora, stash, train_lora,
                          layers, g, grads, batch, stash_pages, end):
     """The step, then a backward slice over `layers` (ending at layer `end`) of a micro-batch in the same
-    program; returns (arena, next tokens, (gradient w.r.t. the slice's input, LoRA gradients))."""
-    arena, next_tokens = _step(params, cfg, arena, inputs, previous, layout, attention_impl, lora)
-    return arena, next_tokens, backward_chunk(layers, stash, train_lora, arena, g, grads, batch, stash_pages, end)
+    program; returns (arena, next tokens, their Logprobs or None, (gradient w.r.t. the slice's input, LoRA
+    gradients))."""
+    arena, next_tokens, logprobs = _step(params, cfg, arena, inputs, previous, layout, attention_impl, lora)
+    return arena, next_tokens, logprobs, backward_chunk(layers, stash, train_lora, arena, g, grads, batch,
+                                                        stash_pages, end)
 
 
 _STATIC = ("cfg", "layout", "attention_impl")
@@ -227,6 +238,7 @@ class ModelRunner:
         self.lora: LoRASlots | None = (empty_slots(cfg, served.max_loras, served.max_lora_rank, served.lora_targets)
                                        if served.max_loras else None)
         self.adapters = adapters
+        self.logprobs = engine_cfg.runner.max_logprobs  # top logprobs every step program gives (None: none)
         self._slot_holds: dict[int, str] = {}
         self._no_previous = jnp.zeros(self.batch_buckets[-1], jnp.int32)  # for a step whose tokens are all known
 
@@ -248,9 +260,10 @@ class ModelRunner:
         """The bucket's input layout: a decode bucket's one query per sequence, or a mixed bucket's chunks of at
         most `prefill_chunk` tokens in its first `max_prefill_seqs` rows (where `_pack` puts them)."""
         if bucket.decode_only:
-            return InputLayout(bucket.seqs, bucket.tokens, bucket.pages, max_query=1, long_rows=0)
+            return InputLayout(bucket.seqs, bucket.tokens, bucket.pages, max_query=1, long_rows=0,
+                               logprobs=self.logprobs)
         return InputLayout(bucket.seqs, bucket.tokens, bucket.pages, max_query=self.prefill_chunk,
-                           long_rows=min(self.max_prefill_seqs, bucket.seqs))
+                           long_rows=min(self.max_prefill_seqs, bucket.seqs), logprobs=self.logprobs)
 
     def compile(self, bucket: Bucket) -> jax.stages.Compiled:
         layout = self.layout(bucket)
@@ -361,12 +374,13 @@ class ModelRunner:
         last = previous.next_tokens if previous is not None else self._no_previous
         if fused is None:
             program = self.program(bucket)
-            next_tokens = self.arena.update(lambda buffer: program(self.params, buffer, inputs, last, self.lora))
-            return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched)
+            next_tokens, logprobs = self.arena.update(lambda buffer: _split_arena(
+                program(self.params, buffer, inputs, last, self.lora)))
+            return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched, logprobs=logprobs)
         program = self._fused[(bucket, fused.kind, fused.size)]
-        next_tokens, out = self.arena.update(lambda buffer: _split_arena(
+        next_tokens, logprobs, out = self.arena.update(lambda buffer: _split_arena(
             program(self.params, buffer, inputs, last, self.lora, *fused.args)))
-        return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched, fused, out)
+        return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched, fused, out, logprobs)
 
     @staticmethod
     def _rows(work: Sequence[SeqWork]) -> np.ndarray:
@@ -416,8 +430,8 @@ class ModelRunner:
         inputs, context = self._synthetic_inputs(bucket, seed, scratch_page)
         program = self.program(bucket)
         started = time.perf_counter()
-        np.asarray(self.arena.update(
-            lambda buffer: program(self.params, buffer, inputs, self._no_previous, self.lora)))
+        np.asarray(self.arena.update(lambda buffer: _split_arena(
+            program(self.params, buffer, inputs, self._no_previous, self.lora)))[0])
         return context, time.perf_counter() - started
 
     def time_fused(self, bucket: Bucket, fused: FusedCall, seed: int = 0,
@@ -426,7 +440,7 @@ class ModelRunner:
         inputs, context = self._synthetic_inputs(bucket, seed, scratch_page)
         program = self._fused[(bucket, fused.kind, fused.size)]
         started = time.perf_counter()
-        next_tokens, out = self.arena.update(lambda buffer: _split_arena(
+        next_tokens, _, out = self.arena.update(lambda buffer: _split_arena(
             program(self.params, buffer, inputs, self._no_previous, self.lora, *fused.args)))
         jax.block_until_ready((next_tokens, out))
         return context, time.perf_counter() - started, out

@@ -22,7 +22,7 @@ from harli_jax.runtime.adapters import SlotTable
 from harli_jax.runtime.arena import Owner, PageTable
 from harli_jax.runtime.config import SchedulerConfig
 from harli_jax.runtime.processing import OutputProcessor
-from harli_jax.runtime.request import Event, FinishedEvent, FinishReason, SamplingParams, TokenEvent
+from harli_jax.runtime.request import Event, FinishedEvent, FinishReason, SamplingParams, TokenEvent, TokenLogprob
 from harli_jax.runtime.state import RequestState
 
 
@@ -96,24 +96,32 @@ class Scheduler:
         state = self._requests.get(request_id)
         return [] if state is None else [self._finish(state, FinishReason.ABORTED)]
 
-    def update(self, plan: StepPlan, tokens: Sequence[int], now: float) -> list[Event]:
-        """Applies a step's output: every sequence's K/V advanced; past its prompt, it gained one token."""
+    def update(self, plan: StepPlan, tokens: Sequence[int], now: float,
+               logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[Event]:
+        """Applies a step's output: every sequence's K/V advanced; past its prompt, it gained one token (with
+        its logprobs, `(token, top, top ids)` by planned sequence, for a request that asked for them)."""
         events: list[Event] = []
         self._steps_without_prefill = 0 if plan.chunks else self._steps_without_prefill + 1
-        for state, work, token in zip(plan.states, plan.work, tokens, strict=True):
+        for i, (state, work, token) in enumerate(zip(plan.states, plan.work, tokens, strict=True)):
             if self._requests.get(state.request_id) is not state:
                 continue  # it ended (a stop, an abort) after this plan was made ahead: its token is dropped
             state.num_computed += len(work.tokens)
             state.prefilled = None  # imported before the step ran
             if not state.num_pending:
-                events.extend(self._append(state, int(token), now))
+                wanted = state.sampling.logprobs
+                logprob = None if wanted is None or logprobs is None else TokenLogprob(
+                    float(logprobs[0][i]), tuple(zip(logprobs[2][i, :wanted].tolist(),
+                                                     logprobs[1][i, :wanted].tolist(), strict=True)))
+                events.extend(self._append(state, int(token), now, logprob))
         return events
 
-    def _append(self, state: RequestState, token: int, now: float) -> list[Event]:
+    def _append(self, state: RequestState, token: int, now: float,
+                logprob: TokenLogprob | None = None) -> list[Event]:
         state.output_ids.append(token)
         state.token_times.append(now)
+        state.logprobs.append(logprob)
         text, reason = self.output.new_token(state)
-        events: list[Event] = [TokenEvent(state.request_id, token, len(state.output_ids) - 1, now, text)]
+        events: list[Event] = [TokenEvent(state.request_id, token, len(state.output_ids) - 1, now, text, logprob)]
         if reason is not None:
             events.append(self._finish(state, reason))
         return events

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from harli_jax.runtime.arena import Owner
-from harli_jax.runtime.request import FinishReason, GenerationOutput, PrefilledKV, SamplingParams
+from harli_jax.runtime.request import FinishReason, GenerationOutput, PrefilledKV, SamplingParams, TokenLogprob
 
 
 @dataclasses.dataclass(eq=False)
@@ -24,6 +24,7 @@ class RequestState:
     adapter: str | None = None  # the LoRA adapter it is served with (None: the base model)
     adapter_slot: int = -1  # that adapter's resident slot while the request runs (-1: none held)
     scheduled_time: float | None = None  # perf_counter time of its first admission to the batch
+    logprobs: list[TokenLogprob | None] = dataclasses.field(default_factory=list)  # per output token, if asked
 
     @property
     def owner(self) -> Owner:
@@ -46,4 +47,5 @@ class RequestState:
             text=self.text, finish_reason=reason, arrival_time=self.arrival_time,
             first_token_time=self.token_times[0] if self.token_times else None,
             token_times=tuple(self.token_times), error=error, preemptions=self.preemptions,
-            scheduled_time=self.scheduled_time)
+            scheduled_time=self.scheduled_time,
+            logprobs=tuple(self.logprobs) if self.sampling.logprobs is not None else None)

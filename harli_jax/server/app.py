@@ -163,6 +163,12 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         cards += [protocol.model_card(name, model_name, created) for name in engine.adapters.names()]
         return {"object": "list", "data": cards}
 
+    def token_text(token: int) -> str:
+        """A token's own text (its id as text without a tokenizer)."""
+        if engine.tokenizer is None:
+            return str(token)
+        return engine.tokenizer.decode([token], skip_special_tokens=False)
+
     def adapter_of(name: str) -> str | None:
         """The adapter a request's `model` names (None: the base model); a 404 for a model not served here."""
         if name == model_name:
@@ -223,18 +229,25 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         stream = start(body.prompt_input(), sampling, request_id, adapter)
         if not body.stream:
             output = await finish(stream, client)
-            return protocol.completion(request_id, body.model, output, protocol.now())
+            logprobs = None if output.logprobs is None else protocol.completion_logprobs(
+                output.token_ids, output.logprobs, token_text)
+            return protocol.completion(request_id, body.model, output, protocol.now(), logprobs)
 
         async def chunks() -> AsyncIterator[dict]:
-            stamp = protocol.now()
+            stamp, offset = protocol.now(), 0
             async for event in stream.events():
                 if isinstance(event, FinishedEvent):
                     yield protocol.completion_chunk(request_id, body.model, stamp, "",
                                                     protocol.finish_reason(event.output.finish_reason))
                     if body.include_usage:
                         yield protocol.usage_chunk(request_id, body.model, stamp, event.output, chat=False)
+                elif event.logprob is not None:  # every token's chunk, even one that adds no text yet
+                    logprobs = protocol.completion_logprobs([event.token], [event.logprob], token_text, offset)
+                    yield protocol.completion_chunk(request_id, body.model, stamp, event.text or "", None, logprobs)
+                    offset += len(event.text or "")
                 elif event.text:
                     yield protocol.completion_chunk(request_id, body.model, stamp, event.text)
+                    offset += len(event.text)
 
         return StreamingResponse(sse(stream, chunks()), media_type="text/event-stream")
 
@@ -253,7 +266,9 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         stream = start(prompt, sampling, request_id, adapter)
         if not body.stream:
             output = await finish(stream, client)
-            return protocol.chat_completion(request_id, body.model, output, protocol.now())
+            logprobs = None if output.logprobs is None else protocol.chat_logprobs(
+                output.token_ids, output.logprobs, token_text)
+            return protocol.chat_completion(request_id, body.model, output, protocol.now(), logprobs)
 
         async def chunks() -> AsyncIterator[dict]:
             stamp = protocol.now()
@@ -264,6 +279,10 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
                                               protocol.finish_reason(event.output.finish_reason))
                     if body.include_usage:
                         yield protocol.usage_chunk(request_id, body.model, stamp, event.output, chat=True)
+                elif event.logprob is not None:
+                    logprobs = protocol.chat_logprobs([event.token], [event.logprob], token_text)
+                    yield protocol.chat_chunk(request_id, body.model, stamp, {"content": event.text or ""}, None,
+                                              logprobs)
                 elif event.text:
                     yield protocol.chat_chunk(request_id, body.model, stamp, {"content": event.text})
 

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(unset: the fine-tuning routes are off)")
     p.add_argument("--max-loras", type=int, default=8, help="adapters resident at once, mixed freely in a batch "
                                                              "(default 8; 0: the base model only)")
+    p.add_argument("--max-logprobs", type=int, default=20, help="the most top logprobs a request may ask for; every "
+                                                                "step computes them (default 20, the OpenAI "
+                                                                "API's most; 0: logprobs off)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the highest rank a served adapter may have "
                                                                   "(default 16)")
     p.add_argument("--tpot-slo", default="4x", help="the time-per-output-token SLO fine-tuning keeps to: '50ms', "
@@ -89,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     flags = {name: getattr(args, name) for name in ("max_batch", "max_seq_len", "prefill_chunk", "dtype",
-                                                    "max_loras", "max_lora_rank") if getattr(args, name) is not None}
+                                                    "max_loras", "max_lora_rank", "max_logprobs")
+             if getattr(args, name) is not None}
     flags["policy"] = args.policy
+    flags["max_logprobs"] = args.max_logprobs or None
     if args.engine_config:
         return EngineConfig.from_yaml(args.engine_config, **flags)
     return EngineConfig(**flags)
@@ -105,7 +110,7 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise HarliError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("max_waiting", "max_loras"):
+    for name in ("max_waiting", "max_loras", "max_logprobs"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise HarliError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.finetune_rank > args.max_lora_rank:

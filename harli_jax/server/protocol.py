@@ -1,21 +1,24 @@
 """The OpenAI API's request bodies (as vLLM and SGLang accept them) and the responses built from engine outputs.
 
 Requests: `/v1/completions` and `/v1/chat/completions` with `max_tokens`, `temperature`, `top_p`, `top_k`,
-`stop`, `seed`, `stream` and `stream_options.include_usage`, plus vLLM's `ignore_eos` and `min_tokens`. Fields
-this server does not implement (`n` > 1, `logprobs`, `echo`, ...) are refused with a 400 naming them, rather than
+`stop`, `seed`, `stream` and `stream_options.include_usage`, `logprobs` (completions: the number of top logprobs;
+chat: a bool, with `top_logprobs`), plus vLLM's `ignore_eos` and `min_tokens`. Fields this server does not
+implement (`n` > 1, `echo`, ...) are refused with a 400 naming them, rather than
 ignored; fields it does not know are ignored, as vLLM does. Chat messages are rendered by the tokenizer's chat
 template, else in the plain chat format of harli_jax.lora.data (either way as fine-tuning data is trained).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from harli_jax.runtime.request import FinishReason, GenerationOutput, SamplingParams
+from harli_jax.runtime.request import FinishReason, GenerationOutput, SamplingParams, TokenLogprob
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # the API's default (the engine's own default is greedy)
 
@@ -61,10 +64,8 @@ class _Sampling(BaseModel):
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams; an ApiError for what this server does not implement."""
-        unsupported = {"n": self.n != 1, "logprobs": self.logprobs not in (None, False),
-                       "top_logprobs": self.top_logprobs not in (None, 0),
-                       "presence_penalty": self.presence_penalty != 0, "frequency_penalty": self.frequency_penalty != 0,
-                       "logit_bias": bool(self.logit_bias)}
+        unsupported = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0,
+                       "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias)}
         for name, given in unsupported.items():
             if given:
                 raise ApiError(400, f"{name} is not supported by this server", param=name)
@@ -80,7 +81,8 @@ class _Sampling(BaseModel):
         params = SamplingParams(max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
                                 temperature=temperature, top_k=top_k,
                                 top_p=self.top_p if self.top_p is not None else 1.0, seed=seed, stop=stop,
-                                ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+                                ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                                logprobs=self.requested_logprobs)
         problems = params.problems()
         if problems:
             raise ApiError(400, "; ".join(problems), param=problems[0].split()[0])
@@ -89,6 +91,18 @@ class _Sampling(BaseModel):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """The top logprobs asked for per token (0: only the token's own), None for none."""
+        if self.top_logprobs is not None:
+            raise ApiError(400, "top_logprobs is a chat completions field; completions take logprobs: N",
+                           param="top_logprobs")
+        if self.logprobs is None:
+            return None
+        if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0:
+            raise ApiError(400, f"logprobs must be a non-negative integer, got {self.logprobs!r}", param="logprobs")
+        return self.logprobs
 
     @property
     def include_usage(self) -> bool:
@@ -134,6 +148,19 @@ class ChatRequest(_Sampling):
         """`max_tokens`, else the newer name `max_completion_tokens`."""
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
+    @property
+    def requested_logprobs(self) -> int | None:
+        if self.logprobs not in (None, True, False):
+            raise ApiError(400, f"logprobs must be true or false, got {self.logprobs!r}", param="logprobs")
+        if not self.logprobs:
+            if self.top_logprobs is not None:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        if self.top_logprobs is not None and (isinstance(self.top_logprobs, bool) or self.top_logprobs < 0):
+            raise ApiError(400, f"top_logprobs must be a non-negative integer, got {self.top_logprobs!r}",
+                           param="top_logprobs")
+        return self.top_logprobs or 0
+
 
 # Responses -------------------------------------------------------------------------------------------------------
 
@@ -152,30 +179,64 @@ def usage(output: GenerationOutput) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion(request_id: str, model: str, output: GenerationOutput, created: int) -> dict[str, Any]:
+TokenText = Callable[[int], str]  # a token id's own text
+
+
+def completion_logprobs(tokens: Sequence[int], logprobs: Sequence[TokenLogprob | None], text: TokenText,
+                        offset: int = 0) -> dict[str, Any]:
+    """The completions API's `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+    strings = [text(t) for t in tokens]
+    offsets = list(itertools.accumulate((len(s) for s in strings[:-1]), initial=offset))
+    return {"tokens": strings, "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
+            "top_logprobs": [None if lp is None else _by_text(lp.top, text) for lp in logprobs],
+            "text_offset": offsets}
+
+
+def _by_text(top: Sequence[tuple[int, float]], text: TokenText) -> dict[str, float]:
+    """Top (id, logprob) pairs keyed by token text; tokens of the same text keep the best one's logprob."""
+    out: dict[str, float] = {}
+    for token, value in top:
+        out.setdefault(text(token), value)
+    return out
+
+
+def chat_logprobs(tokens: Sequence[int], logprobs: Sequence[TokenLogprob | None], text: TokenText
+                  ) -> dict[str, Any]:
+    """The chat API's `logprobs` object: per token its text, logprob, UTF-8 bytes and top alternatives."""
+    def entry(token: int, value: float) -> dict[str, Any]:
+        s = text(token)
+        return {"token": s, "logprob": value, "bytes": list(s.encode())}
+
+    return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+                        for t, lp in zip(tokens, logprobs, strict=True) if lp is not None]}
+
+
+def completion(request_id: str, model: str, output: GenerationOutput, created: int,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": output.text or "", "logprobs": None,
+            "choices": [{"index": 0, "text": output.text or "", "logprobs": logprobs,
                          "finish_reason": finish_reason(output.finish_reason)}],
             "usage": usage(output)}
 
 
 def completion_chunk(request_id: str, model: str, created: int, text: str,
-                     reason: str | None = None) -> dict[str, Any]:
+                     reason: str | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
 
 
-def chat_completion(request_id: str, model: str, output: GenerationOutput, created: int) -> dict[str, Any]:
+def chat_completion(request_id: str, model: str, output: GenerationOutput, created: int,
+                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text or ""},
-                         "logprobs": None, "finish_reason": finish_reason(output.finish_reason)}],
+                         "logprobs": logprobs, "finish_reason": finish_reason(output.finish_reason)}],
             "usage": usage(output)}
 
 
 def chat_chunk(request_id: str, model: str, created: int, delta: dict[str, str],
-               reason: str | None = None) -> dict[str, Any]:
+               reason: str | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
 
 def usage_chunk(request_id: str, model: str, created: int, output: GenerationOutput, chat: bool) -> dict[str, Any]:

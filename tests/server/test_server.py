@@ -11,6 +11,9 @@ import time
 import urllib.error
 import urllib.request
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import running_server
 from harli_jax import Engine, EngineConfig, SamplingParams
 from harli_jax.lora.data import chat_prompt_ids
-from harli_jax.model import load_model
+from harli_jax.model import forward, load_model
 from harli_jax.runtime.request import FinishedEvent, Request
 from harli_jax.server.loop import EngineLoop, QueueFull
 
@@ -46,7 +49,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def engine(tiny_yaml):
     """An engine of the same weights and sizes as the server's (seed 0), in this process."""
-    return Engine(load_model(tiny_yaml), EngineConfig(max_batch=4, max_seq_len=1024, prefill_chunk=32))
+    return Engine(load_model(tiny_yaml), EngineConfig(max_batch=4, max_seq_len=1024, prefill_chunk=32, max_logprobs=5))
 
 
 def _raw(url, path, body=None, key=KEY, raw: bytes | None = None) -> tuple[int, bytes]:
@@ -92,6 +95,45 @@ def test_chat_plain_and_streamed_equal_the_engine(client, engine):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage is None  # not asked for
+
+
+def _reference_logprobs(engine, prompt_ids, token_ids, k):
+    """Each generated token's log-probability and the top-k (id, logprob), from the dense forward's logits."""
+    ids = jnp.asarray([list(prompt_ids) + list(token_ids)])
+    logits = forward(engine.runner.params, engine.cfg, ids)[0, len(prompt_ids) - 1: -1]
+    log_probs = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+    top = np.argsort(-log_probs, axis=-1)[:, :k]
+    return log_probs[np.arange(len(token_ids)), list(token_ids)], top, np.take_along_axis(log_probs, top, axis=-1)
+
+
+def test_logprobs_match_the_dense_forward_in_the_engine_and_through_both_apis(client, engine):
+    [output] = engine.generate(PROMPT, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=3))
+    want, top_ids, top = _reference_logprobs(engine, output.prompt_ids, output.token_ids, 3)
+    np.testing.assert_allclose([lp.logprob for lp in output.logprobs], want, atol=2e-4)
+    for lp, ids, values in zip(output.logprobs, top_ids, top, strict=True):
+        assert [i for i, _ in lp.top] == ids.tolist()
+        np.testing.assert_allclose([v for _, v in lp.top], values, atol=2e-4)
+    out = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3,
+                                    extra_body={"ignore_eos": True})
+    got = out.choices[0].logprobs
+    np.testing.assert_allclose(got.token_logprobs, want, atol=2e-4)
+    assert len(got.tokens) == 6 and got.text_offset[0] == 0
+    # Keyed by token text (the legacy format): tokens of the same text share a key; greedy: the best is the token.
+    assert all(1 <= len(t) <= 3 and max(t.values()) == pytest.approx(v) for t, v in zip(got.top_logprobs, want,
+                                                                                         strict=True))
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=NAME, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    np.testing.assert_allclose([lp.token_logprobs[0] for lp in streamed], want, atol=2e-4)  # every token's chunk
+    chat = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == c.logprob
+                                     for c in content)  # greedy: the token is the most likely one
+    with pytest.raises(openai.BadRequestError, match="exceeds this engine's max_logprobs"):
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, logprobs=50)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
+        client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2, top_logprobs=2)
 
 
 def test_a_stream_ends_with_done(server):
