@@ -24,7 +24,15 @@ import jax.numpy as jnp
 from harli_jax.lora.trainer import TrainBatch, stash_index, token_loss_sum
 from harli_jax.model.layers import Rope, attention_out, attention_qkv, dense_attention, mlp_block, rope_tables
 from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_attend
-from harli_jax.model.params import Adapters, LoRASlots, Params, layer_adapters, mix_adapters, slot_deltas
+from harli_jax.model.params import (
+    Adapters,
+    LoRASlots,
+    Params,
+    layer_adapters,
+    mix_adapters,
+    slot_deltas,
+    slot_onehot,
+)
 from harli_jax.model.sampling import logprobs_of, sample
 from harli_jax.model.transformer import embed, lm_logits
 
@@ -120,12 +128,12 @@ def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: A
             x = jnp.concatenate([embed(params, inference.tokens), x])
             rope = Rope(*(jnp.concatenate([a, b]) for a, b in zip(served, rope, strict=True)))
             is_served = (jnp.arange(x.shape[0]) < first)[:, None]
-            if serving_lora is not None:
-                token_slots = jnp.concatenate([inference.adapter_slots, jnp.full(rows * chunk, -1, jnp.int32)])
+            onehot = slot_onehot(serving_lora, None if serving_lora is None else jnp.concatenate(
+                [inference.adapter_slots, jnp.full(rows * chunk, -1, jnp.int32)]))  # training tokens: no slot
     for index, lp in enumerate(params.layers):
         adapters = layer_adapters(lora, index)
         if inference is not None:
-            served = slot_deltas(serving_lora, index, token_slots) if serving_lora is not None else None
+            served = slot_deltas(serving_lora, index, onehot)
             adapters = mix_adapters([(served, None), (adapters, ~is_served)])
         with jax.named_scope("fused_layer"):
             arena = _stash_hidden(layout, arena, stash_pages, index, ids, tokens, x[first:])

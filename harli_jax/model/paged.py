@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from harli_jax.kernels import paged_attention, ragged_paged_attention, write_kv
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import Rope, attention_out, attention_qkv, mlp_block, rope_tables
-from harli_jax.model.params import Adapters, LayerParams, LoRASlots, Params, slot_deltas
+from harli_jax.model.params import Adapters, LayerParams, LoRASlots, Params, slot_deltas, slot_onehot
 from harli_jax.model.sampling import SamplingRows, logprobs_of, sample
 from harli_jax.model.transformer import embed, lm_logits
 
@@ -123,9 +123,10 @@ def paged_step(params: Params, cfg: ModelConfig, arena: Array, batch: TokenBatch
     if lora is not None and batch.adapter_slots is None:
         raise ValueError("a step with resident adapters needs the batch's adapter_slots")
     x, rope = embed(params, batch.tokens), rope_tables(cfg, batch.positions)
+    onehot = slot_onehot(lora, batch.adapter_slots)
     for index, lp in enumerate(params.layers):
         x, arena = paged_layer(lp, cfg, x, arena, index, batch, rope, attention_impl=attention_impl,
-                               adapters=slot_deltas(lora, index, batch.adapter_slots))
+                               adapters=slot_deltas(lora, index, onehot))
     logits = lm_logits(params, cfg, x[batch.sample_index])
     with jax.named_scope("sample"):
         tokens = sample(logits, batch.sampling)

@@ -90,14 +90,20 @@ class SlotDelta:
     onehot: Array  # [T, slots]
 
 
-def slot_deltas(slots: LoRASlots | None, index, token_slots: Array) -> dict[str, SlotDelta] | None:
-    """Layer `index`'s per-token deltas: token t uses slot `token_slots[t]` (-1: none)."""
+def slot_onehot(slots: LoRASlots | None, token_slots: Array | None) -> Array | None:
+    """`[T, slots]`: token t's row is 1 at its slot `token_slots[t]` (all 0 for -1, the base model); computed
+    once per program and shared by every layer."""
     if slots is None:
         return None
-    layer = layer_adapters(slots, index)
-    num_slots = next(iter(layer.values())).a.shape[0]
-    onehot = jax.nn.one_hot(token_slots, num_slots, dtype=jnp.float32)
-    return {name: SlotDelta(pair, onehot) for name, pair in layer.items()}
+    num_slots = next(iter(slots.values())).a.shape[1]
+    return jax.nn.one_hot(token_slots, num_slots, dtype=jnp.float32)
+
+
+def slot_deltas(slots: LoRASlots | None, index, onehot: Array | None) -> dict[str, SlotDelta] | None:
+    """Layer `index`'s per-token deltas, each token's slot picked by its row of `onehot` (`slot_onehot`)."""
+    if slots is None:
+        return None
+    return {name: SlotDelta(pair, onehot) for name, pair in layer_adapters(slots, index).items()}
 
 
 def mix_adapters(groups) -> dict[str, tuple[TokenLoRA | SlotDelta, ...]]:

@@ -35,12 +35,18 @@ class AdapterCatalog:
         self._entries: dict[str, ServedAdapter] = {}
         self._lock = threading.Lock()
 
+    def check_new(self, name: str) -> None:
+        """A HarliError when `name` is taken (before its weights are read)."""
+        if self.get(name) is not None:
+            raise HarliError(f"an adapter named {name!r} is already served; adapters never change: add the new "
+                             f"weights under a new name")
+
     def add(self, adapter: ServedAdapter) -> None:
         with self._lock:
-            if adapter.name in self._entries:
-                raise HarliError(f"an adapter named {adapter.name!r} is already served; adapters never change: "
-                                 f"add the new weights under a new name")
-            self._entries[adapter.name] = adapter
+            if adapter.name not in self._entries:
+                self._entries[adapter.name] = adapter
+                return
+        self.check_new(adapter.name)
 
     def get(self, name: str) -> ServedAdapter | None:
         with self._lock:

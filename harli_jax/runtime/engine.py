@@ -180,9 +180,7 @@ class Engine:
         if not served.max_loras:
             raise ConfigError("this engine serves the base model only: set AdapterConfig.max_loras (e.g. "
                               "EngineConfig(max_loras=4)) to serve adapters")
-        if self.adapters.get(name) is not None:
-            raise HarliError(f"an adapter named {name!r} is already served; adapters never change: add the new "
-                             f"weights under a new name")
+        self.adapters.check_new(name)
         if isinstance(adapter, JobHandle):
             lora, weights = adapter.lora_config, adapter.adapters
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,6 +117,10 @@ class JobHandle:
     @property
     def history(self) -> list[dict[str, float]]:
         return list(self._runner.history)
+
+    def recent_history(self, n: int) -> list[dict[str, float]]:
+        """The newest `n` entries of the history, oldest first (without copying the rest)."""
+        return list(itertools.islice(reversed(self._runner.history), n))[::-1]
 
     @property
     def adapters(self):

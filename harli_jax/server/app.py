@@ -229,9 +229,7 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         stream = start(body.prompt_input(), sampling, request_id, adapter)
         if not body.stream:
             output = await finish(stream, client)
-            logprobs = None if output.logprobs is None else protocol.completion_logprobs(
-                output.token_ids, output.logprobs, token_text)
-            return protocol.completion(request_id, body.model, output, protocol.now(), logprobs)
+            return protocol.completion(request_id, body.model, output, protocol.now(), token_text)
 
         async def chunks() -> AsyncIterator[dict]:
             stamp, offset = protocol.now(), 0
@@ -266,9 +264,7 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         stream = start(prompt, sampling, request_id, adapter)
         if not body.stream:
             output = await finish(stream, client)
-            logprobs = None if output.logprobs is None else protocol.chat_logprobs(
-                output.token_ids, output.logprobs, token_text)
-            return protocol.chat_completion(request_id, body.model, output, protocol.now(), logprobs)
+            return protocol.chat_completion(request_id, body.model, output, protocol.now(), token_text)
 
         async def chunks() -> AsyncIterator[dict]:
             stamp = protocol.now()

@@ -351,15 +351,16 @@ class FineTuning:
         progress = handle.progress()
         if progress.step > self._seen_steps:
             with self._lock:
-                for entry in handle.history:
+                for entry in handle.recent_history(progress.step - self._seen_steps):
                     if self._seen_steps < entry["step"] <= progress.step:
                         job.event(f"Step {entry['step']}/{progress.total_steps}: training loss={entry['loss']:.4f}",
                                   "metrics", {"step": entry["step"], "train_loss": entry["loss"],
                                               "total_steps": progress.total_steps})
                 job.trained_tokens = progress.tokens
                 self._save(job)
+            crossed = progress.step // self.checkpoint_steps > self._seen_steps // self.checkpoint_steps
             self._seen_steps = progress.step
-            if progress.step % self.checkpoint_steps == 0 and progress.status is JobStatus.RUNNING:
+            if crossed and progress.status is JobStatus.RUNNING:  # a boundary passed since the last tick
                 self._checkpoint(job, handle, progress.step, progress.loss)
         if progress.status is JobStatus.FINISHED:
             self._active = None

@@ -212,7 +212,8 @@ def chat_logprobs(tokens: Sequence[int], logprobs: Sequence[TokenLogprob | None]
 
 
 def completion(request_id: str, model: str, output: GenerationOutput, created: int,
-               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+               text: TokenText) -> dict[str, Any]:
+    logprobs = None if output.logprobs is None else completion_logprobs(output.token_ids, output.logprobs, text)
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": output.text or "", "logprobs": logprobs,
                          "finish_reason": finish_reason(output.finish_reason)}],
@@ -226,7 +227,8 @@ def completion_chunk(request_id: str, model: str, created: int, text: str,
 
 
 def chat_completion(request_id: str, model: str, output: GenerationOutput, created: int,
-                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+                    text: TokenText) -> dict[str, Any]:
+    logprobs = None if output.logprobs is None else chat_logprobs(output.token_ids, output.logprobs, text)
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text or ""},
                          "logprobs": logprobs, "finish_reason": finish_reason(output.finish_reason)}],
