@@ -18,7 +18,8 @@ from harli_jax.model.params import PROJECTIONS
 from harli_jax.options import add_option, default_of, given
 from harli_jax.replay.run import main as replay_main
 from harli_jax.replay.trace import synthesize, write_trace
-from harli_jax.runtime.config import RunnerConfig
+from harli_jax.runtime import distributed
+from harli_jax.runtime.config import ParallelConfig, RunnerConfig
 
 
 def _positive_int(text: str) -> int:
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(gen, "--top-p", SamplingParams, "top_p", type=float)
     add_option(gen, "--dtype", RunnerConfig, "dtype", choices=DTYPES)
     add_option(gen, "--seed", SamplingParams, "seed", type=int)
+    add_option(gen, "--tp", ParallelConfig, "tensor_parallel", type=_positive_int)
+    distributed.add_options(gen)
     gen.set_defaults(run=_generate)
 
     ft = commands.add_parser("finetune", help="train a LoRA adapter",
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", help="directory to export the PEFT adapter to")
     add_option(ft, "--dtype", RunnerConfig, "dtype", choices=DTYPES)
     add_option(ft, "--seed", FinetuneJob, "seed", type=int)
+    add_option(ft, "--tp", ParallelConfig, "tensor_parallel", type=_positive_int)
     ft.set_defaults(run=_finetune)
 
     trace = commands.add_parser("trace", help="inference traces").add_subparsers(dest="trace_command",
@@ -114,7 +118,8 @@ def _finetune(args: argparse.Namespace) -> None:
     job = FinetuneJob(lora=LoRAConfig(**given(args, LoRAConfig)), **given(args, FinetuneJob))
     job = dataclasses.replace(job, eval_interval=max(job.total_steps // 4, 1))
     model = load_model(args.model, seed=job.seed, **given(args, RunnerConfig))
-    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=job.seq_len, num_pages=2), warmup=False)
+    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=job.seq_len, num_pages=2,
+                                        **given(args, ParallelConfig)), warmup=False)
     handle = engine.finetune(job)
     print(f"eval loss before training: {handle.evaluate():.4f}", file=sys.stderr)
     every = max(job.total_steps // 20, 1)
@@ -131,6 +136,7 @@ def _finetune(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
+    several = distributed.start(args)  # before JAX computes anything
     sampling = SamplingParams(**given(args, SamplingParams))
     model = load_model(args.model, seed=sampling.seed, **given(args, RunnerConfig))
     print(f"loaded {model.cfg.name} ({model.params.num_parameters() / 1e6:.1f}M parameters, {model.cfg.dtype}) "
@@ -142,17 +148,25 @@ def _generate(args: argparse.Namespace) -> None:
         raise HarliError("the prompt is empty")  # as the engine says of an empty prompt
     prompt_ids = model.tokenizer.encode(args.prompt)
     # One request: one batch slot, a context just long enough, the whole prompt in one chunk.
+    if several and args.adapter:
+        raise HarliError("--adapter: a multi-process engine serves the base model only")
     adapter = load_peft(args.adapter, model.cfg)[0] if args.adapter else None
     config = EngineConfig(max_batch=1, max_seq_len=len(prompt_ids) + sampling.max_tokens,
                           prefill_chunk=max(1, min(len(prompt_ids), 512)), max_loras=int(adapter is not None),
                           max_lora_rank=adapter.rank if adapter else 1,
-                          lora_targets=adapter.targets if adapter else PROJECTIONS)
+                          lora_targets=adapter.targets if adapter else PROJECTIONS, **given(args, ParallelConfig))
     started = time.perf_counter()
     engine = Engine(model, config)
+    if engine.peers is not None and not engine.peers.leader:
+        engine.follow()  # process 0 prints
+        return
     if args.adapter:
         engine.add_adapter(args.adapter, args.adapter)
     compiled = time.perf_counter()
-    output = engine.generate(args.prompt, sampling, adapter=args.adapter)[0]
+    try:
+        output = engine.generate(args.prompt, sampling, adapter=args.adapter)[0]
+    finally:
+        engine.release_followers()
     if output.error:
         raise HarliError(output.error)
     elapsed = time.perf_counter() - compiled

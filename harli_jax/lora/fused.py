@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from harli_jax.lora.trainer import TrainBatch, stash_index, token_loss_sum
+from harli_jax.lora.trainer import TrainBatch, read_hidden, stash_hidden, token_loss_sum
 from harli_jax.model.layers import Rope, attention_out, attention_qkv, dense_attention, mlp_block, rope_tables
 from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_attend
 from harli_jax.model.params import (
@@ -34,6 +35,7 @@ from harli_jax.model.params import (
     slot_onehot,
 )
 from harli_jax.model.sampling import logprobs_of, sample
+from harli_jax.model.sharding import ARENA_SPEC, HEADS_SPEC, TP
 from harli_jax.model.transformer import embed, lm_logits
 
 Array = jax.Array
@@ -54,14 +56,6 @@ def _kv_row(layout: ArenaLayout) -> int:
     return 2 * layout.cfg.num_kv_heads * layout.cfg.head_dim
 
 
-def _stash_hidden(layout: ArenaLayout, arena: Array, stash_pages: Array, slot: int, ids: Array, tokens: int,
-                  x: Array) -> Array:
-    """Writes the hidden states `x [n, D]` of tokens `ids` at layer slot `slot` of the hidden-state region."""
-    pages, slots = stash_index(layout, stash_pages, slot, ids, tokens)
-    view = layout.stash_rows(arena).at[pages, slots].set(x.reshape(-1, layout.stash_row).astype(arena.dtype))
-    return view.reshape(arena.shape)
-
-
 def _kv_index(layout: ArenaLayout, stash_pages: Array, layer: int, ids: Array, tokens: int) -> tuple[Array, Array]:
     per_page = layout.page_elements // _kv_row(layout)
     rows = layer * tokens + ids
@@ -70,30 +64,41 @@ def _kv_index(layout: ArenaLayout, stash_pages: Array, layer: int, ids: Array, t
 
 def _stash_kv(layout: ArenaLayout, arena: Array, stash_pages: Array, layer: int, ids: Array, tokens: int, k: Array,
               v: Array) -> Array:
-    """Writes the K/V `[n, kv_heads, head_dim]` of tokens `ids` of layer `layer` into the K/V region."""
-    pages, slots = _kv_index(layout, stash_pages, layer, ids, tokens)
-    view = arena.reshape(arena.shape[0], -1, _kv_row(layout))
-    kv = jnp.concatenate([k.reshape(len(ids), -1), v.reshape(len(ids), -1)], axis=-1)
-    return view.at[pages, slots].set(kv.astype(arena.dtype)).reshape(arena.shape)
+    """Writes the K/V `[n, kv_heads, head_dim]` of tokens `ids` of layer `layer` into the K/V region (over a
+    mesh each device its own KV heads')."""
+
+    def write(arena, stash_pages, ids, k, v):
+        local = layout.local()
+        pages, slots = _kv_index(local, stash_pages, layer, ids, tokens)
+        view = arena.reshape(arena.shape[0], -1, _kv_row(local))
+        kv = jnp.concatenate([k.reshape(ids.shape[0], -1), v.reshape(ids.shape[0], -1)], axis=-1)
+        return view.at[pages, slots].set(kv.astype(arena.dtype)).reshape(arena.shape)
+
+    return layout.per_device(write, (ARENA_SPEC, P(), P(), HEADS_SPEC, HEADS_SPEC), ARENA_SPEC)(
+        arena, stash_pages, ids, k, v)
 
 
 def _read_kv(layout: ArenaLayout, arena: Array, stash_pages: Array, layer: int, rows: int,
              seq_len: int) -> tuple[Array, Array]:
     """The stashed K and V of layer `layer` for every position of every row: `[rows, seq_len, kv_heads, hd]`."""
-    cfg = layout.cfg
-    ids = jnp.arange(rows * seq_len)
-    pages, slots = _kv_index(layout, stash_pages, layer, ids, rows * seq_len)
-    kv = arena.reshape(arena.shape[0], -1, _kv_row(layout))[pages, slots]
-    kv = kv.reshape(rows, seq_len, 2, cfg.num_kv_heads, cfg.head_dim)
-    return kv[:, :, 0], kv[:, :, 1]
+
+    def read(arena, stash_pages):
+        local = layout.local()
+        ids = jnp.arange(rows * seq_len)
+        pages, slots = _kv_index(local, stash_pages, layer, ids, rows * seq_len)
+        kv = arena.reshape(arena.shape[0], -1, _kv_row(local))[pages, slots]
+        kv = kv.reshape(rows, seq_len, 2, local.cfg.num_kv_heads, local.cfg.head_dim)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    heads = P(None, None, TP, None)
+    return layout.per_device(read, (ARENA_SPEC, P()), (heads, heads))(arena, stash_pages)
 
 
 def read_loss_gradient(layout: ArenaLayout, arena: Array, stash_pages: Array, shape: tuple[int, int, int]) -> Array:
     """The stashed gradient of the loss w.r.t. the last hidden state, `shape = [rows, seq_len, D]`: where the
     backward of a token-chunked micro-batch starts."""
     tokens = shape[0] * shape[1]
-    pages, slots = stash_index(layout, stash_pages, layout.cfg.num_layers, jnp.arange(tokens), tokens)
-    return layout.stash_rows(arena)[pages, slots].reshape(shape)
+    return read_hidden(layout, arena, stash_pages, layout.cfg.num_layers, jnp.arange(tokens), tokens).reshape(shape)
 
 
 def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, batch: TrainBatch,
@@ -136,7 +141,7 @@ def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: A
             served = slot_deltas(serving_lora, index, onehot)
             adapters = mix_adapters([(served, None), (adapters, ~is_served)])
         with jax.named_scope("fused_layer"):
-            arena = _stash_hidden(layout, arena, stash_pages, index, ids, tokens, x[first:])
+            arena = stash_hidden(layout, arena, stash_pages, index, ids, tokens, x[first:])
             q, k, v = attention_qkv(lp, cfg, x, rope, adapters)
             arena = _stash_kv(layout, arena, stash_pages, index, ids, tokens, k[first:], v[first:])
             keys, values = _read_kv(layout, arena, stash_pages, index, rows, seq_len)
@@ -145,7 +150,7 @@ def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: A
                 attn = attn.reshape(rows * chunk, *q.shape[1:])
             if inference is not None:
                 served_attn, arena = paged_attend(q[:first], k[:first], v[:first], arena, index, inference,
-                                                  attention_impl)
+                                                  attention_impl, layout.mesh)
                 attn = jnp.concatenate([served_attn, attn])
             x = mlp_block(lp, cfg, attention_out(lp, cfg, x, attn, adapters), adapters)
     sampled = x[:first][inference.sample_index] if inference is not None else x[:0]
@@ -157,7 +162,7 @@ def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: A
 
     with jax.named_scope("train_loss"):
         (total, (count, served_logits)), g = jax.value_and_grad(head_loss, has_aux=True)(x[first:])
-    arena = _stash_hidden(layout, arena, stash_pages, cfg.num_layers, ids, tokens, g)
+    arena = stash_hidden(layout, arena, stash_pages, cfg.num_layers, ids, tokens, g)
     totals = (totals[0] + total, totals[1] + count)
     if inference is None:
         return arena, totals, None

@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import rope_tables
 from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.params import Adapters, LayerParams, Params, layer_adapters
+from harli_jax.model.sharding import ARENA_SPEC, from_parts, own_part
 from harli_jax.model.transformer import causal_mask, decoder_layer, embed, lm_logits
 
 Array = jax.Array
@@ -141,6 +143,36 @@ def stash_index(layout: ArenaLayout, stash_pages: Array, slot: Array | int, ids:
     return stash_pages[rows // per_page], rows % per_page
 
 
+def stash_hidden(layout: ArenaLayout, arena: Array, stash_pages: Array, slot: Array | int, ids: Array, tokens: int,
+                 x: Array) -> Array:
+    """Writes the hidden states `x [n, D]` of tokens `ids` at layer slot `slot` (`stash_index`); over a mesh
+    each device keeps 1/tp of each one's elements in its part of the arena."""
+
+    def write(arena, stash_pages, slot, ids, x):
+        local = layout.local()
+        pages, slots = stash_index(local, stash_pages, slot, ids, tokens)
+        part = x if layout.mesh is None else own_part(x)
+        rows = local.stash_rows(arena).at[pages, slots].set(part.reshape(-1, local.stash_row).astype(arena.dtype))
+        return rows.reshape(arena.shape)
+
+    return layout.per_device(write, (ARENA_SPEC, P(), P(), P(), P()), ARENA_SPEC)(
+        arena, stash_pages, jnp.asarray(slot, jnp.int32), ids, x)
+
+
+def read_hidden(layout: ArenaLayout, arena: Array, stash_pages: Array, slot: Array | int, ids: Array,
+                tokens: int) -> Array:
+    """The hidden states `[n, D]` that `stash_hidden` wrote for tokens `ids` at layer slot `slot`."""
+
+    def read(arena, stash_pages, slot, ids):
+        local = layout.local()
+        pages, slots = stash_index(local, stash_pages, slot, ids, tokens)
+        part = local.stash_rows(arena)[pages, slots].reshape(ids.shape[0], local.cfg.hidden_size)
+        return part if layout.mesh is None else from_parts(part)
+
+    return layout.per_device(read, (ARENA_SPEC, P(), P(), P()), P())(arena, stash_pages,
+                                                                      jnp.asarray(slot, jnp.int32), ids)
+
+
 def embed_step(params: Params, batch: TrainBatch) -> Array:
     return embed(params, batch.tokens)
 
@@ -154,9 +186,7 @@ def forward_chunk(layers: tuple[LayerParams, ...], layout: ArenaLayout, lora: Ad
     mask, rope = causal_mask(batch.segment_ids), rope_tables(layout.cfg, batch.positions)
     with jax.named_scope("train_forward_chunk"):
         for i, lp in enumerate(layers):
-            pages, slots = stash_index(layout, stash_pages, start + i, ids, tokens)
-            rows = layout.stash_rows(arena)
-            arena = rows.at[pages, slots].set(x.reshape(-1, layout.stash_row)).reshape(arena.shape)
+            arena = stash_hidden(layout, arena, stash_pages, start + i, ids, tokens, x.reshape(tokens, -1))
             x = decoder_layer(lp, layout.cfg, x, rope, mask, layer_adapters(lora, start + i))
     return arena, x
 
@@ -176,15 +206,13 @@ def backward_chunk(layers: tuple[LayerParams, ...], layout: ArenaLayout, lora: A
     """Layers `end - 1` down to `end - len(layers)` (their weights given, in layer order), each recomputed from
     its stash: returns (d loss / d input of the first layer, the micro-batch's LoRA gradients with these layers
     added)."""
-    arena_rows = layout.stash_rows(arena)
     tokens = g.shape[0] * g.shape[1]
     ids = jnp.arange(tokens)
     mask, rope = causal_mask(batch.segment_ids), rope_tables(layout.cfg, batch.positions)
     with jax.named_scope("train_backward_chunk"):
         for i, lp in enumerate(reversed(layers)):
             layer = end - 1 - i
-            pages, slots = stash_index(layout, stash_pages, layer, ids, tokens)
-            x = arena_rows[pages, slots].reshape(g.shape)
+            x = read_hidden(layout, arena, stash_pages, layer, ids, tokens).reshape(g.shape)
 
             def layer_fn(x, adapters, lp=lp):
                 return decoder_layer(lp, layout.cfg, x, rope, mask, adapters)

@@ -21,7 +21,7 @@ from harli_jax.lora.adapters import LoRAConfig
 from harli_jax.options import field_of, help_of
 from harli_jax.runtime.colocation import POLICIES
 from harli_jax.runtime.colocator import token_options
-from harli_jax.runtime.config import CacheConfig, CoLocationConfig, EngineConfig, SchedulerConfig
+from harli_jax.runtime.config import CacheConfig, CoLocationConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from harli_jax.runtime.finetune import FinetuneJob
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +67,7 @@ FIELDS = {"lora_rank": (LoRAConfig, "rank"), "seed": (FinetuneJob, "seed"),
           "micro_batch_rows": (FinetuneJob, "micro_batch_rows"), "seq_len": (FinetuneJob, "seq_len"),
           "fused_tokens": (CoLocationConfig, "fused_tokens"), "fused_layers": (CoLocationConfig, "fused_layers"),
           "slo_margin": (CoLocationConfig, "slo_margin"),
-          "batch_buckets": (SchedulerConfig, "batch_buckets")}
+          "batch_buckets": (SchedulerConfig, "batch_buckets"), "tp": (ParallelConfig, "tensor_parallel")}
 # Options that are lists of positive integers: comma-separated on the command line, a list (or that text) in YAML.
 LISTS = ("fused_tokens", "fused_layers", "batch_buckets")
 # Numeric options: their type and the least value they may take (positive: > 0).
@@ -76,7 +76,8 @@ NUMBERS: dict[str, tuple[type, str]] = {
     "max_requests": (int, "positive"), "finetune_steps": (int, "positive"), "prefill_interval": (int, "positive"),
     "prefill_chunk": (int, "positive"), "slo_margin": (float, "non-negative"), "sweep_requests": (int, "non-negative"),
     "lora_rank": (int, "positive"), "seed": (int, "non-negative"), "max_batch": (int, "positive"),
-    "max_seq_len": (int, "positive"), "micro_batch_rows": (int, "positive"), "seq_len": (int, "positive")}
+    "max_seq_len": (int, "positive"), "micro_batch_rows": (int, "positive"), "seq_len": (int, "positive"),
+    "tp": (int, "positive")}
 SLO_OPTIONS = ("tpot_slo", "tbt_slo", "ttft_slo")
 
 

@@ -229,7 +229,7 @@ def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | No
               if options.get(name)}
     return EngineConfig(**{"max_batch": options["max_batch"], "max_seq_len": options["max_seq_len"],
                            "prefill_chunk": options["prefill_chunk"], "slo_margin": options["slo_margin"],
-                           "policy": policy,
+                           "policy": policy, "tensor_parallel": options["tp"],
                            "calibration_dir": str(out / "calibration"), **shapes, **limits, **colocation})
 
 

@@ -10,7 +10,7 @@ padding of every block table.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, TypeVar
 
 import jax
@@ -166,7 +166,7 @@ class Arena:
     def __init__(self, layout: ArenaLayout, num_pages: int, max_pages_per_seq: int):
         self.layout = layout
         self.table = PageTable(num_pages, layout.page_tokens, max_pages_per_seq)
-        self.buffer = layout.zeros(num_pages)
+        self.buffer = layout.zeros(num_pages)  # over a tensor-parallel mesh: split by KV heads
 
     def update(self, program: Callable[[jax.Array], tuple[jax.Array, T]]) -> T:
         """Runs `program(buffer) -> (buffer, out)`, keeps the buffer it returns (the old one may be donated) and
@@ -176,11 +176,15 @@ class Arena:
 
 
 def pages_from_memory(layout: ArenaLayout, memory_fraction: float, weight_bytes: int, workspace_bytes: int,
-                      device: jax.Device) -> int:
-    """Pages that fit in `memory_fraction` of the device's memory limit after weights and step workspace."""
-    stats = device.memory_stats() or {}
-    limit = stats.get("bytes_limit")
-    if not limit:
-        raise ValueError(f"{device} reports no memory limit; set EngineConfig.cache.num_pages")
-    available = int(limit * memory_fraction) - weight_bytes - workspace_bytes
-    return max(available // layout.page_bytes, 0)
+                      devices: Sequence[jax.Device], tensor_parallel: int = 1) -> int:
+    """Pages that fit in `memory_fraction` of the smallest memory limit of `devices` after the weights and step
+    workspace each device holds (`weight_bytes`, `workspace_bytes`: per device); each holds 1/`tensor_parallel`
+    of every page."""
+    limits = []
+    for device in devices:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+        if not limit:
+            raise ValueError(f"{device} reports no memory limit; set EngineConfig.cache.num_pages")
+        limits.append(limit)
+    available = int(min(limits) * memory_fraction) - weight_bytes - workspace_bytes
+    return max(available * tensor_parallel // layout.page_bytes, 0)

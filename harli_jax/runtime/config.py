@@ -198,8 +198,21 @@ class PredictorConfig:
             raise ConfigError(f"PredictorConfig.quantile must be in [0.5, 1), got {self.quantile}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """The devices one engine runs over."""
+
+    tensor_parallel: int = option(1, "devices the weights, the arena and every step program are split over "
+                                     "(Megatron-style tensor parallelism); it must divide the KV heads, the "
+                                     "attention heads, the intermediate size and the device count")
+
+    def __post_init__(self):
+        _positive_ints(self, "tensor_parallel")
+
+
 GROUPS: dict[str, type] = {"cache": CacheConfig, "scheduler": SchedulerConfig, "runner": RunnerConfig,
-                           "adapters": AdapterConfig, "colocation": CoLocationConfig, "predictor": PredictorConfig}
+                           "adapters": AdapterConfig, "colocation": CoLocationConfig, "predictor": PredictorConfig,
+                           "parallel": ParallelConfig}
 RENAMED = {"predictor_quantile": "quantile"}  # flat names of the first EngineConfig whose group field differs
 
 
@@ -225,6 +238,7 @@ class EngineConfig:
     adapters: AdapterConfig
     colocation: CoLocationConfig
     predictor: PredictorConfig
+    parallel: ParallelConfig
 
     def __init__(self, **fields: Any):
         groups: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}

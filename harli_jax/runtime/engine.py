@@ -27,10 +27,12 @@ from harli_jax.logs import show_progress
 from harli_jax.lora.adapters import load_peft, slot_weights
 from harli_jax.model.loader import LoadedModel, load_model
 from harli_jax.model.paged import ArenaLayout
+from harli_jax.model.sharding import device_bytes, shard_params, tp_mesh
 from harli_jax.runtime.adapters import AdapterCatalog, ServedAdapter, SlotTable
 from harli_jax.runtime.arena import Arena, pages_from_memory
 from harli_jax.runtime.colocator import CoLocator
 from harli_jax.runtime.config import EngineConfig
+from harli_jax.runtime.distributed import Peers
 from harli_jax.runtime.finetune import FinetuneJob, JobHandle
 from harli_jax.runtime.job import FinetuneRunner
 from harli_jax.runtime.metrics import IdleTraining, StepLog, StepRecord
@@ -63,12 +65,17 @@ class Engine:
             cfg = cfg.replace(dtype=dtype)
             params = jax.tree.map(lambda x: x.astype(dtype), params)
         self.cfg, self.config, self.tokenizer = cfg, config, model.tokenizer
+        self.mesh = tp_mesh(cfg, config.parallel.tensor_parallel)  # None: one device
+        self.peers = Peers() if jax.process_count() > 1 else None  # the other processes of a multi-process engine
+        if self.peers is not None and config.adapters.max_loras:
+            raise ConfigError("a multi-process engine serves the base model only: set max_loras to 0")
+        params = shard_params(cfg, params, self.mesh)
         self.seq_len = cache.seq_len(cfg)
-        layout = ArenaLayout(cfg, cache.page_tokens)
+        layout = ArenaLayout(cfg, cache.page_tokens, self.mesh)
         num_pages = self._num_pages(layout, params)
         self.arena = Arena(layout, num_pages, cache.max_pages_per_seq(cfg))
         self.adapters = AdapterCatalog()
-        self.runner = ModelRunner(cfg, params, config, self.arena, self.adapters)
+        self.runner = ModelRunner(cfg, params, config, self.arena, self.adapters, self.peers)
         self.inputs = InputProcessor(cfg, model.tokenizer, self.seq_len, cache.page_tokens, self.arena.table.capacity,
                                      config.runner.max_logprobs)
         slots = SlotTable(config.adapters.max_loras) if config.adapters.max_loras else None
@@ -84,10 +91,11 @@ class Engine:
         self._live: set[str] = set()  # ids submitted and not yet finished
         self._lock = threading.Lock()  # guards _messages and _live
         self._ids = itertools.count()
-        log.info("engine: %s, %d arena pages of %d tokens, max batch %d, prefill chunk %d, context %d",
-                 cfg.name, num_pages, cache.page_tokens, scheduler.max_batch, scheduler.prefill_chunk, self.seq_len)
-        if warmup:
-            self.runner.warmup()
+        log.info("engine: %s, %d arena pages of %d tokens, max batch %d, prefill chunk %d, context %d%s",
+                 cfg.name, num_pages, cache.page_tokens, scheduler.max_batch, scheduler.prefill_chunk, self.seq_len,
+                 "" if self.mesh is None else f", tensor parallel over {self.mesh.size} devices")
+        if warmup and (self.peers is None or self.peers.leader):
+            self.runner.warmup()  # process 0's warm-up runs are announced: the others run them in `follow`
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **kwargs) -> Engine:
@@ -105,16 +113,17 @@ class Engine:
         config, cache = self.config, self.config.cache
         if cache.num_pages is not None:
             return cache.num_pages
-        device = jax.devices()[0]
-        if device.platform == "cpu":
+        devices = jax.devices()[:config.parallel.tensor_parallel]
+        if devices[0].platform == "cpu":
             per_page = layout.page_bytes
             # Room for every slot at full context twice over (the trainer leases the rest), within the budget.
             enough = 2 * config.scheduler.max_batch * cache.max_pages_per_seq(self.cfg) + 1
             return max(2, min(cache.cpu_arena_mb * 2**20 // per_page, enough))
-        weights = sum(x.nbytes for x in jax.tree.leaves(params))
+        weights = sum(device_bytes(x) for x in jax.tree.leaves(params))  # on one device
         probe = ModelRunner(self.cfg, params, config, Arena(layout, 2, cache.max_pages_per_seq(self.cfg)))
-        workspace = probe.compile(probe.buckets[-1]).memory_analysis().temp_size_in_bytes
-        return pages_from_memory(layout, cache.memory_fraction, weights, workspace, device)
+        workspace = probe.compile(probe.buckets[-1]).memory_analysis().temp_size_in_bytes  # per device
+        local = [d for d in devices if d.process_index == jax.process_index()]
+        return pages_from_memory(layout, cache.memory_fraction, weights, workspace, local, len(devices))
 
     # Co-location, finetuning and adapters --------------------------------------------------------------------
 
@@ -153,6 +162,8 @@ class Engine:
     def finetune(self, job: FinetuneJob) -> JobHandle:
         """Registers a LoRA finetune job over this engine's weights and arena; returns its handle at once.
         The job trains whenever the engine steps without inference work (`handle.wait()` drives it)."""
+        if self.peers is not None:
+            raise ConfigError("finetune jobs run on a single-process engine (tensor parallel over its devices)")
         current = self.colocation.job
         if current is not None and not JobHandle(current, self).done():
             raise HarliError(f"job {current.job.name!r} is still registered; stop it first")
@@ -198,6 +209,8 @@ class Engine:
         if not isinstance(request, Request):
             request = Request(prompt=request, sampling=sampling or SamplingParams())
         prefilled_kv = prefilled_kv if prefilled_kv is not None else request.prefilled_kv
+        if prefilled_kv is not None and self.peers is not None:
+            raise RequestError("a multi-process engine does not import prefilled K/V")
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         with self._lock:
             request_id = request.request_id or f"req-{next(self._ids)}"
@@ -225,9 +238,24 @@ class Engine:
 
     # The engine thread ---------------------------------------------------------------------------------------
 
+    def follow(self) -> None:
+        """On a process other than 0 of a multi-process engine: runs every step that process 0 announces, until it
+        calls `release_followers`."""
+        if self.peers is None or self.peers.leader:
+            raise HarliError("follow() runs on the processes other than 0 of a multi-process engine")
+        self.runner.follow()
+
+    def release_followers(self) -> None:
+        """On process 0 of a multi-process engine: tells the other processes that no more steps come (their
+        `follow` returns); nothing on a single process."""
+        if self.peers is not None and self.peers.leader:
+            self.peers.release()
+
     def export_kv(self, request_id: str) -> PrefilledKV:
         """The K/V of a running request's prompt and its first token, for a decode engine to import. Call it
         between steps, on the engine thread."""
+        if self.peers is not None:
+            raise RequestError("a multi-process engine does not export K/V")
         state = self.scheduler.get(request_id)
         if state is None:
             raise RequestError(f"unknown request id {request_id!r}")

@@ -24,6 +24,7 @@ from harli_jax.lora.adapters import export_peft, init_lora
 from harli_jax.lora.checkpoint import TrainCheckpointer
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.params import Params
+from harli_jax.model.sharding import mesh_of, on_mesh, shard_adapters
 from harli_jax.model.tokenizer import Tokenizer
 from harli_jax.runtime.arena import Arena
 from harli_jax.runtime.finetune import FinetuneJob, JobProgress, JobStatus
@@ -67,7 +68,9 @@ class FinetuneRunner:
         self.optimizer = trainer.OptimizerConfig(learning_rate=job.learning_rate, warmup_steps=job.warmup_steps,
                                                  total_steps=total, weight_decay=job.weight_decay,
                                                  max_grad_norm=job.max_grad_norm)
-        self.state = trainer.init_state(init_lora(cfg, job.lora, seed=job.seed), trainer.make_optimizer(self.optimizer))
+        mesh = mesh_of(params)
+        lora = shard_adapters(init_lora(cfg, job.lora, seed=job.seed), mesh)  # split as its base projections
+        self.state = on_mesh(trainer.init_state(lora, trainer.make_optimizer(self.optimizer)), mesh)
 
         self.status, self.reason = JobStatus.RUNNING, None
         self.step = 0

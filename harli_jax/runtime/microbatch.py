@@ -204,8 +204,8 @@ class MicroBatchExecutor:
         job, cfg = self.job, self.job.cfg
         rows, seq_len = job.job.micro_batch_rows, job.job.seq_len
 
-        def like(tree):
-            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+        def like(tree):  # on the devices the arrays lie on
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
 
         i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
         batch = trainer.TrainBatch(*(jax.ShapeDtypeStruct((rows, seq_len), dtype) for dtype in (

@@ -17,6 +17,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from harli_jax.logs import StatusLine
 from harli_jax.lora.adapters import empty_slots, write_slot
@@ -26,9 +28,11 @@ from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import TokenBatch, paged_step, read_pages, write_pages
 from harli_jax.model.params import LoRASlots, Params
 from harli_jax.model.sampling import Logprobs, SamplingRows
+from harli_jax.model.sharding import mesh_of, place, shard_slots, whole
 from harli_jax.runtime.adapters import AdapterCatalog
 from harli_jax.runtime.arena import Arena
 from harli_jax.runtime.config import EngineConfig
+from harli_jax.runtime.distributed import Peers
 from harli_jax.runtime.microbatch import FusedCall
 from harli_jax.runtime.scheduler import SeqWork, StepPlan
 
@@ -156,36 +160,37 @@ def _padded(next_tokens, previous):
     return jnp.zeros_like(previous).at[: next_tokens.shape[0]].set(next_tokens)
 
 
-def _step(params, cfg, arena, inputs, previous, layout, attention_impl, lora):
+def _step(params, cfg, arena, inputs, previous, layout, attention_impl, mesh, lora):
     """The step over the batch packed in `inputs`; returns (arena, next tokens padded to `previous`'s size, their
     Logprobs or None)."""
     arena, next_tokens, *logprobs = paged_step(params, cfg, arena, _inference_batch(inputs, previous, layout),
-                                               attention_impl=attention_impl, lora=lora, logprobs=layout.logprobs)
-    return arena, _padded(next_tokens, previous), (logprobs or [None])[0]
+                                               attention_impl=attention_impl, lora=lora, logprobs=layout.logprobs,
+                                               mesh=mesh)
+    return arena, *whole((_padded(next_tokens, previous), (logprobs or [None])[0]), mesh)
 
 
-def _fused_tokens_step(params, cfg, arena, inputs, previous, layout, attention_impl, lora, stash, train_lora, batch,
-                       stash_pages, start, totals, chunk):
+def _fused_tokens_step(params, cfg, arena, inputs, previous, layout, attention_impl, mesh, lora, stash, train_lora,
+                       batch, stash_pages, start, totals, chunk):
     """The step with a micro-batch's token chunk of `chunk` positions in its program (`lora.fused`); returns
     (arena, next tokens, their Logprobs or None, the micro-batch's loss totals)."""
     arena, totals, next_tokens, *logprobs = forward_tokens(
         params, stash, train_lora, arena, batch, stash_pages, start, totals, chunk=chunk,
         inference=_inference_batch(inputs, previous, layout), serving_lora=lora, attention_impl=attention_impl,
         logprobs=layout.logprobs)
-    return arena, _padded(next_tokens, previous), (logprobs or [None])[0], totals
+    return arena, *whole((_padded(next_tokens, previous), (logprobs or [None])[0]), mesh), totals
 
 
-def _fused_backward_step(params, cfg, arena, inputs, previous, layout, attention_impl, lora, stash, train_lora,
-                         layers, g, grads, batch, stash_pages, end):
+def _fused_backward_step(params, cfg, arena, inputs, previous, layout, attention_impl, mesh, lora, stash,
+                         train_lora, layers, g, grads, batch, stash_pages, end):
     """The step, then a backward slice over `layers` (ending at layer `end`) of a micro-batch in the same
     program; returns (arena, next tokens, their Logprobs or None, (gradient w.r.t. the slice's input, LoRA
     gradients))."""
-    arena, next_tokens, logprobs = _step(params, cfg, arena, inputs, previous, layout, attention_impl, lora)
+    arena, next_tokens, logprobs = _step(params, cfg, arena, inputs, previous, layout, attention_impl, mesh, lora)
     return arena, next_tokens, logprobs, backward_chunk(layers, stash, train_lora, arena, g, grads, batch,
                                                         stash_pages, end)
 
 
-_STATIC = ("cfg", "layout", "attention_impl")
+_STATIC = ("cfg", "layout", "attention_impl", "mesh")
 _step_jit = jax.jit(_step, static_argnames=_STATIC, donate_argnames=("arena",))
 _fused_jit = {"tokens": jax.jit(_fused_tokens_step, static_argnames=(*_STATIC, "stash", "chunk"),
                                 donate_argnames=("arena",)),
@@ -213,7 +218,7 @@ class ModelRunner:
     """Runs plans: one compiled program per bucket over the engine's weights and arena."""
 
     def __init__(self, cfg: ModelConfig, params: Params, engine_cfg: EngineConfig, arena: Arena,
-                 adapters: AdapterCatalog | None = None):
+                 adapters: AdapterCatalog | None = None, peers: Peers | None = None):
         use_compile_cache(engine_cfg.runner.compile_cache_dir)
         self.cfg = cfg
         self.params = params
@@ -235,12 +240,19 @@ class ModelRunner:
         served = engine_cfg.adapters
         # The resident adapter slots every step program takes (None: the base model only), and the adapter each
         # slot holds now: a slot is written before the first step whose tokens use it with another adapter.
-        self.lora: LoRASlots | None = (empty_slots(cfg, served.max_loras, served.max_lora_rank, served.lora_targets)
-                                       if served.max_loras else None)
+        self.mesh = mesh_of(params)  # the tensor-parallel mesh the weights lie on (None: one device)
+        self.lora: LoRASlots | None = shard_slots(
+            empty_slots(cfg, served.max_loras, served.max_lora_rank, served.lora_targets)
+            if served.max_loras else None, self.mesh)
         self.adapters = adapters
         self.logprobs = engine_cfg.runner.max_logprobs  # top logprobs every step program gives (None: none)
         self._slot_holds: dict[int, str] = {}
-        self._no_previous = jnp.zeros(self.batch_buckets[-1], jnp.int32)  # for a step whose tokens are all known
+        self.peers = peers  # the other processes of a multi-process engine, told of every step program run
+        self._last_tokens: jax.Array | None = None  # the next tokens of the last step run
+        # Host inputs are whole on every device (under jax.distributed every process passes the same ones).
+        self._host_inputs = None if self.mesh is None else NamedSharding(self.mesh, P())
+        no_previous = np.zeros(self.batch_buckets[-1], np.int32)  # for a step whose tokens are all known
+        self._no_previous = jnp.asarray(no_previous) if self.mesh is None else place(no_previous, self._host_inputs)
 
     def _write_slots(self, work: Sequence[SeqWork]) -> None:
         """Writes the resident slots the step's sequences use whose weights are another adapter's."""
@@ -267,18 +279,18 @@ class ModelRunner:
 
     def compile(self, bucket: Bucket) -> jax.stages.Compiled:
         layout = self.layout(bucket)
-        inputs = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
+        inputs = jax.ShapeDtypeStruct((layout.size,), jnp.int32, sharding=self._host_inputs)
         return _step_jit.lower(self.params, self.cfg, self.arena.buffer, inputs, self._no_previous, layout,
-                               self.settings.attention_impl, self.lora).compile()
+                               self.settings.attention_impl, self.mesh, self.lora).compile()
 
     def compile_fused(self, bucket: Bucket, kind: str, size: int, args: tuple) -> jax.stages.Compiled:
         """The program of `bucket` with a finetune token chunk (`kind` "tokens", `size` positions) or backward
         slice ("backward", `size` layers) fused in, for training arguments shaped like `args`."""
         layout = self.layout(bucket)
-        inputs = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
+        inputs = jax.ShapeDtypeStruct((layout.size,), jnp.int32, sharding=self._host_inputs)
         sizes = {"chunk": size} if kind == "tokens" else {}
         return _fused_jit[kind].lower(self.params, self.cfg, self.arena.buffer, inputs, self._no_previous, layout,
-                                      self.settings.attention_impl, self.lora, self.arena.layout, *args,
+                                      self.settings.attention_impl, self.mesh, self.lora, self.arena.layout, *args,
                                       **sizes).compile()
 
     def prepare_fused(self, shapes: dict[tuple[str, int], tuple]) -> None:
@@ -371,15 +383,14 @@ class ModelRunner:
             mapped = sources >= 0
             views["token_source"][views["query_start"][rows[mapped]]] = previous.rows[sources[mapped]]
         pack_time = time.perf_counter() - packing
-        last = previous.next_tokens if previous is not None else self._no_previous
         if fused is None:
-            program = self.program(bucket)
-            next_tokens, logprobs = self.arena.update(lambda buffer: _split_arena(
-                program(self.params, buffer, inputs, last, self.lora)))
+            next_tokens, logprobs = self._run_step(bucket, inputs, previous.next_tokens if previous else None)
             return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched, logprobs=logprobs)
+        last = previous.next_tokens if previous is not None else self._no_previous
         program = self._fused[(bucket, fused.kind, fused.size)]
+        args = self._fused_args(program, fused.args)
         next_tokens, logprobs, out = self.arena.update(lambda buffer: _split_arena(
-            program(self.params, buffer, inputs, last, self.lora, *fused.args)))
+            program(self.params, buffer, inputs, last, self.lora, *args)))
         return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched, fused, out, logprobs)
 
     @staticmethod
@@ -428,20 +439,47 @@ class ModelRunner:
         owns), so no cache is changed. With scratch page 0 nothing is written and the attention sees empty
         sequences. Returns (attended context, seconds)."""
         inputs, context = self._synthetic_inputs(bucket, seed, scratch_page)
-        program = self.program(bucket)
+        self.program(bucket)  # compiled before the clock starts
         started = time.perf_counter()
-        np.asarray(self.arena.update(lambda buffer: _split_arena(
-            program(self.params, buffer, inputs, self._no_previous, self.lora)))[0])
+        np.asarray(self._run_step(bucket, inputs, None)[0])
         return context, time.perf_counter() - started
+
+    def _fused_args(self, program: jax.stages.Compiled, args: tuple) -> tuple:
+        """A fused call's training arguments laid out over the mesh as its compiled program takes them (moved only
+        where an array lies otherwise, e.g. a micro-step's output that XLA split another way)."""
+        if self.mesh is None:
+            return args
+        return jax.device_put(args, program.input_shardings[0][5:])  # after params, arena, inputs, previous, lora
+
+    def _run_step(self, bucket: Bucket, inputs: np.ndarray, previous: jax.Array | None) -> tuple:
+        """Runs `bucket`'s program on the packed `inputs` (its input tokens at `token_source` from `previous`, the
+        last step's next tokens) over the arena, announced first to the other processes if this is process 0 of
+        several; returns (next tokens, their Logprobs or None)."""
+        if self.peers is not None and self.peers.leader:
+            if previous is not None and previous is not self._last_tokens:
+                raise RuntimeError("a multi-process step can take tokens from the last step only")
+            self.peers.announce((bucket.seqs, bucket.tokens, bucket.pages), previous is not None, inputs)
+        program = self.program(bucket)
+        last = self._no_previous if previous is None else previous
+        out = self.arena.update(lambda buffer: _split_arena(program(self.params, buffer, inputs, last, self.lora)))
+        self._last_tokens = out[0]
+        return out
+
+    def follow(self) -> None:
+        """Runs the step programs that process 0 announces, in its order, until it releases the others (on a
+        process other than 0)."""
+        while (call := self.peers.receive()) is not None:
+            self._run_step(Bucket(*call.shape), call.inputs, self._last_tokens if call.takes_previous else None)
 
     def time_fused(self, bucket: Bucket, fused: FusedCall, seed: int = 0,
                    scratch_page: int = 0) -> tuple[int, float, tuple]:
         """`time_synthetic` of `bucket`'s program with `fused` in it; also returns the finetune part's results."""
         inputs, context = self._synthetic_inputs(bucket, seed, scratch_page)
         program = self._fused[(bucket, fused.kind, fused.size)]
+        args = self._fused_args(program, fused.args)
         started = time.perf_counter()
         next_tokens, _, out = self.arena.update(lambda buffer: _split_arena(
-            program(self.params, buffer, inputs, self._no_previous, self.lora, *fused.args)))
+            program(self.params, buffer, inputs, self._no_previous, self.lora, *args)))
         jax.block_until_ready((next_tokens, out))
         return context, time.perf_counter() - started, out
 

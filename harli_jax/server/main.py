@@ -27,6 +27,7 @@ from harli_jax.errors import HarliError
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
 from harli_jax.replay.options import parse_slo
+from harli_jax.runtime import distributed
 from harli_jax.runtime.colocation import POLICIES
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.engine import Engine
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-rank", type=int, default=8, help="LoRA rank of fine-tuning jobs (default 8)")
     p.add_argument("--checkpoint-steps", type=int, default=25, help="optimizer steps between a job's servable "
                                                                     "checkpoints (default 25)")
+    p.add_argument("--tp", type=int, help="tensor parallel: devices the weights, the arena and every step are "
+                                          "split over (default 1)")
+    distributed.add_options(p)
     return p
 
 
@@ -94,6 +98,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     flags = {name: getattr(args, name) for name in ("max_batch", "max_seq_len", "prefill_chunk", "dtype",
                                                     "max_loras", "max_lora_rank", "max_logprobs")
              if getattr(args, name) is not None}
+    if args.tp is not None:
+        flags["tensor_parallel"] = args.tp
     flags["policy"] = args.policy
     flags["max_logprobs"] = args.max_logprobs or None
     if args.engine_config:
@@ -106,7 +112,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not Path(args.model).exists():
         raise HarliError(f"--model not found: {args.model}")
     for name in ("max_batch", "max_seq_len", "prefill_chunk", "default_max_tokens", "max_lora_rank",
-                 "finetune_seq_len", "finetune_rank", "checkpoint_steps"):
+                 "finetune_seq_len", "finetune_rank", "checkpoint_steps", "tp"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise HarliError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -148,11 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         check_args(args)
+        several = distributed.start(args)  # before JAX computes anything
+        if several and args.state_dir is not None:
+            raise HarliError("--state-dir: fine-tuning jobs run on a single-process server")
         config = engine_config(args)
         model = load_model(args.model, dtype=config.runner.dtype, seed=args.seed)
         name = args.served_model_name or model.cfg.name
         print(f"harli serve: {name}, compiling the step programs...", file=sys.stderr, flush=True)
         engine = Engine(model, config)
+        if engine.peers is not None and not engine.peers.leader:
+            engine.follow()  # process 0 serves; this one runs its steps until it stops
+            return 0
         slo = parse_slo(args.tpot_slo, "tpot-slo")
         solo = engine.time_decode_step(config.scheduler.max_batch) if slo.unit == "x" else 0.0
         engine.set_tpot_slo(slo.seconds(solo) * 1e3)
@@ -175,5 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     threading.Thread(target=_announce, args=(server, args.host), daemon=True).start()
     server.run()  # until SIGINT/SIGTERM: uvicorn stops listening and waits for the open streams
     loop.stop(drain_s=args.drain_timeout)
+    engine.release_followers()
     print("harli serve: stopped", file=sys.stderr, flush=True)
     return 0 if loop.failure is None else 1

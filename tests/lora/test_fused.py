@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
 from conftest import SEQ, assert_tree_close, resident_slots, train_batch
 from harli_jax.lora.adapters import LoRAConfig, init_lora
@@ -14,10 +15,11 @@ from harli_jax.model import ModelConfig, init_params
 from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_step
 from harli_jax.model.params import LoRAPair
 from harli_jax.model.sampling import SamplingRows
+from harli_jax.model.sharding import ARENA_SPEC
 
 FORWARD = jax.jit(forward_tokens, static_argnames=("layout", "chunk", "attention_impl"))
 BACKWARD = jax.jit(backward_chunk, static_argnames=("layout",))
-STEP = jax.jit(paged_step, static_argnames=("cfg", "attention_impl"))
+STEP = jax.jit(paged_step, static_argnames=("cfg", "attention_impl", "mesh"))
 PAGE_TOKENS, NUM_PAGES = 8, 48
 OPTIMIZER = OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10, weight_decay=0.0, max_grad_norm=1.0)
 
@@ -54,11 +56,14 @@ def _decode_batch(cfg, seqs=3, pages_each=2):
                                             counter=jnp.zeros(seqs, i32)))
 
 
-def _fused_micro_batch(cfg, params, lora, serving, batch, chunk, layers, with_inference):
+def _fused_micro_batch(cfg, params, lora, serving, batch, chunk, layers, with_inference, mesh=None):
     """Token chunks of `chunk` positions (each inside a decode step when `with_inference`), then backward slices
-    of `layers` layers; returns (loss sum, tokens, gradients, [(fused next tokens, unfused next tokens)])."""
-    layout = ArenaLayout(cfg, PAGE_TOKENS)
+    of `layers` layers; returns (loss sum, tokens, gradients, [(fused next tokens, unfused next tokens)]). With a
+    tensor-parallel `mesh` (the weights and adapters placed on it by the caller) the arena is split over it."""
+    layout = ArenaLayout(cfg, PAGE_TOKENS, mesh)
     arena = jax.random.normal(jax.random.key(0), layout.shape(NUM_PAGES), jnp.float32).astype(cfg.dtype)
+    if mesh is not None:
+        arena = jax.device_put(arena, NamedSharding(mesh, ARENA_SPEC))
     rows, seq_len = batch.tokens.shape
     need = token_stash_pages(layout, rows * seq_len)
     stash = jnp.asarray(np.random.default_rng(0).permutation(np.arange(7, NUM_PAGES))[:need], jnp.int32)
@@ -66,7 +71,7 @@ def _fused_micro_batch(cfg, params, lora, serving, batch, chunk, layers, with_in
     totals, served = (jnp.float32(0), jnp.float32(0)), []
     for start in range(0, seq_len, chunk):
         if with_inference:
-            _, alone = STEP(params, cfg, arena, decode, attention_impl="reference", lora=serving)
+            _, alone = STEP(params, cfg, arena, decode, attention_impl="reference", lora=serving, mesh=mesh)
             arena, totals, fused = FORWARD(params, layout, lora, arena, batch, stash, jnp.int32(start), totals,
                                            chunk=chunk, inference=decode, serving_lora=serving,
                                            attention_impl="reference")

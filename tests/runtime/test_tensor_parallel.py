@@ -1,0 +1,159 @@
+"""Tensor parallelism on emulated CPU devices (a subprocess each: the device count is fixed before JAX is
+imported), against one device: greedy tokens, bytes per device, micro-step gradients, checkpoints across degrees;
+two processes against one; a lost process."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+WORKER = REPO / "tests" / "runtime" / "tp_worker.py"
+# tiny.yaml with 4 KV heads (it has 2): degrees 1, 2 and 4 divide it.
+FOUR_KV_HEADS = (REPO / "configs" / "models" / "tiny.yaml").read_text().replace("num_kv_heads: 2", "num_kv_heads: 4")
+
+
+def _worker(*args) -> dict:
+    out = subprocess.run([sys.executable, str(WORKER), "4", *map(str, args)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def four_kv_heads(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tp") / "tiny4.yaml"
+    path.write_text(FOUR_KV_HEADS)
+    return path
+
+
+@pytest.mark.parametrize("variant, degrees", [("llama-mha", (1, 2, 4)), ("llama-gqa2", (1, 2)),
+                                              ("qwen2-tied", (1, 2))])
+def test_greedy_tokens_and_bytes_per_device(hf_checkpoint, variant, degrees):
+    """Llama with 4 and 2 KV heads, Qwen2 with q/k/v biases and a tied embedding: the same greedy tokens at every
+    degree (a batch with prefill and decode), and each device holds 1/N of the arena and of the split weights."""
+    _, path = hf_checkpoint(variant)
+    runs = _worker("tokens", path, ",".join(map(str, degrees)))
+    for tp in degrees:
+        run = runs[str(tp)]
+        assert run["tokens"] == runs["1"]["tokens"], tp
+        device, total = run["arena"]
+        assert device * tp == total
+        device, total = run["split_weights"]
+        assert device * tp == total and (total > 0) == (tp > 1)
+        if tp > 1:
+            assert run["arena_after_steps_split"]
+            assert all(name.endswith("norm") for name in run["whole"]), run["whole"]  # only the norms are whole
+            whole = run["all_weights"][1] - total
+            assert run["all_weights"][0] == device + whole
+
+
+def test_micro_step_gradients_match_one_device(four_kv_heads):
+    runs = _worker("grads", four_kv_heads, "1,2,4")
+    assert runs["1"].pop("arena split axes") == []
+    assert len(runs["1"]) == 7  # every projection adapted
+    for tp in ("2", "4"):
+        assert runs[tp].pop("arena split axes") == [3]  # the stash kept the arena split by KV heads
+        for name, (_, _, split) in runs[tp].items():
+            # The adapter is split as its projection: A `[layers, in, rank]` by rows for o/down, else B
+            # `[layers, rank, out]` by columns.
+            assert split == ([[1], []] if name in ("o_proj", "down_proj") else [[], [2]]), name
+        for name, (a, b, _) in runs[tp].items():
+            for got, want in ((a, runs["1"][name][0]), (b, runs["1"][name][1])):
+                want = np.asarray(want)
+                assert np.abs(want).max() > 0, name
+                assert np.abs(np.asarray(got) - want).max() <= 1e-5 * np.abs(want).max(), (tp, name)
+
+
+def test_fused_steps_match_one_device(four_kv_heads):
+    """A micro-batch in token chunks fused into decode steps (with two served adapters), then backward slices:
+    the same loss, LoRA gradients and served tokens at every degree (tests/lora/test_fused.py's run)."""
+    runs = _worker("fused", four_kv_heads, "1,2,4")
+    for tp in ("2", "4"):
+        run = runs[tp]
+        assert run["tokens"] == runs["1"]["tokens"] > 0
+        np.testing.assert_allclose(run["loss"], runs["1"]["loss"], rtol=1e-5)
+        assert run["served"] == runs["1"]["served"]
+        assert all(fused == alone for fused, alone in run["served"])  # the step it rode in is unchanged
+        for name, pair in run["grads"].items():
+            for got, want in zip(pair, runs["1"]["grads"][name], strict=True):
+                want = np.asarray(want)
+                assert np.abs(np.asarray(got) - want).max() <= 1e-5 * np.abs(want).max(), (tp, name)
+
+
+def test_a_checkpoint_written_at_tp2_resumes_at_tp1_and_tp4(four_kv_heads, tmp_path):
+    straight = _worker("resume", four_kv_heads, tmp_path / "straight", 2, 4)
+    first = _worker("resume", four_kv_heads, tmp_path / "tp2", 2, 2)
+    assert first["step"] == 2
+    for tp in (1, 4):
+        shutil.copytree(tmp_path / "tp2", tmp_path / f"from-tp2-at-{tp}")
+        resumed = _worker("resume", four_kv_heads, tmp_path / f"from-tp2-at-{tp}", tp, 4)
+        assert resumed["start"] == 2 and resumed["step"] == 4
+        np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-5)
+
+
+def _harli(*args, devices: int, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                                      f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.Popen([sys.executable, "-m", "harli_jax.cli", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ids(stderr: str) -> str:
+    return next(line for line in stderr.splitlines() if "ids: [" in line).split("ids: ")[1]
+
+
+def _text(stdout: str) -> str:
+    """stdout without the lines the Gloo library (XLA:CPU's collectives) prints there as processes connect."""
+    return "".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+
+
+def test_two_processes_of_two_devices_equal_one_of_four(four_kv_heads):
+    generate = ("generate", "--model", four_kv_heads, "--prompt", "the quick brown fox", "--max-tokens", 8,
+                "--tp", 4)
+    one = _harli(*generate, devices=4)
+    join = ("--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", 2, "--distributed-timeout", 30)
+    follower = _harli(*generate, *join, "--process-id", 1, devices=2)
+    leader = _harli(*generate, *join, "--process-id", 0, devices=2)
+    results = [p.communicate(timeout=240) for p in (one, leader, follower)]
+    for p, (_, err) in zip((one, leader, follower), results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert _ids(results[1][1]) == _ids(results[0][1])
+    texts = [_text(out) for out, _ in results]
+    assert texts[1] == texts[0] and texts[1].strip()  # process 0 prints the text
+    assert texts[2] == ""  # the other only ran steps
+
+
+def test_a_lost_process_stops_the_other_with_an_error(four_kv_heads):
+    serve = ("serve", "--model", four_kv_heads, "--port", 0, "--max-batch", 1, "--max-seq-len", 32,
+             "--max-loras", 0, "--max-logprobs", 0, "--tpot-slo", "100ms", "--tp", 4,
+             "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", 2, "--distributed-timeout", 5)
+    follower = _harli(*serve, "--process-id", 1, devices=2)
+    leader = _harli(*serve, "--process-id", 0, devices=2)
+    try:
+        lines = iter(leader.stdout.readline, "")
+        assert any("listening on" in line for line in lines)  # both processes built the engine and warmed up
+        follower.send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        _, err = leader.communicate(timeout=60)
+        assert leader.returncode != 0
+        assert time.monotonic() - started < 45
+        assert "another task died" in err
+    finally:
+        for p in (leader, follower):
+            p.kill()
+            p.wait()
