@@ -497,3 +497,22 @@ def test_gpu_check_skips_what_the_budget_cannot_hold(tmp_path):
     assert all(status[p] == "skipped (budget)" for p in ("device", "kernel-tests", "paged-attention",
                                                            "layer-weights", "layer-weights-dsf"))
     assert "gpu_check: NOT OK: device (skipped (budget))" in done.stdout
+
+
+def test_tensor_parallel_quick(tmp_path):
+    data = run_script("tensor_parallel", tmp_path, "--max-other-share", "1.0", "--runs", "2")
+    cmp = data["comparison"]
+    programs = ["decode@1", "mixed"]
+    check_comparison(cmp, {f"tp{tp}/{name}" for tp in (1, 2) for name in programs})
+    assert data["config"]["devices"] == 4 and data["config"]["emulated"] is True
+    one, two = data["table"]
+    assert (one["tp"], two["tp"]) == (1, 2)
+    assert two["arena_per_device"] * 2 == two["arena_total"] == one["arena_total"] == one["arena_per_device"]
+    assert one["weights_per_device"] == one["weights_total"] == two["weights_total"] > two["weights_per_device"]
+    for row in (one, two):
+        for name in programs:
+            median = valid_median(cmp, f"tp{row['tp']}/{name}", lambda r: r["seconds"])
+            assert close(row[name]["step_s"]["median"], median) and median > 0
+            assert close(row[name]["relative_to_first_degree"]["value"],
+                         median / valid_median(cmp, f"tp1/{name}", lambda r: r["seconds"]))
+    assert two["decode_program_per_device"]["argument_bytes"] < one["decode_program_per_device"]["argument_bytes"]

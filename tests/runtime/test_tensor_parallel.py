@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from conftest import REPO
 
@@ -20,7 +22,7 @@ WORKER = REPO / "tests" / "runtime" / "tp_worker.py"
 FOUR_KV_HEADS = (REPO / "configs" / "models" / "tiny.yaml").read_text().replace("num_kv_heads: 2", "num_kv_heads: 4")
 
 
-def _worker(*args) -> dict:
+def _worker(*args) -> dict | list:
     out = subprocess.run([sys.executable, str(WORKER), "4", *map(str, args)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -35,14 +37,17 @@ def four_kv_heads(tmp_path_factory):
 
 @pytest.mark.parametrize("variant, degrees", [("llama-mha", (1, 2, 4)), ("llama-gqa2", (1, 2)),
                                               ("qwen2-tied", (1, 2))])
-def test_greedy_tokens_and_bytes_per_device(hf_checkpoint, variant, degrees):
+def test_greedy_tokens_and_bytes_per_device(hf_checkpoint, variant, degrees, tmp_path):
     """Llama with 4 and 2 KV heads, Qwen2 with q/k/v biases and a tied embedding: the same greedy tokens at every
-    degree (a batch with prefill and decode), and each device holds 1/N of the arena and of the split weights."""
+    degree (a batch with prefill and decode), of the base model and of an adapter in a resident slot; each device
+    holds 1/N of the arena and of the split weights."""
     _, path = hf_checkpoint(variant)
-    runs = _worker("tokens", path, ",".join(map(str, degrees)))
+    runs = _worker("tokens", path, ",".join(map(str, degrees)), tmp_path)
+    assert runs["1"]["adapter_tokens"] != runs["1"]["tokens"]  # the adapter changes them
     for tp in degrees:
         run = runs[str(tp)]
         assert run["tokens"] == runs["1"]["tokens"], tp
+        assert run["adapter_tokens"] == runs["1"]["adapter_tokens"], tp
         device, total = run["arena"]
         assert device * tp == total
         device, total = run["split_weights"]
@@ -88,14 +93,20 @@ def test_fused_steps_match_one_device(four_kv_heads):
 
 
 def test_a_checkpoint_written_at_tp2_resumes_at_tp1_and_tp4(four_kv_heads, tmp_path):
-    straight = _worker("resume", four_kv_heads, tmp_path / "straight", 2, 4)
-    first = _worker("resume", four_kv_heads, tmp_path / "tp2", 2, 2)
+    straight, first = _worker("resume", four_kv_heads, f"{tmp_path / 'straight'},2,4", f"{tmp_path / 'tp2'},2,2")
     assert first["step"] == 2
     for tp in (1, 4):
         shutil.copytree(tmp_path / "tp2", tmp_path / f"from-tp2-at-{tp}")
-        resumed = _worker("resume", four_kv_heads, tmp_path / f"from-tp2-at-{tp}", tp, 4)
+    resumes = _worker("resume", four_kv_heads, *(f"{tmp_path / f'from-tp2-at-{tp}'},{tp},4" for tp in (1, 4)))
+    for resumed in resumes:
         assert resumed["start"] == 2 and resumed["step"] == 4
         np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-5)
+        # The exported adapter is whole (gathered from the devices), as the uninterrupted run's.
+        got, want = (load_file(str(Path(r["peft"]) / "adapter_model.safetensors")) for r in (resumed, straight))
+        assert got.keys() == want.keys() and len(got) == 2 * 2 * 7  # A and B, 2 layers, every projection
+        for name, value in want.items():
+            assert got[name].shape == value.shape
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6)
 
 
 def _harli(*args, devices: int, **kwargs) -> subprocess.Popen:

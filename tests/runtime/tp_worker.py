@@ -3,9 +3,11 @@ line): greedy tokens, per-device bytes, micro-step gradients, checkpoint resumes
 test_tensor_parallel.py in a subprocess, because the device count is fixed before JAX is imported.
 
 usage: tp_worker.py DEVICES CHECK [ARGS...]
-  tokens CKPT_DIR DEGREES          greedy tokens (a prefill + decode batch) and per-device bytes per degree
+  tokens CKPT_DIR DEGREES SCRATCH  greedy tokens (a prefill + decode batch) of the base model and of a served
+                                   adapter, and per-device bytes per degree
   grads MODEL_YAML DEGREES         the LoRA gradient of one micro-batch through the micro-steps per degree
-  resume MODEL_YAML CKPT_DIR TP N  trains N steps at TP with checkpoints in CKPT_DIR (resuming what is there)
+  resume MODEL_YAML RUN...         each RUN `CKPT_DIR,TP,N` trains N steps at TP with checkpoints in CKPT_DIR
+                                   (resuming what is there), then exports the adapter (HF PEFT) to CKPT_DIR-peft
   fused MODEL_YAML DEGREES          a micro-batch in token chunks fused into decode steps, then backward slices
                                    (tests/lora/test_fused.py's run) per degree: losses, gradients, served tokens
 """
@@ -23,6 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from harli_jax import Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingParams  # noqa: E402
+from harli_jax.lora.adapters import export_peft, init_lora  # noqa: E402
 from harli_jax.model import load_model  # noqa: E402
 from harli_jax.model.params import PROJECTIONS, LoRAPair  # noqa: E402
 from harli_jax.model.sharding import device_bytes  # noqa: E402
@@ -38,8 +41,18 @@ def engine(model, tp: int, **extra) -> Engine:
     return Engine(model, EngineConfig(**SMALL, tensor_parallel=tp, **extra), warmup=False)
 
 
-def greedy(e: Engine) -> list[list[int]]:
-    return [list(o.token_ids) for o in e.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0))]
+def greedy(e: Engine, adapter: str | None = None) -> list[list[int]]:
+    outputs = e.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0), adapter=adapter)
+    return [list(o.token_ids) for o in outputs]
+
+
+def random_adapter(cfg, directory: Path) -> Path:
+    """A PEFT adapter on every projection with random A and B (so that it changes the tokens)."""
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=PROJECTIONS)
+    rng = np.random.default_rng(5)
+    adapters = {name: LoRAPair(p.a, rng.normal(0, 0.5, p.b.shape).astype(np.float32), p.scale)
+                for name, p in init_lora(cfg, lora, seed=5).items()}
+    return export_peft(adapters, lora, cfg, directory)
 
 
 def placement(e: Engine) -> dict:
@@ -54,12 +67,15 @@ def placement(e: Engine) -> dict:
             "arena_after_steps_split": not e.arena.buffer.sharding.is_fully_replicated}
 
 
-def tokens(path: str, degrees: str) -> dict:
+def tokens(path: str, degrees: str, scratch: str) -> dict:
+    """Greedy tokens of the base model and of a served adapter (a resident slot), and the bytes per device."""
     model = load_model(path)
+    adapter = random_adapter(model.cfg, Path(scratch) / "adapter")
     out = {}
     for tp in map(int, degrees.split(",")):
-        e = engine(model, tp)
-        out[tp] = {"tokens": greedy(e), **placement(e)}
+        e = engine(model, tp, max_loras=1, max_lora_rank=4)
+        e.add_adapter("random", adapter)
+        out[tp] = {"tokens": greedy(e), "adapter_tokens": greedy(e, "random"), **placement(e)}
     return out
 
 
@@ -95,13 +111,21 @@ def _split_axes(x: jax.Array) -> list[int]:
                                                          strict=True)) if part < full]
 
 
-def resume(path: str, directory: str, tp: str, steps: str) -> dict:
-    e = engine(load_model(path), int(tp))
+def resume(path: str, *runs: str) -> list[dict]:
+    """Each run `DIR,TP,STEPS` in turn, in this one process."""
+    model = load_model(path)
+    return [_resume(model, *run.split(",")) for run in runs]
+
+
+def _resume(model, directory: str, tp: str, steps: str) -> dict:
+    e = engine(model, int(tp))
     handle = e.finetune(FinetuneJob(total_steps=4, checkpoint_dir=directory, checkpoint_interval=1, **JOB))
     start = handle.progress().step
     handle.wait(max_steps=int(steps))
     handle.stop()
-    return {"start": start, "step": handle.progress().step, "losses": [h["loss"] for h in handle.history]}
+    exported = handle.export_peft(f"{directory}-peft")
+    return {"start": start, "step": handle.progress().step, "losses": [h["loss"] for h in handle.history],
+            "peft": str(exported)}
 
 
 def fused(path: str, degrees: str) -> dict:
