@@ -94,8 +94,11 @@ def main(argv=None) -> int:
     say(f"{len(devices)} {devices[0].device_kind} devices; model {args.model}; degrees {args.degrees}")
     model = load_model(args.model, seed=args.seed)
     top = max(args.batches)
+    # An arena of room for every sequence at full context twice over, whatever the device's memory (one engine
+    # per degree is alive at once).
+    arena_pages = 2 * top * -(-args.max_seq_len // 16) + 1
     config = dict(max_batch=top, batch_buckets=tuple(args.batches), max_seq_len=args.max_seq_len,
-                  prefill_chunk=min(64, args.max_seq_len // 2))
+                  prefill_chunk=min(64, args.max_seq_len // 2), num_pages=arena_pages, page_tokens=16)
     engines = {}
     for tp in args.degrees:
         engines[tp] = Engine(model, EngineConfig(**config, tensor_parallel=tp))  # compiles and runs each program

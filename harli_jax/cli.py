@@ -121,7 +121,14 @@ def _finetune(args: argparse.Namespace) -> None:
     engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=job.seq_len, num_pages=2,
                                         **given(args, ParallelConfig)), warmup=False)
     handle = engine.finetune(job)
-    print(f"eval loss before training: {handle.evaluate():.4f}", file=sys.stderr)
+    start = handle.progress()
+    if handle.done():
+        print(f"the job in {job.checkpoint_dir} already finished at step {start.step}/{start.total_steps}: nothing "
+              f"to train (another --checkpoint-dir, or more --steps, trains on)", file=sys.stderr)
+    elif start.step:
+        print(f"resumed from {job.checkpoint_dir} at step {start.step}/{start.total_steps}", file=sys.stderr)
+    else:
+        print(f"eval loss before training: {handle.evaluate():.4f}", file=sys.stderr)
     every = max(job.total_steps // 20, 1)
     while not handle.done():
         progress = handle.wait(max_steps=every)

@@ -3,6 +3,8 @@ seed, history) so that a restart resumes exactly."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,14 @@ import orbax.checkpoint as ocp
 
 from harli_jax.errors import CheckpointError
 from harli_jax.lora.trainer import TrainState
+
+log = logging.getLogger("harli_jax")
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's message up to its first line break (Orbax appends pages of context)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class TrainCheckpointer:
@@ -40,8 +50,49 @@ class TrainCheckpointer:
             out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                       record=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises many kinds; name the checkpoint
-            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from None
+            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {_first_line(e)}") from None
         return out.state, out.record
+
+    def record(self, step: int) -> dict[str, Any]:
+        """The JSON record of `step` alone (what job made it), without reading its arrays."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds; name the checkpoint
+            raise CheckpointError(f"cannot read the record of step {step} in {self.directory}: "
+                                  f"{_first_line(e)}") from None
+
+    def restore_latest(self, like: TrainState, check: Callable[[dict[str, Any]], None]
+                       ) -> tuple[TrainState, dict[str, Any]] | None:
+        """The newest checkpoint that restores whole, after `check(record)` (which raises for a checkpoint of
+        another job); one that does not (cut short, corrupted) is reported by path and the one before it tried.
+        None when the directory has no checkpoint; a CheckpointError naming each one when none restores. An
+        unreadable checkpoint is kept aside as `unreadable-step-N` (so that the job saves that step again)."""
+        failures = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                record = self.record(step)
+                check(record)
+                state, record = self.restore(step, like)
+            except CheckpointError as e:
+                failures.append(str(e))
+                log.warning("%s; trying the checkpoint before it (this one is kept as %s)", e, self._set_aside(step))
+                continue
+            if failures:
+                log.warning("resumed from the older checkpoint %s", self.directory / str(step))
+            return state, record
+        if failures:
+            raise CheckpointError(f"no checkpoint in {self.directory} restores: " + "; ".join(failures))
+        return None
+
+    def _set_aside(self, step: int) -> Path:
+        aside = self.directory / f"unreadable-step-{step}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.directory / f"unreadable-step-{step}-{n}"
+        (self.directory / str(step)).rename(aside)
+        self._manager.reload()
+        return aside
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -24,7 +24,7 @@ from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import rope_tables
 from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.params import Adapters, LayerParams, Params, layer_adapters
-from harli_jax.model.sharding import ARENA_SPEC, from_parts, own_part
+from harli_jax.model.sharding import ARENA_SPEC, HIDDEN_SPEC
 from harli_jax.model.transformer import causal_mask, decoder_layer, embed, lm_logits
 
 Array = jax.Array
@@ -151,11 +151,10 @@ def stash_hidden(layout: ArenaLayout, arena: Array, stash_pages: Array, slot: Ar
     def write(arena, stash_pages, slot, ids, x):
         local = layout.local()
         pages, slots = stash_index(local, stash_pages, slot, ids, tokens)
-        part = x if layout.mesh is None else own_part(x)
-        rows = local.stash_rows(arena).at[pages, slots].set(part.reshape(-1, local.stash_row).astype(arena.dtype))
+        rows = local.stash_rows(arena).at[pages, slots].set(x.reshape(-1, local.stash_row).astype(arena.dtype))
         return rows.reshape(arena.shape)
 
-    return layout.per_device(write, (ARENA_SPEC, P(), P(), P(), P()), ARENA_SPEC)(
+    return layout.per_device(write, (ARENA_SPEC, P(), P(), P(), HIDDEN_SPEC), ARENA_SPEC)(
         arena, stash_pages, jnp.asarray(slot, jnp.int32), ids, x)
 
 
@@ -166,10 +165,9 @@ def read_hidden(layout: ArenaLayout, arena: Array, stash_pages: Array, slot: Arr
     def read(arena, stash_pages, slot, ids):
         local = layout.local()
         pages, slots = stash_index(local, stash_pages, slot, ids, tokens)
-        part = local.stash_rows(arena)[pages, slots].reshape(ids.shape[0], local.cfg.hidden_size)
-        return part if layout.mesh is None else from_parts(part)
+        return local.stash_rows(arena)[pages, slots].reshape(ids.shape[0], local.cfg.hidden_size)
 
-    return layout.per_device(read, (ARENA_SPEC, P(), P(), P()), P())(arena, stash_pages,
+    return layout.per_device(read, (ARENA_SPEC, P(), P(), P()), HIDDEN_SPEC)(arena, stash_pages,
                                                                       jnp.asarray(slot, jnp.int32), ids)
 
 

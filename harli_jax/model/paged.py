@@ -22,7 +22,7 @@ from harli_jax.model.config import ModelConfig
 from harli_jax.model.layers import Rope, attention_out, attention_qkv, mlp_block, rope_tables
 from harli_jax.model.params import Adapters, LayerParams, LoRASlots, Params, slot_deltas, slot_onehot
 from harli_jax.model.sampling import SamplingRows, logprobs_of, sample
-from harli_jax.model.sharding import ARENA_SPEC, HEADS_SPEC, TP, per_head, sharded_zeros
+from harli_jax.model.sharding import ARENA_SPEC, HEADS_SPEC, TP, per_device, sharded_zeros
 from harli_jax.model.transformer import embed, lm_logits
 
 Array = jax.Array
@@ -77,7 +77,7 @@ class ArenaLayout:
 
     def per_device(self, fn, in_specs: tuple, out_specs):
         """`fn` over each device's part of the arena (see `local`), or `fn` itself on one device."""
-        return per_head(fn, self.mesh, in_specs, out_specs)
+        return per_device(fn, self.mesh, in_specs, out_specs)
 
     @property
     def page_shape(self) -> tuple[int, ...]:
@@ -127,15 +127,15 @@ def paged_attend(q: Array, k: Array, v: Array, arena: Array, index: int, batch: 
                                       max_query=batch.max_query, long_rows=batch.long_rows,
                                       impl=attention_impl), arena
 
-    return per_head(attend, mesh, (HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, ARENA_SPEC, P()),
+    return per_device(attend, mesh, (HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, ARENA_SPEC, P()),
                     (HEADS_SPEC, ARENA_SPEC))(q, k, v, arena, batch)
 
 
 def paged_layer(lp: LayerParams, cfg: ModelConfig, x: Array, arena: Array, index, batch: TokenBatch, rope: Rope, *,
                 attention_impl: str = "auto", adapters: Adapters | None = None,
                 mesh: Mesh | None = None) -> tuple[Array, Array]:
-    """Decoder layer `index` (a Python int, or traced under a scan without a mesh) over the arena: writes the
-    batch's K/V into the layer's page slots, attends each token to its sequence's pages, MLP; returns (x, arena)."""
+    """Decoder layer `index` (a Python int; traced only without a mesh) over the arena: writes the batch's K/V
+    into the layer's page slots, attends each token to its sequence's pages, MLP; returns (x, arena)."""
     with jax.named_scope("layer"):
         with jax.named_scope("attention"):
             q, k, v = attention_qkv(lp, cfg, x, rope, adapters)

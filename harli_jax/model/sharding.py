@@ -25,6 +25,8 @@ ROW_PARALLEL = ("o_proj", "down_proj")
 ARENA_SPEC = P(None, None, None, TP, None, None)
 # Attention's q `[tokens, heads, head_dim]` (and new k/v) by heads.
 HEADS_SPEC = P(None, TP, None)
+# Hidden states `[tokens, hidden]` by their elements (how the trainer's stash keeps them).
+HIDDEN_SPEC = P(None, TP)
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, num_devices: int) -> None:
@@ -40,10 +42,13 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int, num_devices: int) -> None:
 
 
 def tp_mesh(cfg: ModelConfig, tp: int) -> Mesh | None:
-    """The mesh of the first `tp` devices (every process's, under `jax.distributed`), its one axis `tp`; None for
-    one device (the programs then carry no sharding at all)."""
+    """The mesh of the first `tp` devices, its one axis `tp`; None for one device (the programs then carry no
+    sharding at all). Across processes (`jax.distributed`) the mesh spans every process's devices."""
     devices = jax.devices()
     check_tensor_parallel(cfg, tp, len(devices))
+    if jax.process_count() > 1 and tp != len(devices):
+        raise ConfigError(f"a multi-process engine spans the devices of all {jax.process_count()} processes: "
+                          f"tensor_parallel must be {len(devices)}, got {tp}")
     if tp == 1:
         return None
     return jax.make_mesh((tp,), (TP,), axis_types=(AxisType.Auto,), devices=devices[:tp])
@@ -156,22 +161,19 @@ def _zeros(shape, dtype, sharding):
     return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
 
 
-def per_head(fn: Callable, mesh: Mesh | None, in_specs: tuple, out_specs) -> Callable:
-    """`fn` run on each device over its own heads (`shard_map`), or `fn` itself without a mesh."""
+def per_device(fn: Callable, mesh: Mesh | None, in_specs: tuple, out_specs) -> Callable:
+    """`fn` run on each device over its own parts of the arrays (`shard_map`: its heads, its part of a hidden
+    state), or `fn` itself without a mesh."""
     if mesh is None:
         return fn
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def own_part(x: jax.Array) -> jax.Array:
-    """Inside `shard_map`: this device's 1/tp of `x`'s last axis."""
-    n = x.shape[-1] // jax.lax.axis_size(TP)
-    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(TP) * n, n, axis=x.ndim - 1)
-
-
-def from_parts(part: jax.Array) -> jax.Array:
-    """Inside `shard_map`: the whole last axis out of every device's `own_part`."""
-    return jax.lax.all_gather(part, TP, axis=part.ndim - 1, tiled=True)
+def shape_of(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """`x`'s shape and dtype, and its mesh sharding if it lies on one (an array on one device stays unplaced:
+    a program compiled for it takes uncommitted arrays, as jit would)."""
+    sharding = x.sharding if isinstance(x.sharding, NamedSharding) else None
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def device_bytes(x: jax.Array) -> int:

@@ -382,6 +382,7 @@ class CoLocator:
                           "buckets": [dataclasses.astuple(b) for b in self.runner.buckets],
                           "page_tokens": config.cache.page_tokens, "attention": config.runner.attention_impl,
                           "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                          "tensor_parallel": config.parallel.tensor_parallel, "processes": jax.process_count(),
                           "runs": config.predictor.calibration_runs, "quantile": config.predictor.quantile,
                           "sizes": dataclasses.astuple(self.sizes),
                           "job": None if job is None else [job.job.micro_batch_rows, job.job.seq_len,

@@ -41,7 +41,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                           f"{', '.join(ENVIRONMENT)}); missing {', '.join(missing)}")
     if ":" not in coordinator:
         raise ConfigError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
-    if num_processes < 1 or not 0 <= process_id < num_processes:
+    if num_processes < 1:
+        raise ConfigError(f"--num-processes must be at least 1, got {num_processes}")
+    if not 0 <= process_id < num_processes:
         raise ConfigError(f"--process-id must be in [0, --num-processes={num_processes}), got {process_id}")
     if timeout_s < 1:
         raise ConfigError(f"the distributed timeout must be at least 1 second, got {timeout_s}")

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from harli_jax.errors import ConfigError, HarliError
 from harli_jax.logs import show_progress
@@ -123,7 +125,10 @@ class Engine:
         probe = ModelRunner(self.cfg, params, config, Arena(layout, 2, cache.max_pages_per_seq(self.cfg)))
         workspace = probe.compile(probe.buckets[-1]).memory_analysis().temp_size_in_bytes  # per device
         local = [d for d in devices if d.process_index == jax.process_index()]
-        return pages_from_memory(layout, cache.memory_fraction, weights, workspace, local, len(devices))
+        pages = pages_from_memory(layout, cache.memory_fraction, weights, workspace, local, len(devices))
+        if jax.process_count() > 1:  # every process's arena the same: the least any process's memory holds
+            pages = int(np.min(multihost_utils.process_allgather(np.int64(pages))))
+        return pages
 
     # Co-location, finetuning and adapters --------------------------------------------------------------------
 

@@ -86,8 +86,8 @@ class FinetuneRunner:
         self.single_program_time = 0.0
         self.micro = MicroBatchExecutor(self, arena)
         self.checkpointer = TrainCheckpointer(job.checkpoint_dir) if job.checkpoint_dir is not None else None
-        if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
-            self._restore(self.checkpointer.latest_step())
+        if self.checkpointer is not None:
+            self._resume()
 
     def _load(self, records, tokenizer: Tokenizer) -> data_lib.Dataset:
         if isinstance(records, (str, Path)):
@@ -245,7 +245,7 @@ class FinetuneRunner:
     def _record(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "data": self.loader.state(), "history": list(self.history),
                 "skipped_updates": self.skipped_updates, "abandoned": self.abandoned, "seed": self.job.seed,
-                "lora": dataclasses.asdict(self.job.lora)}
+                **self._identity()}
 
     def save(self) -> None:
         """Checkpoints at a micro-batch boundary (a micro-batch in flight is abandoned first). A step that is
@@ -255,11 +255,29 @@ class FinetuneRunner:
             return
         self.checkpointer.save(self.step, self.state, self._record())
 
-    def _restore(self, step: int) -> None:
-        self.state, record = self.checkpointer.restore(step, self.state)
-        if record.get("lora") != json.loads(json.dumps(dataclasses.asdict(self.job.lora))):
-            raise ConfigError(f"the checkpoint in {self.job.checkpoint_dir} was made with LoRA {record.get('lora')}, "
-                              f"not {dataclasses.asdict(self.job.lora)}")
+    def _identity(self) -> dict[str, dict[str, Any]]:
+        """What a checkpoint must have been made with to resume this job: the adapter's and the model's shape."""
+        cfg = self.cfg
+        model = {"name": cfg.name, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+                 "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}
+        return json.loads(json.dumps({"lora": dataclasses.asdict(self.job.lora), "model": model}))
+
+    def _check_checkpoint(self, record: dict[str, Any]) -> None:
+        """A ConfigError naming every difference between the job that wrote `record` and this one."""
+        differences = [f"{section} {key}: {have[key]!r} in the checkpoint, {value!r} in this job"
+                       for section, wanted in self._identity().items() if (have := record.get(section)) is not None
+                       for key, value in wanted.items() if have.get(key) != value]
+        if differences:
+            raise ConfigError(f"the checkpoints in {self.job.checkpoint_dir} are of another job ("
+                              + "; ".join(differences) + "): resume with the same settings, or give another "
+                              "checkpoint directory")
+
+    def _resume(self) -> None:
+        """Restores the newest complete checkpoint of this job, if any (see `TrainCheckpointer.restore_latest`)."""
+        restored = self.checkpointer.restore_latest(self.state, self._check_checkpoint)
+        if restored is None:
+            return
+        self.state, record = restored
         self.loader.restore(record["data"])
         self.step, self.tokens = record["step"], record["tokens"]
         self.history = deque(record["history"], maxlen=self.job.history_limit)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from harli_jax.lora import data as data_lib
 from harli_jax.lora import fused, trainer
+from harli_jax.model.sharding import shape_of
 from harli_jax.runtime.arena import Arena, Owner
 from harli_jax.runtime.colocation import MicroKind, Phase, advance, largest_chunk
 
@@ -204,8 +205,8 @@ class MicroBatchExecutor:
         job, cfg = self.job, self.job.cfg
         rows, seq_len = job.job.micro_batch_rows, job.job.seq_len
 
-        def like(tree):  # on the devices the arrays lie on
-            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+        def like(tree):  # on the mesh the arrays lie on, if any
+            return jax.tree.map(shape_of, tree)
 
         i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
         batch = trainer.TrainBatch(*(jax.ShapeDtypeStruct((rows, seq_len), dtype) for dtype in (

@@ -191,6 +191,7 @@ def _fused_backward_step(params, cfg, arena, inputs, previous, layout, attention
 
 
 _STATIC = ("cfg", "layout", "attention_impl", "mesh")
+_STEP_ARGS = 5  # a fused program's arguments before the training ones: params, arena, inputs, previous, lora
 _step_jit = jax.jit(_step, static_argnames=_STATIC, donate_argnames=("arena",))
 _fused_jit = {"tokens": jax.jit(_fused_tokens_step, static_argnames=(*_STATIC, "stash", "chunk"),
                                 donate_argnames=("arena",)),
@@ -449,7 +450,7 @@ class ModelRunner:
         where an array lies otherwise, e.g. a micro-step's output that XLA split another way)."""
         if self.mesh is None:
             return args
-        return jax.device_put(args, program.input_shardings[0][5:])  # after params, arena, inputs, previous, lora
+        return jax.device_put(args, program.input_shardings[0][_STEP_ARGS:])
 
     def _run_step(self, bucket: Bucket, inputs: np.ndarray, previous: jax.Array | None) -> tuple:
         """Runs `bucket`'s program on the packed `inputs` (its input tokens at `token_source` from `previous`, the

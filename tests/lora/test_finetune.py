@@ -77,25 +77,48 @@ print(json.dumps({"step": handle.progress().step, "weights": weights, "data": ha
 """
 
 
-def _run_job(tmp_path, ckpt, total, steps):
+def _run_job(tmp_path, ckpt, total, steps, with_log=False):
     script = tmp_path / "resume.py"
     script.write_text(RESUME_SCRIPT)
     out = subprocess.run([sys.executable, str(script), str(REPO / "configs/models/tiny.yaml"), str(ckpt),
-                          str(total), str(steps)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+                          str(total), str(steps)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return (result, out.stderr) if with_log else result
 
 
-def test_resume_in_a_new_process_is_exact(tmp_path):
-    straight = _run_job(tmp_path, "-", 7, 7)
-    first = _run_job(tmp_path, tmp_path / "ckpt", 7, 3)
-    assert first["step"] == 3
-    resumed = _run_job(tmp_path, tmp_path / "ckpt", 7, 100)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The job's 7 steps in one run, without checkpoints."""
+    return _run_job(tmp_path_factory.mktemp("straight"), "-", 7, 7)
+
+
+def _assert_same_run(resumed, straight):
     assert resumed["step"] == 7
     assert resumed["history"] == straight["history"]  # same losses: same data order and weights at every step
     assert resumed["data"] == straight["data"]
     for k, (a, b) in straight["weights"].items():
         np.testing.assert_allclose(resumed["weights"][k][0], a, atol=1e-6, rtol=0)
         np.testing.assert_allclose(resumed["weights"][k][1], b, atol=1e-6, rtol=0)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tmp_path, straight):
+    first = _run_job(tmp_path, tmp_path / "ckpt", 7, 4)  # checkpoints at step 3 (the interval) and 4 (the stop)
+    assert first["step"] == 4
+    files = [f for f in (tmp_path / "ckpt" / "4").rglob("*") if f.is_file()]
+    largest = max(files, key=lambda f: f.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    resumed, log = _run_job(tmp_path, tmp_path / "ckpt", 7, 100, with_log=True)
+    assert f"cannot restore step 4 from {tmp_path / 'ckpt'}" in log and "resumed from the older checkpoint" in log
+    assert (tmp_path / "ckpt" / "unreadable-step-4").is_dir()  # kept aside, not deleted
+    _assert_same_run(resumed, straight)  # from step 3: steps 4-7 trained once each, as without the crash
+
+
+def test_resume_in_a_new_process_is_exact(tmp_path, straight):
+    first = _run_job(tmp_path, tmp_path / "ckpt", 7, 3)
+    assert first["step"] == 3
+    resumed = _run_job(tmp_path, tmp_path / "ckpt", 7, 100)
+    _assert_same_run(resumed, straight)
 
 
 def _micro_step_job(engine, abandon_at=None):

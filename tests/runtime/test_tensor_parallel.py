@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -150,14 +151,19 @@ def test_two_processes_of_two_devices_equal_one_of_four(four_kv_heads):
 
 
 def test_a_lost_process_stops_the_other_with_an_error(four_kv_heads):
-    serve = ("serve", "--model", four_kv_heads, "--port", 0, "--max-batch", 1, "--max-seq-len", 32,
+    serve = ("serve", "--model", four_kv_heads, "--served-model-name", "m", "--port", 0, "--max-batch", 1, "--max-seq-len", 32,
              "--max-loras", 0, "--max-logprobs", 0, "--tpot-slo", "100ms", "--tp", 4,
              "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", 2, "--distributed-timeout", 5)
     follower = _harli(*serve, "--process-id", 1, devices=2)
     leader = _harli(*serve, "--process-id", 0, devices=2)
     try:
         lines = iter(leader.stdout.readline, "")
-        assert any("listening on" in line for line in lines)  # both processes built the engine and warmed up
+        url = next(line for line in lines if "listening on" in line).split("listening on ")[1].strip()
+        # Both processes serve a request (process 0 announces each step, process 1 runs it), then one dies.
+        request = urllib.request.Request(f"{url}/v1/completions", method="POST", headers={
+            "Content-Type": "application/json"}, data=json.dumps({"model": "m", "prompt": "the quick", "max_tokens": 4, "ignore_eos": True}).encode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 4
         follower.send_signal(signal.SIGKILL)
         started = time.monotonic()
         _, err = leader.communicate(timeout=60)
