@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     devices = jax.devices()
     say(f"{len(devices)} {devices[0].device_kind} devices; model {args.model}; degrees {args.degrees}")
-    model = load_model(args.model, seed=args.seed)
+    model = load_model(args.model, seed=args.seed)  # on one device: each engine places its copy on its mesh
     top = max(args.batches)
     # An arena of room for every sequence at full context twice over, whatever the device's memory (one engine
     # per degree is alive at once).

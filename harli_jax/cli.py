@@ -117,7 +117,7 @@ def _trace_synth(args: argparse.Namespace) -> None:
 def _finetune(args: argparse.Namespace) -> None:
     job = FinetuneJob(lora=LoRAConfig(**given(args, LoRAConfig)), **given(args, FinetuneJob))
     job = dataclasses.replace(job, eval_interval=max(job.total_steps // 4, 1))
-    model = load_model(args.model, seed=job.seed, **given(args, RunnerConfig))
+    model = load_model(args.model, seed=job.seed, **given(args, RunnerConfig), **given(args, ParallelConfig))
     engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=job.seq_len, num_pages=2,
                                         **given(args, ParallelConfig)), warmup=False)
     handle = engine.finetune(job)
@@ -145,7 +145,7 @@ def _generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     several = distributed.start(args)  # before JAX computes anything
     sampling = SamplingParams(**given(args, SamplingParams))
-    model = load_model(args.model, seed=sampling.seed, **given(args, RunnerConfig))
+    model = load_model(args.model, seed=sampling.seed, **given(args, RunnerConfig), **given(args, ParallelConfig))
     print(f"loaded {model.cfg.name} ({model.params.num_parameters() / 1e6:.1f}M parameters, {model.cfg.dtype}) "
           f"in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     if model.tokenizer is None:

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -14,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from harli_jax.errors import CheckpointError, ConfigError
 from harli_jax.model.config import DTYPES, ModelConfig
 from harli_jax.model.params import LayerParams, Params, layer_shapes
+from harli_jax.model.sharding import param_shardings, place, tp_mesh
 
 INDEX_FILE = "model.safetensors.index.json"
 # Per-layer tensors: our field -> HF name under `model.layers.{i}.`; projections are transposed.
@@ -83,10 +85,13 @@ def _summarize(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def load_hf_checkpoint(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Params]:
+def load_hf_checkpoint(path: str | Path, dtype: str | None = None,
+                       tensor_parallel: int = 1) -> tuple[ModelConfig, Params]:
     """Loads an HF Llama/Qwen2 checkpoint directory; every tensor must be consumed.
 
-    `dtype` (float32, bfloat16, float16) overrides the checkpoint's dtype for the returned weights.
+    `dtype` (float32, bfloat16, float16) overrides the checkpoint's dtype for the returned weights. With
+    `tensor_parallel` > 1 each tensor is placed on the tensor-parallel mesh as it is read (each device gets only
+    its part, `sharding.param_shardings`).
     """
     path = Path(path)
     if not path.is_dir():
@@ -135,15 +140,21 @@ def load_hf_checkpoint(path: str | Path, dtype: str | None = None) -> tuple[Mode
         array = array.astype(np_dtype, copy=False)
         return array.T if transpose else array
 
+    shardings = param_shardings(cfg, tp_mesh(cfg, tensor_parallel))
+
+    def put(array: np.ndarray, where) -> jax.Array:
+        return jnp.asarray(array) if shardings is None else place(array, where(shardings))
+
     def layer(i: int) -> LayerParams:
-        return LayerParams(**{field: jnp.asarray(read(f"model.layers.{i}.{HF_LAYER_NAMES[field]}", field in TRANSPOSED))
+        return LayerParams(**{field: put(read(f"model.layers.{i}.{HF_LAYER_NAMES[field]}", field in TRANSPOSED),
+                                         lambda s, field=field: getattr(s.layers[i], field))
                               for field in layer_shapes(cfg)})
 
     params = Params(
-        embed=jnp.asarray(read(EMBED)),
+        embed=put(read(EMBED), lambda s: s.embed),
         layers=tuple(layer(i) for i in range(cfg.num_layers)),
-        final_norm=jnp.asarray(read(FINAL_NORM)),
-        lm_head=None if cfg.tie_word_embeddings else jnp.asarray(read(LM_HEAD, transpose=True)),
+        final_norm=put(read(FINAL_NORM), lambda s: s.final_norm),
+        lm_head=None if cfg.tie_word_embeddings else put(read(LM_HEAD, transpose=True), lambda s: s.lm_head),
     )
     return cfg, params
 

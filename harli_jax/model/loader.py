@@ -9,6 +9,7 @@ from harli_jax.errors import ConfigError
 from harli_jax.model.checkpoint import load_hf_checkpoint
 from harli_jax.model.config import DTYPES, ModelConfig
 from harli_jax.model.params import Params, init_params
+from harli_jax.model.sharding import param_shardings, tp_mesh
 from harli_jax.model.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -19,11 +20,13 @@ class LoadedModel:
     tokenizer: Tokenizer | None  # None: the model takes token ids only
 
 
-def load_model(spec: str | Path, *, dtype: str | None = None, seed: int = 0) -> LoadedModel:
-    """`spec` is a checkpoint directory (weights loaded) or a `.yaml` model config (weights from `seed`)."""
+def load_model(spec: str | Path, *, dtype: str | None = None, seed: int = 0, tensor_parallel: int = 1) -> LoadedModel:
+    """`spec` is a checkpoint directory (weights loaded) or a `.yaml` model config (weights from `seed`). With
+    `tensor_parallel` > 1 the weights are placed on that mesh as they are made (as an engine of that degree holds
+    them; no device holds a whole copy)."""
     path = Path(spec)
     if path.is_dir():
-        cfg, params = load_hf_checkpoint(path, dtype)
+        cfg, params = load_hf_checkpoint(path, dtype, tensor_parallel)
         return LoadedModel(cfg, params, load_tokenizer(path, cfg.vocab_size))
     if path.suffix in (".yaml", ".yml"):
         cfg = ModelConfig.from_yaml(path)
@@ -34,6 +37,7 @@ def load_model(spec: str | Path, *, dtype: str | None = None, seed: int = 0) -> 
         tokenizer = load_tokenizer(None, cfg.vocab_size)
         if tokenizer is not None and not cfg.eos_token_ids:
             cfg = cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_ids=tokenizer.eos_ids)
-        return LoadedModel(cfg, init_params(cfg, seed), tokenizer)
+        shardings = param_shardings(cfg, tp_mesh(cfg, tensor_parallel))
+        return LoadedModel(cfg, init_params(cfg, seed, shardings=shardings), tokenizer)
     raise ConfigError(f"model {spec!r} is neither a checkpoint directory nor a .yaml model config"
                       + ("" if path.exists() else " (it does not exist)"))

@@ -173,24 +173,27 @@ def param_shapes(cfg: ModelConfig) -> Params:
     )
 
 
-def init_params(cfg: ModelConfig, seed: int = 0, *, init_std: float = 0.02) -> Params:
+def init_params(cfg: ModelConfig, seed: int = 0, *, init_std: float = 0.02, shardings: Params | None = None) -> Params:
     """Random weights as HF initializes them: normal(0, init_std) matrices, unit norms, zero biases. One array at
     a time (one small program per distinct shape, not one over every weight, which at 8B shapes is slow to
-    compile)."""
+    compile). With `shardings` (a tree of them, `sharding.param_shardings`) each device makes only its part; the
+    values do not depend on it."""
     leaves, treedef = jax.tree.flatten_with_path(param_shapes(cfg))
+    places = [None] * len(leaves) if shardings is None else jax.tree.leaves(shardings)
     key = jax.random.key(seed)
     out = []
-    for i, (path, spec) in enumerate(leaves):
+    for i, ((path, spec), place) in enumerate(zip(leaves, places, strict=True)):
         name = jax.tree_util.keystr(path[-1:], simple=True)
         if name.endswith("norm"):
-            out.append(jnp.ones(spec.shape, spec.dtype))
+            out.append(jnp.ones(spec.shape, spec.dtype, device=place))
         elif name.endswith("bias"):
-            out.append(jnp.zeros(spec.shape, spec.dtype))
+            out.append(jnp.zeros(spec.shape, spec.dtype, device=place))
         else:
-            out.append(_normal(jax.random.fold_in(key, i), spec.shape, spec.dtype, init_std))
+            out.append(_normal(jax.random.fold_in(key, i), spec.shape, spec.dtype, init_std, place))
     return jax.tree.unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _normal(key, shape, dtype, std):
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _normal(key, shape, dtype, std, sharding):
+    values = (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return values if sharding is None else jax.lax.with_sharding_constraint(values, sharding)

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from harli_jax.errors import ConfigError
 from harli_jax.model.config import ModelConfig
-from harli_jax.model.params import Adapters, LayerParams, LoRAPair, LoRASlots, Params, SlotLoRA
+from harli_jax.model.params import Adapters, LayerParams, LoRAPair, LoRASlots, Params, SlotLoRA, param_shapes
 
 TP = "tp"
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -82,7 +82,9 @@ def param_specs(cfg: ModelConfig, params: Params, tp: int) -> Params:
 
 def place(x, sharding: NamedSharding) -> jax.Array:
     """`x` (every process passes the same value) laid out as `sharding`; across processes each one puts only its
-    own devices' parts."""
+    own devices' parts. An array laid out so already is `x` itself."""
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
     host = np.asarray(x)
@@ -91,6 +93,15 @@ def place(x, sharding: NamedSharding) -> jax.Array:
 
 def _put(tree, specs, mesh: Mesh):
     return jax.tree.map(lambda x, spec: place(x, NamedSharding(mesh, spec)), tree, specs,
+                        is_leaf=lambda s: isinstance(s, P))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh | None) -> Params | None:
+    """Where each weight of `cfg` lies on the mesh (a `Params` tree of shardings; None without a mesh): what the
+    loaders place each tensor by as they read it, so no device ever holds a whole model it should split."""
+    if mesh is None:
+        return None
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(cfg, param_shapes(cfg), mesh.shape[TP]),
                         is_leaf=lambda s: isinstance(s, P))
 
 

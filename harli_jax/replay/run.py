@@ -624,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, created, results, sweeps, setup, slo = None, False, [], [], None, None
     try:
         options = resolve_options(args)
-        model = load_model(options["model"], seed=options["seed"])
+        model = load_model(options["model"], seed=options["seed"], tensor_parallel=options["tp"])
         trace = replay_trace(options, model.cfg)
         for problem in trace.problems[:5]:
             print(f"skipped {problem}", file=sys.stderr)

@@ -102,14 +102,17 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **kwargs) -> Engine:
         """An engine over an HF checkpoint directory."""
-        return cls(load_model(path, dtype=config.runner.dtype if config else None), config, **kwargs)
+        config = config or EngineConfig()
+        return cls(load_model(path, dtype=config.runner.dtype, tensor_parallel=config.parallel.tensor_parallel),
+                   config, **kwargs)
 
     @classmethod
     def from_config(cls, yaml_path: str | Path, config: EngineConfig | None = None, seed: int = 0,
                     **kwargs) -> Engine:
         """An engine over a YAML model config with random weights from `seed`."""
-        return cls(load_model(yaml_path, dtype=config.runner.dtype if config else None, seed=seed), config,
-                   **kwargs)
+        config = config or EngineConfig()
+        return cls(load_model(yaml_path, dtype=config.runner.dtype, seed=seed,
+                              tensor_parallel=config.parallel.tensor_parallel), config, **kwargs)
 
     def _num_pages(self, layout: ArenaLayout, params) -> int:
         config, cache = self.config, self.config.cache

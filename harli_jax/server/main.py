@@ -158,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if several and args.state_dir is not None:
             raise HarliError("--state-dir: fine-tuning jobs run on a single-process server")
         config = engine_config(args)
-        model = load_model(args.model, dtype=config.runner.dtype, seed=args.seed)
+        model = load_model(args.model, dtype=config.runner.dtype, seed=args.seed,
+                           tensor_parallel=config.parallel.tensor_parallel)
         name = args.served_model_name or model.cfg.name
         print(f"harli serve: {name}, compiling the step programs...", file=sys.stderr, flush=True)
         engine = Engine(model, config)

@@ -49,6 +49,7 @@ def test_greedy_tokens_and_bytes_per_device(hf_checkpoint, variant, degrees, tmp
         run = runs[str(tp)]
         assert run["tokens"] == runs["1"]["tokens"], tp
         assert run["adapter_tokens"] == runs["1"]["adapter_tokens"], tp
+        assert run["loaded_in_place"]  # the loader placed each tensor's parts: the engine moved nothing
         device, total = run["arena"]
         assert device * tp == total
         device, total = run["split_weights"]
@@ -151,8 +152,8 @@ def test_two_processes_of_two_devices_equal_one_of_four(four_kv_heads):
 
 
 def test_a_lost_process_stops_the_other_with_an_error(four_kv_heads):
-    serve = ("serve", "--model", four_kv_heads, "--served-model-name", "m", "--port", 0, "--max-batch", 1, "--max-seq-len", 32,
-             "--max-loras", 0, "--max-logprobs", 0, "--tpot-slo", "100ms", "--tp", 4,
+    serve = ("serve", "--model", four_kv_heads, "--served-model-name", "m", "--port", 0, "--max-batch", 1,
+             "--max-seq-len", 32, "--max-loras", 0, "--max-logprobs", 0, "--tpot-slo", "100ms", "--tp", 4,
              "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", 2, "--distributed-timeout", 5)
     follower = _harli(*serve, "--process-id", 1, devices=2)
     leader = _harli(*serve, "--process-id", 0, devices=2)
@@ -160,8 +161,9 @@ def test_a_lost_process_stops_the_other_with_an_error(four_kv_heads):
         lines = iter(leader.stdout.readline, "")
         url = next(line for line in lines if "listening on" in line).split("listening on ")[1].strip()
         # Both processes serve a request (process 0 announces each step, process 1 runs it), then one dies.
-        request = urllib.request.Request(f"{url}/v1/completions", method="POST", headers={
-            "Content-Type": "application/json"}, data=json.dumps({"model": "m", "prompt": "the quick", "max_tokens": 4, "ignore_eos": True}).encode())
+        body = {"model": "m", "prompt": "the quick", "max_tokens": 4, "ignore_eos": True}
+        request = urllib.request.Request(f"{url}/v1/completions", method="POST", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 4
         follower.send_signal(signal.SIGKILL)

@@ -68,25 +68,29 @@ def placement(e: Engine) -> dict:
 
 
 def tokens(path: str, degrees: str, scratch: str) -> dict:
-    """Greedy tokens of the base model and of a served adapter (a resident slot), and the bytes per device."""
-    model = load_model(path)
-    adapter = random_adapter(model.cfg, Path(scratch) / "adapter")
+    """Greedy tokens of the base model and of a served adapter (a resident slot), the bytes per device, and
+    whether the loader placed every weight where the engine keeps it (the engine took them as they were)."""
+    adapter = None
     out = {}
     for tp in map(int, degrees.split(",")):
+        model = load_model(path, tensor_parallel=tp)
+        adapter = adapter or random_adapter(model.cfg, Path(scratch) / "adapter")
         e = engine(model, tp, max_loras=1, max_lora_rank=4)
         e.add_adapter("random", adapter)
-        out[tp] = {"tokens": greedy(e), "adapter_tokens": greedy(e, "random"), **placement(e)}
+        in_place = all(a is b for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(e.runner.params),
+                                              strict=True))
+        out[tp] = {"tokens": greedy(e), "adapter_tokens": greedy(e, "random"), "loaded_in_place": in_place,
+                   **placement(e)}
     return out
 
 
 def grads(path: str, degrees: str) -> dict:
     """One micro-batch through the micro-steps (a layer each), its gradient read from the accumulator before the
     optimizer step (grad_accum 2). Every B starts random (the same at every degree, on the B's devices), so that
-    no gradient is zero."""
-    model = load_model(path)
+    no gradient is zero. The weights are made on each degree's mesh (the same values)."""
     out = {}
     for tp in map(int, degrees.split(",")):
-        e = engine(model, tp)
+        e = engine(load_model(path, tensor_parallel=tp), tp)
         handle = e.finetune(FinetuneJob(total_steps=1, grad_accum=2, name=f"grads-{tp}", **JOB))
         runner = handle._runner
         rng = np.random.default_rng(0)
