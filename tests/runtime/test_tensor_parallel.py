@@ -4,6 +4,7 @@ two processes against one; a lost process."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -130,9 +131,15 @@ def _ids(stderr: str) -> str:
     return next(line for line in stderr.splitlines() if "ids: [" in line).split("ids: ")[1]
 
 
+# What the Gloo library (XLA:CPU's collectives) prints on stdout as processes connect, in pieces that its threads
+# may interleave: "[Gloo] Rank R" and " is connected to N peer ranks. Expected number ... is : N".
+GLOO = re.compile(r"\[Gloo\] Rank \d+"
+                  r"| is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+")
+
+
 def _text(stdout: str) -> str:
-    """stdout without the lines the Gloo library (XLA:CPU's collectives) prints there as processes connect."""
-    return "".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+    """stdout without Gloo's messages (and the empty lines they leave)."""
+    return "\n".join(line for line in GLOO.sub("", stdout).splitlines() if line.strip())
 
 
 def test_two_processes_of_two_devices_equal_one_of_four(four_kv_heads):
