@@ -516,3 +516,14 @@ def test_tensor_parallel_quick(tmp_path):
             assert close(row[name]["relative_to_first_degree"]["value"],
                          median / valid_median(cmp, f"tp1/{name}", lambda r: r["seconds"]))
     assert two["decode_program_per_device"]["argument_bytes"] < one["decode_program_per_device"]["argument_bytes"]
+
+
+def test_overload_quick(tmp_path):
+    data = run_script("overload", tmp_path, "--no-finetune", "--rounds", "2")
+    check_comparison(data["comparison"], {"admission", "all-admitted"})
+    for attempt in data["comparison"]["attempts"]:
+        result = attempt["result"]
+        assert result["finished"] + result["refused"] == result["requests"] == 12 and result["lost"] == 0
+        assert result["kv_pages_after"] == 0 and result["finetune_tokens"] == 0
+    assert data["sustainable_rate"] > 0 and data["tpot_slo_s"] == data["solo_decode_step_s"]
+    assert set(data["summary"]) == {"admission", "all-admitted"}

@@ -32,6 +32,7 @@ from harli_jax.runtime.microbatch import FusedCall
 from harli_jax.runtime.predictor import LatencyPredictor
 from harli_jax.runtime.runner import Bucket, InFlight, ModelRunner
 from harli_jax.runtime.scheduler import Scheduler, StepPlan
+from harli_jax.runtime.state import RequestState
 
 log = logging.getLogger("harli_jax")
 CALIBRATION_SWEEP = 2  # what `calibrate` times, in the cache key: 2 = steps, micro-steps and fused steps
@@ -238,13 +239,36 @@ class CoLocator:
 
         return bound
 
+    def _kv_need(self, state: RequestState) -> int:
+        """Pages a request may still take: to its prompt plus max_tokens, less what it holds."""
+        total = len(state.prompt_ids) + state.sampling.max_tokens
+        return self.page_table.pages_for_tokens(total) - len(self.page_table.block_table(state.request_id))
+
     def _kv_reserve(self) -> int:
         """Pages the running and waiting requests may still need: the trainer leases only above it."""
-        need = 0
-        for state in [*self.scheduler.running, *self.scheduler.waiting]:
-            total = len(state.prompt_ids) + state.sampling.max_tokens
-            need += self.page_table.pages_for_tokens(total) - len(self.page_table.block_table(state.request_id))
-        return need
+        return sum(self._kv_need(state) for state in [*self.scheduler.running, *self.scheduler.waiting])
+
+    def admits(self, plan: StepPlan, seq: RequestState, n: int) -> bool:
+        """Admission control (the scheduler's `admission`): whether `plan` may take `n` more tokens of `seq` under
+        the TPOT SLO. Only when the step with them is predicted (its bound, plus the host's work) to end before
+        every decoding request's next-token deadline, and the KV that every running request and `seq` may still
+        need fits in the free pages and the trainer's leases (the trainer yields first: its windows only get the
+        slack left after the step, and its leases are taken back for KV). With no SLO or `admission` off: yes."""
+        slo = (self.config.colocation.tpot_slo_ms or 0.0) / 1e3
+        if not slo or not self.config.scheduler.admission:
+            return True
+        table = self.page_table
+        usage = table.usage()
+        others = [s for s in self.scheduler.running if s is not seq]
+        if sum(map(self._kv_need, [*others, seq])) > usage["free"] + usage["lease"]:
+            return False
+        deadlines = self._deadlines(slo)
+        if not deadlines:
+            return True
+        pages = max([len(w.block_table) for w in plan.work] + [table.pages_for_tokens(seq.num_computed + n)])
+        bucket = self.runner.bucket_for(len(plan.work) + 1, plan.num_tokens + n, pages)
+        step = self.predictor.step((bucket.seqs, bucket.tokens, bucket.pages), plan.context + seq.num_computed + n)
+        return time.perf_counter() + step.bound + self.predictor.host_bound() <= min(deadlines)
 
     def _deadlines(self, slo: float) -> list[float]:
         """Each decoding request's next-token deadline: its TPOT target (slack banked by tokens ahead of it), and

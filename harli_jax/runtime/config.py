@@ -63,9 +63,16 @@ class SchedulerConfig:
                                       "step, so the decoding ones keep their TPOT")
     batch_buckets: tuple[int, ...] = option((), "sequences-per-step program shapes; unset: powers of two")
     page_buckets: tuple[int, ...] = option((), "pages-per-sequence program shapes; unset: x4 steps to the maximum")
+    admission: bool = option(True, "under a TPOT SLO, admit a waiting request only when the predictor says the step "
+                                   "with it ends before every decoding request's next-token deadline and the KV "
+                                   "every admitted request may still need fits; otherwise it waits")
+    queue_timeout_s: float | None = option(None, "seconds a request may wait to be admitted before it is refused "
+                                                 "(429 over HTTP); unset: it waits as long as it takes")
 
     def __post_init__(self):
         _positive_ints(self, "max_batch", "prefill_chunk", "max_prefill_seqs", "prefill_interval")
+        if self.queue_timeout_s is not None and not self.queue_timeout_s > 0:
+            raise ConfigError(f"SchedulerConfig.queue_timeout_s must be positive, got {self.queue_timeout_s}")
         if any(b <= 0 or b > self.max_batch for b in self.batch_buckets):
             raise ConfigError(f"SchedulerConfig.batch_buckets must lie in [1, max_batch={self.max_batch}], "
                               f"got {self.batch_buckets}")

@@ -83,6 +83,7 @@ class Engine:
         slots = SlotTable(config.adapters.max_loras) if config.adapters.max_loras else None
         self.scheduler = Scheduler(self.arena.table, scheduler, OutputProcessor(model.tokenizer), slots)
         self.colocation = CoLocator(cfg, config, self.scheduler, self.arena, self.runner)
+        self.scheduler.admission = self.colocation.admits  # the co-locator owns the predictor and the SLO
         self.step_records = StepLog(config.runner.step_record_limit)
         self._next_plan: StepPlan | None = None  # scheduled after the last step, before its training window
         self._in_flight: InFlight | None = None  # a step dispatched ahead, its tokens not read yet
@@ -98,6 +99,7 @@ class Engine:
                  "" if self.mesh is None else f", tensor parallel over {self.mesh.size} devices")
         if warmup and (self.peers is None or self.peers.leader):
             self.runner.warmup()  # process 0's warm-up runs are announced: the others run them in `follow`
+            self._calibrate_admission()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **kwargs) -> Engine:
@@ -162,6 +164,12 @@ class Engine:
         colocation = dataclasses.replace(self.config.colocation, tpot_slo_ms=tpot_slo_ms)
         self.config = dataclasses.replace(self.config, colocation=colocation)
         self.colocation.config = self.config
+        self._calibrate_admission()
+
+    def _calibrate_admission(self) -> None:
+        """Admission control under an SLO predicts every step: the predictor's sweep runs once if it has none."""
+        if self.config.colocation.tpot_slo_ms and self.config.scheduler.admission and not self.predictor.step_coef:
+            self.calibrate()
 
     def chunk_options(self) -> tuple[int, ...]:
         """Layers per training micro-step, each compiled at warm-up."""
@@ -296,7 +304,7 @@ class Engine:
         after it before reading its tokens when that step can be made ahead (serving, no training); update the
         requests; then, unless a step is in flight, schedule the next step and the training window before it
         (or, with nothing to serve, train)."""
-        events = self._apply_messages()
+        events = self._apply_messages() + self.scheduler.expire(time.perf_counter())
         flight = self._in_flight
         if flight is None:
             plan = self._next_plan if self._next_plan is not None else self.scheduler.schedule()

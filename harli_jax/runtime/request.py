@@ -84,6 +84,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # a stop token id, EOS or stop string
     ABORTED = "aborted"
     REJECTED = "rejected"  # invalid request: `error` says why
+    REFUSED = "refused"  # never admitted within the queue timeout (overload): `error` says how long it waited
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,9 +3,10 @@
 `schedule()` decides the next step: which sequences run with how many tokens (continuous batching with chunked
 prefill, decode first), whom to preempt when the arena is full, which prefilled K/V to import, which
 trainer leases the page table took back to make room, and which resident adapter slot each admitted request's
-adapter takes. `update(plan, tokens, now)` applies the step's output:
-it appends tokens, asks the output processor whether a request ends, finishes and frees it. `add` and `abort`
-are the other two ways a request's state changes; all of them run on the engine thread.
+adapter takes. A waiting request is admitted only when `admission` (the engine's admission control) says the step
+with it keeps the promise made to the running ones. `update(plan, tokens, now)` applies the step's output:
+it appends tokens, asks the output processor whether a request ends, finishes and frees it. `add`, `abort` and
+`expire` (the queue timeout) are the other ways a request's state changes; all of them run on the engine thread.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -63,11 +64,20 @@ class StepPlan:
         return sum(w.start + len(w.tokens) for w in self.work)
 
 
+Admission = Callable[[StepPlan, "RequestState", int], bool]  # may the plan take n more tokens of this sequence?
+
+
+def admit_all(plan: StepPlan, seq: RequestState, n: int) -> bool:
+    return True
+
+
 class Scheduler:
     def __init__(self, page_table: PageTable, settings: SchedulerConfig, output: OutputProcessor,
-                 adapter_slots: SlotTable | None = None):
+                 adapter_slots: SlotTable | None = None, admission: Admission = admit_all):
         self.pages = page_table
         self.adapter_slots = adapter_slots
+        self.admission = admission
+        self.queue_timeout = settings.queue_timeout_s
         self.max_batch, self.prefill_chunk = settings.max_batch, settings.prefill_chunk
         self.max_prefill_seqs, self.prefill_interval = settings.max_prefill_seqs, settings.prefill_interval
         self._steps_without_prefill = settings.prefill_interval  # steps run since the last chunk (none yet)
@@ -95,6 +105,15 @@ class Scheduler:
         """Finishes a request as aborted; nothing if it already finished."""
         state = self._requests.get(request_id)
         return [] if state is None else [self._finish(state, FinishReason.ABORTED)]
+
+    def expire(self, now: float) -> list[Event]:
+        """Refuses the waiting requests never admitted within the queue timeout (a preempted one keeps waiting)."""
+        if self.queue_timeout is None:
+            return []
+        late = [s for s in self.waiting if s.scheduled_time is None and now - s.arrival_time > self.queue_timeout]
+        return [self._finish(s, FinishReason.REFUSED, f"not admitted within the queue timeout of "
+                                                      f"{self.queue_timeout:g} s: the server is overloaded, retry "
+                                                      f"later") for s in late]
 
     def update(self, plan: StepPlan, tokens: Sequence[int], now: float,
                logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[Event]:
@@ -126,7 +145,7 @@ class Scheduler:
             events.append(self._finish(state, reason))
         return events
 
-    def _finish(self, state: RequestState, reason: FinishReason) -> FinishedEvent:
+    def _finish(self, state: RequestState, reason: FinishReason, error: str | None = None) -> FinishedEvent:
         if state in self.running:
             self.running.remove(state)
         elif state in self.waiting:
@@ -135,7 +154,7 @@ class Scheduler:
         self._release_adapter(state)
         del self._requests[state.request_id]
         state.text = self.output.finished_text(state)
-        return FinishedEvent(state.output(reason))
+        return FinishedEvent(state.output(reason, error))
 
     def _preempt(self, seq: RequestState, plan: StepPlan) -> None:
         """Frees the sequence's pages; it waits at the front and recomputes its KV when readmitted."""
@@ -236,7 +255,7 @@ class Scheduler:
             if paced or budget == 0 or prefills == self.max_prefill_seqs:
                 break
             n = min(seq.num_pending, budget)
-            if not self._grow(seq, seq.num_computed + n, plan):
+            if not self.admission(plan, seq, n) or not self._grow(seq, seq.num_computed + n, plan):
                 continue
             self._run(seq, n, plan)
             budget, prefills, plan.chunks = budget - n, prefills + 1, plan.chunks + 1
@@ -246,6 +265,8 @@ class Scheduler:
             if paced and seq.prefilled is None:
                 break
             n = min(seq.num_pending, budget)
+            if self.running and not self.admission(plan, seq, n):
+                break  # the running requests' TPOT or KV would suffer: it waits (first come, first admitted)
             if not self._acquire_adapter(seq):
                 break  # its adapter waits for a resident slot that no running request uses
             if not self._grow(seq, seq.num_computed + n, plan):

@@ -5,8 +5,9 @@ prefix), and fine-tuning: `/v1/files` and `/v1/fine_tuning/jobs` (harli_jax.serv
 
 Errors come back the OpenAI way, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad parameter,
 malformed JSON, a prompt over the context or bad fine-tuning data, 401 for a wrong API key, 404 for an unknown
-model, job or file, 429 when the server already holds `max batch + max waiting` requests, 503 when the engine is
-down. A client that disconnects
+model, job or file, 429 when the server already holds `max batch + max waiting` requests or the engine did not
+admit a request within its queue timeout (admission control keeps the TPOT SLO of the requests it runs), 503 when
+the engine is down. A client that disconnects
 (streaming or not) aborts its request, which frees its pages.
 """
 
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from harli_jax.lora.data import DataError, chat_prompt_ids
 from harli_jax.runtime.processing import RequestError
-from harli_jax.runtime.request import FinishedEvent, GenerationOutput, SamplingParams
+from harli_jax.runtime.request import Event, FinishedEvent, FinishReason, GenerationOutput, SamplingParams
 from harli_jax.runtime.request import Request as EngineRequest
 from harli_jax.server import protocol
 from harli_jax.server.finetuning import FineTuning
@@ -67,6 +68,8 @@ class ServerMetrics:
                                          registry=registry)
         self.success = Counter("harli:request_success", "Finished requests by finish reason", ["finished_reason"],
                                registry=registry)
+        self.refused = Counter("harli:requests_refused", "Requests refused with a 429: over max waiting, or not "
+                               "admitted within the queue timeout", registry=registry)
         self.gauges = {
             "running": Gauge("harli:num_requests_running", "Requests in the engine's batch", registry=registry),
             "waiting": Gauge("harli:num_requests_waiting", "Requests waiting for the batch", registry=registry),
@@ -94,6 +97,9 @@ class ServerMetrics:
             self.window_observed.observe(step.train_time)
 
     def finished(self, output: GenerationOutput) -> None:
+        if output.finish_reason is FinishReason.REFUSED:
+            self.refused.inc()
+            return
         self.success.labels(protocol.finish_reason(output.finish_reason)).inc()
         self.prompt_tokens.inc(len(output.prompt_ids))
         self.generation_tokens.inc(len(output.token_ids))
@@ -185,22 +191,30 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         except RequestError as e:
             raise protocol.ApiError(400, str(e), param="prompt") from None
         except QueueFull as e:
+            metrics.refused.inc()
             raise protocol.ApiError(429, str(e), type="rate_limit_error") from None
         except EngineStopped as e:
             raise protocol.ApiError(503, str(e), type="server_error") from None
 
+    async def watch(stream, client: Request) -> None:
+        """Aborts the request once its client disconnects (its pages are freed)."""
+        while not await client.is_disconnected():
+            await asyncio.sleep(0.25)
+        loop.abort(stream.request_id)
+
+    def refused(output: GenerationOutput) -> None:
+        """A 429 for a request the engine never admitted within its queue timeout."""
+        if output.finish_reason is FinishReason.REFUSED:
+            raise protocol.ApiError(429, output.error or "not admitted: the server is overloaded",
+                                    type="rate_limit_error")
+
     async def finish(stream, client: Request) -> GenerationOutput:
-        """The request's output; a client that disconnects first aborts it (its pages are freed)."""
-
-        async def watch() -> None:
-            while not await client.is_disconnected():
-                await asyncio.sleep(0.25)
-            loop.abort(stream.request_id)
-
-        watcher = asyncio.create_task(watch())
+        """The request's output; a client that disconnects first aborts it."""
+        watcher = asyncio.create_task(watch(stream, client))
         try:
             async for event in stream.events():
                 if isinstance(event, FinishedEvent):
+                    refused(event.output)
                     return event.output
         except EngineStopped as e:
             raise protocol.ApiError(503, str(e), type="server_error") from None
@@ -208,6 +222,26 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
             watcher.cancel()
             loop.abort(stream.request_id)  # a no-op once finished; a cancelled request ends here
         raise protocol.ApiError(503, "the request ended without an output", type="server_error")
+
+    async def opened(stream, client: Request) -> AsyncIterator[Event]:
+        """The request's events once the first has come, so that a refusal is still a 429 and not a stream."""
+        events = stream.events()
+        watcher = asyncio.create_task(watch(stream, client))
+        try:
+            first = await anext(events)
+        except EngineStopped as e:
+            raise protocol.ApiError(503, str(e), type="server_error") from None
+        finally:
+            watcher.cancel()
+        if isinstance(first, FinishedEvent):
+            refused(first.output)
+
+        async def chained() -> AsyncIterator[Event]:
+            yield first
+            async for event in events:
+                yield event
+
+        return chained()
 
     async def sse(stream, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         try:
@@ -230,10 +264,11 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         if not body.stream:
             output = await finish(stream, client)
             return protocol.completion(request_id, body.model, output, protocol.now(), token_text)
+        events = await opened(stream, client)
 
         async def chunks() -> AsyncIterator[dict]:
             stamp, offset = protocol.now(), 0
-            async for event in stream.events():
+            async for event in events:
                 if isinstance(event, FinishedEvent):
                     yield protocol.completion_chunk(request_id, body.model, stamp, "",
                                                     protocol.finish_reason(event.output.finish_reason))
@@ -265,11 +300,12 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
         if not body.stream:
             output = await finish(stream, client)
             return protocol.chat_completion(request_id, body.model, output, protocol.now(), token_text)
+        events = await opened(stream, client)
 
         async def chunks() -> AsyncIterator[dict]:
             stamp = protocol.now()
             yield protocol.chat_chunk(request_id, body.model, stamp, {"role": "assistant", "content": ""})
-            async for event in stream.events():
+            async for event in events:
                 if isinstance(event, FinishedEvent):
                     yield protocol.chat_chunk(request_id, body.model, stamp, {},
                                               protocol.finish_reason(event.output.finish_reason))

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, help="prompt tokens per step")
     p.add_argument("--max-waiting", type=int, help="requests that may wait beyond the batch; more get 429 "
                                                    "(default: no limit)")
+    p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for admission before it gets "
+                                                       "429 (default: it waits)")
+    p.add_argument("--admission", action=argparse.BooleanOptionalAction, default=True,
+                   help="admission control: a request joins the batch only when the latency predictor says every "
+                        "running request still meets the TPOT SLO and its KV fits; otherwise it waits (default on)")
     p.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens of a request that sets none "
                                                                       "(default 16, as the OpenAI API)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests may take to "
@@ -100,6 +105,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
              if getattr(args, name) is not None}
     if args.tp is not None:
         flags["tensor_parallel"] = args.tp
+    if args.queue_timeout is not None:
+        flags["queue_timeout_s"] = args.queue_timeout
+    flags["admission"] = args.admission
     flags["policy"] = args.policy
     flags["max_logprobs"] = args.max_logprobs or None
     if args.engine_config:
@@ -127,6 +135,8 @@ def check_args(args: argparse.Namespace) -> None:
     parse_slo(args.tpot_slo, "tpot-slo")
     if not 0 <= args.port < 65536:
         raise HarliError(f"--port must be in [0, 65535], got {args.port}")
+    if args.queue_timeout is not None and args.queue_timeout <= 0:
+        raise HarliError(f"--queue-timeout must be positive, got {args.queue_timeout}")
     if args.drain_timeout < 0:
         raise HarliError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
 

@@ -24,11 +24,12 @@ def _state(rid, prompt_len, max_tokens=4, prefilled=None):
                         prefilled=prefilled)
 
 
-def _scheduler(num_pages=64, page_tokens=4, max_batch=4, prefill_chunk=8, max_prefill_seqs=4, prefill_interval=1):
+def _scheduler(num_pages=64, page_tokens=4, max_batch=4, prefill_chunk=8, max_prefill_seqs=4, prefill_interval=1,
+               queue_timeout_s=None, **kwargs):
     table = PageTable(num_pages, page_tokens, max_pages_per_seq=16)
     settings = SchedulerConfig(max_batch=max_batch, prefill_chunk=prefill_chunk, max_prefill_seqs=max_prefill_seqs,
-                               prefill_interval=prefill_interval)
-    return Scheduler(table, settings, OutputProcessor(None)), table
+                               prefill_interval=prefill_interval, queue_timeout_s=queue_timeout_s)
+    return Scheduler(table, settings, OutputProcessor(None), **kwargs), table
 
 
 def _shape(plan):
@@ -193,3 +194,56 @@ def test_pending_ids_cross_from_prompt_into_output():
         state.num_computed = start
         assert [state.pending_ids(n) for n in range(len(tokens) - start + 1)] == [
             tokens[start:start + n] for n in range(len(tokens) - start + 1)]
+
+
+def test_admission_holds_waiting_requests_while_others_run_and_never_blocks_an_empty_batch():
+    asked = []
+    open_ = {"a"}  # the admission control's answer: only these may join while others run
+
+    def admission(plan, seq, n):
+        asked.append((seq.request_id, n, [s.request_id for s in plan.states]))
+        return seq.request_id in open_
+
+    sched, table = _scheduler(admission=admission)
+    sched.add(_state("b", 3), now=0.0)
+    plan = sched.schedule()
+    assert _shape(plan) == [("b", 3, 0)] and asked == []  # nothing runs: admitted without asking
+    sched.update(plan, [7], now=1.0)
+    sched.add(_state("c", 2), now=1.0)
+    sched.add(_state("a", 2), now=1.0)
+    plan = sched.schedule()
+    assert _shape(plan) == [("b", 1, 3)]  # c is refused for now, and a behind it waits: first come first admitted
+    assert asked == [("c", 2, ["b"])] and [s.request_id for s in sched.waiting] == ["c", "a"]
+    open_.add("c")
+    sched.update(plan, [8], now=2.0)
+    assert _shape(sched.schedule()) == [("b", 1, 4), ("c", 2, 0), ("a", 2, 0)]
+    table.check_invariants()
+
+
+def test_a_request_not_admitted_within_the_queue_timeout_is_refused_and_frees_nothing_it_never_held():
+    sched, table = _scheduler(max_batch=1, queue_timeout_s=5.0)
+    sched.add(_state("a", 3, max_tokens=8), now=0.0)
+    plan = sched.schedule()
+    sched.update(plan, [7], now=1.0)
+    late = _state("b", 2)
+    late.arrival_time = 1.0
+    sched.add(late, now=1.0)
+    assert sched.expire(5.9) == []  # waited 4.9 s
+    [event] = sched.expire(6.5)
+    output = event.output
+    assert output.request_id == "b" and output.finish_reason is FinishReason.REFUSED and output.token_ids == ()
+    assert "queue timeout of 5 s" in output.error
+    assert sched.get("b") is None and not sched.waiting and sched.get("a") is not None
+    table.check_invariants()
+
+
+def test_a_preempted_request_waits_past_the_queue_timeout():
+    sched, table = _scheduler(num_pages=4, page_tokens=4, prefill_chunk=16, queue_timeout_s=1.0)
+    sched.add(_state("a", 4, max_tokens=8), now=0.0)
+    sched.add(_state("b", 4, max_tokens=8), now=0.0)
+    plan = sched.schedule()
+    sched.update(plan, [7, 8], now=0.5)
+    plan = sched.schedule()  # 3 pages: a's growth preempts b, the youngest
+    assert [s.request_id for s in plan.preempted] == ["b"]
+    assert sched.expire(10.0) == []  # it was admitted once: it is owed its output
+    assert [s.request_id for s in sched.waiting] == ["b"]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import running_server
@@ -272,3 +273,39 @@ def test_the_waiting_queue_is_bounded(engine):
     finally:
         loop.stop()
     assert all(isinstance(e, FinishedEvent) for e in last) and loop.in_flight() == 0
+
+
+def test_a_request_not_admitted_within_the_queue_timeout_gets_429_plain_or_streamed(tiny_yaml):
+    from fastapi.testclient import TestClient
+
+    from harli_jax.server.app import ServerMetrics, create_app
+
+    # One sequence per step: while a long request runs, every other one waits, and 0.3 s later is refused.
+    engine = Engine(load_model(tiny_yaml), EngineConfig(max_batch=1, max_seq_len=512, prefill_chunk=32,
+                                                        max_loras=0, queue_timeout_s=0.3))
+    metrics = ServerMetrics()
+    loop = EngineLoop(engine, on_finished=metrics.finished)
+    loop.start()
+    try:
+        with TestClient(create_app(loop, NAME, metrics)) as http:
+            body = {"model": NAME, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+            long = threading.Thread(target=lambda: results.append(http.post("/v1/completions", json=body)))
+            results = []
+            long.start()
+            while not engine.has_unfinished():
+                time.sleep(0.01)
+            short = {"model": NAME, "prompt": PROMPT, "max_tokens": 4}
+            plain = http.post("/v1/completions", json=short)
+            streamed = http.post("/v1/chat/completions", json={"model": NAME, "messages": MESSAGES, "max_tokens": 4,
+                                                                "stream": True})
+            long.join(timeout=120)
+    finally:
+        loop.stop()
+    for response in (plain, streamed):
+        assert response.status_code == 429
+        error = response.json()["error"]
+        assert error["type"] == "rate_limit_error" and "queue timeout of 0.3 s" in error["message"]
+    [done] = results
+    assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 400
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    assert families["harli:requests_refused"].samples[0].value == 2
