@@ -132,7 +132,8 @@ def _finetune(args: argparse.Namespace) -> None:
     every = max(job.total_steps // 20, 1)
     while not handle.done():
         progress = handle.wait(max_steps=every)
-        print(f"step {progress.step}/{progress.total_steps}  loss {progress.loss:.4f}  "
+        loss = "-" if progress.loss is None else f"{progress.loss:.4f}"  # no step made yet
+        print(f"step {progress.step}/{progress.total_steps}  loss {loss}  "
               f"eval {progress.eval_loss if progress.eval_loss is None else round(progress.eval_loss, 4)}  "
               f"{progress.tokens_per_s:,.0f} tokens/s", file=sys.stderr)
         if progress.status.value == "paused":

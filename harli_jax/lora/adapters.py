@@ -92,29 +92,58 @@ def export_peft(adapters: Adapters, lora: LoRAConfig, cfg: ModelConfig, path: st
 
 
 def load_peft(path: str | Path, cfg: ModelConfig) -> tuple[LoRAConfig, Adapters]:
-    """Reads an HF PEFT LoRA adapter directory (the inverse of `export_peft`)."""
+    """Reads an HF PEFT LoRA adapter directory (the inverse of `export_peft`); a CheckpointError naming the file
+    for one that cannot be read or does not fit `cfg`."""
     path = Path(path)
+    config_file, weights_file = path / PEFT_CONFIG, path / PEFT_WEIGHTS
     try:
-        config = json.loads((path / PEFT_CONFIG).read_text())
-        tensors = safetensors.numpy.load_file(str(path / PEFT_WEIGHTS))
-    except (OSError, json.JSONDecodeError, safetensors.SafetensorError) as e:
-        raise CheckpointError(f"cannot read a PEFT adapter from {path}: {e}") from None
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
-        raise CheckpointError(f"{path / PEFT_CONFIG}: only plain LoRA adapters are supported")
-    targets = config["target_modules"]
-    targets = [t for t in PROJECTIONS if t in targets] if isinstance(targets, list) else []
-    lora = LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=tuple(targets))
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read the PEFT adapter config {config_file}: {e}") from None
+    try:
+        tensors = safetensors.numpy.load_file(str(weights_file))
+    except (OSError, safetensors.SafetensorError) as e:
+        raise CheckpointError(f"cannot read the PEFT adapter weights {weights_file}: {e}") from None
+    lora = _peft_config(config, config_file)
+    shapes = layer_shapes(cfg)
     out = {}
     for target in lora.targets:
-        def stacked(kind, target=target):
+        d_in, d_out = shapes[target]
+
+        def stacked(kind, want, target=target):
             names = [f"base_model.model.model.layers.{i}.{_HF_MODULE[target]}.lora_{kind}.weight"
                      for i in range(cfg.num_layers)]
             missing = [n for n in names if n not in tensors]
             if missing:
-                raise CheckpointError(f"{path / PEFT_WEIGHTS} lacks {missing[:3]}")
+                raise CheckpointError(f"{weights_file} lacks {missing[:3]}")
+            wrong = [f"{n} {tensors[n].shape}" for n in names if tensors[n].shape != want]
+            if wrong:
+                raise CheckpointError(f"{weights_file}: {wrong[0]} is not of shape {want} (rank {lora.rank} in "
+                                      f"{config_file}, model {cfg.name})")
             return jnp.asarray(np.stack([tensors[n].T for n in names]).astype(np.float32))
-        out[target] = LoRAPair(a=stacked("A"), b=stacked("B"), scale=lora.scale)
+
+        out[target] = LoRAPair(a=stacked("A", (lora.rank, d_in)), b=stacked("B", (d_out, lora.rank)),
+                               scale=lora.scale)
+    bad = [t for t, pair in out.items() if not (np.isfinite(pair.a).all() and np.isfinite(pair.b).all())]
+    if bad:
+        raise CheckpointError(f"{weights_file} holds non-finite weights (on {', '.join(bad)})")
     return lora, out
+
+
+def _peft_config(config, config_file: Path) -> LoRAConfig:
+    """The LoRAConfig of a PEFT `adapter_config.json`; a CheckpointError naming the file when it is not one."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} is not a PEFT adapter config (a JSON object)")
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
+        raise CheckpointError(f"{config_file}: only plain LoRA adapters are supported")
+    targets = config.get("target_modules")
+    targets = [t for t in PROJECTIONS if t in targets] if isinstance(targets, list) else []
+    try:
+        return LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=tuple(targets))
+    except KeyError as e:
+        raise CheckpointError(f"{config_file} lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
 
 
 def empty_slots(cfg: ModelConfig, num_slots: int, rank: int, targets: tuple[str, ...] = PROJECTIONS,

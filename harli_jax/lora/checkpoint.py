@@ -3,6 +3,7 @@ seed, history) so that a restart resumes exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -26,23 +27,51 @@ def _first_line(error: Exception) -> str:
 class TrainCheckpointer:
     def __init__(self, directory: str | Path, max_to_keep: int = 3):
         self.directory = Path(directory).absolute()
+        self._probe()
+        self._max_to_keep = max_to_keep
+        self._manager = self._open()
+        self._pending: int | None = None  # the step of a save that may still be in flight
+
+    def _probe(self) -> None:
+        """A CheckpointError unless the directory takes a file (checked before Orbax, whose saves that fail in
+        their background threads leave others waiting minutes for them)."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             probe = self.directory / ".write-test"
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
-            raise CheckpointError(f"checkpoint directory {directory} is not writable: {e}") from None
-        self._manager = ocp.CheckpointManager(self.directory,
-                                              options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+            raise CheckpointError(f"checkpoint directory {self.directory} is not writable: {e}") from None
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory,
+                                     options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep))
+
+    def _failed(self, step: int | None, error: Exception) -> CheckpointError:
+        """The error of a save that failed, after a fresh manager replaces the one it left waiting on it."""
+        with contextlib.suppress(Exception):
+            self._manager.close()
+        self._manager = self._open()
+        return CheckpointError(f"cannot write the checkpoint of step {step} to {self.directory}: "
+                               f"{_first_line(error)}")
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: TrainState, record: dict[str, Any]) -> None:
-        """Saves asynchronously; `wait()` or `close()` makes it durable."""
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         record=ocp.args.JsonSave(record)), force=True)
+        """Saves asynchronously; `wait()` or `close()` makes it durable. A CheckpointError naming the directory
+        and the step when it cannot be written (or an earlier save failed)."""
+        self.wait()
+        try:
+            self._probe()
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot write the checkpoint of step {step}: {e}") from None
+        try:
+            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             record=ocp.args.JsonSave(record)), force=True)
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds; name the checkpoint
+            raise self._failed(step, e) from None
+        self._pending = step
 
     def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict[str, Any]]:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
@@ -95,8 +124,15 @@ class TrainCheckpointer:
         return aside
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Blocks until the last save is durable; a CheckpointError naming it when it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds; name the checkpoint
+            raise self._failed(step, e) from None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()

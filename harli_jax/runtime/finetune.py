@@ -176,7 +176,6 @@ class JobHandle:
 
     def checkpoint(self) -> None:
         """Saves the job's state now (with a `checkpoint_dir`), so that a new job with that directory resumes
-        from here; nothing without one."""
+        from here; nothing without one. A CheckpointError naming the directory when it cannot be written."""
         if self._runner.checkpointer is not None and self._runner.status is not JobStatus.FINISHED:
-            self._runner.save()
-            self._runner.checkpointer.wait()
+            self._runner.save(durable=True, strict=True)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from harli_jax.errors import ConfigError
+from harli_jax.errors import CheckpointError, ConfigError
 from harli_jax.lora import data as data_lib
 from harli_jax.lora import trainer
 from harli_jax.lora.adapters import export_peft, init_lora
@@ -184,11 +184,14 @@ class FinetuneRunner:
         if not bool(applied) or not np.isfinite(loss):
             self.skipped_updates += 1
             self.consecutive_nonfinite += 1
-            log.warning("%s: non-finite loss or gradient at step %d; update skipped", self.job.name, self.step)
+            log.warning("%s: non-finite loss or gradient at step %d; update skipped", self.job.name, self.step + 1)
             if self.consecutive_nonfinite >= self.job.max_nonfinite:
                 self.status = JobStatus.PAUSED
-                self.reason = f"{self.consecutive_nonfinite} consecutive non-finite updates"
+                self.reason = (f"{self.consecutive_nonfinite} consecutive non-finite updates at step {self.step + 1} "
+                               f"(skipped: the weights are those of step {self.step})")
                 log.error("%s paused: %s", self.job.name, self.reason)
+                if self.checkpointer is not None:
+                    self.save(durable=True)
             return
         self.consecutive_nonfinite = 0
         self.step += 1
@@ -210,8 +213,7 @@ class FinetuneRunner:
             self.evaluate()
         self.status = JobStatus.FINISHED
         if self.checkpointer is not None:
-            self.save()
-            self.checkpointer.wait()
+            self.save(durable=True)
         log.info("%s finished: %d steps, %d tokens, loss %s, eval loss %s", self.job.name, self.step, self.tokens,
                  self.last_loss, self.eval_loss)
 
@@ -222,8 +224,7 @@ class FinetuneRunner:
         self.micro.abandon()
         self.status = JobStatus.STOPPED
         if self.checkpointer is not None:
-            self.save()
-            self.checkpointer.wait()
+            self.save(durable=True)
 
     def evaluate(self) -> float | None:
         """Mean loss over the eval split (the whole split, in file order)."""
@@ -247,13 +248,25 @@ class FinetuneRunner:
                 "skipped_updates": self.skipped_updates, "abandoned": self.abandoned, "seed": self.job.seed,
                 **self._identity()}
 
-    def save(self) -> None:
-        """Checkpoints at a micro-batch boundary (a micro-batch in flight is abandoned first). A step that is
-        already saved is not saved again: a resume from it redoes the micro-batches since."""
+    def save(self, durable: bool = False, *, strict: bool = False) -> None:
+        """Checkpoints at a micro-batch boundary (a micro-batch in flight is abandoned first), waiting until it is
+        on disk when `durable`. A step that is already saved is not saved again: a resume from it redoes the
+        micro-batches since. A checkpoint that cannot be written pauses a running job (its state stays in
+        memory) with the error as its reason; `strict` raises the CheckpointError instead."""
         self.micro.abandon()
-        if self.checkpointer.latest_step() == self.step:
-            return
-        self.checkpointer.save(self.step, self.state, self._record())
+        try:
+            if self.checkpointer.latest_step() != self.step:
+                self.checkpointer.save(self.step, self.state, self._record())
+            if durable:
+                self.checkpointer.wait()
+        except CheckpointError as e:
+            if strict:
+                raise
+            self.reason = f"{e} (its state since is in memory only)"
+            if self.status is JobStatus.RUNNING:
+                self.status = JobStatus.PAUSED
+                self.reason = f"{e} (paused with its state in memory: make the directory writable and resume)"
+            log.error("%s: %s", self.job.name, self.reason)
 
     def _identity(self) -> dict[str, dict[str, Any]]:
         """What a checkpoint must have been made with to resume this job: the adapter's and the model's shape."""

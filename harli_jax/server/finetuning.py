@@ -195,10 +195,10 @@ class FineTuning:
         """A job of an earlier run: its adapters served again; one that was training resumes (queued)."""
         self._jobs[job.id] = job
         for checkpoint in job.checkpoints:
-            self._serve(checkpoint["fine_tuned_model_checkpoint"], self._dir(job) / "checkpoints" /
-                        f"step-{checkpoint['step_number']}")
+            self._serve_again(job, checkpoint["fine_tuned_model_checkpoint"], self._dir(job) / "checkpoints" /
+                              f"step-{checkpoint['step_number']}")
         if job.status == "succeeded":
-            self._serve(job.fine_tuned_model, self._dir(job) / "adapter")
+            self._serve_again(job, job.fine_tuned_model, self._dir(job) / "adapter")
         elif job.status in ("running", "validating_files"):
             job.status = "queued"
             job.event("Queued again after a server restart")
@@ -206,6 +206,16 @@ class FineTuning:
 
     def _serve(self, name: str, directory: Path) -> None:
         self.engine.add_adapter(name, directory, base_model=self.base_model)
+
+    def _serve_again(self, job: JobRecord, name: str, directory: Path) -> None:
+        """Serves an adapter of an earlier run; one that cannot be read (an error event of its job) is not served
+        and the server starts without it."""
+        try:
+            self._serve(name, directory)
+        except HarliError as e:
+            log.error("%s is not served: %s", name, e)
+            job.event(f"{name} is not served after the restart: {e}", level="error")
+            self._save(job)
 
     def _dir(self, job: JobRecord) -> Path:
         return self.root / "jobs" / job.id
@@ -368,8 +378,15 @@ class FineTuning:
                 with self._lock:
                     job.event(f"Step {progress.step}: validation loss={progress.eval_loss:.4f}", "metrics",
                               {"step": progress.step, "valid_loss": progress.eval_loss})
-            handle.export_peft(self._dir(job) / "adapter", self.base_model)
-            self._serve(job.model_name, self._dir(job) / "adapter")
+            try:
+                handle.export_peft(self._dir(job) / "adapter", self.base_model)
+                self._serve(job.model_name, self._dir(job) / "adapter")
+            except (HarliError, OSError) as e:
+                message = f"cannot export the final adapter to {self._dir(job) / 'adapter'}: {e}"
+                with self._lock:
+                    job.error = {"code": "adapter_export_failed", "message": message, "param": None}
+                self._update(job, "failed", f"Fine-tuning job failed: {message}", finished=True, level="error")
+                return
             with self._lock:
                 job.fine_tuned_model, job.trained_tokens = job.model_name, progress.tokens
             self._update(job, "succeeded", f"The job has successfully completed: {job.model_name}", finished=True)
@@ -379,9 +396,15 @@ class FineTuning:
     def _checkpoint(self, job: JobRecord, handle: JobHandle, step: int, loss: float | None) -> None:
         """Exports the adapter at `step` and serves it by its checkpoint name while the job trains on."""
         directory = self._dir(job) / "checkpoints" / f"step-{step}"
-        handle.export_peft(directory, self.base_model)
         name = f"{job.model_name}:ckpt-step-{step}"
-        self._serve(name, directory)
+        try:
+            handle.export_peft(directory, self.base_model)
+            self._serve(name, directory)
+        except (HarliError, OSError) as e:
+            handle.pause()
+            self._update(job, "paused", f"Fine-tuning job paused: cannot export the checkpoint of step {step} to "
+                                        f"{directory}: {e}", level="error")
+            return
         with self._lock:
             job.checkpoints.append({"id": f"ftckpt-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job.checkpoint",
                                     "created_at": int(time.time()), "fine_tuned_model_checkpoint": name,
@@ -395,9 +418,14 @@ class FineTuning:
         if self._active is None:
             return
         job, handle = self._active
-        handle.checkpoint()
         self._active = None
+        try:
+            handle.checkpoint()
+        except HarliError as e:
+            message, level = f"Server stopped: the job's state since its last checkpoint is lost: {e}", "error"
+        else:
+            message, level = (f"Server stopped: the job's state is saved at step {handle.progress().step} and a "
+                              f"restarted server resumes it"), "info"
         with self._lock:
-            job.event(f"Server stopped: the job's state is saved at step {handle.progress().step} and a restarted "
-                      f"server resumes it")
+            job.event(message, level=level)
             self._save(job)

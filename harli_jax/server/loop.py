@@ -170,7 +170,10 @@ class EngineLoop:
             while not self._stopping.is_set():
                 self._run_calls()
                 if self.jobs is not None:
-                    self.jobs.tick(engine)
+                    try:
+                        self.jobs.tick(engine)
+                    except HarliError as e:  # a job's fault (its data, its files): the requests are served on
+                        log.error("fine-tuning: %s", e)
                 if engine.has_unfinished() or engine.training:
                     self._deliver(engine.step())
                     self._publish()

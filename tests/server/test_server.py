@@ -235,6 +235,24 @@ def test_a_client_that_disconnects_aborts_its_request_and_frees_its_pages(server
     assert m[("harli:arena_pages", (("owner", "kv"),))] == 0 and m[("harli:kv_cache_usage_perc", ())] == 0
 
 
+def test_a_client_that_reads_its_stream_slowly_gets_every_token_and_delays_no_one(client):
+    slow = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
+                                     stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    first = next(slow)  # the request runs; its chunks queue up while this client sleeps
+    started = time.perf_counter()
+    fast = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    fast_done = time.perf_counter() - started
+    chunks = [first]
+    for chunk in slow:
+        time.sleep(0.1)
+        chunks.append(chunk)
+    assert fast.usage.completion_tokens == 8
+    assert chunks[-1].usage.completion_tokens == 24  # every token reached the slow reader
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert fast_done < 0.1 * len(chunks)  # served while the slow reader was still at its first chunks
+
+
 def test_metrics_count_every_finished_request(server):
     m = _metrics(server[1])
     finished = sum(v for (name, _), v in m.items() if name == "harli:request_success_total")
