@@ -301,6 +301,10 @@ def test_a_request_not_admitted_within_the_queue_timeout_gets_429_plain_or_strea
     # One sequence per step: while a long request runs, every other one waits, and 0.3 s later is refused.
     engine = Engine(load_model(tiny_yaml), EngineConfig(max_batch=1, max_seq_len=512, prefill_chunk=32,
                                                         max_loras=0, queue_timeout_s=0.3))
+    # The tiny model decodes 400 tokens in about 0.4 s here, a race with the HTTP requests behind it: a device
+    # 5 ms slower per step keeps the long request running for 2 s, well past the others' timeout.
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.005), step())[1]
     metrics = ServerMetrics()
     loop = EngineLoop(engine, on_finished=metrics.finished)
     loop.start()
