@@ -406,9 +406,9 @@ class Sampler:
                 log(f"a sample failed: {self.errors[-1]}")
                 await asyncio.sleep(interval)
                 continue
-            m, a = s["metrics"], s["interval"]["attainment"]
-            log(f"{s['phase']:<9} t={s['t']:7.1f}s rss {s['rss_mb']:.0f} MB  pages kv {m['pages'].get('kv')} "
-                f"lease {m['pages'].get('lease')} free {m['pages'].get('free')}  running "
+            m, a, rss = s["metrics"], s["interval"]["attainment"], s["rss_mb"]
+            log(f"{s['phase']:<9} t={s['t']:7.1f}s rss {'-' if rss is None else f'{rss:.0f}'} MB  pages kv "
+                f"{m['pages'].get('kv')} lease {m['pages'].get('lease')} free {m['pages'].get('free')}  running "
                 f"{m.get('num_requests_running')} waiting {m.get('num_requests_waiting')}  in flight "
                 f"{s['in_flight']}  job {s['job']['trained_tokens']} tokens  attainment "
                 f"{'-' if a is None else f'{a:.0%}'}{' (burst)' if s['burst'] else ''}")

@@ -94,23 +94,28 @@ class TrainCheckpointer:
                        ) -> tuple[TrainState, dict[str, Any]] | None:
         """The newest checkpoint that restores whole, after `check(record)` (which raises for a checkpoint of
         another job); one that does not (cut short, corrupted) is reported by path and the one before it tried.
-        None when the directory has no checkpoint; a CheckpointError naming each one when none restores. An
-        unreadable checkpoint is kept aside as `unreadable-step-N` (so that the job saves that step again)."""
-        failures = []
+        None when the directory has no checkpoint; a CheckpointError naming each one when none restores (then
+        every checkpoint stays where it is, so that a cause that passes leaves the job resumable). Once an older
+        one restores, each unreadable newer one is kept aside as `unreadable-step-N` (the job saves that step
+        again)."""
+        failures: list[tuple[int, str]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 record = self.record(step)
                 check(record)
                 state, record = self.restore(step, like)
             except CheckpointError as e:
-                failures.append(str(e))
-                log.warning("%s; trying the checkpoint before it (this one is kept as %s)", e, self._set_aside(step))
+                failures.append((step, str(e)))
+                log.warning("%s; trying the checkpoint before it", e)
                 continue
+            for failed, _ in failures:
+                log.warning("the unreadable checkpoint of step %d is kept as %s", failed, self._set_aside(failed))
             if failures:
                 log.warning("resumed from the older checkpoint %s", self.directory / str(step))
             return state, record
         if failures:
-            raise CheckpointError(f"no checkpoint in {self.directory} restores: " + "; ".join(failures))
+            raise CheckpointError(f"no checkpoint in {self.directory} restores: "
+                                  + "; ".join(message for _, message in failures))
         return None
 
     def _set_aside(self, step: int) -> Path:

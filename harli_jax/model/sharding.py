@@ -6,6 +6,7 @@ partitioner inserts the collectives; the attention kernels run per device on the
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import jax
@@ -27,6 +28,8 @@ ARENA_SPEC = P(None, None, None, TP, None, None)
 HEADS_SPEC = P(None, TP, None)
 # Hidden states `[tokens, hidden]` by their elements (how the trainer's stash keeps them).
 HIDDEN_SPEC = P(None, TP)
+
+log = logging.getLogger("harli_jax")
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, num_devices: int) -> None:
@@ -51,6 +54,9 @@ def tp_mesh(cfg: ModelConfig, tp: int) -> Mesh | None:
                           f"tensor_parallel must be {len(devices)}, got {tp}")
     if tp == 1:
         return None
+    if cfg.vocab_size % tp:
+        log.warning("tensor_parallel=%d does not divide the vocabulary (%d) of %s: the embedding and the LM head "
+                    "stay whole on every device", tp, cfg.vocab_size, cfg.name)
     return jax.make_mesh((tp,), (TP,), axis_types=(AxisType.Auto,), devices=devices[:tp])
 
 
@@ -106,9 +112,9 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh | None) -> Params | None:
 
 
 def shard_params(cfg: ModelConfig, params: Params, mesh: Mesh | None) -> Params:
-    """The weights placed on the mesh (unchanged without one)."""
+    """The weights placed on the mesh; without one, on one device (gathered if they were loaded onto a mesh)."""
     if mesh is None:
-        return params
+        return params if mesh_of(params) is None else jax.device_put(params, jax.devices()[0])
     return _put(params, param_specs(cfg, params, mesh.shape[TP]), mesh)
 
 

@@ -52,6 +52,10 @@ class AdapterCatalog:
         with self._lock:
             return self._entries.get(name)
 
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._entries.pop(name, None)
+
     def names(self) -> list[str]:
         with self._lock:
             return list(self._entries)
@@ -64,6 +68,7 @@ class SlotTable:
         self.num_slots = num_slots
         self._slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # least recently used first
         self._users: dict[str, int] = {}
+        self._free = list(range(num_slots - 1, -1, -1))  # slots holding no adapter, the lowest last
 
     def acquire(self, name: str) -> int | None:
         """The slot of `name` for one more running request: the one it holds, a free one, or the least recently
@@ -72,8 +77,8 @@ class SlotTable:
             self._slot_of.move_to_end(name)
             self._users[name] += 1
             return self._slot_of[name]
-        if len(self._slot_of) < self.num_slots:
-            slot = len(self._slot_of)
+        if self._free:
+            slot = self._free.pop()
         else:
             idle = next((n for n in self._slot_of if self._users[n] == 0), None)
             if idle is None:
@@ -85,6 +90,13 @@ class SlotTable:
 
     def release(self, name: str) -> None:
         self._users[name] -= 1
+
+    def forget(self, name: str) -> None:
+        """Frees the slot of `name`, an adapter no longer served (no running request uses it)."""
+        if name in self._slot_of:
+            assert self._users[name] == 0, f"adapter {name!r} still has running requests"
+            self._free.append(self._slot_of.pop(name))
+            del self._users[name]
 
     def resident(self) -> dict[str, int]:
         """Slot by adapter name, least recently used first."""

@@ -216,6 +216,22 @@ class Engine:
         log.info("serving adapter %r (rank %d on %s)", name, lora.rank, ", ".join(lora.targets))
         return name
 
+    def remove_adapter(self, name: str) -> bool:
+        """Stops serving adapter `name` (on the engine thread, between steps); False, and nothing changes, while a
+        request that names it is queued, waiting or running (try again later)."""
+        with self._lock:
+            if self.adapters.get(name) is None:
+                raise RequestError(f"unknown adapter {name!r}")
+            if any(kind == "submit" and state.adapter == name for kind, state in self._messages):
+                return False
+            if not self.scheduler.drop_adapter(name):
+                return False
+            self.adapters.remove(name)
+        self.runner.forget_adapter(name)
+        self._next_plan = None  # it may have been made with the slot just freed
+        log.info("no longer serving adapter %r", name)
+        return True
+
     # Requests: any thread ------------------------------------------------------------------------------------
 
     def submit(self, request: Request | Sequence[int] | str, sampling: SamplingParams | None = None, *,

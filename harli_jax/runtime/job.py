@@ -262,10 +262,11 @@ class FinetuneRunner:
         except CheckpointError as e:
             if strict:
                 raise
-            self.reason = f"{e} (its state since is in memory only)"
             if self.status is JobStatus.RUNNING:
                 self.status = JobStatus.PAUSED
                 self.reason = f"{e} (paused with its state in memory: make the directory writable and resume)"
+            else:  # what stopped it first (a non-finite loss, a pause) stays in the reason
+                self.reason = "; ".join(filter(None, (self.reason, f"{e} (its state since is in memory only)")))
             log.error("%s: %s", self.job.name, self.reason)
 
     def _identity(self) -> dict[str, dict[str, Any]]:
@@ -277,7 +278,7 @@ class FinetuneRunner:
 
     def _check_checkpoint(self, record: dict[str, Any]) -> None:
         """A ConfigError naming every difference between the job that wrote `record` and this one."""
-        differences = [f"{section} {key}: {have[key]!r} in the checkpoint, {value!r} in this job"
+        differences = [f"{section} {key}: {have.get(key)!r} in the checkpoint, {value!r} in this job"
                        for section, wanted in self._identity().items() if (have := record.get(section)) is not None
                        for key, value in wanted.items() if have.get(key) != value]
         if differences:

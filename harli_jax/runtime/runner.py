@@ -263,6 +263,10 @@ class ModelRunner:
                 self.lora = write_slot(self.lora, np.int32(w.adapter_slot), served.weights)
                 self._slot_holds[w.adapter_slot] = w.adapter
 
+    def forget_adapter(self, name: str) -> None:
+        """No slot holds `name` any more (it is no longer served: a later adapter of that name is written anew)."""
+        self._slot_holds = {slot: held for slot, held in self._slot_holds.items() if held != name}
+
     def bucket_for(self, seqs: int, tokens: int, pages: int) -> Bucket:
         """The smallest bucket of `seqs` sequences with `tokens` tokens in all (each has at least one)."""
         b = self.batch_buckets[bisect.bisect_left(self.batch_buckets, seqs)]

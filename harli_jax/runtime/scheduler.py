@@ -107,10 +107,12 @@ class Scheduler:
         return [] if state is None else [self._finish(state, FinishReason.ABORTED)]
 
     def expire(self, now: float) -> list[Event]:
-        """Refuses the waiting requests never admitted within the queue timeout (a preempted one keeps waiting)."""
+        """Refuses the waiting requests never admitted within the queue timeout (a preempted one keeps waiting, and
+        so does one that arrived with its prompt's K/V: its first token is already out)."""
         if self.queue_timeout is None:
             return []
-        late = [s for s in self.waiting if s.scheduled_time is None and now - s.arrival_time > self.queue_timeout]
+        late = [s for s in self.waiting if s.scheduled_time is None and not s.output_ids
+                and now - s.arrival_time > self.queue_timeout]
         return [self._finish(s, FinishReason.REFUSED, f"not admitted within the queue timeout of "
                                                       f"{self.queue_timeout:g} s: the server is overloaded, retry "
                                                       f"later") for s in late]
@@ -175,6 +177,15 @@ class Scheduler:
         if slot is None:
             return False
         seq.adapter_slot = slot
+        return True
+
+    def drop_adapter(self, name: str) -> bool:
+        """Frees the resident slot of adapter `name` for good (it is no longer served); False, and nothing changes,
+        while a request that names it waits or runs."""
+        if any(s.adapter == name for s in self._requests.values()):
+            return False
+        if self.adapter_slots is not None:
+            self.adapter_slots.forget(name)
         return True
 
     def _release_adapter(self, seq: RequestState) -> None:

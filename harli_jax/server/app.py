@@ -231,6 +231,11 @@ def create_app(loop: EngineLoop, model_name: str, metrics: ServerMetrics, *, fin
             first = await anext(events)
         except EngineStopped as e:
             raise protocol.ApiError(503, str(e), type="server_error") from None
+        except StopAsyncIteration:
+            raise protocol.ApiError(503, "the request ended without an output", type="server_error") from None
+        except BaseException:  # cancelled (the client left) or failed before its first event: it ends here
+            loop.abort(stream.request_id)
+            raise
         finally:
             watcher.cancel()
         if isinstance(first, FinishedEvent):

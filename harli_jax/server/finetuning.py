@@ -9,8 +9,10 @@ checkpoints, which a restarted job resumes from), `jobs/<job id>/checkpoints/ste
 A job goes `validating_files -> queued -> running -> succeeded | failed | cancelled` (and `paused` while paused).
 One job trains at a time, in the decode slack under the engine's SLO (its co-location policy). Every change of a
 running job happens on the engine thread: `tick` (called between steps) starts queued jobs, records their
-progress, exports checkpoints and serves each under its `fine_tuned_model_checkpoint` name, and serves the final
-adapter as `fine_tuned_model`, `ft:<base>:<suffix>:<job id>`; cancel, pause and resume reach it through
+progress, exports checkpoints and serves each under its `fine_tuned_model_checkpoint` name (the newest
+`keep_checkpoints` of a job: an older one is no longer served and its export is deleted once no request uses it, so
+that a long job holds bounded memory and disk), and serves the final adapter as `fine_tuned_model`,
+`ft:<base>:<suffix>:<job id>`; cancel, pause and resume reach it through
 `EngineLoop.call`. The HTTP side reads the records under a lock.
 """
 
@@ -21,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -178,10 +181,10 @@ class FineTuning:
     """The fine-tuning jobs of one server over `engine` (served as `base_model`)."""
 
     def __init__(self, state_dir: str | Path, engine: Engine, base_model: str, *, seq_len: int = 128,
-                 rank: int = 8, checkpoint_steps: int = 25):
+                 rank: int = 8, checkpoint_steps: int = 25, keep_checkpoints: int = 3):
         self.root = Path(state_dir)
         self.engine, self.base_model = engine, base_model
-        self.seq_len, self.checkpoint_steps = seq_len, checkpoint_steps
+        self.seq_len, self.checkpoint_steps, self.keep_checkpoints = seq_len, checkpoint_steps, keep_checkpoints
         self.lora = LoRAConfig(rank=rank, alpha=2.0 * rank)
         self.files = FileStore(self.root / "files", engine.tokenizer)
         self._jobs: dict[str, JobRecord] = {}
@@ -411,7 +414,20 @@ class FineTuning:
                                     "fine_tuning_job_id": job.id, "step_number": step,
                                     "metrics": {"step": step, "train_loss": loss}})
             job.event(f"Checkpoint at step {step}: {name}")
+        self._retire_checkpoints(job)
+        with self._lock:
             self._save(job)
+
+    def _retire_checkpoints(self, job: JobRecord) -> None:
+        """Stops serving the job's checkpoints older than its newest `keep_checkpoints` and deletes their exports;
+        one that a request still uses stays until a later checkpoint."""
+        for checkpoint in job.checkpoints[: max(len(job.checkpoints) - self.keep_checkpoints, 0)]:
+            name = checkpoint["fine_tuned_model_checkpoint"]
+            if self.engine.adapters.get(name) is not None and not self.engine.remove_adapter(name):
+                continue
+            shutil.rmtree(self._dir(job) / "checkpoints" / f"step-{checkpoint['step_number']}", ignore_errors=True)
+            with self._lock:
+                job.checkpoints.remove(checkpoint)
 
     def shutdown(self, engine: Engine) -> None:
         """At server shutdown: the registered job checkpointed, so that the next run resumes it."""

@@ -172,7 +172,8 @@ class EngineLoop:
                 if self.jobs is not None:
                     try:
                         self.jobs.tick(engine)
-                    except HarliError as e:  # a job's fault (its data, its files): the requests are served on
+                    except (HarliError, OSError) as e:  # a job's fault (its data, its files, a full disk): the
+                        # requests are served on
                         log.error("fine-tuning: %s", e)
                 if engine.has_unfinished() or engine.training:
                     self._deliver(engine.step())

@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: no limit)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for admission before it gets "
                                                        "429 (default: it waits)")
-    p.add_argument("--admission", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--admission", action=argparse.BooleanOptionalAction,
                    help="admission control: a request joins the batch only when the latency predictor says every "
-                        "running request still meets the TPOT SLO and its KV fits; otherwise it waits (default on)")
+                        "running request still meets the TPOT SLO and its KV fits; otherwise it waits (default: "
+                        "on, or what --engine-config says)")
     p.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens of a request that sets none "
                                                                       "(default 16, as the OpenAI API)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests may take to "
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-rank", type=int, default=8, help="LoRA rank of fine-tuning jobs (default 8)")
     p.add_argument("--checkpoint-steps", type=int, default=25, help="optimizer steps between a job's servable "
                                                                     "checkpoints (default 25)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="servable checkpoints kept per job, the newest "
+                                                                   "(default 3, as OpenAI keeps); an older one is no "
+                                                                   "longer served and its export is deleted")
     p.add_argument("--tp", type=int, help="tensor parallel: devices the weights, the arena and every step are "
                                           "split over (default 1)")
     distributed.add_options(p)
@@ -107,7 +111,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         flags["tensor_parallel"] = args.tp
     if args.queue_timeout is not None:
         flags["queue_timeout_s"] = args.queue_timeout
-    flags["admission"] = args.admission
+    if args.admission is not None:
+        flags["admission"] = args.admission
     flags["policy"] = args.policy
     flags["max_logprobs"] = args.max_logprobs or None
     if args.engine_config:
@@ -120,7 +125,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not Path(args.model).exists():
         raise HarliError(f"--model not found: {args.model}")
     for name in ("max_batch", "max_seq_len", "prefill_chunk", "default_max_tokens", "max_lora_rank",
-                 "finetune_seq_len", "finetune_rank", "checkpoint_steps", "tp"):
+                 "finetune_seq_len", "finetune_rank", "checkpoint_steps", "keep_checkpoints", "tp"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise HarliError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -176,12 +181,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if engine.peers is not None and not engine.peers.leader:
             engine.follow()  # process 0 serves; this one runs its steps until it stops
             return 0
+    except HarliError as e:
+        print(f"harli serve: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _serve(engine, args, name)
+    finally:
+        engine.release_followers()  # however process 0 ends, the others stop with it
+
+
+def _serve(engine: Engine, args: argparse.Namespace, name: str) -> int:
+    """Sets the SLO, starts the engine thread and the HTTP server, and serves until SIGINT/SIGTERM."""
+    try:
         slo = parse_slo(args.tpot_slo, "tpot-slo")
-        solo = engine.time_decode_step(config.scheduler.max_batch) if slo.unit == "x" else 0.0
+        solo = engine.time_decode_step(engine.config.scheduler.max_batch) if slo.unit == "x" else 0.0
         engine.set_tpot_slo(slo.seconds(solo) * 1e3)
         fine_tuning = None if args.state_dir is None else FineTuning(
             args.state_dir, engine, name, seq_len=args.finetune_seq_len, rank=args.finetune_rank,
-            checkpoint_steps=args.checkpoint_steps)
+            checkpoint_steps=args.checkpoint_steps, keep_checkpoints=args.keep_checkpoints)
     except HarliError as e:
         print(f"harli serve: error: {e}", file=sys.stderr)
         return 2
@@ -196,8 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=int(args.drain_timeout) or None))
     threading.Thread(target=_announce, args=(server, args.host), daemon=True).start()
-    server.run()  # until SIGINT/SIGTERM: uvicorn stops listening and waits for the open streams
-    loop.stop(drain_s=args.drain_timeout)
-    engine.release_followers()
+    try:
+        server.run()  # until SIGINT/SIGTERM: uvicorn stops listening and waits for the open streams
+    finally:
+        loop.stop(drain_s=args.drain_timeout)
     print("harli serve: stopped", file=sys.stderr, flush=True)
     return 0 if loop.failure is None else 1

@@ -1,17 +1,23 @@
 """Crash-safe finetune jobs through `harli finetune`: killed (SIGKILL) at a random step and run again with the same
 command, a job ends with the uninterrupted run's adapter; the checkpoints of another job are refused with one
-message; a finished job run again says so. (A truncated newest checkpoint: tests/lora/test_finetune.py.)"""
+message; a finished job run again says so; checkpoints that do not restore. (A truncated newest checkpoint
+through a job: tests/lora/test_finetune.py.)"""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from conftest import REPO
+from harli_jax.errors import CheckpointError
+from harli_jax.lora.checkpoint import TrainCheckpointer
+from harli_jax.lora.trainer import TrainState
 
 STEPS = 8
 
@@ -77,3 +83,46 @@ def test_killed_at_a_random_step_the_same_command_ends_with_the_uninterrupted_ad
         assert other.returncode == 2
         assert "lora rank: 4 in the checkpoint, 8 in this job" in other.stderr
         assert "Traceback" not in other.stderr and "Event loop is closed" not in other.stderr, other.stderr
+
+
+def _train_state(value: float) -> TrainState:
+    w = {"w": jnp.full((4, 4), value, jnp.float32)}
+    return TrainState(lora=w, opt_state={"m": jnp.zeros(4)}, accum=w, accum_tokens=jnp.float32(0),
+                      step=jnp.int32(value))
+
+
+def _truncate(step_dir) -> None:
+    """Cuts every file of a checkpoint in half."""
+    for f in [f for f in step_dir.rglob("*") if f.is_file()]:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_checkpoints_that_do_not_restore_stay_in_place_until_an_older_one_does(tmp_path):
+    saver = TrainCheckpointer(tmp_path)
+    for step in (1, 2, 3):
+        saver.save(step, _train_state(step), {"step": step})
+        saver.wait()
+    saver.close()
+    # A save of step 4 that the process died in: Orbax's temporary directory, half written.
+    shutil.copytree(tmp_path / "3", tmp_path / "4.orbax-checkpoint-tmp-1765000000")
+    _truncate(tmp_path / "4.orbax-checkpoint-tmp-1765000000")
+    for step in (2, 3):
+        _truncate(tmp_path / str(step))
+
+    # Step 1 restores: the two newer ones are named and kept aside, step 1 is taken; the unfinished save is no
+    # checkpoint (never tried, so never set aside).
+    checkpointer = TrainCheckpointer(tmp_path)
+    state, record = checkpointer.restore_latest(_train_state(0), check=lambda record: None)
+    assert record == {"step": 1} and float(state.lora["w"][0, 0]) == 1.0
+    names = {p.name for p in tmp_path.iterdir() if not p.name.startswith(".") and "orbax-checkpoint-tmp" not in p.name}
+    assert names == {"1", "unreadable-step-2", "unreadable-step-3"}
+    checkpointer.close()
+
+    # None restores: an error naming each, and every checkpoint left where it was (a cause that passes, such as
+    # a full device, must not turn the next run into a fresh start).
+    _truncate(tmp_path / "1")
+    checkpointer = TrainCheckpointer(tmp_path)
+    with pytest.raises(CheckpointError, match=f"no checkpoint in {tmp_path} restores: .*step 1"):
+        checkpointer.restore_latest(_train_state(0), check=lambda record: None)
+    assert (tmp_path / "1").is_dir()
+    checkpointer.close()

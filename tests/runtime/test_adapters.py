@@ -2,6 +2,7 @@
 HF PEFT adapters in one batch against PEFT's own greedy generation, evicting idle adapters without recompiling."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -40,6 +41,17 @@ def test_slot_table_reuses_the_least_recently_used_idle_slot():
     table.release("c")
     assert table.acquire("a") == 1  # b is the least recently used idle one
     assert table.resident() == {"c": 0, "a": 1}
+
+
+def test_a_forgotten_adapter_frees_its_slot_for_the_next():
+    table = SlotTable(3)
+    assert [table.acquire(n) for n in "abc"] == [0, 1, 2]
+    table.release("b")
+    table.forget("b")  # no longer served
+    assert table.resident() == {"a": 0, "c": 2}
+    assert table.acquire("d") == 1  # b's slot, not one that a or c holds
+    table.forget("nope")  # never resident: nothing to free
+    assert table.acquire("e") is None
 
 
 def test_a_request_waits_for_a_slot_and_gets_one_when_a_request_finishes():
@@ -128,3 +140,22 @@ def test_bad_adapters_are_refused_with_their_reason(served, hf_checkpoint, tmp_p
                   warmup=False)
     with pytest.raises(ConfigError, match="max_loras"):
         base.add_adapter("x", tmp_path / "big")
+
+
+def test_an_adapter_is_removed_only_when_no_request_names_it_and_its_name_can_serve_another(served):
+    engine, prompts, reference = served
+    engine.submit(Request(prompts[0], GREEDY, adapter="a0"))
+    assert engine.remove_adapter("a0") is False  # queued
+    engine.step()
+    assert engine.remove_adapter("a0") is False  # running
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.remove_adapter("a0") is True
+    with pytest.raises(RequestError, match="unknown adapter 'a0'"):
+        engine.submit(Request(prompts[0], GREEDY, adapter="a0"))
+    with pytest.raises(RequestError, match="unknown adapter 'a0'"):
+        engine.remove_adapter("a0")
+    assert "a0" not in engine.adapters.names()
+    # The name again, now a2's weights: the slot that held a0 is written anew before a request uses it.
+    engine.adapters.add(dataclasses.replace(engine.adapters.get("a2"), name="a0"))
+    _check(engine, prompts, {("a0", 1): reference["a2", 1]}, [("a0", 1)])

@@ -247,3 +247,14 @@ def test_a_preempted_request_waits_past_the_queue_timeout():
     assert [s.request_id for s in plan.preempted] == ["b"]
     assert sched.expire(10.0) == []  # it was admitted once: it is owed its output
     assert [s.request_id for s in sched.waiting] == ["b"]
+
+
+def test_a_request_that_arrived_with_its_kv_waits_past_the_queue_timeout():
+    sched, _ = _scheduler(max_batch=1, queue_timeout_s=1.0)
+    sched.add(_state("a", 3, max_tokens=8), now=0.0)
+    sched.update(sched.schedule(), [7], now=0.5)
+    kv = np.zeros((2, 1, 2, 1, 4, 8), np.float32)
+    [first] = sched.add(_state("d", 6, prefilled=PrefilledKV(tuple(range(10, 16)), first_token=4, kv=kv,
+                                                            page_tokens=4)), now=0.5)
+    assert first.token == 4  # its first token is out: refusing it now would take back what the client has
+    assert sched.expire(10.0) == [] and [s.request_id for s in sched.waiting] == ["d"]

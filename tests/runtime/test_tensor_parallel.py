@@ -25,7 +25,8 @@ FOUR_KV_HEADS = (REPO / "configs" / "models" / "tiny.yaml").read_text().replace(
 
 
 def _worker(*args) -> dict | list:
-    out = subprocess.run([sys.executable, str(WORKER), "4", *map(str, args)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(WORKER), "4", *map(str, args)], capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -149,7 +150,12 @@ def test_two_processes_of_two_devices_equal_one_of_four(four_kv_heads):
     join = ("--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", 2, "--distributed-timeout", 30)
     follower = _harli(*generate, *join, "--process-id", 1, devices=2)
     leader = _harli(*generate, *join, "--process-id", 0, devices=2)
-    results = [p.communicate(timeout=240) for p in (one, leader, follower)]
+    try:
+        results = [p.communicate(timeout=240) for p in (one, leader, follower)]
+    finally:
+        for p in (one, leader, follower):
+            p.kill()
+            p.wait()
     for p, (_, err) in zip((one, leader, follower), results, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert _ids(results[1][1]) == _ids(results[0][1])

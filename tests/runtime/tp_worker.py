@@ -116,8 +116,9 @@ def _split_axes(x: jax.Array) -> list[int]:
 
 
 def resume(path: str, *runs: str) -> list[dict]:
-    """Each run `DIR,TP,STEPS` in turn, in this one process."""
-    model = load_model(path)
+    """Each run `DIR,TP,STEPS` in turn, in this one process, from weights loaded once at degree 2 (an engine of
+    another degree places them on its own mesh, or gathers them onto one device)."""
+    model = load_model(path, tensor_parallel=2)
     return [_resume(model, *run.split(",")) for run in runs]
 
 

@@ -78,6 +78,17 @@ def finished(client):
     return _wait(client, job.id, ("succeeded", "failed", "cancelled")), upload
 
 
+def _newest_checkpoints(client, job_id, past_step, timeout=180):
+    """The job's checkpoints (newest first) once one is past `past_step`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        checkpoints = client.fine_tuning.jobs.checkpoints.list(job_id).data
+        if checkpoints and checkpoints[0].step_number > past_step:
+            return checkpoints
+        time.sleep(0.2)
+    pytest.fail(f"job {job_id} made no checkpoint past step {past_step}")
+
+
 def test_an_upload_is_validated_by_line(client):
     good = _records(2)
     bad = [good[0], "not an object", {"messages": [{"role": "user", "content": "no answer"}]}, good[1]]
@@ -180,6 +191,11 @@ def test_a_restart_resumes_the_running_job_and_serves_the_finished_one(client, f
     before = client.chat.completions.create(model=job.fine_tuned_model, messages=MESSAGES, **GREEDY)
     running = client.fine_tuning.jobs.create(model=NAME, training_file=upload.id, hyperparameters={"n_epochs": 500})
     _wait(client, running.id, ("running",))
+    kept = _newest_checkpoints(client, running.id, past_step=8)  # 4 or more made, every 2 steps: the first retired
+    assert [c.step_number for c in kept] == [kept[0].step_number - 2 * i for i in range(3)]  # the newest 3
+    served = {m.id for m in client.models.list().data}
+    assert {c.fine_tuned_model_checkpoint for c in kept} <= served
+    assert f"ft:{NAME}::{running.id}:ckpt-step-2" not in served
     process, _, errors = server
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0, "".join(errors)
@@ -191,6 +207,10 @@ def test_a_restart_resumes_the_running_job_and_serves_the_finished_one(client, f
         after = restarted.chat.completions.create(model=job.fine_tuned_model, messages=MESSAGES, **GREEDY)
         assert after.choices[0].message.content == before.choices[0].message.content
         resumed = _wait(restarted, running.id, ("running",))
+        assert restarted.fine_tuning.jobs.pause(running.id).status == "paused"  # no checkpoint comes meanwhile
+        exports = sorted(p.name for p in (state / "jobs" / running.id / "checkpoints").iterdir())
+        kept = restarted.fine_tuning.jobs.checkpoints.list(running.id).data
+        assert len(kept) == 3 and exports == sorted(f"step-{c.step_number}" for c in kept)  # the rest deleted
         messages = [e.message for e in restarted.fine_tuning.jobs.list_events(resumed.id, limit=1000).data]
         assert any(m.startswith("Server stopped: the job's state is saved at step") for m in messages)
         assert "Queued again after a server restart" in messages

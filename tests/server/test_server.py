@@ -331,3 +331,18 @@ def test_a_request_not_admitted_within_the_queue_timeout_gets_429_plain_or_strea
     assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 400
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
     assert families["harli:requests_refused"].samples[0].value == 2
+
+
+def test_admission_comes_from_the_engine_config_file_unless_a_flag_sets_it(tmp_path, tiny_yaml):
+    from harli_jax.server.main import build_parser, engine_config
+
+    path = tmp_path / "engine.yaml"
+    path.write_text("scheduler:\n  admission: false\n")
+
+    def admission(*flags: str) -> bool:
+        return engine_config(build_parser().parse_args(["--model", str(tiny_yaml), *flags])).scheduler.admission
+
+    assert admission() is True  # on by default
+    assert admission("--engine-config", str(path)) is False
+    assert admission("--engine-config", str(path), "--admission") is True
+    assert admission("--no-admission") is False
