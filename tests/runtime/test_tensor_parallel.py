@@ -99,9 +99,12 @@ def test_fused_steps_match_one_device(four_kv_heads):
 def test_a_checkpoint_written_at_tp2_resumes_at_tp1_and_tp4(four_kv_heads, tmp_path):
     straight, first = _worker("resume", four_kv_heads, f"{tmp_path / 'straight'},2,4", f"{tmp_path / 'tp2'},2,2")
     assert first["step"] == 2
+    # The weights, loaded once at degree 2, lie on each engine's own devices (gathered onto one at TP 1).
+    assert straight["weight_devices"] == first["weight_devices"] == 2
     for tp in (1, 4):
         shutil.copytree(tmp_path / "tp2", tmp_path / f"from-tp2-at-{tp}")
     resumes = _worker("resume", four_kv_heads, *(f"{tmp_path / f'from-tp2-at-{tp}'},{tp},4" for tp in (1, 4)))
+    assert [r["weight_devices"] for r in resumes] == [1, 4]
     for resumed in resumes:
         assert resumed["start"] == 2 and resumed["step"] == 4
         np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-5)

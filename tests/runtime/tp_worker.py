@@ -130,7 +130,7 @@ def _resume(model, directory: str, tp: str, steps: str) -> dict:
     handle.stop()
     exported = handle.export_peft(f"{directory}-peft")
     return {"start": start, "step": handle.progress().step, "losses": [h["loss"] for h in handle.history],
-            "peft": str(exported)}
+            "peft": str(exported), "weight_devices": len(jax.tree.leaves(e.runner.params)[0].sharding.device_set)}
 
 
 def fused(path: str, degrees: str) -> dict:
