@@ -6,13 +6,14 @@ Per trace and role, once: `replay.run.prepare` on a first engine, after `common.
 decode role's prefill pass; the finetune job's standalone throughput). If other processes took more than
 `--max-other-share` of the CPUs meanwhile, that SLO base is marked invalid, and so is every ratio built on it.
 Then per SLO (`--slo`, multiples of that step or times), every policy of `--policy` (default: all of
-harli_jax.runtime.colocation.POLICIES: harli, cobatch, decode-only, temporal-K, static) runs on a fresh engine held
-to that same SLO (`replay.run.run_policy`; a policy with an offline knob, static's layers and cobatch's per-step
+harli_jax.runtime.colocation.POLICIES: harli, harli-temporal, cobatch, decode-only, temporal-K, static) runs on a
+fresh engine held to that same SLO (`replay.run.run_policy`; a policy with an offline knob, static's layers and cobatch's per-step
 token budget, first gets it from `replay.run.sweep` at that SLO, over the first --sweep-requests), in a seeded
 random order per round (`--rounds`) through `common.interleave`: an attempt under load is repeated, then marked
 invalid. A run's figures are `replay.report.summarize`'s; a policy's row holds the medians over its valid
 attempts; harli's finetune tokens/s is divided by the best baseline's that keeps >= 99% of the requests within
-the TPOT SLO. Every engine has the program shapes of --batch-buckets, --fused-tokens and --fused-layers (harli's
+the TPOT SLO (harli-temporal, harli with nothing fused, is no baseline: harli over it is what fusing adds).
+Every engine has the program shapes of --batch-buckets, --fused-tokens and --fused-layers (harli's
 and cobatch's fused step programs: one per decode bucket per fused shape, compiled when each run's finetune job
 starts; on a CPU keep them few for small.yaml). A row also counts the steps that carried fused work and holds the
 predictor's errors per stage (inference steps, fused steps, windows).
@@ -60,7 +61,7 @@ ROW_KEYS = ("slo_attainment", "tbt_attainment", "tpot_p99_ms", "tbt_p99_ms", "tt
             "decode_tokens_per_s", "finetune_tokens_per_s", "harvest_ratio", "reclaims", "abandoned_microbatches",
             "predictor_mape", "predictor_under_prediction", "scheduler_overhead", "windows_with_training",
             "fused_steps", "wall_s")
-TEMPORAL = "harli-temporal"  # the ablation side: harli without fused steps (`fuse: false`), not a baseline
+TEMPORAL = "harli-temporal"  # the ablation side: harli with nothing fused, not a baseline
 # Each preset: what the flags left unset take.
 QUICK = dict(model=REPO / "configs/models/tiny.yaml", slo="3x", role="decode,colocated", max_batch=4,
              max_seq_len=128, micro_batch_rows=2, seq_len=32, sweep_requests=4, requests=10, rate=6.0,
@@ -100,8 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "comma-separated (default 1,2; 1 quick)")
     parser.add_argument("--batch-buckets", default=None, help="decode batch sizes compiled, comma-separated (max "
                         "batch always; default powers of two)")
-    parser.add_argument("--temporal-ablation", action="store_true", help=f"also run {TEMPORAL}: harli with fused "
-                        "steps off (micro-steps between steps only), and report harli's finetune tokens/s over it")
     parser.add_argument("--seed", type=int, default=0, help="weights, prompts, the generated trace, the run order")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny.yaml, a short generated trace")
     common.add_arguments(parser)
@@ -132,9 +131,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(e))
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
-    if args.temporal_ablation and "harli" not in args.policies:
-        parser.error("--temporal-ablation compares harli with and without fused steps: --policy must name harli")
-    args.sides = args.policies + ([TEMPORAL] if args.temporal_ablation else [])
     return args
 
 
@@ -256,11 +252,6 @@ def at_slo(setup, spec, args, work: Path, settings: dict, slo_valid: bool) -> di
             sweeps += [swept.as_dict()] if swept else []
 
     def attempt(policy: str) -> dict:
-        if policy == TEMPORAL:
-            result = replay.run_policy(setup, "harli", slo, work, settings={"fuse": False}, checkpoint=False,
-                                       name=TEMPORAL)
-            gc.collect()
-            return summarize(result)
         result = replay.run_policy(setup, policy, slo, work, settings=tuned[policy], checkpoint=False)
         gc.collect()
         return summarize(result)
@@ -269,10 +260,10 @@ def at_slo(setup, spec, args, work: Path, settings: dict, slo_valid: bool) -> di
         return (f"{s['slo_attainment'] or 0:.1%} within the TPOT SLO, {s['finetune_tokens_per_s']:.0f} finetune "
                 f"tokens/s, harvest {s['harvest_ratio'] or 0:.2f}")
 
-    sides = {policy: functools.partial(attempt, policy) for policy in args.sides}
+    sides = {policy: functools.partial(attempt, policy) for policy in args.policies}
     comparison = common.interleave(sides, args.rounds, seed=args.seed, log=say, describe=describe,
                                    quiet_before_each=True, **settings)
-    table = {policy: policy_row(comparison, policy) for policy in args.sides}
+    table = {policy: policy_row(comparison, policy) for policy in args.policies}
     return {"slo": slo.as_dict(), "finetune_total_steps": replay.finetune_steps(setup, slo), "settings": tuned,
             "sweeps": sweeps, "sweep_load": sweep_load.record, "table": table, **score(table, slo_valid),
             "comparison": comparison}
@@ -346,7 +337,7 @@ def main() -> None:
     settings = common.comparison_settings(args)
     paths = trace_paths(args, Path(tempfile.mkdtemp(prefix="harli-colocation-trace-")))
     say(f"colocation: {args.model}, traces {[p.name for p in paths]}, roles {args.roles}, SLOs "
-        f"{[str(s) for s in args.slos]}, policies {args.sides}")
+        f"{[str(s) for s in args.slos]}, policies {args.policies}")
     model = load_model(args.model, seed=args.seed)
     results = [one_trace_role(model, path, role, args, settings) for path in paths for role in args.roles]
     print_summary(results)

@@ -21,6 +21,7 @@ import resource
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -249,13 +250,28 @@ def device_name() -> str:
     return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
 
 
+def git_commit() -> dict:
+    """The commit the benchmark ran at, and whether the work tree differed from it (None outside a git clone)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=RESULTS_DIR.parent.parent, capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
 def write_result(name: str, payload: dict, out_dir: str | Path | None = None) -> Path:
-    """Writes `payload` with the command line, machine, JAX version, date and the load at the start and end to
-    <out_dir or bench/results>/<name>-<device>.json."""
+    """Writes `payload` with the command line, git commit, machine, JAX version, date and the load at the start and
+    end to <out_dir or bench/results>/<name>-<device>.json."""
     _RUN_METER.__exit__(None, None, None)
     record = {
         "benchmark": name,
         "command": {"argv": list(sys.argv), "shell": shlex.join(["python", *sys.argv]), "cwd": os.getcwd()},
+        "git": git_commit(),
         "machine": {
             "node": platform.node(),
             "processor": platform.processor() or platform.machine(),

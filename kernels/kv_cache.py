@@ -37,4 +37,9 @@ def write_kv(arena, layer, k, v, page_ids, offsets):
         # Null-page slots are sent out of bounds, where the scatter drops them.
         pages = jnp.where(page_ids == 0, num_pages, page_ids)
         new = jnp.stack([k, v], axis=1).astype(arena.dtype)  # [batch, 2, kv_heads, head_dim]
+        if batch == 1:
+            # One row stays a scatter with a dropped second row: XLA turns a one-row scatter into a
+            # dynamic-update-slice, which it may redo for each reader of the arena, copying the arena each time.
+            pages, offsets = jnp.append(pages, num_pages), jnp.append(offsets, 0)
+            new = jnp.concatenate([new, new])
         return arena.at[pages, layer_index(layer), :, :, offsets, :].set(new, mode="drop")

@@ -5,6 +5,7 @@ the medians of the valid attempts, ratios made of those figures, one SLO for eve
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def test_load_meter_wait_for_quiet_and_write_result(tmp_path):
     path = common.write_result("unit", {"x": 1}, tmp_path)
     data = json.loads(path.read_text())
     assert data["x"] == 1 and data["command"]["argv"] == sys.argv
+    assert re.fullmatch("[0-9a-f]{40}", data["git"]["commit"]) and isinstance(data["git"]["dirty"], bool)
     load = data["machine_load"]
     assert "loadavg" in load["start"] and "loadavg" in load["end"]
     assert "other_processes_cpu_share" in load["whole_run"]
@@ -236,10 +238,36 @@ def test_finetune_quick(tmp_path):
     assert "load" in data["programs"] and all("load" in b for b in data["micro_step_breakdown"].values())
 
 
+def test_fused_quick(tmp_path):
+    data = run_script("fused", tmp_path, "--max-other-share", "1.0")  # every attempt valid: real figures
+    cmp, summary = data["comparison"], data["summary"]
+    sides = {"rows:1", "rows:8", "rows:32", "decode:1", "decode:2", "fused:1:tokens:8", "fused:1:backward:1",
+             "fused:2:tokens:8", "fused:2:backward:1"}
+    sides |= {f"micro:{kind}:{n}" for kind in ("forward", "backward") for n in data["sizes"]["layers"]}
+    check_comparison(cmp, sides | {"micro:tokens:8"})
+    assert all(a["valid"] for a in cmp["attempts"]) and summary["registration_s"] > 0
+
+    def ms(side):
+        return valid_median(cmp, side, lambda r: r) * 1e3
+
+    layers, tokens = data["model"]["layers"], 32  # one row of 32 positions (--quick)
+    assert all(close(summary["row_cost_ms"][str(n)], ms(f"rows:{n}")) for n in (1, 8, 32))
+    micro = summary["micro_step_per_token_layer_ms"]
+    assert close(micro["forward:1"], ms("micro:forward:1") / tokens)
+    assert close(micro["tokens:8"], ms("micro:tokens:8") / (8 * layers))
+    for b in ("1", "2"):
+        row = summary["per_decode_batch"][b]
+        chunk, backward = row["fused"]["tokens:8"], row["fused"]["backward:1"]
+        assert close(row["decode_step_ms"], ms(f"decode:{b}"))
+        assert math.isclose(chunk["per_token_layer_ms"], (ms(f"fused:{b}:tokens:8") - ms(f"decode:{b}")) / (8 * layers))
+        assert math.isclose(chunk["vs_layer_micro_forward"], chunk["per_token_layer_ms"] / micro["forward:1"])
+        assert math.isclose(backward["per_token_layer_ms"], (ms(f"fused:{b}:backward:1") - ms(f"decode:{b}")) / tokens)
+
+
 def test_colocation_quick(tmp_path):
     from harli_jax.runtime.colocation import POLICIES
 
-    data = run_script("colocation", tmp_path, "--max-other-share", "1.0", "--temporal-ablation")
+    data = run_script("colocation", tmp_path, "--max-other-share", "1.0")
     assert [(r["trace"], r["role"]) for r in data["results"]] == [("generated.csv", "decode"),
                                                                   ("generated.csv", "colocated")]
     for r in data["results"]:
@@ -252,7 +280,7 @@ def test_colocation_quick(tmp_path):
         entry = r["slos"][key]
         assert key == "3x" and entry["slo"]["tpot_slo_ms"] == pytest.approx(3 * base["solo_decode_step_ms"])
         cmp = entry["comparison"]
-        check_comparison(cmp, {*POLICIES, "harli-temporal"})
+        check_comparison(cmp, set(POLICIES))
         # Every policy held to that SLO, static with the layers its sweep chose, cobatch with its token budget.
         assert {a["result"]["tpot_slo_ms"] for a in cmp["attempts"]} == {entry["slo"]["tpot_slo_ms"]}
         sweeps = {s["policy"]: s for s in entry["sweeps"]}  # in the order of --policy (POLICIES)
@@ -292,8 +320,7 @@ def test_colocation_help_and_bad_flags(capsys):
                                                            "--batch-buckets"))
     for flags, message in [(["--slo", "0x"], "--slo must be positive"),
                            (["--fused-tokens", "12"], "fused_tokens [12] must each be seq_len (64) halved"),
-                           (["--trace", "configs/traces/default.csv,nope.csv"], "--trace not found: nope.csv"),
-                           (["--temporal-ablation", "--policy", "static"], "--policy must name harli")]:
+                           (["--trace", "configs/traces/default.csv,nope.csv"], "--trace not found: nope.csv")]:
         with pytest.raises(SystemExit) as done:
             colocation.parse_args(flags)
         assert done.value.code == 2 and message in capsys.readouterr().err, flags

@@ -144,13 +144,14 @@ def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: A
             arena = stash_hidden(layout, arena, stash_pages, index, ids, tokens, x[first:])
             q, k, v = attention_qkv(lp, cfg, x, rope, adapters)
             arena = _stash_kv(layout, arena, stash_pages, index, ids, tokens, k[first:], v[first:])
+            if inference is not None:  # every write of the layer before its reads: no copy of the arena
+                served_attn, arena = paged_attend(q[:first], k[:first], v[:first], arena, index, inference,
+                                                  attention_impl, layout.mesh)
             keys, values = _read_kv(layout, arena, stash_pages, index, rows, seq_len)
             with jax.named_scope("train_attention"):
                 attn = dense_attention(q[first:].reshape(rows, chunk, *q.shape[1:]), keys, values, mask)
                 attn = attn.reshape(rows * chunk, *q.shape[1:])
             if inference is not None:
-                served_attn, arena = paged_attend(q[:first], k[:first], v[:first], arena, index, inference,
-                                                  attention_impl, layout.mesh)
                 attn = jnp.concatenate([served_attn, attn])
             x = mlp_block(lp, cfg, attention_out(lp, cfg, x, attn, adapters), adapters)
     sampled = x[:first][inference.sample_index] if inference is not None else x[:0]

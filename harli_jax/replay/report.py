@@ -159,6 +159,8 @@ POLICY_TEXT = {
     "harli": "hybrid: finetune work fused into decode steps (token chunks, backward slices) plus micro-steps "
              "between them, chosen by the latency predictor to fit before each request's next-token deadline "
              "within the SLO",
+    "harli-temporal": "harli with nothing fused: its micro-steps between decode steps only (what fusing adds is "
+                      "harli over this, at the same SLO)",
     "decode-only": "no training while requests run (the separate-instances baseline)",
     "temporal-K": "K training micro-steps after every K inference steps, SLO-blind (FlexLLM's temporal sharing)",
     "static": "a fixed number of layers of training after every inference step, chosen offline for the peak",

@@ -88,12 +88,15 @@ PREFILL_MEMORY_SHARE = 0.5  # of the host's available memory, the most the decod
 @dataclasses.dataclass(frozen=True)
 class SoloStep:
     """The engine's solo decode step: the median wall time between the ends of consecutive decode-only steps of
-    `batch` sequences (host work included, no finetune job), over `gaps` gaps, at `context` tokens."""
+    `batch` sequences (host work included, no finetune job), over `gaps` gaps, from `context` tokens on; the steps
+    ran in the program of `bucket_seqs` sequences of up to `bucket_pages` pages."""
 
     seconds: float
     batch: int
     gaps: int
     context: int
+    bucket_seqs: int
+    bucket_pages: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +128,14 @@ class Slo:
                 "ttft_slo_ms": None if self.ttft_s is None else self.ttft_s * 1e3,
                 "solo_decode_step_ms": self.solo.seconds * 1e3, "solo_batch": self.solo.batch,
                 "solo_gaps": self.solo.gaps, "solo_context": self.solo.context,
+                "solo_bucket": {"seqs": self.solo.bucket_seqs, "pages": self.solo.bucket_pages},
                 "mixed_step_ms": None if mixed is None else mixed.seconds * 1e3,
                 "mixed_step": None if mixed is None else dataclasses.asdict(mixed),
                 "prefill_interval": self.prefill_interval,
                 "definition": "Nx = N x the solo decode step: the median wall time between the ends of consecutive "
-                              "decode-only steps at the trace's peak batch, host work included, measured once on a "
-                              "first engine without a finetune job before any policy runs"}
+                              "decode-only steps at the trace's peak batch and the page bucket of its longest "
+                              "request (the shape decode-only runs at the peak), host work included, measured once "
+                              "on a first engine without a finetune job before any policy runs"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,10 +366,11 @@ def measure_solo_step(engine: Engine, batch: int, kv: PrefilledKV, gaps: int = S
     def full(r) -> bool:
         return r.prefill_seqs == 0 and r.decode_seqs == batch
 
-    times = [b.end - a.end for a, b in zip(records, records[1:], strict=False) if full(a) and full(b)]
-    if len(times) < 3:
-        raise HarliError(f"the solo decode step at batch {batch}: only {len(times)} decode-only gaps were measured")
-    return SoloStep(statistics.median(times), batch, len(times), len(kv.prompt_ids))
+    pairs = [(a, b) for a, b in zip(records, records[1:], strict=False) if full(a) and full(b)]
+    if len(pairs) < 3:
+        raise HarliError(f"the solo decode step at batch {batch}: only {len(pairs)} decode-only gaps were measured")
+    shape = max((b.bucket_seqs, b.bucket_pages) for _, b in pairs)
+    return SoloStep(statistics.median(b.end - a.end for a, b in pairs), batch, len(pairs), len(kv.prompt_ids), *shape)
 
 
 def measure_mixed_step(engine: Engine, batch: int, kv: PrefilledKV, seed: int) -> MixedStep | None:
@@ -396,12 +402,14 @@ def measure_mixed_step(engine: Engine, batch: int, kv: PrefilledKV, seed: int) -
 
 
 def measure_slo_base(engine: Engine, trace: Trace, seed: int, role: str) -> tuple[SoloStep, MixedStep | None]:
-    """The solo decode step at the trace's peak batch: measured at the engine's largest batch, which gives the
-    time per token the peak concurrency is estimated with (`peak_concurrency`), then at that peak; in the
-    colocated role, the mixed step at that peak too. The prompt is the trace's median context (prompt + half the
-    output), prefilled once on `engine`."""
+    """The solo decode step of the shape decode-only runs at the trace's peak: measured at the engine's largest
+    batch, which gives the time per token the peak concurrency is estimated with (`peak_concurrency`), then at that
+    peak, every sequence at the trace's longest context (prompt + output), so the step runs in the page bucket the
+    peak's longest request needs (a shorter context could land in a smaller bucket, and an SLO below what
+    decode-only itself runs at); in the colocated role, the mixed step at that peak too. The prompt is prefilled
+    once on `engine`."""
     seq_len, max_batch = engine.seq_len, engine.config.scheduler.max_batch
-    context = int(np.median([r.prompt_tokens + r.output_tokens // 2 for r in trace.requests]))
+    context = max(r.prompt_tokens + r.output_tokens for r in trace.requests)
     context = max(1, min(context, seq_len - SOLO_GAPS - 2))
     prompt = np.random.default_rng(seed).integers(3, engine.cfg.vocab_size, context).tolist()
     kv = prefill_all(engine, [Request(prompt, request_id="solo")], show=False)["solo"]

@@ -9,6 +9,8 @@ window. Every policy sees the same `WindowContext` and answers with the micro-st
   cap) less a safety margin. It picks the fused work of the next step (a token chunk, a backward slice, or
   none) and the micro-steps before it that do the most of a micro-batch while the micro-steps' bounds and
   the next step's (with its fused work) stay within the budget.
+- `harli-temporal`: `harli` with nothing fused: the micro-steps between steps only (the ablation that shows
+  what fused steps add, at one SLO).
 - `cobatch`: FlexLLM's token-level co-serving, SLO-blind: inference tokens first, finetune tokens fill a fixed
   per-step token budget, the backward a fixed number of layers per step; the budget set offline for the peak.
 - `decode-only`: no training while requests run (a separate-instances baseline).
@@ -27,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from harli_jax.errors import ConfigError
 
-POLICIES = ("harli", "cobatch", "decode-only", "temporal-K", "static")
+POLICIES = ("harli", "harli-temporal", "cobatch", "decode-only", "temporal-K", "static")
 
 
 class MicroKind(enum.StrEnum):
@@ -182,6 +184,7 @@ class HarliPolicy(Policy):
     and the next step's predicted bounds within the budget."""
 
     name = "harli"
+    fuses = True
 
     def __init__(self, cost: Callable[[MicroStep], float], sizes: Sizes, bank_cap: float = 1.0):
         self.cost, self.sizes, self.bank_cap = cost, sizes, bank_cap
@@ -200,7 +203,7 @@ class HarliPolicy(Policy):
         budget = self.budget(ctx)
         steps, phases, used = plan_greedy(budget - ctx.next_step_bound, ctx, self.cost, self.sizes)
         best = (sum(progress(s, ctx) for s in steps), -len(steps), steps, None, used + ctx.next_step_bound)
-        for name in ("tokens", "backward") if ctx.fused_bound is not None else ():
+        for name in ("tokens", "backward") if ctx.fused_bound is not None and self.fuses else ():
             for size in self.sizes.fused_of(name):
                 # The longest prefix of the greedy steps after which this fused work applies, then the greedy
                 # steps that still fit with it.
@@ -218,6 +221,13 @@ class HarliPolicy(Policy):
                     break
         score, _, steps, fused, predicted = best
         return WindowPlan(tuple(steps), budget, predicted, fused)
+
+
+class HarliTemporalPolicy(HarliPolicy):
+    """harli with nothing fused: the micro-steps between inference steps only."""
+
+    name = "harli-temporal"
+    fuses = False
 
 
 class CoBatchPolicy(Policy):
@@ -287,6 +297,8 @@ def make_policy(name: str, cost: Callable[[MicroStep], float], sizes: Sizes, *, 
                 cobatch_layers: int = 1) -> Policy:
     if name == "harli":
         return HarliPolicy(cost, sizes, bank_cap)
+    if name == "harli-temporal":
+        return HarliTemporalPolicy(cost, sizes, bank_cap)
     if name == "cobatch":
         return CoBatchPolicy(cobatch_tokens, cobatch_layers, sizes)
     if name == "decode-only":

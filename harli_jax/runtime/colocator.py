@@ -96,8 +96,8 @@ class CoLocator:
         self.job = job
         c = self.config.colocation
         # Micro-batches run their forwards in token chunks, fused into inference steps or alone, for a policy that
-        # fuses (harli only when it has an SLO to train under and `fuse` is on).
-        self.token_mode = c.policy == "cobatch" or (c.policy == "harli" and c.fuse and bool(c.tpot_slo_ms))
+        # fuses (harli only when it has an SLO to train under).
+        self.token_mode = c.policy == "cobatch" or (c.policy == "harli" and bool(c.tpot_slo_ms))
         self.sizes = Sizes(self.chunks)
         if self.token_mode:
             tokens, fused = token_options(job.job.seq_len, c.fused_tokens)
@@ -281,7 +281,7 @@ class CoLocator:
         job, config = self.job, self.config.colocation
         decided = time.perf_counter()
         slo = (config.tpot_slo_ms or 0.0) / 1e3
-        if not slo and config.policy == "harli":
+        if not slo and config.policy in ("harli", "harli-temporal"):
             return {}  # no SLO to protect: nothing is banked while requests run
         reserve = self._kv_reserve()
         micro = job.micro

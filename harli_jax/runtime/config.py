@@ -164,7 +164,6 @@ class CoLocationConfig:
                                                "(harli, cobatch); unset: an eighth and a quarter of the job's "
                                                "seq_len")
     fused_layers: tuple[int, ...] = option((1, 2), "layers of a backward slice fused into a decode step")
-    fuse: bool = option(True, "harli: fuse finetune work into decode steps (off: micro-steps between steps only)")
 
     @property
     def tbt_cap_ms(self) -> float | None:

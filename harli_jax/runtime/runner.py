@@ -319,13 +319,18 @@ class ModelRunner:
     def can_fuse(self, bucket: Bucket, kind: str, size: int) -> bool:
         return (bucket, kind, size) in self._fused
 
+    def fused_program(self, bucket: Bucket, kind: str, size: int) -> jax.stages.Compiled:
+        """The compiled program of `bucket` with (kind, size) fused in (`prepare_fused` compiled it)."""
+        return self._fused[(bucket, kind, size)]
+
     def _compile_page_copies(self, pages: int) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
         ids = jax.ShapeDtypeStruct((pages,), jnp.int32)
         buffer = self.arena.buffer
         block = jax.ShapeDtypeStruct(self.arena.layout.shape(pages), buffer.dtype)
         return (_read_pages_jit.lower(buffer, ids).compile(), _write_pages_jit.lower(buffer, ids, block).compile())
 
-    def _page_copy(self, num_pages: int) -> tuple[int, jax.stages.Compiled, jax.stages.Compiled]:
+    def page_copy(self, num_pages: int) -> tuple[int, jax.stages.Compiled, jax.stages.Compiled]:
+        """(the page bucket `num_pages` pads to, its page-read program, its in-place page-write program)."""
         padded = self.page_buckets[bisect.bisect_left(self.page_buckets, num_pages)]
         if padded not in self._page_copies:
             self._page_copies[padded] = self._compile_page_copies(padded)
@@ -335,7 +340,7 @@ class ModelRunner:
         """Compiles every bucket's program (in parallel threads: XLA compiles without the GIL) and runs it once,
         and compiles the page copies of every page bucket."""
         for pages in self.page_buckets:
-            self._page_copy(pages)
+            self.page_copy(pages)
         todo = [b for b in self.buckets if b not in self._programs]
         if not todo:
             return
@@ -392,7 +397,7 @@ class ModelRunner:
             next_tokens, logprobs = self._run_step(bucket, inputs, previous.next_tokens if previous else None)
             return InFlight(plan, bucket, rows, next_tokens, pack_time, dispatched, logprobs=logprobs)
         last = previous.next_tokens if previous is not None else self._no_previous
-        program = self._fused[(bucket, fused.kind, fused.size)]
+        program = self.fused_program(bucket, fused.kind, fused.size)
         args = self._fused_args(program, fused.args)
         next_tokens, logprobs, out = self.arena.update(lambda buffer: _split_arena(
             program(self.params, buffer, inputs, last, self.lora, *args)))
@@ -480,7 +485,7 @@ class ModelRunner:
                    scratch_page: int = 0) -> tuple[int, float, tuple]:
         """`time_synthetic` of `bucket`'s program with `fused` in it; also returns the finetune part's results."""
         inputs, context = self._synthetic_inputs(bucket, seed, scratch_page)
-        program = self._fused[(bucket, fused.kind, fused.size)]
+        program = self.fused_program(bucket, fused.kind, fused.size)
         args = self._fused_args(program, fused.args)
         started = time.perf_counter()
         next_tokens, _, out = self.arena.update(lambda buffer: _split_arena(
@@ -515,7 +520,7 @@ class ModelRunner:
     def read_pages(self, page_ids: Sequence[int]) -> np.ndarray:
         """The K/V of whole pages, `[len(page_ids), layers, 2, kv_heads, page_tokens, head_dim]`."""
         n = len(page_ids)
-        padded, read, _ = self._page_copy(n)
+        padded, read, _ = self.page_copy(n)
         ids = np.zeros(padded, np.int32)
         ids[:n] = page_ids
         return np.asarray(read(self.arena.buffer, ids))[:n].copy()  # not a view that keeps the padding alive
@@ -523,7 +528,7 @@ class ModelRunner:
     def write_pages(self, page_ids: Sequence[int], pages: np.ndarray) -> None:
         """Writes whole pages (the inverse of `read_pages`) in place."""
         n = len(page_ids)
-        padded, _, write = self._page_copy(n)
+        padded, _, write = self.page_copy(n)
         ids = np.zeros(padded, np.int32)
         ids[:n] = page_ids
         block = np.zeros(self.arena.layout.shape(padded), self.arena.buffer.dtype)

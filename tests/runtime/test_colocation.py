@@ -97,6 +97,12 @@ def test_harli_fuses_work_into_the_next_step_when_the_window_has_no_room():
     # Nothing is fused into a step that cannot carry work (not a compiled decode shape).
     plan = policy.plan(dataclasses.replace(_ctx(NEXT_STEP * 1e3 + 1.0, tokens=True), fused_bound=None))
     assert plan.fused is None
+    # harli-temporal, the ablation, plans harli's micro-steps and fuses nothing, even into a step that could carry it.
+    temporal = make_policy("harli-temporal", fake_cost, TOKEN_SIZES)
+    for ctx in (_ctx(NEXT_STEP * 1e3 + 1.0, tokens=True), _ctx(20, pending=("tokens", 64), tokens=True)):
+        plan = temporal.plan(ctx)
+        assert plan.fused is None and plan.steps == policy.plan(dataclasses.replace(ctx, fused_bound=None)).steps
+    assert temporal.plan(_ctx(20, pending=("tokens", 64), tokens=True)).steps
 
 
 def test_cobatch_fills_its_token_budget_inference_first():
