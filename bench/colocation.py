@@ -95,10 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default 40; 4 quick; 0: no sweep)")
     parser.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests")
     parser.add_argument("--fused-tokens", default=None, help="positions per row of a token chunk fused into a decode "
-                        "step, comma-separated, each seq-len halved 0 to 3 times (default: an eighth and a quarter "
+                        "step, comma-separated, each seq-len halved 0 to 3 times (default: an eighth "
                         "of --seq-len; 8 quick)")
     parser.add_argument("--fused-layers", default=None, help="layers of a backward slice fused into a decode step, "
-                        "comma-separated (default 1,2; 1 quick)")
+                        "comma-separated (default 1)")
     parser.add_argument("--batch-buckets", default=None, help="decode batch sizes compiled, comma-separated (max "
                         "batch always; default powers of two)")
     parser.add_argument("--seed", type=int, default=0, help="weights, prompts, the generated trace, the run order")

@@ -48,7 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 QUICK = dict(model=REPO / "configs/models/tiny.yaml", batches="1,2", rows="1,8,32", rounds=2, repeats=2,
              micro_batch_rows=1, seq_len=32, max_seq_len=64, fused_tokens="8", fused_layers="1")
 FULL = dict(model=REPO / "configs/models/small.yaml", batches="1,4,8,16,32", rows="1,2,4,8,16,32,64,128,256",
-            rounds=3, repeats=5, micro_batch_rows=1, seq_len=64, max_seq_len=256, fused_tokens="", fused_layers="1,2")
+            rounds=3, repeats=5, micro_batch_rows=1, seq_len=64, max_seq_len=256, fused_tokens="8,16",
+            fused_layers="1,2")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="positions per micro-batch row (default 64)")
     p.add_argument("--max-seq-len", type=int, default=None, help="engine context (default 256)")
     p.add_argument("--fused-tokens", default=None, help="positions of a fused token chunk, comma-separated (default "
-                   "the engine's: an eighth and a quarter of --seq-len)")
+                   "the engine's: an eighth of --seq-len; default 8,16)")
     p.add_argument("--fused-layers", default=None, help="layers of a fused backward slice (default 1,2)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per attempt, the median kept (default 5)")

@@ -204,7 +204,7 @@ def _cobatch_knob(cfg: ModelConfig, options: dict[str, Any]) -> Knob:
     tokens + rows x the largest fused chunk: a larger budget fuses the largest chunk into every step, as that
     one does), then that most. A budget fuses a chunk into a step only when the step's inference tokens leave
     that chunk's rows room, so the small ones train at low load only. With the defaults of small.yaml's
-    benchmark (16 sequences, 1 row of 64 positions, chunks of 8 and 16) they are 16 and 32. The fallback, when
+    benchmark (16 sequences, 1 row of 64 positions, the default chunk of 8) they are 16 and 24. The fallback, when
     none keeps the SLO: 1 token, which fuses no chunk beside a decoded token."""
     seq_len, rows = options["seq_len"], options["micro_batch_rows"]
     fused = token_options(seq_len, tuple(options.get("fused_tokens") or ()))[1]

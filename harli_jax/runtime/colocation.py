@@ -94,6 +94,9 @@ class WindowContext:
     can_start: bool  # a new micro-batch may lease its stash now
     inference_steps: int  # inference steps since the last window that trained
     fresh: Phase | None = None  # the phase a new micro-batch starts in; None: ("forward", num_layers)
+    # The phase of a new micro-batch whose first token chunk rides in the next step, ("tokens", seq_len); None:
+    # token chunks are never fused.
+    fused_start: Phase | None = None
     next_tokens: int = 0  # inference tokens of the next step
     rows: int = 1  # rows of a micro-batch: a token chunk of n positions is rows * n tokens
     # The next step's bound with (phase, size) work fused in; None: the next step cannot carry any.
@@ -105,6 +108,12 @@ class WindowContext:
     @property
     def start_phase(self) -> Phase:
         return self.fresh if self.fresh is not None else ("forward", self.num_layers)
+
+    @property
+    def seq_len(self) -> int:
+        """Positions of a micro-batch row (what a token-chunked forward covers)."""
+        phase = self.fused_start or self.start_phase
+        return phase[1] if phase[0] == "tokens" else 0
 
     @property
     def first_phase(self) -> Phase | None:
@@ -144,16 +153,18 @@ def progress(step: MicroStep, ctx: WindowContext) -> float:
     """The share of a micro-batch a micro-step does: its forward is one half, its backward the other."""
     kind, n = step
     if kind in (MicroKind.TOKENS, MicroKind.TOKENS_LAST):
-        return n / (2 * ctx.start_phase[1])
+        return n / (2 * ctx.seq_len)
     return n / (2 * ctx.num_layers)
 
 
 def plan_greedy(budget: float, ctx: WindowContext, cost: Callable[[MicroStep], float], sizes: Sizes,
-                max_microbatches: int = 4) -> tuple[list[MicroStep], list[Phase | None], float]:
+                max_microbatches: int = 4) -> tuple[list[MicroStep], list[Phase | None], list[bool], float]:
     """Micro-steps in execution order, each the largest compiled size whose predicted bound still fits the
-    budget; returns them, the phase before each and after the last, and their summed bound."""
+    budget; returns them, the phase before each and after the last, whether that phase is a micro-batch not
+    started yet, and their summed bound."""
     steps: list[MicroStep] = []
     phases: list[Phase | None] = [ctx.first_phase]
+    fresh = [ctx.pending is None and ctx.can_start]
     used = 0.0
     started = 0 if ctx.pending is not None else 1
     pending = phases[0]
@@ -165,10 +176,11 @@ def plan_greedy(budget: float, ctx: WindowContext, cost: Callable[[MicroStep], f
         n, kind, pending = max(fits, key=lambda fit: fit[0])
         steps.append((kind, n))
         used += cost((kind, n))
-        if pending is None and ctx.can_start and started < max_microbatches:
+        fresh.append(pending is None and ctx.can_start and started < max_microbatches)
+        if fresh[-1]:
             pending, started = ctx.start_phase, started + 1
         phases.append(pending)
-    return steps, phases, used
+    return steps, phases, fresh, used
 
 
 class Policy:
@@ -181,7 +193,8 @@ class Policy:
 class HarliPolicy(Policy):
     """Predictor-driven and hybrid: for the next step it chooses the work fused into it (a token chunk or a
     backward slice, or none) and the micro-steps before it that do the most of a micro-batch with the window's
-    and the next step's predicted bounds within the budget."""
+    and the next step's predicted bounds within the budget. Its micro-steps run forwards in layer chunks; a
+    micro-batch runs its forward in token chunks only when its first chunk rides in a step (`fused_start`)."""
 
     name = "harli"
     fuses = True
@@ -201,7 +214,7 @@ class HarliPolicy(Policy):
 
     def plan(self, ctx: WindowContext) -> WindowPlan:
         budget = self.budget(ctx)
-        steps, phases, used = plan_greedy(budget - ctx.next_step_bound, ctx, self.cost, self.sizes)
+        steps, phases, fresh, used = plan_greedy(budget - ctx.next_step_bound, ctx, self.cost, self.sizes)
         best = (sum(progress(s, ctx) for s in steps), -len(steps), steps, None, used + ctx.next_step_bound)
         for name in ("tokens", "backward") if ctx.fused_bound is not None and self.fuses else ():
             for size in self.sizes.fused_of(name):
@@ -210,6 +223,8 @@ class HarliPolicy(Policy):
                 bound = ctx.fused_bound(name, size)
                 for cut in range(len(steps), -1, -1):
                     phase = phases[cut]
+                    if fresh[cut] and name == "tokens" and ctx.fused_start is not None:
+                        phase = ctx.fused_start  # a new micro-batch, its forward in token chunks from here
                     if phase is None or phase[0] != name or phase[1] < size:
                         continue
                     prefix, spent = steps[:cut], sum(self.cost(s) for s in steps[:cut])

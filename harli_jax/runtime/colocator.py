@@ -24,7 +24,7 @@ import jax
 from harli_jax.errors import ConfigError
 from harli_jax.model.config import ModelConfig
 from harli_jax.runtime.arena import Arena, Owner
-from harli_jax.runtime.colocation import Sizes, WindowContext, advance, largest_chunk, make_policy
+from harli_jax.runtime.colocation import MicroKind, Sizes, WindowContext, advance, largest_chunk, make_policy
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.job import FinetuneRunner
 from harli_jax.runtime.metrics import IdleTraining
@@ -53,9 +53,10 @@ def chunk_options(cfg: ModelConfig, config: EngineConfig) -> tuple[int, ...]:
 def token_options(seq_len: int, given: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(positions per token chunk, those that ride in an inference step) for a job of `seq_len` positions: the
     halvings of `seq_len` down to an eighth, so any chunks cover the rows exactly, and the fused sizes `given`
-    (unset: an eighth and a quarter), each such a halving."""
+    (unset: the smallest halving, one fused program per decode bucket; `bench/fused.py` measured the eighth and
+    the quarter of small.yaml's 64 positions to cost alike per token-layer), each such a halving."""
     halvings = tuple(sorted({seq_len >> i for i in range(4) if seq_len % (1 << i) == 0}))
-    fused = tuple(sorted(set(given))) or tuple(n for n in halvings if n in (seq_len // 8, seq_len // 4)) or halvings
+    fused = tuple(sorted(set(given))) or halvings[:1]
     bad = [n for n in fused if n not in halvings]
     if bad:
         raise ConfigError(f"CoLocationConfig.fused_tokens {bad} must each be seq_len ({seq_len}) halved 0 to 3 "
@@ -77,7 +78,7 @@ class CoLocator:
         self._steps_since_train = 0
         self._fused: tuple[StepPlan, FusedCall] | None = None  # the work planned into the next step
         self._window_end = 0.0  # when the last window ended: the next dispatch's host work starts there
-        self.token_mode = False  # set by `register`
+        self.fuses = False  # the job's work may ride in inference steps (set by `register`)
 
     def _make_policy(self):
         c = self.config.colocation
@@ -91,22 +92,23 @@ class CoLocator:
         return self.job is not None and self.job.active
 
     def register(self, job: FinetuneRunner) -> None:
-        """Takes the job: compiles its programs (every micro-step size, and in token mode the fused step programs,
-        unless the policy never trains while serving) and, under an SLO, calibrates the predictor."""
+        """Takes the job: compiles its programs (every micro-step size, and for a policy that fuses the fused step
+        programs, unless the policy never trains while serving) and, under an SLO, calibrates the predictor."""
         self.job = job
         c = self.config.colocation
-        # Micro-batches run their forwards in token chunks, fused into inference steps or alone, for a policy that
-        # fuses (harli only when it has an SLO to train under).
-        self.token_mode = c.policy == "cobatch" or (c.policy == "harli" and bool(c.tpot_slo_ms))
+        # A policy that fuses (harli only when it has an SLO to train under) may run a micro-batch's forward in
+        # token chunks, fused into inference steps or alone: cobatch every micro-batch's (FlexLLM's co-serving),
+        # harli that of a micro-batch whose first chunk rides in a step (its micro-steps use layer chunks).
+        self.fuses = c.policy == "cobatch" or (c.policy == "harli" and bool(c.tpot_slo_ms))
         self.sizes = Sizes(self.chunks)
-        if self.token_mode:
+        if self.fuses:
             tokens, fused = token_options(job.job.seq_len, c.fused_tokens)
             layers = tuple(n for n in c.fused_layers if n <= self.cfg.num_layers)
             self.sizes = Sizes(self.chunks, tokens, fused, layers)
-            job.micro.token_mode = True
+        job.micro.token_chunks, job.micro.token_mode = self.fuses, c.policy == "cobatch"
         self.policy = self._make_policy()
         job.warmup(self._calibration_sequences() if c.policy != "decode-only" else ())
-        if self.token_mode:
+        if self.fuses:
             shapes = [("tokens", n) for n in self.sizes.fused_tokens] + [("backward", n)
                                                                           for n in self.sizes.fused_layers]
             self.runner.prepare_fused({shape: job.micro.fused_examples(*shape) for shape in shapes})
@@ -115,20 +117,23 @@ class CoLocator:
         if c.tpot_slo_ms:
             self.calibrate()
 
-    def _calibration_sequences(self) -> list[list[int]]:
-        """Micro-step sizes of timing micro-batches that together run every micro-step program: the i-th cuts
-        its phases into the i-th size of each (layer or token) option list, the rest in the largest that fits."""
-        sizes = self.sizes
+    def _calibration_sequences(self) -> list[tuple[bool, list[int]]]:
+        """(token mode, micro-step sizes) of timing micro-batches that together run every micro-step program the
+        policy may: in each kind of forward its micro-batches run (layer chunks, token chunks), the i-th cuts its
+        phases into the i-th size of each (layer or token) option list, the rest in the largest that fits."""
+        sizes, micro = self.sizes, self.job.micro
+        modes = ([] if micro.token_mode else [False]) + ([True] if micro.token_chunks else [])
         out = []
-        for i in range(max(len(sizes.layers), len(sizes.tokens))):
-            phase = ("tokens", self.job.job.seq_len) if self.token_mode else ("forward", self.cfg.num_layers)
-            seq = []
-            while phase is not None:
-                options = sizes.of(phase[0])
-                n = largest_chunk(options, min(options[min(i, len(options) - 1)], phase[1]))
-                seq.append(n)
-                phase = advance(phase, n, self.cfg.num_layers)[1]
-            out.append(seq)
+        for token_mode in modes:
+            for i in range(max(len(sizes.layers), len(sizes.tokens) if token_mode else 0)):
+                phase = ("tokens", self.job.job.seq_len) if token_mode else ("forward", self.cfg.num_layers)
+                seq = []
+                while phase is not None:
+                    options = sizes.of(phase[0])
+                    n = largest_chunk(options, min(options[min(i, len(options) - 1)], phase[1]))
+                    seq.append(n)
+                    phase = advance(phase, n, self.cfg.num_layers)[1]
+                out.append((token_mode, seq))
         return out
 
     def reclaimed(self, owners: list[Owner]) -> None:
@@ -221,7 +226,7 @@ class CoLocator:
     def _fused_bound(self, next_plan: StepPlan):
         """The next step's bound with (kind, size) fused in: its own measurements, or before there are any the
         step's bound plus the same work as a micro-step (fusing never costs more than running both)."""
-        if not self.token_mode or not next_plan.work:
+        if not self.fuses or not next_plan.work:
             return None
         bucket = self.runner.bucket_of(next_plan)
         if not bucket.decode_only:
@@ -290,7 +295,8 @@ class CoLocator:
                             next_step_bound=self._next_step_bound(next_plan) if slo else 0.0,
                             deadlines=self._deadlines(slo) if slo else [], num_layers=self.cfg.num_layers,
                             pending=micro.status(), can_start=can_start, inference_steps=self._steps_since_train,
-                            fresh=("tokens", job.job.seq_len) if self.token_mode else None,
+                            fresh=("tokens", job.job.seq_len) if micro.token_mode else None,
+                            fused_start=("tokens", job.job.seq_len) if self.fuses else None,
                             next_tokens=next_plan.num_tokens, rows=job.job.micro_batch_rows,
                             fused_bound=self._fused_bound(next_plan),
                             reserve=self._prefill_reserve(next_plan) if slo else 0.0)
@@ -312,7 +318,8 @@ class CoLocator:
             if not job.active:
                 break
         if plan.fused is not None and job.active and len(ran) == len(plan.steps) and next_plan.work:
-            if micro.current is not None or micro.start(watermark=reserve):
+            fresh_tokens = plan.fused[0] in (MicroKind.TOKENS, MicroKind.TOKENS_LAST)
+            if micro.current is not None or micro.start(watermark=reserve, token_mode=fresh_tokens):
                 call = micro.fused_call(plan.fused[1])
                 if call is not None and self.runner.can_fuse(self.runner.bucket_of(next_plan), call.kind, call.size):
                     self._fused = (next_plan, call)
@@ -341,9 +348,9 @@ class CoLocator:
                         self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), context, seconds)
         job = self.job
         if job is not None and job.micro.current is None:
-            for sequence in self._calibration_sequences():
+            for token_mode, sequence in self._calibration_sequences():
                 for i in range(runs + 1):
-                    if not job.micro.start(calibration=True):
+                    if not job.micro.start(calibration=True, token_mode=token_mode):
                         break
                     for size in sequence:
                         done = job.micro.run(size)
@@ -363,7 +370,7 @@ class CoLocator:
         applied). `runs` 0: each runs once, untimed (at `register`, which compiles them: a program's first run
         is slow)."""
         micro, sizes = self.job.micro, self.sizes
-        if not (sizes.fused_tokens or sizes.fused_layers) or not micro.start(calibration=True):
+        if not (sizes.fused_tokens or sizes.fused_layers) or not micro.start(calibration=True, token_mode=True):
             return
         for phase in ("tokens", "backward"):
             while (status := micro.status()) is not None and status[0] != phase:

@@ -94,10 +94,10 @@ class FinetuneRunner:
             return data_lib.load_jsonl(records, tokenizer, strict=self.job.strict_data)
         return data_lib.from_records(records, tokenizer, strict=self.job.strict_data)
 
-    def warmup(self, sequences: Sequence[Sequence[int]] = ()) -> None:
+    def warmup(self, sequences: Sequence[tuple[bool, Sequence[int]]] = ()) -> None:
         """Compiles the training programs without changing anything: the single-program step, the update and the
-        eval loss on copies of the state, and one timing micro-batch (dropped at its end) per sequence of
-        micro-step sizes, which together cover every micro-step program a policy runs."""
+        eval loss on copies of the state, and one timing micro-batch (dropped at its end) per (token mode,
+        micro-step sizes), which together cover every micro-step program a policy runs."""
         batch = self.loader.next_batch()
         self.loader.push_back(batch)
         def copy():
@@ -108,8 +108,8 @@ class FinetuneRunner:
         jax.block_until_ready(_update(self.optimizer, copy()))
         jax.block_until_ready(_commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
         jax.block_until_ready(_eval_loss(self.state.lora, self.params, self.cfg, device_batch))
-        for sequence in sequences:
-            if self.micro.current is None and self.micro.start(calibration=True):
+        for token_mode, sequence in sequences:
+            if self.micro.current is None and self.micro.start(calibration=True, token_mode=token_mode):
                 for size in sequence:
                     self.micro.run(size)
 

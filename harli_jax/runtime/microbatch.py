@@ -73,7 +73,10 @@ class MicroBatchExecutor:
 
     def __init__(self, job: FinetuneRunner, arena: Arena):
         self.job, self.arena = job, arena
-        self.token_mode = False  # new micro-batches run their forward in token chunks (set by the co-locator)
+        # Set by the co-locator: whether a micro-batch may run its forward in token chunks (its stash then also
+        # holds K/V and the loss gradient, so every lease is that size), and whether one does unless told.
+        self.token_chunks = False
+        self.token_mode = False
         self.current: MicroBatchRun | None = None
         self.busy_time = 0.0  # seconds of the job's micro-steps (calibration runs excluded)
         self._spare_grads = None  # the zeroed gradient buffers the last commit handed back
@@ -86,9 +89,10 @@ class MicroBatchExecutor:
 
     @property
     def stash_pages_needed(self) -> int:
-        """Pages a new micro-batch leases (more in token mode: its K/V and loss gradient too)."""
+        """Pages a new micro-batch leases (more where token chunks may run: their K/V and loss gradient too; one
+        size for both kinds of forward, so every program sees one shape)."""
         layout = self.arena.layout
-        return fused.token_stash_pages(layout, self.tokens) if self.token_mode else layout.stash_pages(self.tokens)
+        return fused.token_stash_pages(layout, self.tokens) if self.token_chunks else layout.stash_pages(self.tokens)
 
     @property
     def held_pages(self) -> int:
@@ -103,12 +107,16 @@ class MicroBatchExecutor:
             return None
         return run.phase
 
-    def start(self, watermark: int = 0, calibration: bool = False) -> bool:
-        """Leases stash pages and starts the job's next micro-batch; False if no lease was granted or the job has
-        no data left. A `calibration` micro-batch runs for timing only: at its end it is dropped like an
-        abandoned one without counting as abandoned."""
+    def start(self, watermark: int = 0, calibration: bool = False, token_mode: bool | None = None) -> bool:
+        """Leases stash pages and starts the job's next micro-batch, its forward in token chunks if `token_mode`
+        (None: `self.token_mode`); False if no lease was granted or the job has no data left. A `calibration`
+        micro-batch runs for timing only: at its end it is dropped like an abandoned one without counting as
+        abandoned."""
         if self.current is not None:
             raise RuntimeError("a micro-batch is already in flight")
+        token_mode = self.token_mode if token_mode is None else token_mode
+        if token_mode and not self.token_chunks:
+            raise RuntimeError("this job's micro-batches run their forwards in layer chunks only")
         lease = Owner("lease", f"{self.job.job.name}-{self._leases}")
         pages = self.arena.table.lease(lease.key, self.stash_pages_needed, watermark)
         if pages is None:
@@ -119,10 +127,10 @@ class MicroBatchExecutor:
             self.arena.table.release(lease.key)
             return False
         device_batch = trainer.TrainBatch.from_host(batch.arrays())
-        phase = ("tokens", self.job.job.seq_len) if self.token_mode else ("forward", self.job.cfg.num_layers)
+        phase = ("tokens", self.job.job.seq_len) if token_mode else ("forward", self.job.cfg.num_layers)
         run = MicroBatchRun(batch=batch, device_batch=device_batch, lease=lease,
                             stash_pages=jnp.asarray(pages, jnp.int32), phase=phase, calibration=calibration)
-        if self.token_mode:
+        if token_mode:
             run.loss_sum, run.count = jnp.float32(0), jnp.float32(0)
         else:
             run.x = trainer.embed_step(self.job.params, device_batch)

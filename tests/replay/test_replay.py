@@ -321,9 +321,9 @@ def test_the_sweep_takes_the_largest_value_that_keeps_the_slo(monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize(("options", "candidates"), [
-    (dict(max_batch=16, micro_batch_rows=1, seq_len=64), (16, 32)),  # chunks of 8 and 16: the default
-    (dict(max_batch=16, micro_batch_rows=1, seq_len=64, fused_tokens=(8,)), (16, 24)),
-    (dict(max_batch=128, micro_batch_rows=1, seq_len=64), (16, 32, 64, 128, 144)),
+    (dict(max_batch=16, micro_batch_rows=1, seq_len=64), (16, 24)),  # a chunk of 8: the default
+    (dict(max_batch=16, micro_batch_rows=1, seq_len=64, fused_tokens=(8, 16)), (16, 32)),
+    (dict(max_batch=128, micro_batch_rows=1, seq_len=64), (16, 32, 64, 128, 136)),
     (dict(max_batch=8, micro_batch_rows=4, seq_len=64, fused_tokens=(8, 32)), (64, 128, 136)),
 ])
 def test_the_knobs_candidates_ascend_from_the_least_that_trains_to_the_most_a_step_uses(options, candidates):

@@ -54,7 +54,8 @@ def _ctx(budget_ms, pending=None, can_start=True, deadlines=None, steps=0, token
     return WindowContext(now=0.0, slo=slo, margin=0.005, next_step_bound=NEXT_STEP,
                          deadlines=[deadline] if deadlines is None else deadlines, num_layers=LAYERS,
                          pending=pending, can_start=can_start, inference_steps=steps,
-                         fresh=("tokens", SEQ_LEN) if tokens else None, next_tokens=next_tokens, rows=ROWS,
+                         fresh=("tokens", SEQ_LEN) if tokens else None,
+                         fused_start=("tokens", SEQ_LEN) if tokens else None, next_tokens=next_tokens, rows=ROWS,
                          fused_bound=fake_fused if tokens else None)
 
 
@@ -103,6 +104,22 @@ def test_harli_fuses_work_into_the_next_step_when_the_window_has_no_room():
         plan = temporal.plan(ctx)
         assert plan.fused is None and plan.steps == policy.plan(dataclasses.replace(ctx, fused_bound=None)).steps
     assert temporal.plan(_ctx(20, pending=("tokens", 64), tokens=True)).steps
+
+
+def test_harli_micro_steps_run_layer_chunks_and_a_fused_chunk_starts_a_token_chunked_micro_batch():
+    # harli's own micro-batches run their forwards in layer chunks (the cheaper micro-step); a micro-batch runs its
+    # forward in token chunks only when its first chunk rides in the next step.
+    policy = HarliPolicy(fake_cost, TOKEN_SIZES)
+    harli = dataclasses.replace(_ctx(NEXT_STEP * 1e3 + 1.0, tokens=True), fresh=None)
+    plan = policy.plan(harli)  # no room before the step: a new micro-batch's first token chunk rides in it
+    assert plan.steps == () and plan.fused == (MicroKind.TOKENS, 16)
+    roomy = policy.plan(dataclasses.replace(harli, deadlines=[0.03]))
+    assert roomy.steps and all(kind.startswith(("forward", "backward")) for kind, _ in roomy.steps), roomy.steps
+    assert roomy.predicted <= roomy.budget
+    # A micro-batch in flight in layer chunks gets no token chunk fused; one in token chunks does.
+    assert policy.plan(dataclasses.replace(harli, pending=("forward", 3), can_start=False)).fused is None
+    assert policy.plan(dataclasses.replace(harli, pending=("tokens", 48), can_start=False)).fused == (
+        MicroKind.TOKENS, 16)
 
 
 def test_cobatch_fills_its_token_budget_inference_first():

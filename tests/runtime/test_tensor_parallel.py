@@ -136,9 +136,10 @@ def _ids(stderr: str) -> str:
 
 
 # What the Gloo library (XLA:CPU's collectives) prints on stdout as processes connect, in pieces that its threads
-# may interleave: "[Gloo] Rank R" and " is connected to N peer ranks. Expected number ... is : N".
-GLOO = re.compile(r"\[Gloo\] Rank \d+"
-                  r"| is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+")
+# may interleave, a newline of another piece anywhere between their words: "[Gloo] Rank R" and " is connected to N
+# peer ranks. Expected number ... is : N".
+GLOO = re.compile(r"\[Gloo\]\s*Rank\s*\d+"
+                  r"|\s*is connected to\s*\d+\s*peer ranks\.\s*Expected number of connected peer ranks is\s*:\s*\d+")
 
 
 def _text(stdout: str) -> str:
