@@ -78,6 +78,7 @@ class CoLocator:
         self._steps_since_train = 0
         self._fused: tuple[StepPlan, FusedCall] | None = None  # the work planned into the next step
         self._window_end = 0.0  # when the last window ended: the next dispatch's host work starts there
+        self._window_plan: StepPlan | None = None  # the plan that window ran before
         self.fuses = False  # the job's work may ride in inference steps (set by `register`)
 
     def _make_policy(self):
@@ -176,13 +177,17 @@ class CoLocator:
             self.predictor.observe_window(key, plan.context, micro, seconds + window["train_time"])
         if self.predictor.unfitted >= 256:  # under sustained load: refit off the serving loop
             self.predictor.fit_async()
-        self._window_end = time.perf_counter()
+        self._window_plan, self._window_end = next_plan, time.perf_counter()
         return window
 
-    def observe_dispatch(self, dispatched: float) -> None:
-        """The host's work between the last window and this step's dispatch (scheduling, packing's start)."""
-        if self._window_end:
+    def observe_dispatch(self, plan: StepPlan, dispatched: float) -> None:
+        """The host's work between the last window and the dispatch of `plan`, the step it ran before (scheduling,
+        packing's start). A plan made after anything else (training while idle, a wait for requests, new
+        messages) ends no such gap: that time is not the host's work between two steps, and counted as such it
+        would inflate every bound the SLO is held with (admission would hold requests for seconds)."""
+        if plan is self._window_plan:
             self.predictor.observe_host(dispatched - self._window_end)
+        self._window_plan = None
 
     def fused_for(self, plan: StepPlan) -> FusedCall | None:
         """The finetune work planned into `plan`, if that plan is the one it was planned for and its micro-batch

@@ -330,7 +330,7 @@ class Engine:
                 self.colocation.idle()
                 return self._done(events)
             fused = self.colocation.fused_for(plan)
-            self.colocation.observe_dispatch(time.perf_counter())
+            self.colocation.observe_dispatch(plan, time.perf_counter())
             with jax.profiler.StepTraceAnnotation("inference", step_num=len(self.step_records)):
                 flight = self.runner.dispatch(plan, fused=fused)
         self._in_flight = self._dispatch_ahead(flight)

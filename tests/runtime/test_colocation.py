@@ -2,6 +2,7 @@
 real engine keeping the SLO while it trains."""
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -259,6 +260,22 @@ def test_harli_keeps_an_slo_that_a_slo_blind_policy_breaks(tiny, tmp_path):
     assert all(r.decision_time < 0.01 for r in harli.step_records)
     # Every window after a plain step is scored (a fused step is scored as one, stage 2's fused line).
     assert harli.predictor.error_report()["windows"] == len([r for r in trained_windows if not r.fused])
+
+
+def test_the_host_gap_is_the_host_work_between_a_window_and_its_step(tiny, tmp_path):
+    # Training while idle and waiting for requests are no host work between two steps: counted as such (as they
+    # were), the predictor's host bound, added to every step's bound, grew to seconds, and under an SLO admission
+    # held decode-only's requests for seconds (20% within a 1.5x SLO on the bundled trace).
+    engine = Engine(tiny, EngineConfig(max_batch=4, batch_buckets=(4,), max_seq_len=64, prefill_chunk=32, num_pages=64,
+                                       policy="decode-only", tpot_slo_ms=1000.0, calibration_dir=str(tmp_path),
+                                       compile_threads=2))
+    engine.finetune(FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=2, seq_len=32))
+    for _ in range(3):
+        engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))
+        time.sleep(0.3)  # no request: a wait
+        engine.step()  # no request: the job trains
+    engine.predictor.fit()
+    assert 0 < engine.predictor.host_bound() < 0.1
 
 
 @pytest.mark.parametrize("policy", [dict(policy="static", static_layers=4, batch_buckets=(4,)),
