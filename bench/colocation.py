@@ -7,8 +7,9 @@ decode role's prefill pass; the finetune job's standalone throughput). If other 
 `--max-other-share` of the CPUs meanwhile, that SLO base is marked invalid, and so is every ratio built on it.
 Then per SLO (`--slo`, multiples of that step or times), every policy of `--policy` (default: all of
 harli_jax.runtime.colocation.POLICIES: harli, harli-temporal, cobatch, decode-only, temporal-K, static) runs on a
-fresh engine held to that same SLO (`replay.run.run_policy`; a policy with an offline knob, static's layers and cobatch's per-step
-token budget, first gets it from `replay.run.sweep` at that SLO, over the first --sweep-requests), in a seeded
+fresh engine held to that same SLO (`replay.run.run_policy`; a policy with an offline knob, static's layers and
+cobatch's per-step token budget, first gets it from `replay.run.sweep` at that SLO, over the first
+--sweep-requests), in a seeded
 random order per round (`--rounds`) through `common.interleave`: an attempt under load is repeated, then marked
 invalid. A run's figures are `replay.report.summarize`'s; a policy's row holds the medians over its valid
 attempts; harli's finetune tokens/s is divided by the best baseline's that keeps >= 99% of the requests within
