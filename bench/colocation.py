@@ -346,11 +346,7 @@ def main() -> None:
                           if k not in ("slos",)} | {"slos": [str(s) for s in args.slos]},
                "model": {"name": model.cfg.name, "layers": model.cfg.num_layers, "dtype": model.cfg.dtype},
                "targets": TARGETS, "results": results}
-    out = common.output_dir(args)
-    if out is None:
-        say("--quick without --out: no result file written")
-        return
-    say(f"wrote {common.write_result('colocation', payload, out)}")
+    common.save("colocation", payload, args)
 
 
 if __name__ == "__main__":

@@ -346,3 +346,12 @@ def output_dir(args) -> Path | None:
     if args.out:
         return Path(args.out)
     return None if args.quick else RESULTS_DIR
+
+
+def save(name: str, payload: dict, args) -> None:
+    """`write_result` into `output_dir(args)`, saying where, or that a --quick run without --out writes nothing."""
+    out = output_dir(args)
+    if out is None:
+        say("--quick without --out: no result file written")
+        return
+    say(f"wrote {write_result(name, payload, out)}")

@@ -237,11 +237,7 @@ def main() -> None:
                "sizes": {"fused_tokens": sizes.fused_tokens, "fused_layers": sizes.fused_layers,
                          "layers": sizes.layers},
                "summary": summary, "comparison": comparison}
-    out = common.output_dir(args)
-    if out is None:
-        say("--quick without --out: no result file written")
-        return
-    say(f"wrote {common.write_result('fused', payload, out)}")
+    common.save("fused", payload, args)
 
 
 def _per(ms_value: float | None, token_layers: int) -> float | None:
