@@ -80,6 +80,7 @@ from harli_jax.runtime.request import (
 
 log = logging.getLogger("harli_jax")
 SOLO_GAPS = 16  # decode-only step gaps the solo step's median is over
+MIXED_CHUNKS = 4  # the most prefill chunks of the mixed step's prompt
 STANDALONE_STEPS = 20  # optimizer steps the standalone throughput is measured over (after 2 warm-up steps)
 TARGET_ATTAINMENT = 0.99  # the share of requests within the TPOT SLO a swept knob must keep
 PREFILL_MEMORY_SHARE = 0.5  # of the host's available memory, the most the decode role's prompt K/V may take
@@ -379,7 +380,7 @@ def measure_mixed_step(engine: Engine, batch: int, kv: PrefilledKV, seed: int) -
     step with the chunk and every decoder. None where the engine cannot hold a decoder beside the prefill."""
     settings, seq_len = engine.config.scheduler, engine.seq_len
     decoding = min(max(1, batch - 1), settings.max_batch - 1)
-    chunks = min(4, (seq_len - 2) // settings.prefill_chunk)
+    chunks = min(MIXED_CHUNKS, (seq_len - 2) // settings.prefill_chunk)
     if decoding < 1 or chunks < 1:
         return None
     first = len(engine.step_records)
@@ -410,7 +411,8 @@ def measure_slo_base(engine: Engine, trace: Trace, seed: int, role: str) -> tupl
     once on `engine`."""
     seq_len, max_batch = engine.seq_len, engine.config.scheduler.max_batch
     context = max(r.prompt_tokens + r.output_tokens for r in trace.requests)
-    context = max(1, min(context, seq_len - SOLO_GAPS - 2))
+    # Room for the tokens each measurement's requests decode past the prompt (the mixed step's are the most).
+    context = max(1, min(context, seq_len - SOLO_GAPS - MIXED_CHUNKS))
     prompt = np.random.default_rng(seed).integers(3, engine.cfg.vocab_size, context).tolist()
     kv = prefill_all(engine, [Request(prompt, request_id="solo")], show=False)["solo"]
     at_max = measure_solo_step(engine, max_batch, kv)

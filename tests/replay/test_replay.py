@@ -320,6 +320,21 @@ def test_the_sweep_takes_the_largest_value_that_keeps_the_slo(monkeypatch, tmp_p
     assert result.as_dict()["attainment"] == {str(v): (0.0 if v >= misses_from else 1.0) for v in tried}
 
 
+def test_the_slo_base_runs_in_the_page_bucket_of_the_longest_request(tiny_yaml):
+    # The solo and mixed steps are measured with every sequence at the trace's longest context (capped so their
+    # decoded tokens fit the engine's): the page bucket decode-only runs its peak in. A request as long as the
+    # context once made the mixed step's requests too long to submit.
+    from harli_jax.model.loader import load_model
+    from harli_jax.runtime.config import EngineConfig
+
+    engine = Engine(load_model(tiny_yaml), EngineConfig(max_batch=2, max_seq_len=128, prefill_chunk=16,
+                                                        page_buckets=(2, 8), num_pages=64, compile_threads=2))
+    trace = Trace((TraceRequest(0.0, 10, 4), TraceRequest(0.1, 100, 27)))  # the second fills the context
+    solo, mixed = replay.measure_slo_base(engine, trace, seed=0, role="colocated")
+    assert solo.context == 128 - replay.SOLO_GAPS - replay.MIXED_CHUNKS and solo.bucket_pages == 8
+    assert solo.bucket_seqs >= solo.batch and solo.seconds > 0 and mixed is not None and mixed.seconds > 0
+
+
 @pytest.mark.parametrize(("options", "candidates"), [
     (dict(max_batch=16, micro_batch_rows=1, seq_len=64), (16, 24)),  # a chunk of 8: the default
     (dict(max_batch=16, micro_batch_rows=1, seq_len=64, fused_tokens=(8, 16)), (16, 32)),
