@@ -38,7 +38,7 @@ import numpy as np
 from common import say
 
 from harli_jax.lora.adapters import LoRAConfig
-from harli_jax.model.layers import linear, rms_norm
+from harli_jax.model.layers import linear, mlp_block, rms_norm
 from harli_jax.model.loader import load_model
 from harli_jax.runtime import Engine, EngineConfig
 from harli_jax.runtime.arena import Owner
@@ -90,9 +90,7 @@ def projection_pass(layers, cfg, x):
     for lp in layers:
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q, k, v = linear(h, lp.q_proj), linear(h, lp.k_proj), linear(h, lp.v_proj)
-        x = x + linear(q + jnp.tile(k + v, cfg.num_heads // cfg.num_kv_heads), lp.o_proj)
-        h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-        x = x + linear(jax.nn.silu(linear(h, lp.gate_proj)) * linear(h, lp.up_proj), lp.down_proj)
+        x = mlp_block(lp, cfg, x + linear(q + jnp.tile(k + v, cfg.num_heads // cfg.num_kv_heads), lp.o_proj))
     return x
 
 
@@ -156,8 +154,7 @@ def main() -> None:
 
     def fused(b: int, phase: str, size: int) -> float:
         """The step of batch `b` with (phase, size) fused in: a timing micro-batch brought to that phase first."""
-        micro.token_mode = True
-        micro.start(calibration=True)
+        micro.start(calibration=True, token_mode=True)
         while micro.status()[0] != phase:
             micro.run(max(sizes.of("tokens")))
         times = []
@@ -174,8 +171,7 @@ def main() -> None:
         micro-batch brought to that phase (the tokens phase is the token-chunked forward)."""
         times = []
         for _ in range(args.repeats):
-            micro.token_mode = phase == "tokens"
-            micro.start(calibration=True)
+            micro.start(calibration=True, token_mode=phase == "tokens")
             if phase == "backward":
                 while micro.status()[0] != "backward":
                     micro.run(layers)
