@@ -10,14 +10,16 @@ time is reported), in interleaved rounds (`common.interleave`, the machine's loa
   (F: the pass's fixed cost, the weight read; the ridge ~ F / c rows, where a row's compute equals it);
 - per decode batch B: the decode step alone (a synthetic batch at the one page bucket, every K/V write into a
   scratch page), the step with a token chunk of C positions of every micro-batch row through every layer fused
-  in (C in the job's fused sizes), and with a backward slice of k layers fused in (the job's fused layer sizes);
+  in (C in the job's fused sizes; cobatch's shape), with a forward window of the whole micro-batch through k
+  layers fused in (harli's), and with a backward slice of k layers fused in (k in the job's fused layer sizes);
 - the micro-steps alone: layer micro-steps (forward of n layers of the whole micro-batch; backward of n layers),
   token micro-steps (a token chunk of C positions through every layer).
 
 Per token-layer (one token through one layer, forward or backward): a fused shape costs what it adds to the decode
-step divided by its token-layers; a micro-step its time divided by its token-layers. `fused_forward_vs_layer_micro`
-is the fused token chunk's cost over the one-layer forward micro-step's (the issue's target: <= 0.7 at batches
-1-16). Writes bench/results/fused-<device>.json (or into --out; a --quick run only with --out).
+step divided by its token-layers; a micro-step its time divided by its token-layers. Each fused forward's
+`vs_layer_micro_forward` is its cost over the forward micro-step's of as many layers (one layer for a token chunk),
+each backward slice's `vs_layer_micro_backward` the same for the backward. Writes bench/results/fused-<device>.json
+(or into --out; a --quick run only with --out).
 
     python bench/fused.py                               # small.yaml, fp32, batches 1 4 8 16 32
     python bench/fused.py --dtype bfloat16              # (bench/gpu_check.sh on a GPU: its ridge)
@@ -136,8 +138,13 @@ def main() -> None:
     runner, micro, sizes = engine.runner, colocation.job.micro, colocation.sizes
     layers, tokens = cfg.num_layers, args.micro_batch_rows * args.seq_len
     scratch = engine.arena.table.allocate(Owner("calibration", "bench"), 1)[0]
+    windows = tuple(k for k in sizes.fused_layers if k < layers)  # harli's forward windows, compiled here
+    started = time.perf_counter()
+    runner.prepare_fused({("forward", k): micro.fused_examples("forward", k) for k in windows})
+    windows_s = time.perf_counter() - started
     say(f"fused: {cfg.name} ({cfg.dtype}), micro-batch {args.micro_batch_rows} x {args.seq_len}, fused token chunks "
-        f"{sizes.fused_tokens}, backward slices {sizes.fused_layers}; the job registered in {registration_s:.1f} s")
+        f"{sizes.fused_tokens}, forward windows {windows}, backward slices {sizes.fused_layers}; the job registered "
+        f"in {registration_s:.1f} s, the windows compiled in {windows_s:.1f} s")
 
     pass_jit = jax.jit(projection_pass, static_argnums=1)
     x_of = {n: jnp.ones((n, cfg.hidden_size), cfg.dtype) for n in args.row_list}
@@ -154,7 +161,7 @@ def main() -> None:
 
     def fused(b: int, phase: str, size: int) -> float:
         """The step of batch `b` with (phase, size) fused in: a timing micro-batch brought to that phase first."""
-        micro.start(calibration=True, token_mode=True)
+        micro.start(calibration=True, token_mode=phase != "forward")
         while micro.status()[0] != phase:
             micro.run(max(sizes.of("tokens")))
         times = []
@@ -183,6 +190,7 @@ def main() -> None:
     for b in args.batch_list:
         sides[f"decode:{b}"] = (decode, b)
         sides.update({f"fused:{b}:tokens:{c}": (fused, b, "tokens", c) for c in sizes.fused_tokens})
+        sides.update({f"fused:{b}:forward:{k}": (fused, b, "forward", k) for k in windows})
         sides.update({f"fused:{b}:backward:{k}": (fused, b, "backward", k) for k in sizes.fused_layers})
     sides.update({f"micro:forward:{n}": (micro_step, "forward", n) for n in sizes.layers})
     sides.update({f"micro:backward:{n}": (micro_step, "backward", n) for n in sizes.layers})
@@ -216,6 +224,11 @@ def main() -> None:
             cost = _per(None if None in (total, step) else total - step, args.micro_batch_rows * c * layers)
             row["fused"][f"tokens:{c}"] = {"step_ms": total, "per_token_layer_ms": cost,
                                            "vs_layer_micro_forward": _ratio(cost, micro_costs.get("forward:1"))}
+        for k in windows:
+            total = ms(f"fused:{b}:forward:{k}")
+            cost = _per(None if None in (total, step) else total - step, tokens * k)
+            row["fused"][f"forward:{k}"] = {"step_ms": total, "per_token_layer_ms": cost,
+                                            "vs_layer_micro_forward": _ratio(cost, micro_costs.get(f"forward:{k}"))}
         for k in sizes.fused_layers:
             total = ms(f"fused:{b}:backward:{k}")
             cost = _per(None if None in (total, step) else total - step, tokens * k)
@@ -226,12 +239,12 @@ def main() -> None:
                "row_cost_per_layer_ms": {str(n): None if curve[n] is None else curve[n] / layers
                                          for n in args.row_list},
                "row_cost_fit": fit, "micro_step_per_token_layer_ms": micro_costs, "per_decode_batch": per_batch,
-               "registration_s": registration_s}
+               "registration_s": registration_s, "windows_compile_s": windows_s}
     print_summary(summary, args)
     payload = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "model": {"name": cfg.name, "layers": layers, "hidden": cfg.hidden_size, "dtype": cfg.dtype},
-               "sizes": {"fused_tokens": sizes.fused_tokens, "fused_layers": sizes.fused_layers,
-                         "layers": sizes.layers},
+               "sizes": {"fused_tokens": sizes.fused_tokens, "fused_windows": windows,
+                         "fused_layers": sizes.fused_layers, "layers": sizes.layers},
                "summary": summary, "comparison": comparison}
     common.save("fused", payload, args)
 

@@ -241,8 +241,8 @@ def test_finetune_quick(tmp_path):
 def test_fused_quick(tmp_path):
     data = run_script("fused", tmp_path, "--max-other-share", "1.0")  # every attempt valid: real figures
     cmp, summary = data["comparison"], data["summary"]
-    sides = {"rows:1", "rows:8", "rows:32", "decode:1", "decode:2", "fused:1:tokens:8", "fused:1:backward:1",
-             "fused:2:tokens:8", "fused:2:backward:1"}
+    sides = {"rows:1", "rows:8", "rows:32"} | {side for b in (1, 2) for side in (
+        f"decode:{b}", f"fused:{b}:tokens:8", f"fused:{b}:forward:1", f"fused:{b}:backward:1")}
     sides |= {f"micro:{kind}:{n}" for kind in ("forward", "backward") for n in data["sizes"]["layers"]}
     check_comparison(cmp, sides | {"micro:tokens:8"})
     assert all(a["valid"] for a in cmp["attempts"]) and summary["registration_s"] > 0
@@ -257,10 +257,12 @@ def test_fused_quick(tmp_path):
     assert close(micro["tokens:8"], ms("micro:tokens:8") / (8 * layers))
     for b in ("1", "2"):
         row = summary["per_decode_batch"][b]
-        chunk, backward = row["fused"]["tokens:8"], row["fused"]["backward:1"]
+        chunk, window, backward = (row["fused"][k] for k in ("tokens:8", "forward:1", "backward:1"))
         assert close(row["decode_step_ms"], ms(f"decode:{b}"))
         assert math.isclose(chunk["per_token_layer_ms"], (ms(f"fused:{b}:tokens:8") - ms(f"decode:{b}")) / (8 * layers))
         assert math.isclose(chunk["vs_layer_micro_forward"], chunk["per_token_layer_ms"] / micro["forward:1"])
+        assert math.isclose(window["per_token_layer_ms"], (ms(f"fused:{b}:forward:1") - ms(f"decode:{b}")) / tokens)
+        assert math.isclose(window["vs_layer_micro_forward"], window["per_token_layer_ms"] / micro["forward:1"])
         assert math.isclose(backward["per_token_layer_ms"], (ms(f"fused:{b}:backward:1") - ms(f"decode:{b}")) / tokens)
 
 

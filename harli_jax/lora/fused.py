@@ -1,6 +1,13 @@
-"""Finetune tokens fused into an inference step (mechanism): FlexLLM's token-level co-serving over Harli's stash.
+"""Finetune work fused into an inference step (mechanism): the training rows join the step's rows in every
+projection of the layers they pass, so both share each weight read; each group gets its own LoRA delta (the
+serving adapters' slots and the adapter being trained). Two shapes of forward:
 
-A micro-batch on this path runs its forward in chunks of positions ("token chunks"): positions
+- a layer window (`forward_window`, harli's): the whole micro-batch through layers `start .. start + k - 1`
+  beside the step, dense causal attention within the micro-batch, each layer's input stashed as a forward
+  micro-step stashes it (`trainer.forward_chunk`); the rest of the micro-batch runs as micro-steps or windows.
+- token chunks (`forward_tokens`, FlexLLM's token-level co-serving, cobatch's), over Harli's stash:
+
+A micro-batch on the token path runs its forward in chunks of positions ("token chunks"): positions
 `start .. start + chunk - 1` of every row go through every layer, in the same program as an inference step when
 there is one. Both groups of tokens are one matrix for each projection, so they share its weight read; each
 group gets its own LoRA delta (the serving adapter and the one being trained). Each layer's input and K/V of the
@@ -36,7 +43,7 @@ from harli_jax.model.params import (
 )
 from harli_jax.model.sampling import logprobs_of, sample
 from harli_jax.model.sharding import ARENA_SPEC, HEADS_SPEC, TP
-from harli_jax.model.transformer import embed, lm_logits
+from harli_jax.model.transformer import causal_mask, embed, lm_logits
 
 Array = jax.Array
 
@@ -101,6 +108,92 @@ def read_loss_gradient(layout: ArenaLayout, arena: Array, stash_pages: Array, sh
     return read_hidden(layout, arena, stash_pages, layout.cfg.num_layers, jnp.arange(tokens), tokens).reshape(shape)
 
 
+def _joined_inputs(cfg, inference: TokenBatch, serving_lora: LoRASlots | None, trained_rope: Rope):
+    """For the step's rows followed by training rows (rotary tables `trained_rope`): the joined rotary tables,
+    the `[T, 1]` mask of the step's rows, and the adapter-slot one-hot (`slot_onehot`; training rows: no slot)."""
+    first, tokens = inference.tokens.shape[0], trained_rope.cos.shape[0]
+    served = rope_tables(cfg, inference.positions)
+    rope = Rope(*(jnp.concatenate([a, b]) for a, b in zip(served, trained_rope, strict=True)))
+    is_served = (jnp.arange(first + tokens) < first)[:, None]
+    onehot = slot_onehot(serving_lora, None if serving_lora is None else jnp.concatenate(
+        [inference.adapter_slots, jnp.full(tokens, -1, jnp.int32)]))
+    return rope, is_served, onehot
+
+
+def _zero_after(x: Array, dtype) -> Array:
+    """An exact 0 of `dtype` that depends on `x` (NaN and inf included): added to what a write stores, it orders
+    the write after `x` is computed, which `lax.optimization_barrier` does not do for XLA:CPU's copy insertion."""
+    first = x.reshape(-1)[0]
+    return (jnp.where(jnp.isfinite(first), first, 0) * 0).astype(dtype)
+
+
+def forward_window(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, x: Array, batch: TrainBatch,
+                   stash_pages: Array, start: Array, *, layers: int, inference: TokenBatch,
+                   serving_lora: LoRASlots | None = None, attention_impl: str = "auto", logprobs: int | None = None):
+    """The inference step `inference` (each token with its adapter slot of `serving_lora`) with a layer window
+    of a micro-batch in its program: the micro-batch's hidden states `x [rows, seq_len, D]` through layers
+    `start .. start + layers - 1` (`start` traced: one program per window size), its rows joined to the step's
+    in those layers' projections. Each window layer's input is stashed at its layer slot, as
+    `trainer.forward_chunk` does, once the step's last read of the arena is done. Returns (arena, the window's
+    output, the step's next tokens), and with `logprobs` (as `paged_step`) their `Logprobs` last."""
+    cfg = layout.cfg
+    rows, seq_len, hidden = x.shape
+    tokens, first = rows * seq_len, inference.tokens.shape[0]
+    ids = jnp.arange(tokens)
+    with jax.named_scope("fused_inputs"):
+        mask = causal_mask(batch.segment_ids)
+        both_rope, is_served, both_onehot = _joined_inputs(cfg, inference, serving_lora,
+                                                           rope_tables(cfg, batch.positions.reshape(-1)))
+        served_rope = rope_tables(cfg, inference.positions)
+        served_onehot = slot_onehot(serving_lora, inference.adapter_slots)
+        h, t = embed(params, inference.tokens), x.reshape(tokens, hidden)
+    window_inputs = [t] * layers
+
+    def pad(a: Array) -> Array:
+        return jnp.concatenate([a, jnp.zeros((tokens, *a.shape[1:]), a.dtype)])
+
+    for index, lp in enumerate(params.layers):
+        inside = (start <= index) & (index < start + layers)
+        served = slot_deltas(serving_lora, index, served_onehot)
+        joined = mix_adapters([(slot_deltas(serving_lora, index, both_onehot), None),
+                               (layer_adapters(lora, index), ~is_served)])
+        window_inputs = [jnp.where(index == start + j, t, kept) for j, kept in enumerate(window_inputs)]
+
+        def qkv_joined(h, t, lp=lp, joined=joined):
+            return attention_qkv(lp, cfg, jnp.concatenate([h, t]), both_rope, joined)
+
+        def qkv_served(h, t, lp=lp, served=served):
+            return tuple(map(pad, attention_qkv(lp, cfg, h, served_rope, served)))
+
+        def out_joined(h, t, q, k, v, attn, lp=lp, joined=joined):
+            def trained(a):
+                return a[first:].reshape(rows, seq_len, *a.shape[1:])
+
+            with jax.named_scope("train_attention"):
+                trained_attn = dense_attention(trained(q), trained(k), trained(v), mask).reshape(tokens, *q.shape[1:])
+            out = mlp_block(lp, cfg, attention_out(lp, cfg, jnp.concatenate([h, t]),
+                                                   jnp.concatenate([attn, trained_attn]), joined), joined)
+            return out[:first], out[first:]
+
+        def out_served(h, t, q, k, v, attn, lp=lp, served=served):
+            return mlp_block(lp, cfg, attention_out(lp, cfg, h, attn, served), served), t
+
+        with jax.named_scope("fused_window_layer"):
+            q, k, v = jax.lax.cond(inside, qkv_joined, qkv_served, h, t)
+            attn, arena = paged_attend(q[:first], k[:first], v[:first], arena, index, inference, attention_impl,
+                                       layout.mesh)
+            h, t = jax.lax.cond(inside, out_joined, out_served, h, t, q, k, v, attn)
+    after = _zero_after(h, t.dtype)  # every stash write after the step's last attention read: no arena copy
+    for j, value in enumerate(window_inputs):
+        arena = stash_hidden(layout, arena, stash_pages, start + j, ids, tokens, value + after)
+    with jax.named_scope("sample"):
+        logits = lm_logits(params, cfg, h[inference.sample_index])
+        next_tokens = sample(logits, inference.sampling)
+    if logprobs is None:
+        return arena, t.reshape(x.shape), next_tokens
+    return arena, t.reshape(x.shape), next_tokens, logprobs_of(logits, next_tokens, logprobs)
+
+
 def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: Array, batch: TrainBatch,
                    stash_pages: Array, start: Array, totals: tuple[Array, Array], *, chunk: int,
                    inference: TokenBatch | None = None, serving_lora: LoRASlots | None = None,
@@ -129,12 +222,8 @@ def forward_tokens(params: Params, layout: ArenaLayout, lora: Adapters, arena: A
         first = 0
         if inference is not None:
             first = inference.tokens.shape[0]
-            served = rope_tables(cfg, inference.positions)
             x = jnp.concatenate([embed(params, inference.tokens), x])
-            rope = Rope(*(jnp.concatenate([a, b]) for a, b in zip(served, rope, strict=True)))
-            is_served = (jnp.arange(x.shape[0]) < first)[:, None]
-            onehot = slot_onehot(serving_lora, None if serving_lora is None else jnp.concatenate(
-                [inference.adapter_slots, jnp.full(rows * chunk, -1, jnp.int32)]))  # training tokens: no slot
+            rope, is_served, onehot = _joined_inputs(cfg, inference, serving_lora, rope)
     for index, lp in enumerate(params.layers):
         adapters = layer_adapters(lora, index)
         if inference is not None:

@@ -8,7 +8,7 @@ between consecutive tokens. SLO attainment = share of requests with TPOT <= the 
 when set); token-level attainment (`tbt_attainment`) = share of gaps <= the TBT cap. Decode tokens/s counts the
 tokens this engine generated. Finetune throughput = trained tokens per second. Harvest ratio = co-located finetune
 tokens/s / the job's tokens/s alone on the same device. Fused steps = inference steps that carried finetune work
-in the same program (`StepRecord.fused`: a token chunk's forward or a backward slice), by kind. The predictor's
+in the same program (`StepRecord.fused`: a token chunk, a forward window or a backward slice), by kind. The predictor's
 errors are per stage (`LatencyPredictor.error_report()["stages"]`): inference steps alone, fused steps and whole
 windows, each predicted before it was fitted.
 """
@@ -73,7 +73,8 @@ def ttft(o: GenerationOutput, role: str) -> float | None:
 
 def fused_counts(steps: Sequence[StepRecord]) -> dict[str, int]:
     """Steps that carried fused finetune work, by phase: "tokens" (a token chunk; "tokens+last:8", the chunk that
-    ends the forward, counts too) or "backward" (a slice; "backward+commit:1" too)."""
+    ends the forward, counts too), "forward" (a window of layers) or "backward" (a slice; "backward+commit:1"
+    too)."""
     kinds: dict[str, int] = {}
     for s in steps:
         if s.fused:
@@ -156,7 +157,7 @@ def summarize(r: RunResult) -> dict[str, Any]:
 
 # What each policy does, for the printed report (a policy without an entry points to the policies' module).
 POLICY_TEXT = {
-    "harli": "hybrid: finetune work fused into decode steps (token chunks, backward slices) plus micro-steps "
+    "harli": "hybrid: finetune work fused into decode steps (forward windows, backward slices) plus micro-steps "
              "between them, chosen by the latency predictor to fit before each request's next-token deadline "
              "within the SLO",
     "harli-temporal": "harli with nothing fused: its micro-steps between decode steps only (what fusing adds is "

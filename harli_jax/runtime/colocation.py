@@ -6,9 +6,9 @@ window. Every policy sees the same `WindowContext` and answers with the micro-st
 
 - `harli`: predictor-driven and hybrid. The budget is the time until the earliest next-token deadline of the
   decoding requests (a request ahead of its TPOT target has banked slack, capped; no gap may pass the TBT
-  cap) less a safety margin. It picks the fused work of the next step (a token chunk, a backward slice, or
-  none) and the micro-steps before it that do the most of a micro-batch while the micro-steps' bounds and
-  the next step's (with its fused work) stay within the budget.
+  cap) less a safety margin. It picks the fused work of the next step (a forward window or a backward slice
+  of layers, or none) and the micro-steps before it that do the most of a micro-batch while the micro-steps'
+  bounds and the next step's (with its fused work) stay within the budget.
 - `harli-temporal`: `harli` with nothing fused: the micro-steps between steps only (the ablation that shows
   what fused steps add, at one SLO).
 - `cobatch`: FlexLLM's token-level co-serving, SLO-blind: inference tokens first, finetune tokens fill a fixed
@@ -68,18 +68,19 @@ def advance(phase: Phase, size: int, num_layers: int) -> tuple[MicroKind, Phase 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """The compiled sizes of micro-steps: layers of a forward or backward chunk, positions of a token chunk; and
-    those that may ride in an inference step (a fused token chunk or backward slice)."""
+    those that may ride in an inference step (a fused token chunk, forward window or backward slice)."""
 
     layers: tuple[int, ...]
     tokens: tuple[int, ...] = ()
     fused_tokens: tuple[int, ...] = ()
-    fused_layers: tuple[int, ...] = ()
+    fused_layers: tuple[int, ...] = ()  # backward slices
+    fused_windows: tuple[int, ...] = ()  # forward windows
 
     def of(self, phase: str) -> tuple[int, ...]:
         return self.tokens if phase == "tokens" else self.layers
 
     def fused_of(self, phase: str) -> tuple[int, ...]:
-        return {"tokens": self.fused_tokens, "backward": self.fused_layers}.get(phase, ())
+        return {"tokens": self.fused_tokens, "forward": self.fused_windows, "backward": self.fused_layers}[phase]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +95,6 @@ class WindowContext:
     can_start: bool  # a new micro-batch may lease its stash now
     inference_steps: int  # inference steps since the last window that trained
     fresh: Phase | None = None  # the phase a new micro-batch starts in; None: ("forward", num_layers)
-    # The phase of a new micro-batch whose first token chunk rides in the next step, ("tokens", seq_len); None:
-    # token chunks are never fused.
-    fused_start: Phase | None = None
     next_tokens: int = 0  # inference tokens of the next step
     rows: int = 1  # rows of a micro-batch: a token chunk of n positions is rows * n tokens
     # The next step's bound with (phase, size) work fused in; None: the next step cannot carry any.
@@ -111,8 +109,8 @@ class WindowContext:
 
     @property
     def seq_len(self) -> int:
-        """Positions of a micro-batch row (what a token-chunked forward covers)."""
-        phase = self.fused_start or self.start_phase
+        """Positions of a micro-batch row (what a token-chunked forward covers; 0 if forwards run in layers)."""
+        phase = self.start_phase
         return phase[1] if phase[0] == "tokens" else 0
 
     @property
@@ -158,13 +156,11 @@ def progress(step: MicroStep, ctx: WindowContext) -> float:
 
 
 def plan_greedy(budget: float, ctx: WindowContext, cost: Callable[[MicroStep], float], sizes: Sizes,
-                max_microbatches: int = 4) -> tuple[list[MicroStep], list[Phase | None], list[bool], float]:
+                max_microbatches: int = 4) -> tuple[list[MicroStep], list[Phase | None], float]:
     """Micro-steps in execution order, each the largest compiled size whose predicted bound still fits the
-    budget; returns them, the phase before each and after the last, whether that phase is a micro-batch not
-    started yet, and their summed bound."""
+    budget; returns them, the phase before each and after the last, and their summed bound."""
     steps: list[MicroStep] = []
     phases: list[Phase | None] = [ctx.first_phase]
-    fresh = [ctx.pending is None and ctx.can_start]
     used = 0.0
     started = 0 if ctx.pending is not None else 1
     pending = phases[0]
@@ -176,11 +172,10 @@ def plan_greedy(budget: float, ctx: WindowContext, cost: Callable[[MicroStep], f
         n, kind, pending = max(fits, key=lambda fit: fit[0])
         steps.append((kind, n))
         used += cost((kind, n))
-        fresh.append(pending is None and ctx.can_start and started < max_microbatches)
-        if fresh[-1]:
+        if pending is None and ctx.can_start and started < max_microbatches:
             pending, started = ctx.start_phase, started + 1
         phases.append(pending)
-    return steps, phases, fresh, used
+    return steps, phases, used
 
 
 class Policy:
@@ -191,10 +186,10 @@ class Policy:
 
 
 class HarliPolicy(Policy):
-    """Predictor-driven and hybrid: for the next step it chooses the work fused into it (a token chunk or a
+    """Predictor-driven and hybrid: for the next step it chooses the work fused into it (a forward window or a
     backward slice, or none) and the micro-steps before it that do the most of a micro-batch with the window's
-    and the next step's predicted bounds within the budget. Its micro-steps run forwards in layer chunks; a
-    micro-batch runs its forward in token chunks only when its first chunk rides in a step (`fused_start`)."""
+    and the next step's predicted bounds within the budget. A fused forward window never reaches the last
+    layer: the loss runs as a micro-step."""
 
     name = "harli"
     fuses = True
@@ -214,18 +209,16 @@ class HarliPolicy(Policy):
 
     def plan(self, ctx: WindowContext) -> WindowPlan:
         budget = self.budget(ctx)
-        steps, phases, fresh, used = plan_greedy(budget - ctx.next_step_bound, ctx, self.cost, self.sizes)
+        steps, phases, used = plan_greedy(budget - ctx.next_step_bound, ctx, self.cost, self.sizes)
         best = (sum(progress(s, ctx) for s in steps), -len(steps), steps, None, used + ctx.next_step_bound)
-        for name in ("tokens", "backward") if ctx.fused_bound is not None and self.fuses else ():
+        for name in ("tokens", "forward", "backward") if ctx.fused_bound is not None and self.fuses else ():
             for size in self.sizes.fused_of(name):
-                # The longest prefix of the greedy steps after which this fused work applies, then the greedy
-                # steps that still fit with it.
+                # The longest prefix of the greedy steps after which this fused work applies.
                 bound = ctx.fused_bound(name, size)
                 for cut in range(len(steps), -1, -1):
                     phase = phases[cut]
-                    if fresh[cut] and name == "tokens" and ctx.fused_start is not None:
-                        phase = ctx.fused_start  # a new micro-batch, its forward in token chunks from here
-                    if phase is None or phase[0] != name or phase[1] < size:
+                    last = 1 if name == "forward" else 0  # a window leaves the last layer and the loss
+                    if phase is None or phase[0] != name or phase[1] < size + last:
                         continue
                     prefix, spent = steps[:cut], sum(self.cost(s) for s in steps[:cut])
                     if spent + bound > budget:

@@ -24,7 +24,7 @@ import jax
 from harli_jax.errors import ConfigError
 from harli_jax.model.config import ModelConfig
 from harli_jax.runtime.arena import Arena, Owner
-from harli_jax.runtime.colocation import MicroKind, Sizes, WindowContext, advance, largest_chunk, make_policy
+from harli_jax.runtime.colocation import Sizes, WindowContext, advance, largest_chunk, make_policy
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.job import FinetuneRunner
 from harli_jax.runtime.metrics import IdleTraining
@@ -97,21 +97,23 @@ class CoLocator:
         programs, unless the policy never trains while serving) and, under an SLO, calibrates the predictor."""
         self.job = job
         c = self.config.colocation
-        # A policy that fuses (harli only when it has an SLO to train under) may run a micro-batch's forward in
-        # token chunks, fused into inference steps or alone: cobatch every micro-batch's (FlexLLM's co-serving),
-        # harli that of a micro-batch whose first chunk rides in a step (its micro-steps use layer chunks).
+        # The policies that fuse (harli only when it has an SLO to train under): cobatch runs every micro-batch's
+        # forward in token chunks (FlexLLM's co-serving), fused or alone; harli fuses forward windows of layers
+        # (a micro-batch's forward in layer chunks either way). Both fuse backward slices.
         self.fuses = c.policy == "cobatch" or (c.policy == "harli" and bool(c.tpot_slo_ms))
         self.sizes = Sizes(self.chunks)
-        if self.fuses:
+        layers = tuple(n for n in c.fused_layers if n <= self.cfg.num_layers)
+        if c.policy == "cobatch":
             tokens, fused = token_options(job.job.seq_len, c.fused_tokens)
-            layers = tuple(n for n in c.fused_layers if n <= self.cfg.num_layers)
             self.sizes = Sizes(self.chunks, tokens, fused, layers)
-        job.micro.token_chunks, job.micro.token_mode = self.fuses, c.policy == "cobatch"
+        elif self.fuses:
+            windows = tuple(n for n in layers if n < self.cfg.num_layers)  # the last layer runs with the loss
+            self.sizes = Sizes(self.chunks, fused_layers=layers, fused_windows=windows)
+        job.micro.token_chunks = job.micro.token_mode = c.policy == "cobatch"
         self.policy = self._make_policy()
         job.warmup(self._calibration_sequences() if c.policy != "decode-only" else ())
         if self.fuses:
-            shapes = [("tokens", n) for n in self.sizes.fused_tokens] + [("backward", n)
-                                                                          for n in self.sizes.fused_layers]
+            shapes = [(phase, n) for phase in ("tokens", "forward", "backward") for n in self.sizes.fused_of(phase)]
             self.runner.prepare_fused({shape: job.micro.fused_examples(*shape) for shape in shapes})
             with self._scratch_page() as page:  # a program's first run is slow: not under the SLO
                 self._calibrate_fused(page, runs=0)
@@ -120,21 +122,19 @@ class CoLocator:
 
     def _calibration_sequences(self) -> list[tuple[bool, list[int]]]:
         """(token mode, micro-step sizes) of timing micro-batches that together run every micro-step program the
-        policy may: in each kind of forward its micro-batches run (layer chunks, token chunks), the i-th cuts its
-        phases into the i-th size of each (layer or token) option list, the rest in the largest that fits."""
-        sizes, micro = self.sizes, self.job.micro
-        modes = ([] if micro.token_mode else [False]) + ([True] if micro.token_chunks else [])
+        policy may, in the kind of forward its micro-batches run (layer chunks, or token chunks): the i-th cuts
+        its phases into the i-th size of each (layer or token) option list, the rest in the largest that fits."""
+        sizes, token_mode = self.sizes, self.job.micro.token_mode
         out = []
-        for token_mode in modes:
-            for i in range(max(len(sizes.layers), len(sizes.tokens) if token_mode else 0)):
-                phase = ("tokens", self.job.job.seq_len) if token_mode else ("forward", self.cfg.num_layers)
-                seq = []
-                while phase is not None:
-                    options = sizes.of(phase[0])
-                    n = largest_chunk(options, min(options[min(i, len(options) - 1)], phase[1]))
-                    seq.append(n)
-                    phase = advance(phase, n, self.cfg.num_layers)[1]
-                out.append((token_mode, seq))
+        for i in range(max(len(sizes.layers), len(sizes.tokens) if token_mode else 0)):
+            phase = ("tokens", self.job.job.seq_len) if token_mode else ("forward", self.cfg.num_layers)
+            seq = []
+            while phase is not None:
+                options = sizes.of(phase[0])
+                n = largest_chunk(options, min(options[min(i, len(options) - 1)], phase[1]))
+                seq.append(n)
+                phase = advance(phase, n, self.cfg.num_layers)[1]
+            out.append((token_mode, seq))
         return out
 
     def reclaimed(self, owners: list[Owner]) -> None:
@@ -198,7 +198,8 @@ class CoLocator:
         return planned[1]
 
     def fused_finished(self, flight: InFlight, seconds: float) -> str:
-        """Takes a fused step's finetune results; returns what ran ("tokens:8" = a token chunk of 8 positions)."""
+        """Takes a fused step's finetune results; returns what ran ("tokens:8" = a token chunk of 8 positions,
+        "forward:1" a forward window of one layer)."""
         call, bucket = flight.fused, flight.bucket
         kind = self.job.micro.fused_done(call, flight.fused_out)
         self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages, call.kind, call.size),
@@ -244,8 +245,7 @@ class CoLocator:
             fused = self.predictor.fused(key + (kind, size), context)
             if fused is not None:  # never below the step alone
                 return max(fused.bound, self.predictor.step(key, context).bound) + host
-            micro = ("tokens" if kind == "tokens" else "backward", size)
-            return self.predictor.step(key, context).bound + self.predictor.micro(micro).bound + host
+            return self.predictor.step(key, context).bound + self.predictor.micro((kind, size)).bound + host
 
         return bound
 
@@ -301,7 +301,6 @@ class CoLocator:
                             deadlines=self._deadlines(slo) if slo else [], num_layers=self.cfg.num_layers,
                             pending=micro.status(), can_start=can_start, inference_steps=self._steps_since_train,
                             fresh=("tokens", job.job.seq_len) if micro.token_mode else None,
-                            fused_start=("tokens", job.job.seq_len) if self.fuses else None,
                             next_tokens=next_plan.num_tokens, rows=job.job.micro_batch_rows,
                             fused_bound=self._fused_bound(next_plan),
                             reserve=self._prefill_reserve(next_plan) if slo else 0.0)
@@ -323,8 +322,7 @@ class CoLocator:
             if not job.active:
                 break
         if plan.fused is not None and job.active and len(ran) == len(plan.steps) and next_plan.work:
-            fresh_tokens = plan.fused[0] in (MicroKind.TOKENS, MicroKind.TOKENS_LAST)
-            if micro.current is not None or micro.start(watermark=reserve, token_mode=fresh_tokens):
+            if micro.current is not None or micro.start(watermark=reserve):
                 call = micro.fused_call(plan.fused[1])
                 if call is not None and self.runner.can_fuse(self.runner.bucket_of(next_plan), call.kind, call.size):
                     self._fused = (next_plan, call)
@@ -371,13 +369,14 @@ class CoLocator:
 
     def _calibrate_fused(self, page: int, runs: int) -> None:
         """Times every fused program `runs` times on synthetic inference batches with a timing micro-batch: its
-        token chunks at its start, its backward slices once its forward is done (dropped at the end, nothing
-        applied). `runs` 0: each runs once, untimed (at `register`, which compiles them: a program's first run
-        is slow)."""
+        token chunks or forward windows at its start, its backward slices once its forward is done (dropped at the
+        end, nothing applied). `runs` 0: each runs once, untimed (at `register`, which compiles them: a program's
+        first run is slow)."""
         micro, sizes = self.job.micro, self.sizes
-        if not (sizes.fused_tokens or sizes.fused_layers) or not micro.start(calibration=True, token_mode=True):
+        phases = [p for p in ("tokens", "forward", "backward") if sizes.fused_of(p)]
+        if not phases or not micro.start(calibration=True):
             return
-        for phase in ("tokens", "backward"):
+        for phase in phases:
             while (status := micro.status()) is not None and status[0] != phase:
                 micro.run(largest_chunk(sizes.of(status[0]), status[1]))
             for size in sizes.fused_of(phase):

@@ -160,10 +160,11 @@ class CoLocationConfig:
     static_layers: int = option(1, "static: layers of micro-steps after every inference step")
     cobatch_tokens: int = option(64, "cobatch: tokens per step, inference first, finetune tokens fill the rest")
     cobatch_layers: int = option(1, "cobatch: backward layers per step")
-    fused_tokens: tuple[int, ...] = option((), "positions per row of a token chunk fused into a decode step "
-                                               "(harli, cobatch); unset: the job's seq_len halved as often as it "
-                                               "divides, up to 3 times (an eighth)")
-    fused_layers: tuple[int, ...] = option((1,), "layers of a backward slice fused into a decode step")
+    fused_tokens: tuple[int, ...] = option((), "cobatch: positions per row of a token chunk fused into a decode "
+                                               "step; unset: the job's seq_len halved as often as it divides, up "
+                                               "to 3 times (an eighth)")
+    fused_layers: tuple[int, ...] = option((1,), "layers of a backward slice (harli, cobatch) or a forward window "
+                                                 "(harli) fused into a decode step")
 
     @property
     def tbt_cap_ms(self) -> float | None:

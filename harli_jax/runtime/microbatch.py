@@ -3,10 +3,10 @@ the stash pages of a micro-batch from the arena, moves it through its phases (`c
 micro-step per call, hands its gradient to the job at the end, and abandons it (its samples back to the job,
 nothing applied) when the page table takes its lease back for KV.
 
-A micro-batch runs its forward either in chunks of layers ("forward" phase, the temporal micro-steps) or, in
-token mode, in chunks of positions ("tokens" phase, `lora.fused`), each alone or fused into an inference step
-(`fused_call` gives the runner the arguments, `fused_done` takes its results); its backward runs in slices of
-layers, alone or fused, either way."""
+A micro-batch runs its forward either in chunks of layers ("forward" phase: micro-steps, or windows fused into an
+inference step, `lora.fused.forward_window`) or, in token mode, in chunks of positions ("tokens" phase,
+`lora.fused.forward_tokens`), alone or fused; its backward runs in slices of layers, alone or fused, either way.
+For a fused step, `fused_call` gives the runner the arguments and `fused_done` takes its results."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ _loss_gradient = jax.jit(fused.read_loss_gradient, static_argnames=("layout", "s
 
 
 class FusedCall(NamedTuple):
-    """The finetune part of a fused step: a token chunk of `size` positions (`kind` "tokens") or a backward slice
-    of `size` layers ("backward"), and its program's training arguments in order."""
+    """The finetune part of a fused step, named by the phase it advances: a token chunk of `size` positions
+    (`kind` "tokens"), a forward window of `size` layers ("forward") or a backward slice of `size` layers
+    ("backward"); and its program's training arguments in order."""
 
     kind: str
     size: int
@@ -192,17 +193,21 @@ class MicroBatchExecutor:
     # Fused steps ------------------------------------------------------------------------------------------------
 
     def fused_call(self, size: int) -> FusedCall | None:
-        """The finetune part for the next inference step: the next token chunk of `size` positions or backward
-        slice of `size` layers of the micro-batch in flight, as its phase says; None when there is none or its
-        lease was taken back."""
+        """The finetune part for the next inference step: the next token chunk of `size` positions, forward window
+        or backward slice of `size` layers of the micro-batch in flight, as its phase says; None when there is
+        none (a window never reaches the last layer: the loss runs as a micro-step) or its lease was taken
+        back."""
         phase = self.status()
-        if phase is None or phase[0] == "forward" or size > phase[1]:
+        if phase is None or size > phase[1] or (phase[0] == "forward" and size == phase[1]):
             return None
         run, job = self.current, self.job
         name, left = phase
         if name == "tokens":
             start = job.job.seq_len - left
             args = (job.state.lora, run.device_batch, run.stash_pages, jnp.int32(start), (run.loss_sum, run.count))
+        elif name == "forward":
+            start = job.cfg.num_layers - left
+            args = (job.state.lora, run.x, run.device_batch, run.stash_pages, jnp.int32(start))
         else:
             args = (job.state.lora, job.params.layers[left - size: left], run.x, run.grads, run.device_batch,
                     run.stash_pages, jnp.int32(left))
@@ -223,8 +228,10 @@ class MicroBatchExecutor:
         lora = like(job.state.lora)
         if kind == "tokens":
             return lora, batch, pages, i32, (f32, f32)
-        g = jax.ShapeDtypeStruct((rows, seq_len, cfg.hidden_size), jnp.dtype(cfg.dtype))
-        return lora, like(job.params.layers[:size]), g, lora, batch, pages, i32
+        hidden = jax.ShapeDtypeStruct((rows, seq_len, cfg.hidden_size), jnp.dtype(cfg.dtype))
+        if kind == "forward":
+            return lora, hidden, batch, pages, i32
+        return lora, like(job.params.layers[:size]), hidden, lora, batch, pages, i32
 
     def fused_trial(self, call: FusedCall, out) -> None:
         """Takes a timing run's results without moving the micro-batch on: only what its program consumed (the
@@ -240,6 +247,8 @@ class MicroBatchExecutor:
             run.loss_sum, run.count = out
             if kind is MicroKind.TOKENS_LAST:
                 self._begin_backward(run)
+        elif call.kind == "forward":
+            run.x = out
         else:
             run.x, run.grads = out
             if kind is MicroKind.BACKWARD_COMMIT:

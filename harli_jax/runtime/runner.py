@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from harli_jax.logs import StatusLine
 from harli_jax.lora.adapters import empty_slots, write_slot
-from harli_jax.lora.fused import forward_tokens
+from harli_jax.lora.fused import forward_tokens, forward_window
 from harli_jax.lora.trainer import backward_chunk
 from harli_jax.model.config import ModelConfig
 from harli_jax.model.paged import TokenBatch, paged_step, read_pages, write_pages
@@ -180,6 +180,17 @@ def _fused_tokens_step(params, cfg, arena, inputs, previous, layout, attention_i
     return arena, *whole((_padded(next_tokens, previous), (logprobs or [None])[0]), mesh), totals
 
 
+def _fused_forward_step(params, cfg, arena, inputs, previous, layout, attention_impl, mesh, lora, stash, train_lora,
+                        x, batch, stash_pages, start, layers):
+    """The step with a layer window of `layers` layers of a micro-batch in its program (`lora.fused`); returns
+    (arena, next tokens, their Logprobs or None, the window's output)."""
+    arena, out, next_tokens, *logprobs = forward_window(
+        params, stash, train_lora, arena, x, batch, stash_pages, start, layers=layers,
+        inference=_inference_batch(inputs, previous, layout), serving_lora=lora, attention_impl=attention_impl,
+        logprobs=layout.logprobs)
+    return arena, *whole((_padded(next_tokens, previous), (logprobs or [None])[0]), mesh), out
+
+
 def _fused_backward_step(params, cfg, arena, inputs, previous, layout, attention_impl, mesh, lora, stash,
                          train_lora, layers, g, grads, batch, stash_pages, end):
     """The step, then a backward slice over `layers` (ending at layer `end`) of a micro-batch in the same
@@ -195,6 +206,8 @@ _STEP_ARGS = 5  # a fused program's arguments before the training ones: params, 
 _step_jit = jax.jit(_step, static_argnames=_STATIC, donate_argnames=("arena",))
 _fused_jit = {"tokens": jax.jit(_fused_tokens_step, static_argnames=(*_STATIC, "stash", "chunk"),
                                 donate_argnames=("arena",)),
+              "forward": jax.jit(_fused_forward_step, static_argnames=(*_STATIC, "stash", "layers"),
+                                 donate_argnames=("arena",)),
               "backward": jax.jit(_fused_backward_step, static_argnames=(*_STATIC, "stash"),
                                   donate_argnames=("arena", "grads"))}
 _read_pages_jit = jax.jit(read_pages)
@@ -233,7 +246,8 @@ class ModelRunner:
             Bucket(b, b + extra, p)
             for b in self.batch_buckets for extra in (0, self.prefill_chunk) for p in self.page_buckets)
         self._programs: dict[Bucket, jax.stages.Compiled] = {}
-        # Fused step programs by (bucket, "tokens" or "backward", size), compiled for a job (`prepare_fused`).
+        # Fused step programs by (bucket, "tokens", "forward" or "backward", size), compiled for a job
+        # (`prepare_fused`).
         self._fused: dict[tuple[Bucket, str, int], jax.stages.Compiled] = {}
         # Whole-page copies (prefilled-KV import and export), one program each per page bucket: the page ids
         # are padded with the null page, which `write_pages` never writes.
@@ -289,11 +303,12 @@ class ModelRunner:
                                self.settings.attention_impl, self.mesh, self.lora).compile()
 
     def compile_fused(self, bucket: Bucket, kind: str, size: int, args: tuple) -> jax.stages.Compiled:
-        """The program of `bucket` with a finetune token chunk (`kind` "tokens", `size` positions) or backward
-        slice ("backward", `size` layers) fused in, for training arguments shaped like `args`."""
+        """The program of `bucket` with a finetune token chunk (`kind` "tokens", `size` positions), forward window
+        ("forward", `size` layers) or backward slice ("backward", `size` layers) fused in, for training arguments
+        shaped like `args`."""
         layout = self.layout(bucket)
         inputs = jax.ShapeDtypeStruct((layout.size,), jnp.int32, sharding=self._host_inputs)
-        sizes = {"chunk": size} if kind == "tokens" else {}
+        sizes = {"tokens": {"chunk": size}, "forward": {"layers": size}}.get(kind, {})
         return _fused_jit[kind].lower(self.params, self.cfg, self.arena.buffer, inputs, self._no_previous, layout,
                                       self.settings.attention_impl, self.mesh, self.lora, self.arena.layout, *args,
                                       **sizes).compile()

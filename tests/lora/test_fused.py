@@ -1,5 +1,5 @@
-"""Fused steps: a micro-batch's forward in token chunks inside inference steps, then backward slices, gives the
-single program's LoRA gradients; the inference step it rides in is unchanged."""
+"""Fused steps: a micro-batch's forward in token chunks or in layer windows inside inference steps, then backward
+slices, gives the single program's LoRA gradients; the inference step it rides in is unchanged."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +9,17 @@ from jax.sharding import NamedSharding
 
 from conftest import SEQ, assert_tree_close, resident_slots, train_batch
 from harli_jax.lora.adapters import LoRAConfig, init_lora
-from harli_jax.lora.fused import forward_tokens, read_loss_gradient, token_stash_pages
-from harli_jax.lora.trainer import OptimizerConfig, backward_chunk, grad_step, init_state, make_optimizer
+from harli_jax.lora.fused import forward_tokens, forward_window, read_loss_gradient, token_stash_pages
+from harli_jax.lora.trainer import (
+    OptimizerConfig,
+    backward_chunk,
+    embed_step,
+    forward_chunk,
+    grad_step,
+    init_state,
+    loss_step,
+    make_optimizer,
+)
 from harli_jax.model import ModelConfig, init_params
 from harli_jax.model.paged import ArenaLayout, TokenBatch, paged_step
 from harli_jax.model.params import LoRAPair
@@ -18,6 +27,9 @@ from harli_jax.model.sampling import SamplingRows
 from harli_jax.model.sharding import ARENA_SPEC
 
 FORWARD = jax.jit(forward_tokens, static_argnames=("layout", "chunk", "attention_impl"))
+WINDOW = jax.jit(forward_window, static_argnames=("layout", "layers", "attention_impl"))
+FORWARD_CHUNK = jax.jit(forward_chunk, static_argnames=("layout",))
+LOSS = jax.jit(loss_step, static_argnames=("cfg",))
 BACKWARD = jax.jit(backward_chunk, static_argnames=("layout",))
 STEP = jax.jit(paged_step, static_argnames=("cfg", "attention_impl", "mesh"))
 PAGE_TOKENS, NUM_PAGES = 8, 48
@@ -56,10 +68,12 @@ def _decode_batch(cfg, seqs=3, pages_each=2):
                                             counter=jnp.zeros(seqs, i32)))
 
 
-def _fused_micro_batch(cfg, params, lora, serving, batch, chunk, layers, with_inference, mesh=None):
-    """Token chunks of `chunk` positions (each inside a decode step when `with_inference`), then backward slices
-    of `layers` layers; returns (loss sum, tokens, gradients, [(fused next tokens, unfused next tokens)]). With a
-    tensor-parallel `mesh` (the weights and adapters placed on it by the caller) the arena is split over it."""
+def _fused_micro_batch(cfg, params, lora, serving, batch, chunk, layers, with_inference, mesh=None, window=None):
+    """Token chunks of `chunk` positions (each inside a decode step when `with_inference`) or, with `window`,
+    forward windows of `window` layers each inside a decode step up to the last layer, which runs with the loss
+    as a micro-step; then backward slices of `layers` layers; returns (loss sum, tokens, gradients, [(fused next
+    tokens, unfused next tokens)]). With a tensor-parallel `mesh` (the weights and adapters placed on it by the
+    caller) the arena is split over it."""
     layout = ArenaLayout(cfg, PAGE_TOKENS, mesh)
     arena = jax.random.normal(jax.random.key(0), layout.shape(NUM_PAGES), jnp.float32).astype(cfg.dtype)
     if mesh is not None:
@@ -69,7 +83,17 @@ def _fused_micro_batch(cfg, params, lora, serving, batch, chunk, layers, with_in
     stash = jnp.asarray(np.random.default_rng(0).permutation(np.arange(7, NUM_PAGES))[:need], jnp.int32)
     decode = _decode_batch(cfg)
     totals, served = (jnp.float32(0), jnp.float32(0)), []
-    for start in range(0, seq_len, chunk):
+    if window is not None:
+        x, last = embed_step(params, batch), cfg.num_layers - 1
+        for start in range(0, last, window):
+            _, alone = STEP(params, cfg, arena, decode, attention_impl="reference", lora=serving, mesh=mesh)
+            arena, x, fused = WINDOW(params, layout, lora, arena, x, batch, stash, jnp.int32(start),
+                                     layers=min(window, last - start), inference=decode, serving_lora=serving,
+                                     attention_impl="reference")
+            served.append((fused, alone))
+        arena, x = FORWARD_CHUNK(params.layers[last:], layout, lora, arena, x, batch, stash, jnp.int32(last))
+        *totals, g = LOSS(params, cfg, x, batch)
+    for start in range(0, seq_len, chunk) if window is None else ():
         if with_inference:
             _, alone = STEP(params, cfg, arena, decode, attention_impl="reference", lora=serving, mesh=mesh)
             arena, totals, fused = FORWARD(params, layout, lora, arena, batch, stash, jnp.int32(start), totals,
@@ -79,7 +103,8 @@ def _fused_micro_batch(cfg, params, lora, serving, batch, chunk, layers, with_in
         else:
             arena, totals, _ = FORWARD(params, layout, lora, arena, batch, stash, jnp.int32(start), totals,
                                        chunk=chunk)
-    g = read_loss_gradient(layout, arena, stash, (rows, seq_len, cfg.hidden_size))
+    if window is None:
+        g = read_loss_gradient(layout, arena, stash, (rows, seq_len, cfg.hidden_size))
     grads = jax.tree.map(jnp.zeros_like, lora)
     for end in range(cfg.num_layers, 0, -layers):
         n = min(layers, end)
@@ -99,4 +124,21 @@ def test_fused_gradients_equal_the_single_program(model, chunk, layers, with_inf
     np.testing.assert_allclose(float(f_total), float(total), rtol=1e-6)
     assert_tree_close(f_grads, state.accum, 1e-5)
     for fused, alone in served:  # the inference step it rode in gives the tokens it gives alone
+        np.testing.assert_array_equal(np.asarray(fused), np.asarray(alone))
+
+
+@pytest.mark.parametrize("window,layers", [(1, 1), (2, 4)])
+def test_fused_windows_give_the_single_program_gradients(model, window, layers):
+    """Forward windows inside decode steps (the last one shorter where the layers do not divide), then the last
+    layer and the loss as a micro-step, then backward slices."""
+    cfg, params, lora, serving, batch = model
+    state = init_state(lora, make_optimizer(OPTIMIZER))
+    state, total, count = jax.jit(grad_step, static_argnames=("cfg", "remat"))(params, cfg, state, batch)
+    f_total, f_count, f_grads, served = _fused_micro_batch(cfg, params, lora, serving, batch, None, layers, True,
+                                                           window=window)
+    assert len(served) == -(-(cfg.num_layers - 1) // window)
+    assert float(f_count) == float(count)
+    np.testing.assert_allclose(float(f_total), float(total), rtol=1e-6)
+    assert_tree_close(f_grads, state.accum, 1e-5)
+    for fused, alone in served:
         np.testing.assert_array_equal(np.asarray(fused), np.asarray(alone))

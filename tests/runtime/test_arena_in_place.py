@@ -59,9 +59,13 @@ def test_step_programs_of_every_bucket_update_the_arena_in_place(engine):
 
 
 def test_fused_step_programs_update_the_arena_in_place(engine):
-    runner, sizes = engine.runner, engine.colocation.sizes
+    """cobatch's shapes, and harli's forward windows (compiled here for the same job)."""
+    runner, sizes, micro = engine.runner, engine.colocation.sizes, engine.colocation.job.micro
     shapes = [("tokens", n) for n in sizes.fused_tokens] + [("backward", n) for n in sizes.fused_layers]
     assert shapes == [("tokens", 8), ("backward", 1), ("backward", 2)]
+    windows = [("forward", 1), ("forward", 2)]
+    runner.prepare_fused({shape: micro.fused_examples(*shape) for shape in windows})
+    shapes += windows
     decode = [b for b in runner.buckets if b.decode_only]
     for bucket in decode:
         for kind, size in shapes:

@@ -29,7 +29,8 @@ from harli_jax.runtime.colocation import (
 
 LAYERS, SEQ_LEN, ROWS = 8, 64, 2
 SIZES = Sizes(layers=(1, 2, 4, 8))
-TOKEN_SIZES = Sizes(layers=(1, 2, 4, 8), tokens=(8, 16, 32, 64), fused_tokens=(8, 16), fused_layers=(1, 2))
+FUSED_SIZES = Sizes(layers=(1, 2, 4, 8), fused_layers=(1, 2), fused_windows=(1, 2))  # harli's
+TOKEN_SIZES = Sizes(layers=(1, 2, 4, 8), tokens=(8, 16, 32, 64), fused_tokens=(8, 16), fused_layers=(1, 2))  # cobatch's
 NEXT_STEP = 0.005
 
 
@@ -48,32 +49,31 @@ def fake_fused(kind, size):
     return NEXT_STEP + fake_cost((kind, size)) / 3
 
 
-def _ctx(budget_ms, pending=None, can_start=True, deadlines=None, steps=0, tokens=False, next_tokens=4):
+def _ctx(budget_ms, pending=None, can_start=True, deadlines=None, steps=0, tokens=False, fused=None, next_tokens=4):
+    """`tokens`: micro-batches run their forwards in token chunks (cobatch's); `fused` (default: `tokens`): the
+    next step can carry fused work."""
     slo = 0.05
     # budget = min(deadline) - now - margin, with now 0 and margin 5 ms; the next step takes 5 ms of it.
     deadline = budget_ms / 1e3 + 0.005
     return WindowContext(now=0.0, slo=slo, margin=0.005, next_step_bound=NEXT_STEP,
                          deadlines=[deadline] if deadlines is None else deadlines, num_layers=LAYERS,
                          pending=pending, can_start=can_start, inference_steps=steps,
-                         fresh=("tokens", SEQ_LEN) if tokens else None,
-                         fused_start=("tokens", SEQ_LEN) if tokens else None, next_tokens=next_tokens, rows=ROWS,
-                         fused_bound=fake_fused if tokens else None)
+                         fresh=("tokens", SEQ_LEN) if tokens else None, next_tokens=next_tokens, rows=ROWS,
+                         fused_bound=fake_fused if (tokens if fused is None else fused) else None)
 
 
 def _predicted(plan):
-    fused = NEXT_STEP if plan.fused is None else fake_fused("tokens" if plan.fused[0].startswith("tokens")
-                                                            else "backward", plan.fused[1])
+    fused = NEXT_STEP if plan.fused is None else fake_fused(plan.fused[0].split("+")[0], plan.fused[1])
     return sum(fake_cost(k) for k in plan.steps) + fused
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(budget_ms=st.floats(0, 60), phase=st.sampled_from([None, "forward", "tokens", "backward"]),
-       left=st.integers(1, LAYERS), can_start=st.booleans())
-def test_harli_never_exceeds_the_budget_and_fills_it(budget_ms, phase, left, can_start):
-    tokens = phase == "tokens" or (phase is None and budget_ms > 30)
-    policy = HarliPolicy(fake_cost, TOKEN_SIZES if tokens else SIZES, bank_cap=10.0)
-    pending = None if phase is None else (phase, left * 8 if phase == "tokens" else left)
-    ctx = _ctx(budget_ms, pending, can_start, tokens=tokens)
+@given(budget_ms=st.floats(0, 60), phase=st.sampled_from([None, "forward", "backward"]),
+       left=st.integers(1, LAYERS), can_start=st.booleans(), fused=st.booleans())
+def test_harli_never_exceeds_the_budget_and_fills_it(budget_ms, phase, left, can_start, fused):
+    policy = HarliPolicy(fake_cost, FUSED_SIZES if fused else SIZES, bank_cap=10.0)
+    pending = None if phase is None else (phase, left)
+    ctx = _ctx(budget_ms, pending, can_start, fused=fused)
     plan = policy.plan(ctx)
     assert plan.budget == pytest.approx(budget_ms / 1e3)
     assert plan.predicted == pytest.approx(_predicted(plan))
@@ -86,41 +86,33 @@ def test_harli_never_exceeds_the_budget_and_fills_it(budget_ms, phase, left, can
 
 
 def test_harli_fuses_work_into_the_next_step_when_the_window_has_no_room():
-    policy = HarliPolicy(fake_cost, TOKEN_SIZES)
-    # 1 ms over the next step: no micro-step (a token chunk of 8 costs 1 ms, a backward layer 2 ms) fits
-    # before it, but a third of a 16-position token chunk fits inside it.
-    plan = policy.plan(_ctx(NEXT_STEP * 1e3 + 1.0, tokens=True))
-    assert plan.steps == () and plan.fused == (MicroKind.TOKENS, 16)
-    plan = policy.plan(_ctx(NEXT_STEP * 1e3 + 1.0, pending=("backward", 5), tokens=True))
+    policy = HarliPolicy(fake_cost, FUSED_SIZES)
+    # 0.9 ms over the next step: no micro-step fits before it (a forward layer costs 1 ms, a backward layer 2 ms),
+    # but a third of a 2-layer forward window or a 1-layer backward slice fits inside it.
+    tight = _ctx(NEXT_STEP * 1e3 + 0.9, fused=True)
+    plan = policy.plan(tight)
+    assert plan.steps == () and plan.fused == (MicroKind.FORWARD, 2)
+    plan = policy.plan(dataclasses.replace(tight, pending=("backward", 5)))
     assert plan.steps == () and plan.fused == (MicroKind.BACKWARD, 1)  # 2 layers: 1.33 ms
     # With room, micro-steps run before the step and the step still carries what fits.
-    plan = policy.plan(_ctx(20, pending=("tokens", 64), tokens=True))
+    plan = policy.plan(_ctx(20, pending=("forward", 8), fused=True))
     assert plan.steps and plan.fused is not None and plan.predicted <= plan.budget
     # Nothing is fused into a step that cannot carry work (not a compiled decode shape).
-    plan = policy.plan(dataclasses.replace(_ctx(NEXT_STEP * 1e3 + 1.0, tokens=True), fused_bound=None))
-    assert plan.fused is None
+    assert policy.plan(dataclasses.replace(tight, fused_bound=None)).fused is None
     # harli-temporal, the ablation, plans harli's micro-steps and fuses nothing, even into a step that could carry it.
-    temporal = make_policy("harli-temporal", fake_cost, TOKEN_SIZES)
-    for ctx in (_ctx(NEXT_STEP * 1e3 + 1.0, tokens=True), _ctx(20, pending=("tokens", 64), tokens=True)):
+    temporal = make_policy("harli-temporal", fake_cost, FUSED_SIZES)
+    for ctx in (tight, _ctx(20, pending=("forward", 8), fused=True)):
         plan = temporal.plan(ctx)
         assert plan.fused is None and plan.steps == policy.plan(dataclasses.replace(ctx, fused_bound=None)).steps
-    assert temporal.plan(_ctx(20, pending=("tokens", 64), tokens=True)).steps
+    assert temporal.plan(_ctx(20, pending=("forward", 8), fused=True)).steps
 
 
-def test_harli_micro_steps_run_layer_chunks_and_a_fused_chunk_starts_a_token_chunked_micro_batch():
-    # harli's own micro-batches run their forwards in layer chunks (the cheaper micro-step); a micro-batch runs its
-    # forward in token chunks only when its first chunk rides in the next step.
-    policy = HarliPolicy(fake_cost, TOKEN_SIZES)
-    harli = dataclasses.replace(_ctx(NEXT_STEP * 1e3 + 1.0, tokens=True), fresh=None)
-    plan = policy.plan(harli)  # no room before the step: a new micro-batch's first token chunk rides in it
-    assert plan.steps == () and plan.fused == (MicroKind.TOKENS, 16)
-    roomy = policy.plan(dataclasses.replace(harli, deadlines=[0.03]))
-    assert roomy.steps and all(kind.startswith(("forward", "backward")) for kind, _ in roomy.steps), roomy.steps
-    assert roomy.predicted <= roomy.budget
-    # A micro-batch in flight in layer chunks gets no token chunk fused; one in token chunks does.
-    assert policy.plan(dataclasses.replace(harli, pending=("forward", 3), can_start=False)).fused is None
-    assert policy.plan(dataclasses.replace(harli, pending=("tokens", 48), can_start=False)).fused == (
-        MicroKind.TOKENS, 16)
+def test_a_fused_window_leaves_the_last_layer_and_the_loss_to_a_micro_step():
+    policy = HarliPolicy(fake_cost, FUSED_SIZES)
+    tight = _ctx(NEXT_STEP * 1e3 + 0.9, can_start=False, fused=True)
+    assert policy.plan(dataclasses.replace(tight, pending=("forward", 3))).fused == (MicroKind.FORWARD, 2)
+    assert policy.plan(dataclasses.replace(tight, pending=("forward", 2))).fused == (MicroKind.FORWARD, 1)
+    assert policy.plan(dataclasses.replace(tight, pending=("forward", 1))).fused is None
 
 
 def test_cobatch_fills_its_token_budget_inference_first():
@@ -244,7 +236,7 @@ def test_harli_keeps_an_slo_that_a_slo_blind_policy_breaks(tiny, tmp_path):
     requests = _trace(24, rate=25)
     assert _attainment(blind, requests, slo) <= 0.5
 
-    harli = Engine(model, EngineConfig(**base, policy="harli", slo_margin=0.5, fused_tokens=(16,), fused_layers=(1,)))
+    harli = Engine(model, EngineConfig(**base, policy="harli", slo_margin=0.5, fused_layers=(1,)))
     harli.set_tpot_slo(slo * 1e3)  # as `harli replay` sets an SLO derived from a measured step
     handle = harli.finetune(job)
     before = handle.progress().tokens
@@ -280,10 +272,12 @@ def test_the_host_gap_is_the_host_work_between_a_window_and_its_step(tiny, tmp_p
 
 @pytest.mark.parametrize("policy", [dict(policy="static", static_layers=4, batch_buckets=(4,)),
                                     dict(policy="temporal-K", temporal_k=1, temporal_chunk=3, batch_buckets=(4,)),
-                                    dict(policy="harli", tpot_slo_ms=40.0, fused_tokens=(16,), fused_layers=(1,),
+                                    dict(policy="harli", tpot_slo_ms=40.0, fused_layers=(1, 2), batch_buckets=(2,)),
+                                    dict(policy="cobatch", cobatch_tokens=34, fused_tokens=(16,), fused_layers=(1,),
                                          batch_buckets=(2,))])
 def test_training_windows_do_not_recompile(tiny, tmp_path, policy):
-    # 7 layers: 4- or 3-layer micro-steps leave 3 or 1 layers, and harli's powers of two leave 3, 5, 6 or 7.
+    # 7 layers: 4- or 3-layer micro-steps leave 3 or 1 layers, and harli's powers of two leave 3, 5, 6 or 7; harli
+    # and cobatch fuse work (forward windows, token chunks, backward slices) into the steps too.
     config = EngineConfig(max_batch=4, prefill_chunk=32, max_seq_len=64, num_pages=200,
                           calibration_dir=str(tmp_path), compile_threads=2, **policy)
     engine = Engine(_deeper(tiny, 7), config)
@@ -294,8 +288,11 @@ def test_training_windows_do_not_recompile(tiny, tmp_path, policy):
         _attainment(engine, _trace(12, rate=50, prompt=(4, 24), output=(4, 24)), slo=1.0)
         handle.wait(max_steps=1)  # finishes the micro-batch in flight through the idle path
     trained = [k for r in engine.step_records for k in r.train]
-    assert trained, "no training window ran"
-    if policy["policy"] != "harli":  # the forward's last 3 (or 1) layers ran in compiled sizes, the loss on 1
+    fused = [r.fused for r in engine.step_records if r.fused]
+    assert trained or fused, "no training window ran"
+    if policy["policy"] == "cobatch":  # SLO-blind: every step carries its token chunk or backward slice
+        assert any(f.startswith("tokens") for f in fused) and any(f.startswith("backward") for f in fused), fused
+    if policy["policy"] in ("static", "temporal-K"):  # the forward's last 3 (or 1) layers in compiled sizes, loss on 1
         assert "forward+loss:1" in trained, trained
     assert compiles == []
 

@@ -2,6 +2,7 @@
 imported), against one device: greedy tokens, bytes per device, micro-step gradients, checkpoints across degrees;
 two processes against one; a lost process."""
 
+import itertools
 import json
 import os
 import re
@@ -81,17 +82,18 @@ def test_micro_step_gradients_match_one_device(four_kv_heads):
 
 
 def test_fused_steps_match_one_device(four_kv_heads):
-    """A micro-batch in token chunks fused into decode steps (with two served adapters), then backward slices:
-    the same loss, LoRA gradients and served tokens at every degree (tests/lora/test_fused.py's run)."""
+    """A micro-batch in token chunks, or in layer windows, fused into decode steps (with two served adapters),
+    then backward slices: the same loss, LoRA gradients and served tokens at every degree (tests/lora/test_fused.py's
+    run)."""
     runs = _worker("fused", four_kv_heads, "1,2,4")
-    for tp in ("2", "4"):
-        run = runs[tp]
-        assert run["tokens"] == runs["1"]["tokens"] > 0
-        np.testing.assert_allclose(run["loss"], runs["1"]["loss"], rtol=1e-5)
-        assert run["served"] == runs["1"]["served"]
+    for shape, tp in itertools.product(("tokens", "window"), ("2", "4")):
+        run, one = runs[f"{shape}:{tp}"], runs[f"{shape}:1"]
+        assert run["tokens"] == one["tokens"] > 0
+        np.testing.assert_allclose(run["loss"], one["loss"], rtol=1e-5)
+        assert run["served"] == one["served"]
         assert all(fused == alone for fused, alone in run["served"])  # the step it rode in is unchanged
         for name, pair in run["grads"].items():
-            for got, want in zip(pair, runs["1"]["grads"][name], strict=True):
+            for got, want in zip(pair, one["grads"][name], strict=True):
                 want = np.asarray(want)
                 assert np.abs(np.asarray(got) - want).max() <= 1e-5 * np.abs(want).max(), (tp, name)
 

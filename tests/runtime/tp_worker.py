@@ -8,8 +8,9 @@ usage: tp_worker.py DEVICES CHECK [ARGS...]
   grads MODEL_YAML DEGREES         the LoRA gradient of one micro-batch through the micro-steps per degree
   resume MODEL_YAML RUN...         each RUN `CKPT_DIR,TP,N` trains N steps at TP with checkpoints in CKPT_DIR
                                    (resuming what is there), then exports the adapter (HF PEFT) to CKPT_DIR-peft
-  fused MODEL_YAML DEGREES          a micro-batch in token chunks fused into decode steps, then backward slices
-                                   (tests/lora/test_fused.py's run) per degree: losses, gradients, served tokens
+  fused MODEL_YAML DEGREES          a micro-batch in token chunks (or layer windows) fused into decode steps, then
+                                   backward slices (tests/lora/test_fused.py's run) per degree: losses, gradients,
+                                   served tokens
 """
 
 import dataclasses
@@ -147,12 +148,14 @@ def fused(path: str, degrees: str) -> dict:
     out = {}
     for tp in map(int, degrees.split(",")):
         mesh = tp_mesh(cfg, tp)
-        total, count, grads, served = _fused_micro_batch(
-            cfg, shard_params(cfg, params, mesh), shard_adapters(lora, mesh), shard_slots(serving, mesh), batch,
-            chunk=8, layers=2, with_inference=True, mesh=mesh)
-        out[tp] = {"loss": float(total), "tokens": float(count),
-                   "grads": {k: [np.asarray(p.a).tolist(), np.asarray(p.b).tolist()] for k, p in sorted(grads.items())},
-                   "served": [[np.asarray(f).tolist(), np.asarray(a).tolist()] for f, a in served]}
+        for shape, sizes in (("tokens", dict(chunk=8)), ("window", dict(chunk=None, window=1))):
+            total, count, grads, served = _fused_micro_batch(
+                cfg, shard_params(cfg, params, mesh), shard_adapters(lora, mesh), shard_slots(serving, mesh), batch,
+                layers=2, with_inference=True, mesh=mesh, **sizes)
+            out[f"{shape}:{tp}"] = {
+                "loss": float(total), "tokens": float(count),
+                "grads": {k: [np.asarray(p.a).tolist(), np.asarray(p.b).tolist()] for k, p in sorted(grads.items())},
+                "served": [[np.asarray(f).tolist(), np.asarray(a).tolist()] for f, a in served]}
     return out
 
 
