@@ -234,7 +234,7 @@ class CoLocator:
         step's bound plus the same work as a micro-step (fusing never costs more than running both)."""
         if not self.fuses or not next_plan.work:
             return None
-        bucket = self.runner.bucket_of(next_plan)
+        bucket = self.runner.fused_bucket(next_plan)
         if not bucket.decode_only:
             return None
         key, context, host = (bucket.seqs, bucket.tokens, bucket.pages), next_plan.context, self.predictor.host_bound()
@@ -324,7 +324,7 @@ class CoLocator:
         if plan.fused is not None and job.active and len(ran) == len(plan.steps) and next_plan.work:
             if micro.current is not None or micro.start(watermark=reserve):
                 call = micro.fused_call(plan.fused[1])
-                if call is not None and self.runner.can_fuse(self.runner.bucket_of(next_plan), call.kind, call.size):
+                if call is not None and self.runner.can_fuse(self.runner.fused_bucket(next_plan), call.kind, call.size):
                     self._fused = (next_plan, call)
         self._steps_since_train = 0 if ran or self._fused else self._steps_since_train + 1
         return {"train": tuple(ran), "train_time": train_time, "budget": plan.budget, "predicted": plan.predicted,

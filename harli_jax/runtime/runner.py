@@ -314,10 +314,11 @@ class ModelRunner:
                                       **sizes).compile()
 
     def prepare_fused(self, shapes: dict[tuple[str, int], tuple]) -> None:
-        """Compiles the fused programs of every decode bucket for these (kind, size) shapes and their training
-        arguments (in parallel threads); a step of another shape never fuses."""
-        todo = [(b, kind, size) for b in self.buckets if b.decode_only for kind, size in shapes
-                if (b, kind, size) not in self._fused]
+        """Compiles the fused programs for these (kind, size) shapes and their training arguments (in parallel
+        threads): one per decode batch bucket, at the largest page bucket, which every decode step of that batch
+        fits (`fused_bucket`); a step of another shape never fuses."""
+        todo = [(b, kind, size) for b in self.buckets if b.decode_only and b.pages == self.page_buckets[-1]
+                for kind, size in shapes if (b, kind, size) not in self._fused]
         if not todo:
             return
         started = time.perf_counter()
@@ -333,6 +334,11 @@ class ModelRunner:
 
     def can_fuse(self, bucket: Bucket, kind: str, size: int) -> bool:
         return (bucket, kind, size) in self._fused
+
+    def fused_bucket(self, plan: StepPlan) -> Bucket:
+        """The program shape a (non-empty) plan runs in when work is fused into it: its own bucket at the largest
+        page bucket (fused programs are compiled there only: a few programs for every decode step)."""
+        return dataclasses.replace(self.bucket_of(plan), pages=self.page_buckets[-1])
 
     def fused_program(self, bucket: Bucket, kind: str, size: int) -> jax.stages.Compiled:
         """The compiled program of `bucket` with (kind, size) fused in (`prepare_fused` compiled it)."""
@@ -398,7 +404,7 @@ class ModelRunner:
         work = plan.work
         self._write_slots(work)
         packing = time.perf_counter()
-        bucket = self.bucket_of(plan)
+        bucket = self.bucket_of(plan) if fused is None else self.fused_bucket(plan)
         rows = self._rows(work)
         inputs, views = self._pack(work, rows, bucket)
         if plan.previous:

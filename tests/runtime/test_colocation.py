@@ -384,3 +384,19 @@ def _loader_order(runner, n):
     while len(pieces) < n:
         pieces.extend(fresh.next_batch().pieces)
     return pieces[:n]
+
+
+def test_steps_with_fused_work_serve_the_tokens_plain_steps_serve(tiny, tmp_path):
+    # cobatch (SLO-blind) fuses work into every decode step; those steps run at the largest page bucket, where
+    # the fused programs are, whatever the sequences hold: greedy outputs equal an engine that trains nothing.
+    base = dict(max_batch=4, batch_buckets=(2, 4), max_seq_len=128, page_buckets=(2, 8), prefill_chunk=16,
+                num_pages=200, calibration_dir=str(tmp_path), compile_threads=2)
+    requests = [[5, 6, 7], list(range(3, 30)), [9] * 12, [11, 12]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = Engine(tiny, EngineConfig(**base)).generate(requests, params)
+    fusing = Engine(tiny, EngineConfig(**base, policy="cobatch", cobatch_tokens=64, fused_tokens=(8,)))
+    fusing.finetune(FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=1, seq_len=32))
+    outputs = fusing.generate(requests, params)
+    fused = [r for r in fusing.step_records if r.fused]
+    assert len(fused) >= 10
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in plain]
