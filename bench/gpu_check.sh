@@ -4,7 +4,7 @@
 #     bash bench/gpu_check.sh
 #
 # from anywhere (it works in the repository root). In order, each part under `timeout` and a shared budget
-# (GPU_CHECK_BUDGET_S, default 450 s: a part gets at most what is left, and a part that would get under 20 s
+# (GPU_CHECK_BUDGET_S, default 540 s: a part gets at most what is left, and a part that would get under 20 s
 # is skipped), continuing past a failed part:
 #   install            pip install --no-deps --no-build-isolation -e . (quiet); if harli_jax.kernels then does
 #                      not import from this checkout, a PYTHONPATH shim of links to harli_jax/ and kernels/
@@ -18,17 +18,20 @@
 #                      stacked + scan, batches 1 8 32 128 at context 512
 #   layer-weights-dsf  the same stacked + scan in a second process under
 #                      XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true
+#   fused              bench/fused.py in bf16 on small.yaml: the row-cost curve out to 1,024 rows (the GPU's ridge)
+#                      and what each fused shape (forward window, token chunk, backward slice) adds to a decode
+#                      step per token-layer against the same work as a micro-step
 #   kernel-tests-f32-highest
 #                      only if kernel tests failed: the failed ones again with JAX_DEFAULT_MATMUL_PRECISION=highest
 #                      (Pallas Triton dots of float32 inputs use TF32 unless asked otherwise: a failure that
 #                      goes away here is TF32 rounding, not a wrong kernel)
 # then prints a summary and exits 0 whatever failed (the summary names what failed).
 #
-# Results: <results>/paged_attention-<gpu>.json, layer_weights-<gpu>.json, layer_weights-dsf-<gpu>.json (written
-# by bench/common.py's write_result: machine, JAX version, date, load), gpu_check-<gpu>.json (this run's parts,
-# test counts and the summary tables) and gpu_check-<gpu>-logs.tar.gz (every part's log, the JUnit XML of the
-# tests); <results> is bench/results (GPU_CHECK_RESULTS overrides). Where $OUT names a folder (the device tool's
-# folder of files to bring back) those five files are copied there too.
+# Results: <results>/paged_attention-<gpu>.json, layer_weights-<gpu>.json, layer_weights-dsf-<gpu>.json,
+# fused-<gpu>.json (written by bench/common.py: machine, JAX version, commit, date, load), gpu_check-<gpu>.json
+# (this run's parts, test counts and the summary tables) and gpu_check-<gpu>-logs.tar.gz (every part's log, the
+# JUnit XML of the tests); <results> is bench/results (GPU_CHECK_RESULTS overrides). Where $OUT names a folder
+# (the device tool's folder of files to bring back) those six files are copied there too.
 #
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_RESULTS, GPU_CHECK_FORCE=1 (run the GPU parts
 # even when jax's backend is not gpu), GPU_CHECK_SMOKE=1 (a CPU smoke run of this script: no install, tiny
@@ -39,7 +42,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 0
 REPO=$(pwd -P)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 SMOKE=${GPU_CHECK_SMOKE:-0}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 KILL_GRACE_S=15  # after a part's limit, SIGTERM (the benchmarks then write what they have), then SIGKILL
 RESERVE_S=15     # kept for the summary
 MIN_PART_S=20
@@ -167,6 +170,7 @@ if [ "$SMOKE" = 1 ]; then
   PA_ARGS=(--quick --batch 1 --context 64 --ragged-prefill 1 --ragged-context 64)
   LW_ARGS=(--model configs/models/tiny.yaml --dtype bfloat16 --batches 1 2 --context 40 --steps 3 --repeats 2
     --copy-mib 16 --compile-threads 2)
+  FUSED_ARGS=(--quick --dtype bfloat16)
 else
   PYTEST_TARGETS=(tests/kernels)
   # Decode: 6 cases x 3 impls; ragged: 32 sequences, 8 or all 32 of them with a 64-token chunk, the rest one
@@ -177,9 +181,12 @@ else
   # compiled 4 at a time; 3 interleaved rounds of 10 steps.
   LW_ARGS=(--model configs/models/llama3-8b.yaml --dtype bfloat16 --batches 1 8 32 128 --context 512 --steps 10
     --repeats 3 --copy-mib 2048 --compile-threads 4)
+  FUSED_ARGS=(--dtype bfloat16 --rows 1,8,32,64,128,256,512,1024 --batches 1,4,8,16,32 --rounds 2)
 fi
 # The GPU machine's CPUs are not the bottleneck: a looser load threshold, one retry, no waiting for quiet.
-LW_ARGS+=(--max-other-share 0.25 --max-retries 1 --quiet-timeout 0 --quiet-sample 1 --out "$RESULTS")
+LOAD_ARGS=(--max-other-share 0.25 --max-retries 1 --quiet-timeout 0 --quiet-sample 1 --out "$RESULTS")
+LW_ARGS+=("${LOAD_ARGS[@]}")
+FUSED_ARGS+=("${LOAD_ARGS[@]}")
 PYTEST_ARGS=(-q -o "cache_dir=$LOGS/pytest-cache")
 if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
   PYTEST_ARGS+=(--timeout=90)  # one hung test must not take the whole part
@@ -202,13 +209,14 @@ if ((GPU_OK)); then
   run_part layer-weights 160 "$PY" bench/layer_weights.py "${LW_ARGS[@]}" --variants per-layer-arrays stacked-scan
   run_part layer-weights-dsf 75 env XLA_FLAGS="$DSF_FLAGS" "$PY" bench/layer_weights.py "${LW_ARGS[@]}" \
     --variants stacked-scan --xla-flags-label dsf
+  run_part fused 90 "$PY" bench/fused.py "${FUSED_ARGS[@]}"
   if [ "$TESTS_RC" = 1 ]; then  # pytest: 1 = some tests failed
     run_part kernel-tests-f32-highest 40 env ${PYTEST_ENV[@]+"${PYTEST_ENV[@]}"} JAX_DEFAULT_MATMUL_PRECISION=highest \
       "$PY" -P -m pytest \
       "${PYTEST_ARGS[@]}" --lf --junitxml="$LOGS/kernel-tests-f32-highest.xml" "${PYTEST_TARGETS[@]}"
   fi
 else
-  for part in kernel-tests paged-attention layer-weights layer-weights-dsf; do
+  for part in kernel-tests paged-attention layer-weights layer-weights-dsf fused; do
     skip_part "$part" "jax backend is $BACKEND, not gpu (GPU_CHECK_FORCE=1 runs it anyway)"
   done
 fi
@@ -350,6 +358,18 @@ if lw is not None or dsf is not None:
                 print(f"    {k}: {r[k][:150]}")
     summary["layer_weights"] = [rows[b] for b in sorted(rows)]
 
+fused = load("fused")
+if fused is not None:
+    fs = fused["summary"]
+    fit = fs.get("row_cost_fit") or {}
+    print(f"fused ({fused['model']['dtype']}): row-cost ridge ~{fmt(fit.get('ridge_rows'), digits=0)} rows; "
+          "per decode batch, what a fused shape adds per token-layer over the micro-step's:")
+    rows = {}
+    for b, row in fs["per_decode_batch"].items():
+        rows[b] = {k: v.get("vs_layer_micro_forward", v.get("vs_layer_micro_backward")) for k, v in row["fused"].items()}
+        print(f"  batch {b:>3}: " + ", ".join(f"{k} x{fmt(v, digits=2)}" for k, v in rows[b].items()))
+    summary["fused"] = {"ridge_rows": fit.get("ridge_rows"), "vs_micro_step": rows}
+
 bad = [p for p in parts if not (p["status"].startswith("ok") or p["status"].startswith("skipped (smoke"))]
 summary["not_ok"] = [p["part"] for p in bad]
 path = results / f"gpu_check-{slug}.json"
@@ -368,7 +388,7 @@ fi
 TARBALL=$RESULTS/gpu_check-$SLUG-logs.tar.gz
 tar -czf "$TARBALL" --exclude=pytest-cache -C "$LOGS" . 2>/dev/null || say "could not write $TARBALL"
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] && [ "$(cd "$OUT" && pwd -P)" != "$RESULTS" ]; then
-  for f in paged_attention layer_weights layer_weights-dsf gpu_check; do
+  for f in paged_attention layer_weights layer_weights-dsf fused gpu_check; do
     [ -f "$RESULTS/$f-$SLUG.json" ] && cp "$RESULTS/$f-$SLUG.json" "$OUT/"
   done
   [ -f "$TARBALL" ] && cp "$TARBALL" "$OUT/"

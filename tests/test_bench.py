@@ -507,11 +507,13 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     status = {p["part"]: p["status"] for p in summary["parts"]}
     assert status == {"install": "skipped (smoke run: the checkout's environment as it is)", "device": "ok",
                       "kernel-tests": "ok", "paged-attention": "ok", "layer-weights": "ok",
-                      "layer-weights-dsf": "ok"}
+                      "layer-weights-dsf": "ok", "fused": "ok"}
     assert summary["not_ok"] == [] and "gpu_check: all parts ok" in done.stdout
     assert summary["tests"]["kernel-tests"]["tests"] > 0 and summary["tests"]["kernel-tests"]["failed"] == []
-    for name in ("paged_attention", "layer_weights", "layer_weights-dsf"):
+    for name in ("paged_attention", "layer_weights", "layer_weights-dsf", "fused"):
         assert json.loads((tmp_path / f"{name}-cpu.json").read_text())["benchmark"] == name
+    assert json.loads((tmp_path / "fused-cpu.json").read_text())["model"]["dtype"] == "bfloat16"
+    assert set(summary["fused"]["vs_micro_step"]) == {"1", "2"}  # the --quick decode batches
     assert {row["impl"] for row in summary["paged_attention_ragged"]} == {"pallas", "reference"}
     assert [row["batch"] for row in summary["layer_weights"]] == [1, 2]
     assert all(row["stacked-scan+dsf"] > 0 and row["per-layer-arrays"] > 0 for row in summary["layer_weights"])
@@ -524,7 +526,7 @@ def test_gpu_check_skips_what_the_budget_cannot_hold(tmp_path):
     assert time.perf_counter() - start < 60
     status = {p["part"]: p["status"] for p in summary["parts"]}
     assert all(status[p] == "skipped (budget)" for p in ("device", "kernel-tests", "paged-attention",
-                                                           "layer-weights", "layer-weights-dsf"))
+                                                           "layer-weights", "layer-weights-dsf", "fused"))
     assert "gpu_check: NOT OK: device (skipped (budget))" in done.stdout
 
 
