@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Generates from a prompt with an HF checkpoint or a YAML model config "
                                           "(random weights), through the decode engine.")
     gen.add_argument("--model", required=True, metavar="DIR_OR_YAML",
-                     help="HF checkpoint directory, or a model config such as configs/models/tiny.yaml")
+                     help="HF checkpoint directory, GGUF file, or a model config such as configs/models/tiny.yaml")
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--adapter", metavar="DIR", help="an HF PEFT LoRA adapter directory to generate with "
                                                       "(e.g. harli finetune --out, harli replay --export-adapter)")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft = commands.add_parser("finetune", help="train a LoRA adapter",
                              description="Trains a LoRA adapter on a JSONL dataset (or the embedded default task) "
                                          "and exports it in the HF PEFT format.")
-    ft.add_argument("--model", required=True, metavar="DIR_OR_YAML", help="HF checkpoint directory or model YAML")
+    ft.add_argument("--model", required=True, metavar="MODEL", help="HF checkpoint directory, GGUF file or model YAML")
     add_option(ft, "--dataset", FinetuneJob, "dataset")
     add_option(ft, "--steps", FinetuneJob, "total_steps", type=_positive_int)
     add_option(ft, "--rank", LoRAConfig, "rank", type=_positive_int)

@@ -1,4 +1,4 @@
-"""One entry point for "a model": an HF checkpoint directory, or a YAML config with random weights."""
+"""One entry point for "a model": an HF checkpoint directory, a GGUF file, or a YAML config with random weights."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from harli_jax.errors import ConfigError
 from harli_jax.model.checkpoint import load_hf_checkpoint
 from harli_jax.model.config import DTYPES, ModelConfig
+from harli_jax.model.gguf import GGUFTokenizer, load_gguf
 from harli_jax.model.params import Params, init_params
 from harli_jax.model.sharding import param_shardings, tp_mesh
 from harli_jax.model.tokenizer import Tokenizer, load_tokenizer
@@ -21,13 +22,16 @@ class LoadedModel:
 
 
 def load_model(spec: str | Path, *, dtype: str | None = None, seed: int = 0, tensor_parallel: int = 1) -> LoadedModel:
-    """`spec` is a checkpoint directory (weights loaded) or a `.yaml` model config (weights from `seed`). With
-    `tensor_parallel` > 1 the weights are placed on that mesh as they are made (as an engine of that degree holds
-    them; no device holds a whole copy)."""
+    """`spec` is a checkpoint directory or a `.gguf` file (weights loaded), or a `.yaml` model config (weights from
+    `seed`). With `tensor_parallel` > 1 the weights are placed on that mesh as they are made (as an engine of that
+    degree holds them; no device holds a whole copy)."""
     path = Path(spec)
     if path.is_dir():
         cfg, params = load_hf_checkpoint(path, dtype, tensor_parallel)
         return LoadedModel(cfg, params, load_tokenizer(path, cfg.vocab_size))
+    if path.suffix == ".gguf":
+        cfg, params, reader = load_gguf(path, dtype, tensor_parallel)
+        return LoadedModel(cfg, params, GGUFTokenizer(reader, str(path)))
     if path.suffix in (".yaml", ".yml"):
         cfg = ModelConfig.from_yaml(path)
         if dtype is not None:
@@ -39,5 +43,5 @@ def load_model(spec: str | Path, *, dtype: str | None = None, seed: int = 0, ten
             cfg = cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_ids=tokenizer.eos_ids)
         shardings = param_shardings(cfg, tp_mesh(cfg, tensor_parallel))
         return LoadedModel(cfg, init_params(cfg, seed, shardings=shardings), tokenizer)
-    raise ConfigError(f"model {spec!r} is neither a checkpoint directory nor a .yaml model config"
+    raise ConfigError(f"model {spec!r} is neither a checkpoint directory, a .gguf file nor a .yaml model config"
                       + ("" if path.exists() else " (it does not exist)"))

@@ -29,7 +29,7 @@ PRESET = REPO / "configs" / "replay" / "default.yaml"  # the engine and job size
 ROLES = ("decode", "colocated")
 # Options of the replay itself; the engine's and the job's (FIELDS) take their defaults from their dataclasses.
 OWN = {
-    "model": (str(REPO / "configs" / "models" / "tiny.yaml"), "HF checkpoint directory or model YAML"),
+    "model": (str(REPO / "configs" / "models" / "tiny.yaml"), "HF checkpoint directory, GGUF file or model YAML"),
     "trace": (str(REPO / "configs" / "traces" / "default.csv"),
               "trace file: native CSV, Azure CSV, BurstGPT CSV or Mooncake JSONL"),
     "dataset": (None, "finetune JSONL; unset: the embedded upper-casing task"),

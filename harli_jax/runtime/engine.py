@@ -103,7 +103,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **kwargs) -> Engine:
-        """An engine over an HF checkpoint directory."""
+        """An engine over an HF checkpoint directory or a GGUF file (`model.load_model`)."""
         config = config or EngineConfig()
         return cls(load_model(path, dtype=config.runner.dtype, tensor_parallel=config.parallel.tensor_parallel),
                    config, **kwargs)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harli serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR_OR_YAML",
-                   help="HF checkpoint directory, or a model config such as configs/models/tiny.yaml")
+                   help="HF checkpoint directory, GGUF file, or a model config such as configs/models/tiny.yaml")
     p.add_argument("--served-model-name", help="the name clients call the model by (default: the model's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
