@@ -16,7 +16,7 @@ from harli_jax.errors import CheckpointError, ConfigError
 from harli_jax.model.config import DTYPES, ModelConfig
 from harli_jax.model.params import LayerParams, Params, layer_shapes
 from harli_jax.model.sharding import param_shardings, place, tp_mesh
-from harli_jax.model.tokenizer import ChatTemplate, TextStream, _RedecodeStream
+from harli_jax.model.tokenizer import ChatTemplate, RedecodeStream, TextStream
 
 ARCHITECTURES = ("llama", "qwen2")
 # Per-layer tensors: our field -> llama.cpp's name under `blk.{i}.`; projections are transposed.
@@ -226,4 +226,4 @@ class GGUFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def stream(self) -> TextStream:
-        return _RedecodeStream(self)
+        return RedecodeStream(self)

