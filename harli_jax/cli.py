@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, metavar="MODEL",
                      help="HF checkpoint directory, GGUF file, or a model config such as configs/models/tiny.yaml")
     gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message in the model's chat "
+                                                         "template (e.g. --model smollm2)")
     gen.add_argument("--adapter", metavar="DIR", help="an HF PEFT LoRA adapter directory to generate with "
                                                       "(e.g. harli finetune --out, harli replay --export-adapter)")
     add_option(gen, "--max-tokens", SamplingParams, "max_tokens", type=_positive_int)
@@ -154,7 +156,13 @@ def _generate(args: argparse.Namespace) -> None:
                          "small for the byte-level tokenizer")
     if not args.prompt:
         raise HarliError("the prompt is empty")  # as the engine says of an empty prompt
-    prompt_ids = model.tokenizer.encode(args.prompt)
+    prompt = args.prompt
+    if args.chat:
+        template = getattr(model.tokenizer, "chat_template", None)
+        if template is None:
+            raise HarliError(f"--chat: {args.model} has no chat template")
+        prompt = template.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    prompt_ids = model.tokenizer.encode(prompt)
     # One request: one batch slot, a context just long enough, the whole prompt in one chunk.
     if several and args.adapter:
         raise HarliError("--adapter: a multi-process engine serves the base model only")
@@ -172,7 +180,7 @@ def _generate(args: argparse.Namespace) -> None:
         engine.add_adapter(args.adapter, args.adapter)
     compiled = time.perf_counter()
     try:
-        output = engine.generate(args.prompt, sampling, adapter=args.adapter)[0]
+        output = engine.generate(prompt_ids, sampling, adapter=args.adapter)[0]
     finally:
         engine.release_followers()
     if output.error:

@@ -25,6 +25,12 @@ def test_generate_on_hf_checkpoint(hf_checkpoint, tmp_path, capsys):
     assert "bfloat16" in capsys.readouterr().err
 
 
+def test_chat_needs_a_chat_template(tiny_yaml, capsys):
+    assert main(["generate", "--model", str(tiny_yaml), "--chat", "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert "--chat: " in err and "has no chat template" in err
+
+
 def test_bad_model_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err

