@@ -1,5 +1,6 @@
-"""Does the default finetune learn its task? Exact-match accuracy on words it never trained on.
+"""Does the default finetune learn its task? Exact-match accuracy on inputs it never trained on.
 
+`--task uppercase` (the default on the tiny model):
 Runs what `harli finetune --model configs/models/tiny.yaml` runs (the embedded upper-casing task, 200 steps of
 8 x 128 tokens, LoRA rank 8 on q/k/v/o, the CLI's defaults) through the Python API, once per `--seeds` (the
 job's seed: its data, shuffling and adapter init), and for each run measures on `--words` held-out words:
@@ -11,7 +12,12 @@ job's seed: its data, shuffling and adapter init), and for each run measures on 
 Held-out words are drawn with `harli_jax.lora.default_data.held_out` to be disjoint from the job's whole
 dataset (training and eval split); the script checks that no word overlaps.
 
+`--task extract` (with `--model smollm2`): the generated JSON-extraction chat task of `harli_jax.lora.extraction`
+(2,000 records), scored on held-out sentences: the greedy answer (chat template, up to 40 tokens) must equal the
+expected JSON exactly. Results go to finetune_accuracy-extract-<device>.json.
+
     python bench/finetune_accuracy.py                 # seeds 0 1 2, 200 words, writes bench/results
+    python bench/finetune_accuracy.py --task extract --model smollm2 --seeds 0 --steps 60 --words 100
     python bench/finetune_accuracy.py --quick --out /tmp/acc
 """
 
@@ -25,14 +31,18 @@ from pathlib import Path
 import common  # bench/common.py: the script's directory is on sys.path
 
 from harli_jax import Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingParams
+from harli_jax.lora import extraction
 from harli_jax.lora.default_data import default_dataset, held_out
+from harli_jax.model import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REPO / "configs/models/tiny.yaml"), help="YAML model config")
+    parser.add_argument("--model", default=str(REPO / "configs/models/tiny.yaml"),
+                        help="YAML model config, or (--task extract) a named or checkpoint model such as smollm2")
+    parser.add_argument("--task", choices=("uppercase", "extract"), default="uppercase")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="job seeds (default 0 1 2)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200, the CLI's)")
     parser.add_argument("--words", type=int, default=None, help="held-out words scored (default 200)")
@@ -49,24 +59,53 @@ def parse_args() -> argparse.Namespace:
 
 
 def accuracy(engine: Engine, samples: list[dict], adapter: str | None = None) -> dict:
-    outputs = engine.generate([s["prompt"] for s in samples], SamplingParams(max_tokens=8), adapter=adapter)
-    hits = [o.text == s["completion"] for o, s in zip(outputs, samples, strict=True)]
+    """Exact match of greedy completions: `samples` hold a prompt (text, or token ids) and its completion."""
+    outputs = engine.generate([s["prompt"] for s in samples], SamplingParams(max_tokens=_max_tokens(samples)),
+                              adapter=adapter)
+    hits = [o.text.strip() == s["completion"] for o, s in zip(outputs, samples, strict=True)]
     return {"exact_match": sum(hits) / len(hits), "correct": sum(hits), "scored": len(hits),
-            "examples": [{"prompt": s["prompt"], "expected": s["completion"], "got": o.text}
+            "examples": [{"prompt": s.get("text", s["prompt"]), "expected": s["completion"], "got": o.text}
                          for o, s in list(zip(outputs, samples, strict=True))[:5]]}
 
 
+def _max_tokens(samples: list[dict]) -> int:
+    """Room for an answer: a JSON object (prompts given as ids, the extraction task), or a word."""
+    return 40 if isinstance(samples[0]["prompt"], list) else 8
+
+
+def extraction_samples(engine: Engine, records: list[dict]) -> list[dict]:
+    """Held-out chat records as prompts (the user turn in the model's chat template) and expected answers."""
+    tokenizer = engine.tokenizer
+    out = []
+    for r in records:
+        text = tokenizer.chat_template.render(r["messages"][:1], add_generation_prompt=True)
+        out.append({"prompt": tokenizer.encode(text), "text": r["messages"][0]["content"],
+                    "completion": r["messages"][1]["content"]})
+    return out
+
+
 def run(args, seed: int) -> dict:
-    # The CLI's engine and job (harli_jax/cli.py _finetune) with its default flags.
-    engine = Engine.from_config(args.model, EngineConfig(max_batch=8, max_seq_len=128, num_pages=64,
-                                                             max_loras=1, max_lora_rank=LoRAConfig().rank), seed=seed)
-    job = FinetuneJob(lora=LoRAConfig(), learning_rate=3e-3, micro_batch_rows=8, seq_len=128,
-                      total_steps=args.steps, seed=seed, eval_interval=max(args.steps // 4, 1))
-    dataset = default_dataset(seed=seed)  # what the job trains and evaluates on (dataset=None)
-    words = held_out(dataset, args.words, seed=1000 + seed)
-    overlap = {w["prompt"] for w in words} & {r["prompt"] for r in dataset}
+    if args.task == "extract":
+        engine = Engine(load_model(args.model), EngineConfig(max_batch=8, max_seq_len=256, max_loras=1,
+                                                             max_lora_rank=LoRAConfig().rank))
+        dataset = extraction.extraction_dataset(seed=seed)
+        job = FinetuneJob(dataset=dataset, lora=LoRAConfig(), learning_rate=1e-3, micro_batch_rows=8, seq_len=128,
+                          total_steps=args.steps, seed=seed, eval_interval=max(args.steps // 4, 1))
+        records = extraction.held_out(dataset, args.words, seed=1000 + seed)
+        overlap = {r["messages"][0]["content"] for r in records} & {r["messages"][0]["content"] for r in dataset}
+        words = extraction_samples(engine, records)
+    else:
+        # The CLI's engine and job (harli_jax/cli.py _finetune) with its default flags.
+        engine = Engine.from_config(args.model, EngineConfig(max_batch=8, max_seq_len=128, num_pages=64,
+                                                                 max_loras=1, max_lora_rank=LoRAConfig().rank),
+                                    seed=seed)
+        job = FinetuneJob(lora=LoRAConfig(), learning_rate=3e-3, micro_batch_rows=8, seq_len=128,
+                          total_steps=args.steps, seed=seed, eval_interval=max(args.steps // 4, 1))
+        dataset = default_dataset(seed=seed)  # what the job trains and evaluates on (dataset=None)
+        words = held_out(dataset, args.words, seed=1000 + seed)
+        overlap = {w["prompt"] for w in words} & {r["prompt"] for r in dataset}
     if overlap:
-        raise RuntimeError(f"held-out words overlap the training data: {sorted(overlap)[:5]}")
+        raise RuntimeError(f"held-out inputs overlap the training data: {sorted(overlap)[:5]}")
     handle = engine.finetune(job)
     eval_before = handle.evaluate()
     base = accuracy(engine, words)
@@ -79,7 +118,7 @@ def run(args, seed: int) -> dict:
            "eval_loss_before": eval_before, "eval_loss_after": progress.eval_loss,
            "final_train_loss": progress.loss, "base": base, "tuned": tuned}
     common.say(f"seed {seed}: exact match {base['exact_match']:.1%} -> {tuned['exact_match']:.1%} on "
-               f"{len(words)} held-out words; eval loss {eval_before:.3f} -> {progress.eval_loss:.3f} "
+               f"{len(words)} held-out inputs; eval loss {eval_before:.3f} -> {progress.eval_loss:.3f} "
                f"({progress.step} steps in {train_s:.0f} s)")
     return row
 
@@ -96,7 +135,8 @@ def main() -> None:
     tuned = [r["tuned"]["exact_match"] for r in runs]
     payload = {
         "config": {"model": str(Path(args.model).resolve().relative_to(REPO)) if REPO in Path(args.model).resolve()
-                   .parents else args.model, "seeds": args.seeds, "steps": args.steps, "held_out_words": args.words,
+                   .parents else args.model, "task": args.task,
+                   "seeds": args.seeds, "steps": args.steps, "held_out_words": args.words,
                    "job": "the CLI's defaults: LoRA rank 8, alpha 16, q/k/v/o; AdamW 3e-3, 10 warmup steps, "
                           "cosine; 8 x 128-token micro-batches; embedded dataset of 2000 words, 5% eval split",
                    "held_out": "harli_jax.lora.default_data.held_out(default_dataset(seed=s), words, seed=1000+s): "
@@ -106,7 +146,13 @@ def main() -> None:
                     "base_exact_match_max": max(r["base"]["exact_match"] for r in runs)},
         "load": load.record,
     }
-    path = common.write_result("finetune_accuracy", payload)
+    if args.task == "extract":
+        payload["config"]["job"] = ("LoRA rank 8, alpha 16, q/k/v/o; AdamW 1e-3, 10 warmup steps, cosine; 8 x "
+                                    "128-token micro-batches; harli_jax.lora.extraction's 2,000 records, 5% eval "
+                                    "split")
+        payload["config"]["held_out"] = ("harli_jax.lora.extraction.held_out(dataset, n, seed=1000+s): no sentence "
+                                         "of the job's training or eval data")
+    path = common.write_result("finetune_accuracy" + ("-extract" if args.task == "extract" else ""), payload)
     common.say(f"wrote {path}")
 
 
