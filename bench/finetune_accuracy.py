@@ -58,19 +58,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def accuracy(engine: Engine, samples: list[dict], adapter: str | None = None) -> dict:
+def accuracy(engine: Engine, samples: list[dict], max_tokens: int, adapter: str | None = None) -> dict:
     """Exact match of greedy completions: `samples` hold a prompt (text, or token ids) and its completion."""
-    outputs = engine.generate([s["prompt"] for s in samples], SamplingParams(max_tokens=_max_tokens(samples)),
+    outputs = engine.generate([s["prompt"] for s in samples], SamplingParams(max_tokens=max_tokens),
                               adapter=adapter)
     hits = [o.text.strip() == s["completion"] for o, s in zip(outputs, samples, strict=True)]
     return {"exact_match": sum(hits) / len(hits), "correct": sum(hits), "scored": len(hits),
             "examples": [{"prompt": s.get("text", s["prompt"]), "expected": s["completion"], "got": o.text}
                          for o, s in list(zip(outputs, samples, strict=True))[:5]]}
-
-
-def _max_tokens(samples: list[dict]) -> int:
-    """Room for an answer: a JSON object (prompts given as ids, the extraction task), or a word."""
-    return 40 if isinstance(samples[0]["prompt"], list) else 8
 
 
 def extraction_samples(engine: Engine, records: list[dict]) -> list[dict]:
@@ -108,12 +103,13 @@ def run(args, seed: int) -> dict:
         raise RuntimeError(f"held-out inputs overlap the training data: {sorted(overlap)[:5]}")
     handle = engine.finetune(job)
     eval_before = handle.evaluate()
-    base = accuracy(engine, words)
+    max_tokens = 40 if args.task == "extract" else 8  # room for the JSON answer, or for a word
+    base = accuracy(engine, words, max_tokens)
     started = time.perf_counter()
     progress = handle.wait()
     train_s = time.perf_counter() - started
     engine.add_adapter("tuned", handle)
-    tuned = accuracy(engine, words, adapter="tuned")
+    tuned = accuracy(engine, words, max_tokens, adapter="tuned")
     row = {"seed": seed, "steps": progress.step, "trained_tokens": progress.tokens, "train_s": train_s,
            "eval_loss_before": eval_before, "eval_loss_after": progress.eval_loss,
            "final_train_loss": progress.loss, "base": base, "tuned": tuned}
