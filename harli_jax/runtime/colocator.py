@@ -35,7 +35,7 @@ from harli_jax.runtime.scheduler import Scheduler, StepPlan
 from harli_jax.runtime.state import RequestState
 
 log = logging.getLogger("harli_jax")
-CALIBRATION_SWEEP = 2  # what `calibrate` times, in the cache key: 2 = steps, micro-steps and fused steps
+CALIBRATION_SWEEP = 3  # what `calibrate` times, in the cache key: steps, micro-steps (each run timed), fused steps
 
 
 def chunk_options(cfg: ModelConfig, config: EngineConfig) -> tuple[int, ...]:
@@ -92,6 +92,12 @@ class CoLocator:
     def training(self) -> bool:
         return self.job is not None and self.job.active
 
+    @property
+    def trains_while_serving(self) -> bool:
+        """The policy runs micro-steps or fused work between and in inference steps (decode-only trains only
+        with nothing to serve, in the single program: it needs no micro-step program nor its timings)."""
+        return self.config.colocation.policy != "decode-only"
+
     def register(self, job: FinetuneRunner) -> None:
         """Takes the job: compiles its programs (every micro-step size, and for a policy that fuses the fused step
         programs, unless the policy never trains while serving) and, under an SLO, calibrates the predictor."""
@@ -111,7 +117,7 @@ class CoLocator:
             self.sizes = Sizes(self.chunks, fused_layers=layers, fused_windows=windows)
         job.micro.token_chunks = job.micro.token_mode = c.policy == "cobatch"
         self.policy = self._make_policy()
-        job.warmup(self._calibration_sequences() if c.policy != "decode-only" else ())
+        job.warmup(self._calibration_sequences() if self.trains_while_serving else ())
         if self.fuses:
             shapes = [(phase, n) for phase in ("tokens", "forward", "backward") for n in self.sizes.fused_of(phase)]
             self.runner.prepare_fused({shape: job.micro.fused_examples(*shape) for shape in shapes})
@@ -280,12 +286,17 @@ class CoLocator:
         step = self.predictor.step((bucket.seqs, bucket.tokens, bucket.pages), plan.context + seq.num_computed + n)
         return time.perf_counter() + step.bound + self.predictor.host_bound() <= min(deadlines)
 
-    def _deadlines(self, slo: float) -> list[float]:
+    def _deadlines(self, slo: float, waiting: bool = False) -> list[float]:
         """Each decoding request's next-token deadline: its TPOT target (slack banked by tokens ahead of it), and
-        never later than its last token plus the TBT cap."""
+        never later than its last token plus the TBT cap. With `waiting` (a training window's budget), also each
+        waiting request that already has tokens (one that arrived with its prompt's K/V and first token, or was
+        preempted): its clock runs while it waits for a place in the batch, so training must not lengthen the
+        wait (admission leaves them out: a deadline already missed in the queue would refuse every request)."""
         cap = (self.config.colocation.tbt_cap_ms or math.inf) / 1e3
+        running = [s for s in self.scheduler.running if s.output_ids and s.num_pending <= 1]
+        waiting = [s for s in self.scheduler.waiting if s.output_ids] if waiting else []
         return [min(s.token_times[0] + len(s.output_ids) * slo, s.token_times[-1] + cap)
-                for s in self.scheduler.running if s.output_ids and s.num_pending <= 1]
+                for s in [*running, *waiting]]
 
     def _window(self, next_plan: StepPlan) -> dict:
         job, config = self.job, self.config.colocation
@@ -298,7 +309,7 @@ class CoLocator:
         can_start = self.page_table.num_free + micro.held_pages - micro.stash_pages_needed >= reserve
         ctx = WindowContext(now=decided, slo=slo, margin=slo * config.slo_margin,
                             next_step_bound=self._next_step_bound(next_plan) if slo else 0.0,
-                            deadlines=self._deadlines(slo) if slo else [], num_layers=self.cfg.num_layers,
+                            deadlines=self._deadlines(slo, waiting=True) if slo else [], num_layers=self.cfg.num_layers,
                             pending=micro.status(), can_start=can_start, inference_steps=self._steps_since_train,
                             fresh=("tokens", job.job.seq_len) if micro.token_mode else None,
                             next_tokens=next_plan.num_tokens, rows=job.job.micro_batch_rows,
@@ -343,28 +354,28 @@ class CoLocator:
             return loaded
         started = time.perf_counter()
         runs = self.config.predictor.calibration_runs
-        with self._scratch_page() as page:
-            for bucket in self.runner.buckets:
-                for i in range(runs + 1):
-                    context, seconds = self.runner.time_synthetic(bucket, seed=i, scratch_page=page)
-                    if i:  # the first run of each program only warms it
-                        self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), context, seconds)
+        if not self.predictor.step_coef:  # a fitted predictor has timed every step program of this engine
+            with self._scratch_page() as page:
+                for bucket in self.runner.buckets:
+                    for i in range(runs + 1):
+                        context, seconds = self.runner.time_synthetic(bucket, seed=i, scratch_page=page)
+                        if i:  # the first run of each program only warms it
+                            self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), context,
+                                                        seconds)
         job = self.job
-        if job is not None and job.micro.current is None:
-            for token_mode, sequence in self._calibration_sequences():
-                for i in range(runs + 1):
+        if job is not None and job.micro.current is None and self.trains_while_serving:
+            for token_mode, sequence in self._calibration_sequences():  # `register` ran each once (compiled)
+                for _ in range(runs):
                     if not job.micro.start(calibration=True, token_mode=token_mode):
                         break
                     for size in sequence:
                         done = job.micro.run(size)
-                        if i:  # the first micro-batch compiles the programs
-                            self.predictor.observe_micro((done.kind, size), done.seconds)
+                        self.predictor.observe_micro((done.kind, size), done.seconds)
             with self._scratch_page() as page:
                 self._calibrate_fused(page, runs)
         self.predictor.fit()
         log.info("predictor calibrated in %.1fs", time.perf_counter() - started)
-        if job is not None:
-            self.predictor.save(cache)
+        self.predictor.save(cache)
         return self.predictor
 
     def _calibrate_fused(self, page: int, runs: int) -> None:
@@ -411,7 +422,8 @@ class CoLocator:
 
     def _calibration_file(self) -> Path:
         """The cache file: keyed by the model, the step programs' shapes, the arena's page size, the device,
-        the JAX version, the micro-step shapes and the sweep's own settings (not by policy or SLO)."""
+        the JAX version, the micro-step shapes, whether they are timed at all (`trains_while_serving`) and the
+        sweep's own settings (not by policy or SLO)."""
         job, config = self.job, self.config
         key = json.dumps({"sweep": CALIBRATION_SWEEP, "model": dataclasses.asdict(self.cfg),
                           "buckets": [dataclasses.astuple(b) for b in self.runner.buckets],
@@ -421,7 +433,8 @@ class CoLocator:
                           "runs": config.predictor.calibration_runs, "quantile": config.predictor.quantile,
                           "sizes": dataclasses.astuple(self.sizes),
                           "job": None if job is None else [job.job.micro_batch_rows, job.job.seq_len,
-                                                           dataclasses.asdict(job.job.lora)]},
+                                                           dataclasses.asdict(job.job.lora),
+                                                           self.trains_while_serving]},
                          sort_keys=True, default=str)
         root = Path(config.predictor.calibration_dir or Path.home() / ".cache" / "harli_jax")
         return root / f"predictor-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import jax_events
-from harli_jax import Engine, EngineConfig, FinetuneJob, FinishedEvent, FinishReason, Request, SamplingParams
+from harli_jax import (
+    Engine,
+    EngineConfig,
+    FinetuneJob,
+    FinishedEvent,
+    FinishReason,
+    Request,
+    SamplingParams,
+    TokenEvent,
+)
 from harli_jax.lora.data import DataLoader
 from harli_jax.model import init_params, load_model
 from harli_jax.model.loader import LoadedModel
@@ -268,6 +277,51 @@ def test_the_host_gap_is_the_host_work_between_a_window_and_its_step(tiny, tmp_p
         engine.step()  # no request: the job trains
     engine.predictor.fit()
     assert 0 < engine.predictor.host_bound() < 0.1
+
+
+def test_decode_only_registers_a_job_without_micro_step_programs_or_their_timings(tiny, tmp_path):
+    # decode-only trains only with nothing to serve, in the single program: registering its job under an SLO
+    # compiles no micro-step program and times none, and the step programs the engine timed at its start (for
+    # admission) are not timed again.
+    engine = Engine(tiny, EngineConfig(max_batch=2, batch_buckets=(2,), max_seq_len=64, prefill_chunk=32,
+                                       num_pages=64, policy="decode-only", tpot_slo_ms=1000.0,
+                                       calibration_dir=str(tmp_path), compile_threads=2))
+    timed = []
+    time_synthetic = engine.runner.time_synthetic
+    engine.runner.time_synthetic = lambda *a, **k: timed.append(a) or time_synthetic(*a, **k)
+    with jax_events() as compiles:
+        handle = engine.finetune(FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=2, seq_len=32))
+    assert timed == [] and engine.predictor.micro_mean == {}
+    assert not any("micro" in name or "forward" in name or "backward" in name for name in compiles), compiles
+    handle.wait(max_steps=1)  # it trains, in the single program
+    assert handle.progress().step == 1
+
+
+def test_a_window_leaves_no_time_to_train_while_a_request_with_tokens_waits(tiny, tmp_path):
+    # A request that arrived with its first token (the decode role) and waits for a place in the batch has a
+    # running clock: its deadline bounds the window as a running request's does. Admission leaves it out (a
+    # deadline missed in the queue would refuse it forever).
+    engine = Engine(tiny, EngineConfig(max_batch=1, batch_buckets=(1,), max_seq_len=64, prefill_chunk=32,
+                                       num_pages=64, policy="harli", tpot_slo_ms=50.0,
+                                       calibration_dir=str(tmp_path), compile_threads=2))
+    rid = engine.submit(Request([5, 6, 7, 8], SamplingParams(max_tokens=2, ignore_eos=True)))
+    kv = None
+    while kv is None:  # the prompt's K/V and first token, as a prefill instance hands them over
+        if any(isinstance(e, TokenEvent) and e.index == 0 for e in engine.step()):
+            kv = engine.export_kv(rid)
+            engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+    engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True)))
+    engine.step()  # it runs, alone in the batch of one
+    engine.submit(Request(list(kv.prompt_ids), SamplingParams(max_tokens=4, ignore_eos=True)), prefilled_kv=kv)
+    engine.step()  # this one waits, with its first token
+    waiting = list(engine.scheduler.waiting)
+    assert len(waiting) == 1 and waiting[0].output_ids
+    slo = 0.05
+    expected = waiting[0].token_times[0] + slo
+    assert expected in engine.colocation._deadlines(slo, waiting=True)
+    assert expected not in engine.colocation._deadlines(slo)
 
 
 @pytest.mark.parametrize("policy", [dict(policy="static", static_layers=4, batch_buckets=(4,)),
