@@ -130,13 +130,17 @@ def _finetune(args: argparse.Namespace) -> None:
     elif start.step:
         print(f"resumed from {job.checkpoint_dir} at step {start.step}/{start.total_steps}", file=sys.stderr)
     else:
-        print(f"eval loss before training: {handle.evaluate():.4f}", file=sys.stderr)
+        loss = handle.evaluate()
+        if loss is not None:
+            print(f"before training: eval loss {loss:.4f}, {handle.progress().eval_exact_match:.0%} of the eval "
+                  f"samples answered exactly", file=sys.stderr)
     every = max(job.total_steps // 20, 1)
     while not handle.done():
         progress = handle.wait(max_steps=every)
         loss = "-" if progress.loss is None else f"{progress.loss:.4f}"  # no step made yet
+        scored = "" if progress.eval_exact_match is None else f" ({progress.eval_exact_match:.0%} exact)"
         print(f"step {progress.step}/{progress.total_steps}  loss {loss}  "
-              f"eval {progress.eval_loss if progress.eval_loss is None else round(progress.eval_loss, 4)}  "
+              f"eval {progress.eval_loss if progress.eval_loss is None else round(progress.eval_loss, 4)}{scored}  "
               f"{progress.tokens_per_s:,.0f} tokens/s", file=sys.stderr)
         if progress.status.value == "paused":
             raise HarliError(f"the job paused: {progress.reason}")

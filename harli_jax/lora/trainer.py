@@ -91,14 +91,39 @@ def token_loss_sum(logits: Array, batch: TrainBatch) -> tuple[Array, Array]:
     return jnp.sum(nll * batch.loss_mask), jnp.sum(batch.loss_mask)
 
 
-def loss_sum(lora: Adapters, params: Params, cfg: ModelConfig, batch: TrainBatch, remat: bool = False):
-    """The micro-batch loss of the whole model in one program; `remat` recomputes each layer in backward."""
+def _logits(lora: Adapters, params: Params, cfg: ModelConfig, batch: TrainBatch, remat: bool = False) -> Array:
     layer = jax.checkpoint(decoder_layer, static_argnums=(1,)) if remat else decoder_layer
     mask, rope = causal_mask(batch.segment_ids), rope_tables(cfg, batch.positions)
     x = embed(params, batch.tokens)
     for index, lp in enumerate(params.layers):
         x = layer(lp, cfg, x, rope, mask, layer_adapters(lora, index))
-    return token_loss_sum(lm_logits(params, cfg, x), batch)
+    return lm_logits(params, cfg, x)
+
+
+def loss_sum(lora: Adapters, params: Params, cfg: ModelConfig, batch: TrainBatch, remat: bool = False):
+    """The micro-batch loss of the whole model in one program; `remat` recomputes each layer in backward."""
+    return token_loss_sum(_logits(lora, params, cfg, batch, remat), batch)
+
+
+def eval_sums(lora: Adapters, params: Params, cfg: ModelConfig, batch: TrainBatch):
+    """(loss sum, trained tokens, the greedy next token at every position `[rows, seq_len]`) of a micro-batch."""
+    logits = _logits(lora, params, cfg, batch)
+    return (*token_loss_sum(logits, batch), jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
+def exact_matches(greedy: np.ndarray, arrays: Mapping[str, np.ndarray]) -> tuple[int, int]:
+    """(samples whose every trained token is the model's greedy choice, samples with a trained token) of a packed
+    micro-batch's host arrays: a sample is a (row, segment id), and greedy decoding from its prompt produces exactly
+    its trained tokens (its answer and end token) iff each is the greedy choice after the ones before it."""
+    segment = arrays["segment_ids"]
+    trained = arrays["loss_mask"] > 0
+
+    def samples(where: np.ndarray) -> set[tuple[int, int]]:
+        rows, columns = np.nonzero(where)
+        return set(zip(rows.tolist(), segment[rows, columns].tolist(), strict=True))
+
+    scored, missed = samples(trained), samples(trained & (greedy != arrays["targets"]))
+    return len(scored - missed), len(scored)
 
 
 def grad_step(params: Params, cfg: ModelConfig, state: TrainState, batch: TrainBatch, remat: bool = False):

@@ -32,8 +32,8 @@ class FinetuneJob:
     """
 
     dataset: str | Path | Sequence[dict] | None = option(
-        None, "JSONL of {text} | {prompt, completion} | {messages} records, or a list of them; unset: the embedded "
-              "upper-casing task")
+        None, "JSONL of {text} | {prompt, completion} | {messages} records, or a list of them; unset: a generated "
+              "task (a model with a chat template: extracting fields from a sentence as JSON; else upper-casing)")
     eval_dataset: str | Path | Sequence[dict] | None = option(
         None, "evaluation records (JSONL path or list) instead of an eval_fraction split of the dataset")
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
@@ -92,6 +92,7 @@ class JobProgress:
     tokens: int  # trained (loss) tokens whose gradient was accumulated
     loss: float | None  # of the last optimizer step
     eval_loss: float | None
+    eval_exact_match: float | None  # share of eval samples greedy decoding answers exactly (last evaluation)
     tokens_per_s: float  # trained tokens per second of the job's running time
     status: JobStatus
     reason: str | None  # why it paused

@@ -19,7 +19,7 @@ import numpy as np
 
 from harli_jax.errors import CheckpointError, ConfigError
 from harli_jax.lora import data as data_lib
-from harli_jax.lora import trainer
+from harli_jax.lora import extraction, trainer
 from harli_jax.lora.adapters import export_peft, init_lora
 from harli_jax.lora.checkpoint import TrainCheckpointer
 from harli_jax.model.config import ModelConfig
@@ -37,8 +37,16 @@ log = logging.getLogger("harli_jax")
 # config, a hashable dataclass, so a second job with the same settings reuses the first one's programs).
 _grad_step = jax.jit(trainer.grad_step, static_argnames=("cfg", "remat"), donate_argnames=("state",))
 _update = jax.jit(trainer.apply_update, static_argnums=0, donate_argnames=("state",))
-_eval_loss = jax.jit(trainer.loss_sum, static_argnames=("cfg", "remat"))
+_eval = jax.jit(trainer.eval_sums, static_argnames=("cfg",))
 _commit = jax.jit(trainer.commit, donate_argnames=("state", "grads"))
+
+
+def default_records(tokenizer: Tokenizer, seed: int) -> list[dict]:
+    """The job's data when it names none: for a model with a chat template, the JSON extraction task
+    (`lora.extraction`), which an instruct model fails and a LoRA adapter learns; else the upper-casing task."""
+    if tokenizer.chat_template is not None:
+        return extraction.extraction_dataset(seed=seed)
+    return data_lib.default_dataset(seed=seed)
 
 
 class FinetuneRunner:
@@ -50,7 +58,7 @@ class FinetuneRunner:
         if tokenizer is None:
             raise ConfigError("finetuning needs a tokenizer to encode the dataset; this model has none")
         self.job, self.cfg, self.params = job, cfg, params
-        records = data_lib.default_dataset(seed=job.seed) if job.dataset is None else job.dataset
+        records = default_records(tokenizer, job.seed) if job.dataset is None else job.dataset
         dataset = self._load(records, tokenizer)
         if job.eval_dataset is not None:
             self.train_set, self.eval_set = dataset, self._load(job.eval_dataset, tokenizer)
@@ -79,6 +87,7 @@ class FinetuneRunner:
         self.step_loss_sum, self.step_tokens = 0.0, 0.0
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
+        self.eval_exact_match: float | None = None  # of the last evaluation
         self.history: deque[dict[str, float]] = deque(maxlen=job.history_limit)  # step, loss, tokens, time
         self.skipped_updates = 0
         self.consecutive_nonfinite = 0
@@ -107,7 +116,7 @@ class FinetuneRunner:
         jax.block_until_ready(_grad_step(self.params, self.cfg, copy(), device_batch, self.job.remat))
         jax.block_until_ready(_update(self.optimizer, copy()))
         jax.block_until_ready(_commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
-        jax.block_until_ready(_eval_loss(self.state.lora, self.params, self.cfg, device_batch))
+        jax.block_until_ready(_eval(self.state.lora, self.params, self.cfg, device_batch))
         for token_mode, sequence in sequences:
             if self.micro.current is None and self.micro.start(calibration=True, token_mode=token_mode):
                 for size in sequence:
@@ -130,7 +139,8 @@ class FinetuneRunner:
     def progress(self) -> JobProgress:
         running = self.running_time
         return JobProgress(step=self.step, total_steps=self.total_steps, tokens=self.tokens, loss=self.last_loss,
-                           eval_loss=self.eval_loss, tokens_per_s=self.tokens / running if running else 0.0,
+                           eval_loss=self.eval_loss, eval_exact_match=self.eval_exact_match,
+                           tokens_per_s=self.tokens / running if running else 0.0,
                            status=self.status, reason=self.reason, skipped_updates=self.skipped_updates,
                            abandoned_microbatches=self.abandoned)
 
@@ -227,18 +237,25 @@ class FinetuneRunner:
             self.save(durable=True)
 
     def evaluate(self) -> float | None:
-        """Mean loss over the eval split (the whole split, in file order)."""
+        """Mean loss over the eval split (the whole split, in file order), and its exact match
+        (`trainer.exact_matches`: the share of its samples that greedy decoding answers exactly)."""
         if self.eval_set is None:
             return None
         loader = data_lib.DataLoader(self.eval_set, self.job.micro_batch_rows, self.job.seq_len, epochs=1,
                                      shuffle=False, overflow=self.job.overflow)
         total = count = 0.0
+        matched = scored = 0
         for batch in loader:
-            t, c = _eval_loss(self.state.lora, self.params, self.cfg, trainer.TrainBatch.from_host(batch.arrays()))
+            arrays = batch.arrays()
+            t, c, greedy = _eval(self.state.lora, self.params, self.cfg, trainer.TrainBatch.from_host(arrays))
             total, count = total + float(t), count + float(c)
+            hits, samples = trainer.exact_matches(np.asarray(greedy), arrays)
+            matched, scored = matched + hits, scored + samples
         self.eval_loss = total / max(count, 1.0)
+        self.eval_exact_match = matched / max(scored, 1)
         if self.history:
-            self.history[-1].update(eval_loss=self.eval_loss, eval_step=self.step)
+            self.history[-1].update(eval_loss=self.eval_loss, eval_exact_match=self.eval_exact_match,
+                                    eval_step=self.step)
         return self.eval_loss
 
     # Checkpoints and export -------------------------------------------------------------------------------

@@ -3,11 +3,14 @@ with the training data, and answers that hold exactly the sentence's facts in th
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from harli_jax.lora import extraction
+from harli_jax.lora.default_data import default_dataset
 from harli_jax.lora.extraction import CITIES, INSTRUCTION, NAMES, extraction_dataset, held_out
+from harli_jax.runtime.job import default_records
 
 
 def test_the_dataset_is_deterministic_and_its_sentences_distinct():
@@ -49,3 +52,9 @@ def test_held_out_is_disjoint_even_where_few_sentences_exist(monkeypatch):
     assert not {r["messages"][0]["content"] for r in test} & {r["messages"][0]["content"] for r in data}
     with pytest.raises(ValueError, match=r"num_samples must be in 1\.\.44"):
         held_out(data, 45)
+
+
+def test_a_job_without_data_trains_the_extraction_task_on_a_chat_model_and_upper_casing_elsewhere():
+    chat, plain = SimpleNamespace(chat_template=object()), SimpleNamespace(chat_template=None)
+    assert default_records(chat, seed=3) == extraction_dataset(seed=3)
+    assert default_records(plain, seed=3) == default_dataset(seed=3)

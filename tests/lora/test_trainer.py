@@ -13,6 +13,7 @@ from harli_jax.lora.trainer import (
     backward_chunk,
     commit,
     embed_step,
+    exact_matches,
     forward_chunk,
     grad_step,
     init_state,
@@ -115,3 +116,19 @@ def test_micro_steps_when_a_hidden_state_straddles_pages(tiny_yaml):
     m_total, _, m_grads = _micro_steps(cfg, params, lora, batch, layers_per_chunk=2)
     np.testing.assert_allclose(float(m_total), float(total), rtol=1e-6)
     assert_tree_close(m_grads, grads, 1e-5)
+
+
+def test_exact_matches_score_each_packed_sample_by_all_its_trained_tokens():
+    # Two rows: row 0 packs samples 1 and 2, row 1 holds sample 1 and padding. A sample is exact when every
+    # position of its loss mask has the greedy token; untrained positions (prompts, padding) never count.
+    targets = np.array([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
+    arrays = {"targets": targets,
+              "loss_mask": np.array([[0, 1, 1, 0, 1, 1], [0, 1, 1, 0, 0, 0]], np.float32),
+              "segment_ids": np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 0, 0, 0]])}
+    greedy = targets.copy()
+    greedy[0, 0] = greedy[1, 3] = 99  # untrained positions
+    assert exact_matches(greedy, arrays) == (3, 3)
+    greedy[0, 4] = 99  # sample 2 of row 0 misses one answer token
+    assert exact_matches(greedy, arrays) == (2, 3)
+    greedy[1, 2] = 99
+    assert exact_matches(greedy, arrays) == (1, 3)

@@ -10,8 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import running_server
-from harli_jax import Engine, EngineConfig, SamplingParams
+from harli_jax import Engine, EngineConfig, FinetuneJob, FinishReason, SamplingParams
 from harli_jax.errors import ConfigError
+from harli_jax.lora import extraction
+from harli_jax.lora.data import chat_prompt_ids
 from harli_jax.model import forward, load_model
 from harli_jax.model import loader as loader_module
 from harli_jax.model.loader import named_model
@@ -67,6 +69,27 @@ def test_greedy_chat_answers_equal_transformers_generate(smollm2):
             want = reference.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=2)[0, ids.shape[1]:]
         assert list(output.token_ids) == want.tolist(), (prompt, model.tokenizer.decode(list(output.token_ids)))
     assert "Paris" in model.tokenizer.decode(list(outputs[0].token_ids))
+
+
+def test_the_jobs_exact_match_is_what_greedy_decoding_answers(smollm2):
+    # A job's evaluation scores a sample exact when each of its answer's tokens and its end token is the greedy
+    # choice after the ones before it (one forward): then greedy decoding from its prompt answers exactly that.
+    # Against Engine.generate on the real model: eval records answered with the model's own greedy answers are all
+    # exact, and the task's JSON answers exactly as often as the model generates them (the base model: never).
+    model = smollm2[0]
+    engine = Engine(model, EngineConfig(max_batch=8, batch_buckets=(8,), max_seq_len=256, page_buckets=(16,),
+                                        prefill_chunk=128, compile_threads=2))
+    records = extraction.extraction_dataset(6, seed=5)
+    outputs = engine.generate([chat_prompt_ids(r["messages"][:1], model.tokenizer) for r in records],
+                              SamplingParams(max_tokens=150))
+    assert all(o.finish_reason is FinishReason.STOP for o in outputs)
+    own = [{"messages": [r["messages"][0], {"role": "assistant", "content": o.text}]}
+           for r, o in zip(records, outputs, strict=True)]
+    generated = sum(o.text.strip() == r["messages"][1]["content"] for r, o in zip(records, outputs, strict=True))
+    handle = engine.finetune(FinetuneJob(dataset=records, eval_dataset=own + records, micro_batch_rows=2, seq_len=256,
+                                         total_steps=1, eval_interval=0))
+    handle.evaluate()
+    assert handle.progress().eval_exact_match == (len(own) + generated) / (len(own) + len(records))
 
 
 def test_harli_serve_chats_as_transformers_generates(smollm2):
