@@ -71,7 +71,8 @@ def replay_options(args: argparse.Namespace, out: Path) -> dict:
     model = args.model or str(REPO / "configs" / "models" / ("tiny.yaml" if args.quick else "small.yaml"))
     argv = ["--model", model, "--trace", args.trace, "--role", "colocated", "--policy", args.policy,
             "--tpot-slo", args.tpot_slo, "--sweep-requests", "0", "--out", str(out), "--fused-tokens",
-            args.fused_tokens, "--fused-layers", args.fused_layers, "--batch-buckets", args.batch_buckets]
+            args.fused_tokens, "--fused-layers", args.fused_layers, "--batch-buckets", args.batch_buckets,
+            "--max-batch", "8", "--max-seq-len", "256", "--micro-batch-rows", "4", "--seq-len", "64"]
     requests = 8 if args.quick else args.max_requests
     if requests:
         argv += ["--max-requests", str(requests)]

@@ -23,7 +23,14 @@ from harli_jax.model.loader import NAMED_MODELS
 from harli_jax.options import field_of, help_of
 from harli_jax.runtime.colocation import POLICIES
 from harli_jax.runtime.colocator import token_options
-from harli_jax.runtime.config import CacheConfig, CoLocationConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from harli_jax.runtime.config import (
+    CacheConfig,
+    CoLocationConfig,
+    EngineConfig,
+    ParallelConfig,
+    PredictorConfig,
+    SchedulerConfig,
+)
 from harli_jax.runtime.finetune import FinetuneJob
 
 CONFIGS = Path(harli_jax.configs.__file__).parent  # configs/, installed with the package
@@ -71,9 +78,10 @@ FIELDS = {"lora_rank": (LoRAConfig, "rank"), "seed": (FinetuneJob, "seed"),
           "micro_batch_rows": (FinetuneJob, "micro_batch_rows"), "seq_len": (FinetuneJob, "seq_len"),
           "fused_tokens": (CoLocationConfig, "fused_tokens"), "fused_layers": (CoLocationConfig, "fused_layers"),
           "slo_margin": (CoLocationConfig, "slo_margin"),
-          "batch_buckets": (SchedulerConfig, "batch_buckets"), "tp": (ParallelConfig, "tensor_parallel")}
+          "batch_buckets": (SchedulerConfig, "batch_buckets"), "page_buckets": (SchedulerConfig, "page_buckets"),
+          "calibration_runs": (PredictorConfig, "calibration_runs"), "tp": (ParallelConfig, "tensor_parallel")}
 # Options that are lists of positive integers: comma-separated on the command line, a list (or that text) in YAML.
-LISTS = ("fused_tokens", "fused_layers", "batch_buckets")
+LISTS = ("fused_tokens", "fused_layers", "batch_buckets", "page_buckets")
 # Numeric options: their type and the least value they may take (positive: > 0).
 NUMBERS: dict[str, tuple[type, str]] = {
     "rate_scale": (float, "positive"), "time_scale": (float, "positive"), "duration": (float, "positive"),
@@ -81,7 +89,7 @@ NUMBERS: dict[str, tuple[type, str]] = {
     "prefill_chunk": (int, "positive"), "slo_margin": (float, "non-negative"), "sweep_requests": (int, "non-negative"),
     "lora_rank": (int, "positive"), "seed": (int, "non-negative"), "max_batch": (int, "positive"),
     "max_seq_len": (int, "positive"), "micro_batch_rows": (int, "positive"), "seq_len": (int, "positive"),
-    "tp": (int, "positive")}
+    "calibration_runs": (int, "positive"), "tp": (int, "positive")}
 SLO_OPTIONS = ("tpot_slo", "tbt_slo", "ttft_slo")
 
 
@@ -250,7 +258,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     try:  # the dataclasses' own checks, before anything is built from them
         EngineConfig(max_batch=checked["max_batch"], max_seq_len=checked["max_seq_len"],
                      prefill_chunk=checked["prefill_chunk"], slo_margin=checked["slo_margin"],
-                     batch_buckets=checked["batch_buckets"], fused_tokens=checked["fused_tokens"],
+                     batch_buckets=checked["batch_buckets"], page_buckets=checked["page_buckets"],
+                     calibration_runs=checked["calibration_runs"], fused_tokens=checked["fused_tokens"],
                      fused_layers=checked["fused_layers"])
         token_options(checked["seq_len"], checked["fused_tokens"])  # each a halving of the job's seq_len
         FinetuneJob(lora=LoRAConfig(rank=checked["lora_rank"], alpha=2.0 * checked["lora_rank"]),

@@ -50,6 +50,9 @@ class RunResult:
     interrupted: bool = False
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the policy's CoLocationConfig overrides
     finetune_total_steps: int | None = None  # the job's schedule
+    # The job's held-out set before training (the base model) and after the replay: (eval loss, exact match).
+    eval_before: tuple[float, float] | None = None
+    eval_after: tuple[float, float] | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -140,6 +143,10 @@ def summarize(r: RunResult) -> dict[str, Any]:
         "finetune_steps": r.loss_history[-1]["step"] if r.loss_history and "step" in r.loss_history[-1] else None,
         "finetune_total_steps": r.finetune_total_steps,
         "final_loss": r.loss_history[-1]["loss"] if r.loss_history else None,
+        "eval_loss_before": r.eval_before[0] if r.eval_before else None,
+        "eval_loss_after": r.eval_after[0] if r.eval_after else None,
+        "exact_match_before": r.eval_before[1] if r.eval_before else None,
+        "exact_match_after": r.eval_after[1] if r.eval_after else None,
         "reclaims": r.reclaims,
         "abandoned_microbatches": r.abandoned,
         "predictor_mape": r.predictor.get("mape"),
@@ -177,7 +184,8 @@ COLUMNS = [("policy", "policy", "{}"), ("tpot_slo_ms", "TPOT SLO ms", "{:.1f}"),
            ("tbt_p99_ms", "TBT p99 ms", "{:.1f}"), ("ttft_p50_ms", "TTFT p50 ms", "{:.1f}"),
            ("decode_tokens_per_s", "decode tok/s", "{:.0f}"), ("finetune_tokens_per_s", "finetune tok/s", "{:.0f}"),
            ("harvest_ratio", "harvest", "{:.1%}"), ("reclaims", "reclaims", "{}"),
-           ("fused_steps", "fused steps", "{}"), ("predictor_mape", "pred MAPE", "{:.1%}")]
+           ("fused_steps", "fused steps", "{}"), ("predictor_mape", "pred MAPE", "{:.1%}"),
+           ("exact_match_after", "held-out exact", "{:.0%}")]
 
 
 def explain(policies: Sequence[str], role: str) -> str:
@@ -187,7 +195,9 @@ def explain(policies: Sequence[str], role: str) -> str:
                  "SLO; TBT ok: gaps between two tokens within the TBT cap.")
     lines.append("harvest: finetune tokens/s during the replay / the job's tokens/s alone on the same device. "
                  "fused steps: decode steps that carried finetune work in the same program. pred MAPE: of the "
-                 "windows (the stages are under the table).")
+                 "windows (the stages are under the table). held-out exact: the finetune job's held-out samples "
+                 "that greedy decoding with its adapter answers exactly after the replay (the base model: the "
+                 "setup line).")
     return "\n".join(lines)
 
 

@@ -18,9 +18,10 @@ A replay, in order (`main`):
    offline for the peak (static's layers, cobatch's token budget, as FlexLLM's artifact sweeps it: `KNOBS`) is
    first chosen by `sweep` over a prefix of the trace.
 
-Every engine of a replay has the same program shapes: `--batch-buckets` (the decode batch sizes compiled) and,
-for harli and cobatch, `--fused-tokens` and `--fused-layers` (the fused step programs, one per decode bucket per
-fused shape, compiled when the finetune job starts); fewer of them compile faster.
+Every engine of a replay has the same program shapes: `--batch-buckets` and `--page-buckets` (the decode batch
+sizes and pages per sequence compiled) and, for harli and cobatch, `--fused-tokens` and `--fused-layers` (the
+fused step programs, one per decode batch bucket per fused shape, compiled when the finetune job starts); fewer of
+them compile faster. `--calibration-runs` times each program that many times for the latency predictor.
 
 Roles (`--role`): `decode` (the default) is the decode instance of a prefill/decode-disaggregated deployment:
 each request is submitted at its arrival with the K/V of its prompt and the first token sampled by the prefill
@@ -67,7 +68,7 @@ from harli_jax.replay.trace import Trace, load_trace, peak_concurrency
 from harli_jax.runtime.colocator import token_options
 from harli_jax.runtime.config import CacheConfig, EngineConfig
 from harli_jax.runtime.engine import Engine
-from harli_jax.runtime.finetune import FinetuneJob
+from harli_jax.runtime.finetune import FinetuneJob, JobHandle
 from harli_jax.runtime.processing import RequestError
 from harli_jax.runtime.request import (
     FinishedEvent,
@@ -81,9 +82,11 @@ from harli_jax.runtime.request import (
 log = logging.getLogger("harli_jax")
 SOLO_GAPS = 16  # decode-only step gaps the solo step's median is over
 MIXED_CHUNKS = 4  # the most prefill chunks of the mixed step's prompt
-STANDALONE_STEPS = 20  # optimizer steps the standalone throughput is measured over (after 2 warm-up steps)
+STANDALONE_STEPS = 20  # the most optimizer steps the standalone throughput is measured over (after a warm-up step)
+STANDALONE_SECONDS = 10.0  # it stops at the first step past this many seconds, from the third on
 TARGET_ATTAINMENT = 0.99  # the share of requests within the TPOT SLO a swept knob must keep
 PREFILL_MEMORY_SHARE = 0.5  # of the host's available memory, the most the decode role's prompt K/V may take
+EVAL_FRACTION = 0.02  # of the finetune job's data, held out and scored before and after (40 of 2,000 samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +165,7 @@ class Setup:
     standalone: Standalone
     prefill_s: float  # wall seconds of the prefill pass (0 in the colocated role)
     mixed: MixedStep | None  # measured in the colocated role
+    base_eval: tuple[float, float] | None  # the job's held-out set on the base model: (eval loss, exact match)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,10 +235,11 @@ def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | No
     run."""
     limits = {} if slo is None else {"tpot_slo_ms": slo.tpot_s * 1e3, "tbt_slo_ms": slo.tbt_s * 1e3,
                                      "prefill_interval": slo.prefill_interval}
-    shapes = {name: options[name] for name in ("fused_tokens", "fused_layers", "batch_buckets")
+    shapes = {name: options[name] for name in ("fused_tokens", "fused_layers", "batch_buckets", "page_buckets")
               if options.get(name)}
     return EngineConfig(**{"max_batch": options["max_batch"], "max_seq_len": options["max_seq_len"],
                            "prefill_chunk": options["prefill_chunk"], "slo_margin": options["slo_margin"],
+                           "calibration_runs": options["calibration_runs"],
                            "policy": policy, "tensor_parallel": options["tp"],
                            "calibration_dir": str(out / "calibration"),
                            "compile_cache_dir": options.get("compilation_cache"), **shapes, **limits,
@@ -243,12 +248,13 @@ def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | No
 
 def finetune_job(options: dict[str, Any], name: str, total_steps: int, checkpoint_dir: Path | None) -> FinetuneJob:
     """The replay's finetune job: `total_steps` optimizer steps, a tenth of them (at most 10) of warmup, then
-    cosine decay; no evaluation; a checkpoint only at the end (when `checkpoint_dir`)."""
+    cosine decay; `EVAL_FRACTION` of its data held out, evaluated only when asked (`evaluate`); a checkpoint only
+    at the end (when `checkpoint_dir`)."""
     rank = options["lora_rank"]
     return FinetuneJob(dataset=options["dataset"], lora=LoRAConfig(rank=rank, alpha=2.0 * rank),
                        micro_batch_rows=options["micro_batch_rows"], seq_len=options["seq_len"],
                        total_steps=total_steps, warmup_steps=max(1, min(10, total_steps // 10)), eval_interval=0,
-                       eval_fraction=0.0, seed=options["seed"],
+                       eval_fraction=EVAL_FRACTION, seed=options["seed"],
                        checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
                        checkpoint_interval=total_steps, name=name)
 
@@ -423,13 +429,17 @@ def measure_slo_base(engine: Engine, trace: Trace, seed: int, role: str) -> tupl
     return solo, measure_mixed_step(engine, peak, kv, seed) if role == "colocated" else None
 
 
-def measure_standalone(engine: Engine, job: FinetuneJob, steps: int = STANDALONE_STEPS) -> Standalone:
-    """The job alone on `engine` (nothing served: each micro-batch runs as one program): trained tokens and
-    optimizer steps per second over `steps` steps, after two warm-up steps."""
-    handle = engine.finetune(job)
-    handle.wait(max_steps=2)
+def measure_standalone(handle: JobHandle, steps: int = STANDALONE_STEPS,
+                       seconds: float = STANDALONE_SECONDS) -> Standalone:
+    """The job of `handle` alone on its engine (nothing served: each micro-batch runs as one program): trained
+    tokens and optimizer steps per second after a warm-up step, over at least 3 steps and `seconds`, at most
+    `steps`; the job is stopped at the end."""
+    handle.wait(max_steps=1)
     started, tokens, step = time.perf_counter(), handle.progress().tokens, handle.progress().step
-    handle.wait(max_steps=steps)
+    for measured in range(1, steps + 1):
+        handle.wait(max_steps=1)
+        if measured >= 3 and time.perf_counter() - started >= seconds:
+            break
     seconds = time.perf_counter() - started
     done = handle.progress()
     handle.stop()
@@ -470,12 +480,23 @@ def prepare(model: LoadedModel, trace: Trace, options: dict[str, Any], out: Path
               file=sys.stderr)
         requests = [dataclasses.replace(r, prefilled_kv=prefilled.get(r.request_id)) for r in requests]
     print("[setup] measuring the standalone finetune throughput...", file=sys.stderr)
-    probe = finetune_job(options, "standalone", STANDALONE_STEPS + 4, None)
-    standalone = measure_standalone(engine, probe)
+    handle = engine.finetune(finetune_job(options, "standalone", STANDALONE_STEPS + 2, None))
+    base_eval = held_out_score(handle)
+    if base_eval is not None:
+        print(f"[setup] the finetune job's held-out samples on the base model: eval loss {base_eval[0]:.3f}, "
+              f"{base_eval[1]:.0%} answered exactly", file=sys.stderr)
+    standalone = measure_standalone(handle)
     print(f"[setup] standalone finetune: {standalone.tokens_per_s:,.0f} trained tokens/s", file=sys.stderr)
-    del engine, probe
+    del engine, handle
     gc.collect()  # the first engine's arena, before the next engine takes the device's memory
-    return Setup(model, trace, requests, prefilled, options, solo, standalone, prefill_s, mixed)
+    return Setup(model, trace, requests, prefilled, options, solo, standalone, prefill_s, mixed, base_eval)
+
+
+def held_out_score(handle: JobHandle) -> tuple[float, float] | None:
+    """The job's held-out set now: (eval loss, the share of its samples greedy decoding answers exactly); None
+    without one."""
+    loss = handle.evaluate()
+    return None if loss is None else (loss, handle.progress().eval_exact_match)
 
 
 # Serving -------------------------------------------------------------------------------------------------------
@@ -490,14 +511,14 @@ def _detail(decode_tokens: list[int], handle) -> str:
 
 def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict[str, Any] | None = None,
                requests: Sequence[Request] | None = None, name: str | None = None, checkpoint: bool = True,
-               profile: Path | None = None, export_adapter: Path | None = None) -> RunResult:
+               profile: Path | None = None, export_adapter: Path | None = None, score: bool = True) -> RunResult:
     """One policy's replay on a fresh engine held to `slo`, with a fresh finetune job of `finetune_steps` steps:
     `requests` (all of the setup's by default) served in real time by `Engine.serve` (each submitted at its
     arrival, with its prompt's K/V in the decode role; one the engine refuses comes back as a rejected output;
     between arrivals with nothing to serve the engine trains); `settings` are CoLocationConfig overrides;
     `name` (default the policy) names the job and its checkpoint directory in `out`; `export_adapter`, where its
-    trained adapter goes. Ctrl-C ends the serve: the
-    result is marked interrupted."""
+    trained adapter goes; with `score`, the job's held-out set is scored at the end (`held_out_score`). Ctrl-C
+    ends the serve: the result is marked interrupted."""
     name = name or policy
     settings = dict(settings or {})
     requests = setup.requests if requests is None else requests
@@ -528,6 +549,10 @@ def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict
     progress.update(len(outputs), detail, force=True)
     progress.close()
     handle.stop()  # a final checkpoint
+    after = held_out_score(handle) if score else None
+    if after is not None:
+        print(f"[{name}] held-out samples: eval loss {after[0]:.3f}, {after[1]:.0%} answered exactly",
+              file=sys.stderr)
     if export_adapter is not None:
         handle.export_peft(export_adapter)
         print(f"[{name}] adapter written to {export_adapter}", file=sys.stderr)
@@ -541,7 +566,7 @@ def run_policy(setup: Setup, policy: str, slo: Slo, out: Path, *, settings: dict
                        standalone_tokens_per_s=setup.standalone.tokens_per_s,
                        predictor=engine.predictor.error_report(), reclaims=engine.arena.table.reclaims,
                        abandoned=done.abandoned_microbatches, interrupted=interrupted, settings=settings,
-                       finetune_total_steps=total_steps)
+                       finetune_total_steps=total_steps, eval_before=setup.base_eval, eval_after=after)
     del engine, handle
     gc.collect()  # this engine's arena, before the next engine takes the device's memory
     return result
@@ -568,7 +593,7 @@ def sweep(setup: Setup, policy: str, knob: Knob, slo: Slo, out: Path, requests: 
     for value in knob.candidates:
         label = f"{policy}[{knob.field}={value}]"
         result = run_policy(setup, policy, slo, out, settings={knob.field: value}, requests=prefix, name=label,
-                            checkpoint=False)
+                            checkpoint=False, score=False)
         if result.interrupted:
             raise KeyboardInterrupt
         share = attainment[value] = summarize(result)["slo_attainment"]

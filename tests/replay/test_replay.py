@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from conftest import REPO
 from harli_jax.errors import ConfigError, HarliError
 from harli_jax.replay import run as replay
 from harli_jax.replay.options import build_parser, resolve_options
@@ -35,7 +36,8 @@ def inputs(tmp_path_factory):
     long = TraceRequest(trace.duration + 0.05, 150, 30)  # 180 tokens > the 128-token context
     path = write_trace(Trace((*trace.requests, long)), root / "trace.csv")
     config = root / "replay.yaml"
-    config.write_text("max_batch: 4\nmax_seq_len: 128\nmicro_batch_rows: 2\nseq_len: 32\ntpot_slo: 100x\n"
+    config.write_text(f"model: {REPO / 'configs' / 'models' / 'tiny.yaml'}\n"
+                      "max_batch: 4\nmax_seq_len: 128\nmicro_batch_rows: 2\nseq_len: 32\ntpot_slo: 100x\n"
                       "sweep_requests: 4\nfused_tokens: 8\nfused_layers: 1\nbatch_buckets: 4\nslo_margin: 0.5\n")
     return root, path, config
 
@@ -81,6 +83,11 @@ def test_default_replay_compares_harli_with_decode_only_in_the_decode_role(decod
                  "harvest: finetune tokens/s during the replay"):
         assert line in stdout, line
     assert "prefill: prompts 12/12" in stderr
+    # The job's held-out samples, scored on the base model once and after each policy's replay.
+    assert "the finetune job's held-out samples on the base model" in stderr and "held-out exact" in stdout
+    for s in report["summary"]:
+        assert 0 <= s["exact_match_before"] <= 1 and 0 <= s["exact_match_after"] <= 1
+        assert s["eval_loss_after"] > 0 and s["eval_loss_before"] == report["summary"][0]["eval_loss_before"]
     harli, decode_only = report["summary"]
     assert decode_only["fused_steps"] == 0 and decode_only["fused_by_kind"] == {}
     assert harli["fused_steps"] == sum(harli["fused_by_kind"].values())
@@ -304,15 +311,15 @@ def _result(policy, tpots, slo=0.01):
 def test_the_sweep_takes_the_largest_value_that_keeps_the_slo(monkeypatch, tmp_path, misses_from, chosen, tried):
     ran = []
 
-    def fake_run(setup, policy, slo, out, *, settings, requests, name, checkpoint):
+    def fake_run(setup, policy, slo, out, *, settings, requests, name, checkpoint, score):
         (value,) = settings.values()
-        ran.append((value, len(requests), checkpoint))
+        ran.append((value, len(requests), checkpoint or score))
         return _result(policy, [0.02 if value >= misses_from else 0.005] * len(requests))
 
     monkeypatch.setattr(replay, "run_policy", fake_run)
     setup = replay.Setup(model=None, trace=Trace(()), requests=[Request([1], request_id=f"r{i}") for i in range(10)],
                          prefilled={}, options={}, solo=None, standalone=None, prefill_s=0.0,
-                         mixed=None)
+                         mixed=None, base_eval=None)
     knob = replay.Knob("static_layers", (1, 2, 3, 4), fallback=0)
     result = replay.sweep(setup, "static", knob, slo=None, out=tmp_path, requests=6)
     assert result.chosen == chosen and list(result.attainment) == tried

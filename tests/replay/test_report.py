@@ -61,7 +61,7 @@ def _run(**kw):
                               {"step": 2, "loss": 1.75, "time_s": 2.0, "tokens": 1000, "grad_norm": 0.25}],
                 standalone_tokens_per_s=400.0,
                 predictor={"windows": 3, "mape": 0.125, "under_prediction_rate": 0.5, "stages": STAGES},
-                reclaims=2, abandoned=1)
+                reclaims=2, abandoned=1, eval_before=(0.5, 0.0), eval_after=(0.25, 0.875))
     return RunResult(**{**base, **kw})
 
 
@@ -173,17 +173,20 @@ def test_fused_steps_by_kind_and_the_predictor_per_stage():
 def test_format_table_has_units_and_the_slo_and_a_dash_for_missing_values():
     full = summarize(_run())
     bare = summarize(_run(policy="static", outputs=[OUTPUTS[3]], standalone_tokens_per_s=None,
-                          predictor={"mape": float("nan")}))
+                          predictor={"mape": float("nan")}, eval_after=None))
     lines = format_table([full, bare]).splitlines()
     assert lines[0].split("  ") == [
         "policy", "TPOT SLO ms", "TPOT ok", "TPOT p99 ms", "TBT cap ms", "TBT ok", "TBT p99 ms", "TTFT p50 ms",
-        "decode tok/s", "finetune tok/s", "harvest", "reclaims", "fused steps", "pred MAPE"]
+        "decode tok/s", "finetune tok/s", "harvest", "reclaims", "fused steps", "pred MAPE", "held-out exact"]
     assert set(lines[1].replace(" ", "")) == {"-"}
     assert lines[2].split() == ["harli", "125.0", "75.0%", "155.6", "250.0", "100.0%", "243.8", "375.0", "2", "200",
-                                "50.0%", "2", "1", "12.5%"]
-    assert lines[3].split() == ["static", "125.0", "-", "-", "250.0", "-", "-", "-", "0", "200", "-", "2", "1", "-"]
+                                "50.0%", "2", "1", "12.5%", "88%"]
+    assert lines[3].split() == ["static", "125.0", "-", "-", "250.0", "-", "-", "-", "0", "200", "-", "2", "1", "-",
+                                "-"]
     assert len({len(line) for line in lines}) == 1  # columns aligned, to the right
-    assert lines[2].endswith("  12.5%") and lines[3].endswith(" -")
+    assert lines[2].endswith("  88%") and lines[3].endswith(" -")
+    assert (full["exact_match_before"], full["exact_match_after"], full["eval_loss_after"]) == (0.0, 0.875, 0.25)
+    assert bare["exact_match_after"] is None and bare["eval_loss_before"] == 0.5
 
 
 def test_explain_names_each_policy_the_role_and_harvest():

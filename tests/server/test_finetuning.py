@@ -191,9 +191,12 @@ def test_a_restart_resumes_the_running_job_and_serves_the_finished_one(client, f
     before = client.chat.completions.create(model=job.fine_tuned_model, messages=MESSAGES, **GREEDY)
     running = client.fine_tuning.jobs.create(model=NAME, training_file=upload.id, hyperparameters={"n_epochs": 500})
     _wait(client, running.id, ("running",))
-    kept = _newest_checkpoints(client, running.id, past_step=8)  # 4 or more made, every 2 steps: the first retired
+    # 4 or more made, every 2 steps: the first retired. The job keeps training: the checkpoints are read again
+    # after the models, until no checkpoint came between the two reads.
+    served, kept = set(), None
+    while kept != (kept := _newest_checkpoints(client, running.id, past_step=8)):
+        served = {m.id for m in client.models.list().data}
     assert [c.step_number for c in kept] == [kept[0].step_number - 2 * i for i in range(3)]  # the newest 3
-    served = {m.id for m in client.models.list().data}
     assert {c.fine_tuned_model_checkpoint for c in kept} <= served
     assert f"ft:{NAME}::{running.id}:ckpt-step-2" not in served
     process, _, errors = server
