@@ -21,6 +21,9 @@ from harli_jax.replay.trace import synthesize, write_trace
 from harli_jax.runtime import distributed
 from harli_jax.runtime.config import ParallelConfig, RunnerConfig
 
+CACHE_HELP = ("JAX's persistent compilation cache directory, or 'off' (default ~/.cache/harli_jax/xla: a second "
+              "run starts without compiling)")
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(gen, "--dtype", RunnerConfig, "dtype", choices=DTYPES)
     add_option(gen, "--seed", SamplingParams, "seed", type=int)
     add_option(gen, "--tp", ParallelConfig, "tensor_parallel", type=_positive_int)
+    gen.add_argument("--compilation-cache", metavar="DIR|off", help=CACHE_HELP)
     distributed.add_options(gen)
     gen.set_defaults(run=_generate)
 
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(ft, "--dtype", RunnerConfig, "dtype", choices=DTYPES)
     add_option(ft, "--seed", FinetuneJob, "seed", type=int)
     add_option(ft, "--tp", ParallelConfig, "tensor_parallel", type=_positive_int)
+    ft.add_argument("--compilation-cache", metavar="DIR|off", help=CACHE_HELP)
     ft.set_defaults(run=_finetune)
 
     trace = commands.add_parser("trace", help="inference traces").add_subparsers(dest="trace_command",
@@ -121,7 +126,8 @@ def _finetune(args: argparse.Namespace) -> None:
     job = dataclasses.replace(job, eval_interval=max(job.total_steps // 4, 1))
     model = load_model(args.model, seed=job.seed, **given(args, RunnerConfig), **given(args, ParallelConfig))
     engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=job.seq_len, num_pages=2,
-                                        **given(args, ParallelConfig)), warmup=False)
+                                        compile_cache_dir=args.compilation_cache, **given(args, ParallelConfig)),
+                    warmup=False)
     handle = engine.finetune(job)
     start = handle.progress()
     if handle.done():
@@ -174,7 +180,8 @@ def _generate(args: argparse.Namespace) -> None:
     config = EngineConfig(max_batch=1, max_seq_len=len(prompt_ids) + sampling.max_tokens,
                           prefill_chunk=max(1, min(len(prompt_ids), 512)), max_loras=int(adapter is not None),
                           max_lora_rank=adapter.rank if adapter else 1,
-                          lora_targets=adapter.targets if adapter else PROJECTIONS, **given(args, ParallelConfig))
+                          lora_targets=adapter.targets if adapter else PROJECTIONS,
+                          compile_cache_dir=args.compilation_cache, **given(args, ParallelConfig))
     started = time.perf_counter()
     engine = Engine(model, config)
     if engine.peers is not None and not engine.peers.leader:

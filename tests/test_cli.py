@@ -1,10 +1,13 @@
 """The `harli` command."""
 
 import importlib.metadata
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import train_bpe_tokenizer
 from harli_jax.cli import main
@@ -132,3 +135,15 @@ def test_trace_synth_writes_a_loadable_trace(tmp_path):
 def test_generate_refuses_an_empty_prompt_as_the_api_does(tiny_yaml, capsys):
     assert main(["generate", "--model", str(tiny_yaml), "--prompt", ""]) == 2
     assert "the prompt is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hello", "--max-tokens", "2"],
+                                     ["finetune", "--steps", "1", "--rows", "1", "--seq-len", "16"]])
+def test_generate_and_finetune_fill_the_compilation_cache_they_are_given(tiny_yaml, tmp_path, command):
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "true", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cache = tmp_path / "xla"
+    subprocess.run([sys.executable, "-m", "harli_jax.cli", *command, "--model", str(tiny_yaml),
+                    "--compilation-cache", str(cache)], env=env, capture_output=True, text=True, timeout=300,
+                   check=True)
+    assert any(cache.iterdir())
