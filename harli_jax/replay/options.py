@@ -68,7 +68,8 @@ OWN = {
     "out": (None, "report directory; unset: runs/<timestamp>/"),
     "profile": (None, "record a JAX profiler session per policy into this directory"),
     "compilation_cache": (None, "JAX's persistent compilation cache directory, or 'off'; unset: "
-                                "~/.cache/harli_jax/xla (a second run starts without compiling)"),
+                                "~/.cache/harli_jax/xla (a second run starts without compiling; the predictor's "
+                                "calibrations are kept in it too, else in the report directory)"),
     "export_adapter": (None, "write each policy's trained adapter (HF PEFT: harli generate --adapter, "
                              "Engine.add_adapter, peft) into DIR/<policy>"),
 }

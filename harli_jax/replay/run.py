@@ -78,6 +78,7 @@ from harli_jax.runtime.request import (
     SamplingParams,
     TokenEvent,
 )
+from harli_jax.runtime.runner import use_compile_cache
 
 log = logging.getLogger("harli_jax")
 SOLO_GAPS = 16  # decode-only step gaps the solo step's median is over
@@ -231,8 +232,7 @@ def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | No
                   **colocation: Any) -> EngineConfig:
     """The engine of one run: the replay's sizes and program shapes (batch buckets, fused shapes: the same for
     every engine of the replay, the first one included), the policy (with `colocation` overrides) and, with
-    `slo`, its TPOT SLO and TBT cap; the predictor's calibration is cached in the report directory for every
-    run."""
+    `slo`, its TPOT SLO and TBT cap; the predictor's calibration is cached in `calibration_dir`."""
     limits = {} if slo is None else {"tpot_slo_ms": slo.tpot_s * 1e3, "tbt_slo_ms": slo.tbt_s * 1e3,
                                      "prefill_interval": slo.prefill_interval}
     shapes = {name: options[name] for name in ("fused_tokens", "fused_layers", "batch_buckets", "page_buckets")
@@ -241,9 +241,18 @@ def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | No
                            "prefill_chunk": options["prefill_chunk"], "slo_margin": options["slo_margin"],
                            "calibration_runs": options["calibration_runs"],
                            "policy": policy, "tensor_parallel": options["tp"],
-                           "calibration_dir": str(out / "calibration"),
+                           "calibration_dir": str(calibration_dir(options, out)),
                            "compile_cache_dir": options.get("compilation_cache"), **shapes, **limits,
                            **colocation})
+
+
+def calibration_dir(options: dict[str, Any], out: Path) -> Path:
+    """Where the predictor's calibrations are cached (keyed by what they depend on): beside JAX's persistent
+    compilation cache, so that a second replay on this machine neither compiles nor calibrates again; in the report
+    directory when that cache is off."""
+    use_compile_cache(options.get("compilation_cache"))
+    cache = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+    return out / "calibration" if cache is None else Path(cache) / "harli-calibration"
 
 
 def finetune_job(options: dict[str, Any], name: str, total_steps: int, checkpoint_dir: Path | None) -> FinetuneJob:
@@ -585,7 +594,7 @@ def sweep(setup: Setup, policy: str, knob: Knob, slo: Slo, out: Path, requests: 
 
     The candidates differ in that field only, so their engines compile the same programs (the fused step
     programs of cobatch included): every engine after the first loads them from JAX's persistent compilation
-    cache, and the predictor's calibration (keyed by the shapes, not the policy) from the report directory.
+    cache, and the predictor's calibration (keyed by the shapes, not the policy) from `calibration_dir`.
     Ctrl-C stops it (KeyboardInterrupt)."""
     prefix = setup.requests[:requests]
     attainment: dict[int, float | None] = {}

@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -121,6 +122,9 @@ def test_the_report_files_and_the_profile(decode_run):
                  "steps-decode-only.csv", "loss-harli.csv", "loss-decode-only.csv"):
         assert (out / name).stat().st_size > 0, name
     assert report["trace"]["shrunk_to_fit"] == 1 and f"1 of {REQUESTS} requests shrunk" in stderr
+    # The predictor's calibrations are kept beside the compilation cache (the next replay loads them), not per run.
+    assert not (out / "calibration").exists()
+    assert list((Path(jax.config.jax_compilation_cache_dir) / "harli-calibration").glob("predictor-*.json"))
     traces = list((profile / "harli").rglob("*.trace.json.gz"))
     assert traces, "no profiler trace written"
     assert b"inference" in gzip.open(traces[0]).read()
