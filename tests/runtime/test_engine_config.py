@@ -98,7 +98,8 @@ def test_the_cli_takes_defaults_and_help_from_the_fields():
 def test_replay_defaults_come_from_the_fields_and_the_preset(tmp_path):
     options = replay.resolve_options(replay.build_parser().parse_args([]))
     assert options["lora_rank"] == LoRAConfig().rank
-    assert options["max_batch"] == 8 and options["seq_len"] == 64  # configs/replay/default.yaml
+    assert options["model"] == "smollm2" and options["seq_len"] == 128  # configs/replay/default.yaml
+    assert options["page_buckets"] == (16,) and options["calibration_runs"] == 2
     assert options["policy"] == f"{CoLocationConfig().policy},decode-only"  # and its comparison
     config = tmp_path / "replay.yaml"
     config.write_text("seq_len: 32\n")
