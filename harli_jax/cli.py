@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import harli_jax
 from harli_jax import Engine, EngineConfig, FinetuneJob, LoRAConfig, SamplingParams
 from harli_jax.errors import HarliError
+from harli_jax.lora import extraction
 from harli_jax.lora.adapters import load_peft
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
@@ -20,6 +21,7 @@ from harli_jax.replay.run import main as replay_main
 from harli_jax.replay.trace import synthesize, write_trace
 from harli_jax.runtime import distributed
 from harli_jax.runtime.config import ParallelConfig, RunnerConfig
+from harli_jax.runtime.job import default_schedule
 
 CACHE_HELP = ("JAX's persistent compilation cache directory, or 'off' (default ~/.cache/harli_jax/xla: a second "
               "run starts without compiling)")
@@ -66,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     ft = commands.add_parser("finetune", help="train a LoRA adapter",
-                             description="Trains a LoRA adapter on a JSONL dataset (or the embedded default task) "
-                                         "and exports it in the HF PEFT format.")
+                             description="Trains a LoRA adapter on a JSONL dataset and exports it in the HF PEFT "
+                                         "format. Without --dataset it trains a generated task: on a model with a "
+                                         "chat template (e.g. --model smollm2) extracting fields from a sentence "
+                                         f"as JSON, at that task's schedule ({_schedule_text()}) unless a flag "
+                                         "sets it; else upper-casing words.")
     ft.add_argument("--model", required=True, metavar="MODEL", help="HF checkpoint directory, GGUF file or model YAML")
     add_option(ft, "--dataset", FinetuneJob, "dataset")
     add_option(ft, "--steps", FinetuneJob, "total_steps", type=_positive_int)
@@ -109,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _schedule_text() -> str:
+    flags = {"learning_rate": "--lr", "total_steps": "--steps"}
+    return ", ".join(f"{flags[k]} {v:g}" for k, v in extraction.SCHEDULE.items())
+
+
 def _trace_synth(args: argparse.Namespace) -> None:
     made = synthesize(args.kind, num_requests=args.requests, rate=args.rate, seed=args.seed, cv=args.cv,
                       burst_rate=args.burst_rate, period=args.period, prompt_mean=args.prompt_mean,
@@ -122,9 +132,13 @@ def _trace_synth(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    job = FinetuneJob(lora=LoRAConfig(**given(args, LoRAConfig)), **given(args, FinetuneJob))
-    job = dataclasses.replace(job, eval_interval=max(job.total_steps // 4, 1))
+    options = given(args, FinetuneJob)
+    job = FinetuneJob(lora=LoRAConfig(**given(args, LoRAConfig)), **options)
     model = load_model(args.model, seed=job.seed, **given(args, RunnerConfig), **given(args, ParallelConfig))
+    if job.dataset is None:  # the default task, at its schedule where no flag says otherwise
+        schedule = {k: v for k, v in default_schedule(model.tokenizer).items() if k not in options}
+        job = dataclasses.replace(job, **schedule)
+    job = dataclasses.replace(job, eval_interval=max(job.total_steps // 4, 1))
     engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=job.seq_len, num_pages=2,
                                         compile_cache_dir=args.compilation_cache, **given(args, ParallelConfig)),
                     warmup=False)

@@ -94,6 +94,40 @@ def test_finetune_exports_a_peft_adapter(tiny_yaml, tmp_path, capsys):
         assert np.abs(np.asarray(exported[target].b)).max() > 1e-4, target
 
 
+@pytest.mark.parametrize("flags, chat, want", [
+    ([], True, {"learning_rate": 1e-3, "total_steps": 30, "eval_interval": 7}),  # the extraction task's schedule
+    (["--lr", "2e-3"], True, {"learning_rate": 2e-3, "total_steps": 30}),  # a flag wins
+    ([], False, {"learning_rate": 3e-3, "total_steps": 200, "eval_interval": 50}),  # upper-casing: FinetuneJob's
+    (["--dataset", "DATA"], True, {"learning_rate": 3e-3, "total_steps": 200}),  # the user's data: FinetuneJob's
+])
+def test_finetune_trains_the_default_task_at_its_schedule(tiny_yaml, tmp_path, monkeypatch, flags, chat, want):
+    from harli_jax import cli
+    from harli_jax.runtime.engine import Engine
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    flags = [str(data) if f == "DATA" else f for f in flags]
+
+    def load_model(*args, **kwargs):  # the tiny model, with a chat template where `chat`
+        model = real_load(*args, **kwargs)
+        model.tokenizer.chat_template = object() if chat else None
+        return model
+
+    class Registered(Exception):
+        pass
+
+    def finetune(self, job):
+        raise Registered(job)
+
+    real_load = cli.load_model
+    monkeypatch.setattr(cli, "load_model", load_model)
+    monkeypatch.setattr(Engine, "finetune", finetune)
+    with pytest.raises(Registered) as registered:
+        main(["finetune", "--model", str(tiny_yaml), *flags])
+    job = registered.value.args[0]
+    assert {k: getattr(job, k) for k in want} == want
+
+
 def test_generate_with_an_adapter_gives_the_engines_tokens_with_it(tiny_yaml, tmp_path, capsys):
     import jax
 

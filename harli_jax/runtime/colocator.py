@@ -117,7 +117,7 @@ class CoLocator:
             self.sizes = Sizes(self.chunks, fused_layers=layers, fused_windows=windows)
         job.micro.token_chunks = job.micro.token_mode = c.policy == "cobatch"
         self.policy = self._make_policy()
-        job.warmup(self._calibration_sequences() if self.trains_while_serving else ())
+        job.warmup(self._warmup_sequences() if self.trains_while_serving else ())
         if self.fuses:
             shapes = [(phase, n) for phase in ("tokens", "forward", "backward") for n in self.sizes.fused_of(phase)]
             self.runner.prepare_fused({shape: job.micro.fused_examples(*shape) for shape in shapes})
@@ -125,6 +125,25 @@ class CoLocator:
                 self._calibrate_fused(page, runs=0)
         if c.tpot_slo_ms:
             self.calibrate()
+
+    def _warmup_sequences(self) -> list[tuple[bool, list[int]]]:
+        """(token mode, micro-step sizes) of a few timing micro-batches that together run every micro-step program
+        the policy may once (a program is a phase's chunk size: its start is data), each step the largest size not
+        yet run that fits, else the largest that fits: for 30 layers, 3 micro-batches of 1 to 5 steps a phase."""
+        sizes, token_mode, layers = self.sizes, self.job.micro.token_mode, self.cfg.num_layers
+        first = ("tokens", self.job.job.seq_len) if token_mode else ("forward", layers)
+        missing = {(first[0], n) for n in sizes.of(first[0])} | {("backward", n) for n in sizes.layers}
+        out = []
+        while missing:
+            phase, sequence = first, []
+            while phase is not None:
+                fits = [n for n in sizes.of(phase[0]) if n <= phase[1]]
+                n = max([n for n in fits if (phase[0], n) in missing] or fits)
+                missing.discard((phase[0], n))
+                sequence.append(n)
+                phase = advance(phase, n, layers)[1]
+            out.append((token_mode, sequence))
+        return out
 
     def _calibration_sequences(self) -> list[tuple[bool, list[int]]]:
         """(token mode, micro-step sizes) of timing micro-batches that together run every micro-step program the
@@ -364,7 +383,7 @@ class CoLocator:
                                                         seconds)
         job = self.job
         if job is not None and job.micro.current is None and self.trains_while_serving:
-            for token_mode, sequence in self._calibration_sequences():  # `register` ran each once (compiled)
+            for token_mode, sequence in self._calibration_sequences():  # `register` compiled each size
                 for _ in range(runs):
                     if not job.micro.start(calibration=True, token_mode=token_mode):
                         break

@@ -49,6 +49,12 @@ def default_records(tokenizer: Tokenizer, seed: int) -> list[dict]:
     return data_lib.default_dataset(seed=seed)
 
 
+def default_schedule(tokenizer: Tokenizer | None) -> dict[str, Any]:
+    """The FinetuneJob fields that the default task of a model with this tokenizer (`default_records`) trains
+    well with, where they differ from FinetuneJob's own defaults (which suit the upper-casing task)."""
+    return dict(extraction.SCHEDULE) if tokenizer is not None and tokenizer.chat_template is not None else {}
+
+
 class FinetuneRunner:
     """A job's training state over the engine's weights: data, adapter and optimizer state, counters, history,
     evaluation, checkpoints, and the single-program path; its micro-step path is `micro`."""
