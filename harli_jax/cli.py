@@ -20,11 +20,8 @@ from harli_jax.options import add_option, default_of, given
 from harli_jax.replay.run import main as replay_main
 from harli_jax.replay.trace import synthesize, write_trace
 from harli_jax.runtime import distributed
-from harli_jax.runtime.config import ParallelConfig, RunnerConfig
+from harli_jax.runtime.config import COMPILE_CACHE_HELP, ParallelConfig, RunnerConfig
 from harli_jax.runtime.job import default_schedule
-
-CACHE_HELP = ("JAX's persistent compilation cache directory, or 'off' (default ~/.cache/harli_jax/xla: a second "
-              "run starts without compiling)")
 
 
 def _positive_int(text: str) -> int:
@@ -63,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(gen, "--dtype", RunnerConfig, "dtype", choices=DTYPES)
     add_option(gen, "--seed", SamplingParams, "seed", type=int)
     add_option(gen, "--tp", ParallelConfig, "tensor_parallel", type=_positive_int)
-    gen.add_argument("--compilation-cache", metavar="DIR|off", help=CACHE_HELP)
+    gen.add_argument("--compilation-cache", metavar="DIR|off", help=COMPILE_CACHE_HELP)
     distributed.add_options(gen)
     gen.set_defaults(run=_generate)
 
@@ -90,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(ft, "--dtype", RunnerConfig, "dtype", choices=DTYPES)
     add_option(ft, "--seed", FinetuneJob, "seed", type=int)
     add_option(ft, "--tp", ParallelConfig, "tensor_parallel", type=_positive_int)
-    ft.add_argument("--compilation-cache", metavar="DIR|off", help=CACHE_HELP)
+    ft.add_argument("--compilation-cache", metavar="DIR|off", help=COMPILE_CACHE_HELP)
     ft.set_defaults(run=_finetune)
 
     trace = commands.add_parser("trace", help="inference traces").add_subparsers(dest="trace_command",

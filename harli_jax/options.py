@@ -33,12 +33,14 @@ def help_of(cls: type, name: str, default: Any = dataclasses.MISSING) -> str:
     return f"{text} (default {','.join(map(str, default)) if isinstance(default, tuple) else default})"
 
 
-def add_option(parser: argparse.ArgumentParser, flag: str, cls: type, name: str, **kwargs) -> None:
-    """`--flag` for `cls.name`: its help and default come from the field; the parsed value is None unless given,
-    so that the dataclass's own default applies (see `given`)."""
+def add_option(parser: argparse.ArgumentParser, flag: str, cls: type, name: str,
+               shown_default: Any = dataclasses.MISSING, **kwargs) -> None:
+    """`--flag` for `cls.name`: its help and default come from the field (or the command's own default,
+    `shown_default`); the parsed value is None unless given, so that the layers below it apply (see `given`)."""
     if "action" not in kwargs and "choices" not in kwargs:
         kwargs.setdefault("metavar", name.upper())
-    parser.add_argument(flag, dest=f"{cls.__name__}.{name}", default=None, help=help_of(cls, name), **kwargs)
+    kwargs.setdefault("help", help_of(cls, name, shown_default))
+    parser.add_argument(flag, dest=f"{cls.__name__}.{name}", default=None, **kwargs)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from harli_jax.options import field_of, help_of
 from harli_jax.runtime.colocation import POLICIES
 from harli_jax.runtime.colocator import token_options
 from harli_jax.runtime.config import (
+    COMPILE_CACHE_HELP,
     CacheConfig,
     CoLocationConfig,
     EngineConfig,
@@ -67,9 +68,8 @@ OWN = {
                            "comparison; 0: no sweep, the knob's default"),
     "out": (None, "report directory; unset: runs/<timestamp>/"),
     "profile": (None, "record a JAX profiler session per policy into this directory"),
-    "compilation_cache": (None, "JAX's persistent compilation cache directory, or 'off'; unset: "
-                                "~/.cache/harli_jax/xla (a second run starts without compiling; the predictor's "
-                                "calibrations are kept in it too, else in the report directory)"),
+    "compilation_cache": (None, f"{COMPILE_CACHE_HELP}; the predictor's calibrations are kept in it too, else in "
+                                "the report directory"),
     "export_adapter": (None, "write each policy's trained adapter (HF PEFT: harli generate --adapter, "
                              "Engine.add_adapter, peft) into DIR/<policy>"),
 }

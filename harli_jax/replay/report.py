@@ -185,7 +185,7 @@ COLUMNS = [("policy", "policy", "{}"), ("tpot_slo_ms", "TPOT SLO ms", "{:.1f}"),
            ("decode_tokens_per_s", "decode tok/s", "{:.0f}"), ("finetune_tokens_per_s", "finetune tok/s", "{:.0f}"),
            ("harvest_ratio", "harvest", "{:.1%}"), ("reclaims", "reclaims", "{}"),
            ("fused_steps", "fused steps", "{}"), ("predictor_mape", "pred MAPE", "{:.1%}"),
-           ("exact_match_after", "held-out exact", "{:.0%}")]
+           ("exact_match_before", "exact before", "{:.0%}"), ("exact_match_after", "exact after", "{:.0%}")]
 
 
 def explain(policies: Sequence[str], role: str) -> str:
@@ -195,9 +195,9 @@ def explain(policies: Sequence[str], role: str) -> str:
                  "SLO; TBT ok: gaps between two tokens within the TBT cap.")
     lines.append("harvest: finetune tokens/s during the replay / the job's tokens/s alone on the same device. "
                  "fused steps: decode steps that carried finetune work in the same program. pred MAPE: of the "
-                 "windows (the stages are under the table). held-out exact: the finetune job's held-out samples "
-                 "that greedy decoding with its adapter answers exactly after the replay (the base model: the "
-                 "setup line).")
+                 "windows (the stages are under the table). exact before / after: the finetune job's held-out "
+                 "samples that greedy decoding answers exactly with the base model, and with the job's adapter "
+                 "after the replay.")
     return "\n".join(lines)
 
 

@@ -241,16 +241,15 @@ def engine_config(options: dict[str, Any], policy: str, out: Path, slo: Slo | No
                            "prefill_chunk": options["prefill_chunk"], "slo_margin": options["slo_margin"],
                            "calibration_runs": options["calibration_runs"],
                            "policy": policy, "tensor_parallel": options["tp"],
-                           "calibration_dir": str(calibration_dir(options, out)),
+                           "calibration_dir": str(calibration_dir(out)),
                            "compile_cache_dir": options.get("compilation_cache"), **shapes, **limits,
                            **colocation})
 
 
-def calibration_dir(options: dict[str, Any], out: Path) -> Path:
+def calibration_dir(out: Path) -> Path:
     """Where the predictor's calibrations are cached (keyed by what they depend on): beside JAX's persistent
     compilation cache, so that a second replay on this machine neither compiles nor calibrates again; in the report
-    directory when that cache is off."""
-    use_compile_cache(options.get("compilation_cache"))
+    directory when that cache is off (`prepare` sets it up from the options)."""
     cache = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
     return out / "calibration" if cache is None else Path(cache) / "harli-calibration"
 
@@ -469,7 +468,9 @@ def finetune_steps(setup: Setup, slo: Slo) -> int:
 
 def prepare(model: LoadedModel, trace: Trace, options: dict[str, Any], out: Path) -> Setup:
     """The first engine's work, before any policy runs: the solo step, the decode role's prefill pass and the
-    standalone finetune throughput; the engine is then released."""
+    standalone finetune throughput; the engine is then released. JAX's compilation cache is set up here, once for
+    the replay (`calibration_dir` follows it)."""
+    use_compile_cache(options["compilation_cache"])
     requests = trace.to_requests(model.cfg.vocab_size, seed=options["seed"])
     print("[setup] compiling the step programs...", file=sys.stderr)
     engine = Engine(model, engine_config(options, "decode-only", out))

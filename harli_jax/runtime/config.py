@@ -5,6 +5,7 @@ for models up to configs/models/small.yaml."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,10 @@ class SchedulerConfig:
         return tuple(sorted(buckets))
 
 
+COMPILE_CACHE_HELP = ("JAX's persistent compilation cache directory, or 'off'; unset: ~/.cache/harli_jax/xla, so "
+                      "that a second run compiles nothing (JAX's own directory, where set, wins)")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunnerConfig:
     """The model runner and the engine loop: dtype, attention, compilation, step records."""
@@ -102,9 +107,7 @@ class RunnerConfig:
     dtype: str | None = option(None, "weights and arena dtype; unset: the model's")
     attention_impl: str = option("auto", "paged attention: auto, pallas or reference")
     compile_threads: int = option(0, "parallel compilations at warm-up; 0: one per CPU core")
-    compile_cache_dir: str | None = option(None, "JAX's persistent compilation cache, so a restart reuses the "
-                                                 "programs, or 'off'; unset: ~/.cache/harli_jax/xla; JAX's own "
-                                                 "directory wins")
+    compile_cache_dir: str | None = option(None, COMPILE_CACHE_HELP)
     step_record_limit: int = option(100_000, "newest step records kept (Engine.step_records)")
     max_logprobs: int | None = option(None, "every step also gives each new token's logprob and this many top "
                                             "logprobs (the most a request may ask for); unset: none")
@@ -276,8 +279,9 @@ class EngineConfig:
         raise AttributeError(f"EngineConfig has no attribute {name!r}")
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> EngineConfig:
-        """A YAML mapping of group sections (`scheduler: {max_batch: 8}`) or flat fields (`max_batch: 8`)."""
+    def from_yaml(cls, path: str | Path, defaults: Mapping[str, Any] | None = None, **overrides) -> EngineConfig:
+        """A YAML mapping of group sections (`scheduler: {max_batch: 8}`) or flat fields (`max_batch: 8`), over
+        `defaults` (flat fields) and under `overrides`."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"engine config file not found: {path}")
@@ -299,7 +303,7 @@ class EngineConfig:
             else:
                 raise ConfigError(f"{path}: unknown engine config field {name!r}; known: {sorted(FLAT)} "
                                   f"or the sections {sorted(GROUPS)}")
-        return cls(**{**flat, **overrides})
+        return cls(**{**(defaults or {}), **flat, **overrides})
 
     def resolved_page_buckets(self, model: ModelConfig) -> tuple[int, ...]:
         return self.scheduler.resolved_page_buckets(self.cache.max_pages_per_seq(model))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -27,14 +28,44 @@ from harli_jax.errors import HarliError
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
 from harli_jax.model.loader import NAMED_MODELS
+from harli_jax.options import add_option, given
 from harli_jax.replay.options import parse_slo
 from harli_jax.runtime import distributed
 from harli_jax.runtime.colocation import POLICIES
-from harli_jax.runtime.config import EngineConfig
+from harli_jax.runtime.config import (
+    AdapterConfig,
+    CacheConfig,
+    CoLocationConfig,
+    EngineConfig,
+    ParallelConfig,
+    RunnerConfig,
+    SchedulerConfig,
+)
 from harli_jax.runtime.engine import Engine
 from harli_jax.server.app import ServerMetrics, create_app
 from harli_jax.server.finetuning import FineTuning
 from harli_jax.server.loop import EngineLoop
+
+# The server's defaults where they differ from EngineConfig's: adapters resident for fine-tuned and uploaded
+# LoRAs, and top logprobs up to the OpenAI API's most.
+SERVER_DEFAULTS = {"max_loras": 8, "max_logprobs": 20}
+# The engine flags: (flag, config class, field, argparse keywords); each overrides --engine-config where given.
+ENGINE_FLAGS = [
+    ("--max-batch", SchedulerConfig, "max_batch", dict(type=int)),
+    ("--max-seq-len", CacheConfig, "max_seq_len", dict(type=int)),
+    ("--prefill-chunk", SchedulerConfig, "prefill_chunk", dict(type=int)),
+    ("--queue-timeout", SchedulerConfig, "queue_timeout_s", dict(type=float)),
+    ("--admission", SchedulerConfig, "admission", dict(action=argparse.BooleanOptionalAction)),
+    ("--dtype", RunnerConfig, "dtype", dict(choices=DTYPES)),
+    ("--max-loras", AdapterConfig, "max_loras", dict(type=int)),
+    ("--max-lora-rank", AdapterConfig, "max_lora_rank", dict(type=int)),
+    ("--max-logprobs", RunnerConfig, "max_logprobs", dict(type=int, help="the most top logprobs a request may ask "
+                                                         "for; every step computes them (default 20, the OpenAI "
+                                                         "API's most; 0: logprobs off)")),
+    ("--policy", CoLocationConfig, "policy", dict(choices=POLICIES)),
+    ("--tp", ParallelConfig, "tensor_parallel", dict(type=int)),
+    ("--compilation-cache", RunnerConfig, "compile_cache_dir", dict(metavar="DIR|off")),
+]
 
 
 class _Server(uvicorn.Server):
@@ -60,37 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
-    p.add_argument("--engine-config", help="engine YAML (EngineConfig.from_yaml); the flags below override it")
-    p.add_argument("--max-batch", type=int, help="sequences per step")
-    p.add_argument("--max-seq-len", type=int, help="context length")
-    p.add_argument("--prefill-chunk", type=int, help="prompt tokens per step")
+    p.add_argument("--engine-config", help="engine YAML (EngineConfig.from_yaml); the engine flags below override "
+                                           "its fields where given")
+    for flag, cls, name, kwargs in ENGINE_FLAGS:
+        add_option(p, flag, cls, name, shown_default=SERVER_DEFAULTS.get(name, dataclasses.MISSING), **kwargs)
     p.add_argument("--max-waiting", type=int, help="requests that may wait beyond the batch; more get 429 "
                                                    "(default: no limit)")
-    p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for admission before it gets "
-                                                       "429 (default: it waits)")
-    p.add_argument("--admission", action=argparse.BooleanOptionalAction,
-                   help="admission control: a request joins the batch only when the latency predictor says every "
-                        "running request still meets the TPOT SLO and its KV fits; otherwise it waits (default: "
-                        "on, or what --engine-config says)")
     p.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens of a request that sets none "
                                                                       "(default 16, as the OpenAI API)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests may take to "
                                                                      "finish at shutdown (default 30)")
-    p.add_argument("--dtype", choices=DTYPES, help="weights and activations dtype (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="weights of a YAML model (default 0)")
     p.add_argument("--state-dir", help="fine-tuning: files, jobs and adapters live here and survive a restart "
                                        "(unset: the fine-tuning routes are off)")
-    p.add_argument("--max-loras", type=int, default=8, help="adapters resident at once, mixed freely in a batch "
-                                                             "(default 8; 0: the base model only)")
-    p.add_argument("--max-logprobs", type=int, default=20, help="the most top logprobs a request may ask for; every "
-                                                                "step computes them (default 20, the OpenAI "
-                                                                "API's most; 0: logprobs off)")
-    p.add_argument("--max-lora-rank", type=int, default=16, help="the highest rank a served adapter may have "
-                                                                  "(default 16)")
-    p.add_argument("--tpot-slo", default="4x", help="the time-per-output-token SLO fine-tuning keeps to: '50ms', "
-                                                   "or 'Nx' of the measured solo decode step (default 4x)")
-    p.add_argument("--policy", choices=POLICIES, default="harli", help="co-location policy of fine-tuning jobs "
-                                                                       "(default harli)")
+    p.add_argument("--tpot-slo", help="the time-per-output-token SLO fine-tuning keeps to: '50ms', or 'Nx' of the "
+                                      "measured solo decode step (default: --engine-config's tpot_slo_ms, else 4x)")
     p.add_argument("--finetune-seq-len", type=int, default=128, help="tokens per training row (default 128)")
     p.add_argument("--finetune-rank", type=int, default=8, help="LoRA rank of fine-tuning jobs (default 8)")
     p.add_argument("--checkpoint-steps", type=int, default=25, help="optimizer steps between a job's servable "
@@ -98,55 +113,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=3, help="servable checkpoints kept per job, the newest "
                                                                    "(default 3, as OpenAI keeps); an older one is no "
                                                                    "longer served and its export is deleted")
-    p.add_argument("--tp", type=int, help="tensor parallel: devices the weights, the arena and every step are "
-                                          "split over (default 1)")
-    p.add_argument("--compilation-cache", metavar="DIR|off", help="JAX's persistent compilation cache, so a restart "
-                                                                  "compiles nothing (default ~/.cache/harli_jax/xla)")
     distributed.add_options(p)
     return p
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    flags = {name: getattr(args, name) for name in ("max_batch", "max_seq_len", "prefill_chunk", "dtype",
-                                                    "max_loras", "max_lora_rank", "max_logprobs")
-             if getattr(args, name) is not None}
-    if args.tp is not None:
-        flags["tensor_parallel"] = args.tp
-    if args.compilation_cache is not None:
-        flags["compile_cache_dir"] = args.compilation_cache
-    if args.queue_timeout is not None:
-        flags["queue_timeout_s"] = args.queue_timeout
-    if args.admission is not None:
-        flags["admission"] = args.admission
-    flags["policy"] = args.policy
-    flags["max_logprobs"] = args.max_logprobs or None
+    """EngineConfig's defaults, then the server's (`SERVER_DEFAULTS`), then `--engine-config`, then the engine
+    flags that were given."""
+    flags = {name: value for cls in {cls for _, cls, _, _ in ENGINE_FLAGS} for name, value in given(args, cls).items()}
+    if flags.get("max_logprobs") == 0:
+        flags["max_logprobs"] = None  # logprobs off
     if args.engine_config:
-        return EngineConfig.from_yaml(args.engine_config, **flags)
-    return EngineConfig(**flags)
+        return EngineConfig.from_yaml(args.engine_config, defaults=SERVER_DEFAULTS, **flags)
+    return EngineConfig(**{**SERVER_DEFAULTS, **flags})
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """A HarliError naming the first bad flag, before anything loads."""
+def tpot_slo(args: argparse.Namespace, config: EngineConfig) -> str:
+    """The SLO fine-tuning keeps to: --tpot-slo, else the engine config's, else 4x the solo decode step."""
+    if args.tpot_slo is not None:
+        return args.tpot_slo
+    ms = config.colocation.tpot_slo_ms
+    return "4x" if ms is None else f"{ms:g}ms"
+
+
+def check_args(args: argparse.Namespace, config: EngineConfig) -> None:
+    """A HarliError naming the first bad flag, before anything loads (`config`, which checked its own fields,
+    is what `engine_config` made of --engine-config and the engine flags)."""
     if args.model not in NAMED_MODELS and not Path(args.model).exists():
         raise HarliError(f"--model not found: {args.model}")
-    for name in ("max_batch", "max_seq_len", "prefill_chunk", "default_max_tokens", "max_lora_rank",
-                 "finetune_seq_len", "finetune_rank", "checkpoint_steps", "keep_checkpoints", "tp"):
+    for name in ("default_max_tokens", "finetune_seq_len", "finetune_rank", "checkpoint_steps", "keep_checkpoints"):
         value = getattr(args, name)
-        if value is not None and value <= 0:
+        if value <= 0:
             raise HarliError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("max_waiting", "max_loras", "max_logprobs"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise HarliError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.finetune_rank > args.max_lora_rank:
-        raise HarliError(f"--finetune-rank {args.finetune_rank} exceeds --max-lora-rank {args.max_lora_rank}: the "
-                         f"jobs' adapters could not be served")
-    if args.state_dir is not None and args.max_loras == 0:
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise HarliError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.finetune_rank > config.adapters.max_lora_rank:
+        raise HarliError(f"--finetune-rank {args.finetune_rank} exceeds --max-lora-rank "
+                         f"{config.adapters.max_lora_rank}: the jobs' adapters could not be served")
+    if args.state_dir is not None and config.adapters.max_loras == 0:
         raise HarliError("--state-dir serves fine-tuned adapters: it needs --max-loras >= 1")
-    parse_slo(args.tpot_slo, "tpot-slo")
+    parse_slo(tpot_slo(args, config), "tpot-slo")
     if not 0 <= args.port < 65536:
         raise HarliError(f"--port must be in [0, 65535], got {args.port}")
-    if args.queue_timeout is not None and args.queue_timeout <= 0:
-        raise HarliError(f"--queue-timeout must be positive, got {args.queue_timeout}")
     if args.drain_timeout < 0:
         raise HarliError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
 
@@ -173,11 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        check_args(args)
+        config = engine_config(args)
+        check_args(args, config)
         several = distributed.start(args)  # before JAX computes anything
         if several and args.state_dir is not None:
             raise HarliError("--state-dir: fine-tuning jobs run on a single-process server")
-        config = engine_config(args)
         model = load_model(args.model, dtype=config.runner.dtype, seed=args.seed,
                            tensor_parallel=config.parallel.tensor_parallel)
         name = args.served_model_name or model.cfg.name
@@ -198,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(engine: Engine, args: argparse.Namespace, name: str) -> int:
     """Sets the SLO, starts the engine thread and the HTTP server, and serves until SIGINT/SIGTERM."""
     try:
-        slo = parse_slo(args.tpot_slo, "tpot-slo")
+        slo = parse_slo(tpot_slo(args, engine.config), "tpot-slo")
         solo = engine.time_decode_step(engine.config.scheduler.max_batch) if slo.unit == "x" else 0.0
         engine.set_tpot_slo(slo.seconds(solo) * 1e3)
         fine_tuning = None if args.state_dir is None else FineTuning(
@@ -207,9 +215,10 @@ def _serve(engine: Engine, args: argparse.Namespace, name: str) -> int:
     except HarliError as e:
         print(f"harli serve: error: {e}", file=sys.stderr)
         return 2
-    print(f"harli serve: TPOT SLO {engine.config.colocation.tpot_slo_ms:.1f} ms ({slo}), policy {args.policy}"
+    colocation = engine.config.colocation
+    print(f"harli serve: TPOT SLO {colocation.tpot_slo_ms:.1f} ms ({slo}), policy {colocation.policy}"
           + (f", fine-tuning state in {args.state_dir}" if fine_tuning else ""), file=sys.stderr, flush=True)
-    metrics = ServerMetrics(engine.config.colocation.tpot_slo_ms / 1e3)
+    metrics = ServerMetrics(colocation.tpot_slo_ms / 1e3)
     loop = EngineLoop(engine, args.max_waiting, on_finished=metrics.finished, on_snapshot=metrics.observe,
                       jobs=fine_tuning)
     loop.start()

@@ -177,12 +177,13 @@ def test_format_table_has_units_and_the_slo_and_a_dash_for_missing_values():
     lines = format_table([full, bare]).splitlines()
     assert lines[0].split("  ") == [
         "policy", "TPOT SLO ms", "TPOT ok", "TPOT p99 ms", "TBT cap ms", "TBT ok", "TBT p99 ms", "TTFT p50 ms",
-        "decode tok/s", "finetune tok/s", "harvest", "reclaims", "fused steps", "pred MAPE", "held-out exact"]
+        "decode tok/s", "finetune tok/s", "harvest", "reclaims", "fused steps", "pred MAPE", "exact before",
+        "exact after"]
     assert set(lines[1].replace(" ", "")) == {"-"}
     assert lines[2].split() == ["harli", "125.0", "75.0%", "155.6", "250.0", "100.0%", "243.8", "375.0", "2", "200",
-                                "50.0%", "2", "1", "12.5%", "88%"]
+                                "50.0%", "2", "1", "12.5%", "0%", "88%"]
     assert lines[3].split() == ["static", "125.0", "-", "-", "250.0", "-", "-", "-", "0", "200", "-", "2", "1", "-",
-                                "-"]
+                                "0%", "-"]
     assert len({len(line) for line in lines}) == 1  # columns aligned, to the right
     assert lines[2].endswith("  88%") and lines[3].endswith(" -")
     assert (full["exact_match_before"], full["exact_match_after"], full["eval_loss_after"]) == (0.0, 0.875, 0.25)

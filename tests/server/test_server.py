@@ -333,16 +333,51 @@ def test_a_request_not_admitted_within_the_queue_timeout_gets_429_plain_or_strea
     assert families["harli:requests_refused"].samples[0].value == 2
 
 
-def test_admission_comes_from_the_engine_config_file_unless_a_flag_sets_it(tmp_path, tiny_yaml):
-    from harli_jax.server.main import build_parser, engine_config
+# Each engine flag of `harli serve`: (flag, the field, a value for the file, the flag's text, its parsed value).
+FILE_AND_FLAG = [
+    ("--max-batch", "max_batch", 4, "6", 6), ("--max-seq-len", "max_seq_len", 96, "128", 128),
+    ("--prefill-chunk", "prefill_chunk", 16, "32", 32), ("--queue-timeout", "queue_timeout_s", 2.5, "1", 1.0),
+    ("--admission", "admission", False, None, True), ("--dtype", "dtype", "bfloat16", "float16", "float16"),
+    ("--max-loras", "max_loras", 2, "3", 3), ("--max-lora-rank", "max_lora_rank", 8, "4", 4),
+    ("--max-logprobs", "max_logprobs", 5, "0", None), ("--policy", "policy", "decode-only", "cobatch", "cobatch"),
+    ("--tp", "tensor_parallel", 2, "1", 1), ("--compilation-cache", "compile_cache_dir", "/cache", "off", "off"),
+]
+
+
+@pytest.mark.parametrize("flag, field, in_file, text, parsed", FILE_AND_FLAG, ids=[f[0] for f in FILE_AND_FLAG])
+def test_an_engine_flag_overrides_the_engine_config_file_only_when_given(tmp_path, tiny_yaml, flag, field, in_file,
+                                                                         text, parsed):
+    import yaml
+
+    from harli_jax.runtime.config import GROUPS
+    from harli_jax.server.main import ENGINE_FLAGS, SERVER_DEFAULTS, build_parser, engine_config
+
+    assert {f[0] for f in FILE_AND_FLAG} == {f[0] for f in ENGINE_FLAGS}  # every engine flag is checked here
+    group = {cls: name for name, cls in GROUPS.items()}[{f[0]: f[1] for f in ENGINE_FLAGS}[flag]]
+    path = tmp_path / "engine.yaml"
+    path.write_text(yaml.safe_dump({field: in_file}))
+
+    def value(*flags: str):
+        config = engine_config(build_parser().parse_args(["--model", str(tiny_yaml), *flags]))
+        return getattr(getattr(config, group), field)
+
+    default = SERVER_DEFAULTS.get(field, getattr(getattr(EngineConfig(), group), field))
+    assert value() == default != in_file  # no file, no flag: the server's default
+    assert value("--engine-config", str(path)) == in_file  # the file's value, not the flag's default
+    given = [flag] if text is None else [flag, text]
+    assert value("--engine-config", str(path), *given) == value(*given) == parsed  # the flag, where given
+
+
+def test_the_tpot_slo_comes_from_the_engine_config_file_unless_the_flag_sets_it(tmp_path, tiny_yaml):
+    from harli_jax.server.main import build_parser, engine_config, tpot_slo
 
     path = tmp_path / "engine.yaml"
-    path.write_text("scheduler:\n  admission: false\n")
+    path.write_text("colocation:\n  tpot_slo_ms: 50\n")
 
-    def admission(*flags: str) -> bool:
-        return engine_config(build_parser().parse_args(["--model", str(tiny_yaml), *flags])).scheduler.admission
+    def slo(*flags: str) -> str:
+        args = build_parser().parse_args(["--model", str(tiny_yaml), *flags])
+        return tpot_slo(args, engine_config(args))
 
-    assert admission() is True  # on by default
-    assert admission("--engine-config", str(path)) is False
-    assert admission("--engine-config", str(path), "--admission") is True
-    assert admission("--no-admission") is False
+    assert slo() == "4x"
+    assert slo("--engine-config", str(path)) == "50ms"
+    assert slo("--engine-config", str(path), "--tpot-slo", "3x") == slo("--tpot-slo", "3x") == "3x"
