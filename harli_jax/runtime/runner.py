@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from harli_jax.logs import StatusLine
-from harli_jax.lora.adapters import empty_slots, write_slot
+from harli_jax.lora.adapters import empty_slots, slot_weights, write_slot
 from harli_jax.lora.fused import forward_tokens, forward_window
 from harli_jax.lora.trainer import backward_chunk
 from harli_jax.model.config import ModelConfig
@@ -364,9 +364,12 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Compiles every bucket's program (in parallel threads: XLA compiles without the GIL) and runs it once,
-        and compiles the page copies of every page bucket."""
+        and compiles the page copies of every page bucket and the slot-writing program (so that an adapter's first
+        request compiles nothing)."""
         for pages in self.page_buckets:
             self.page_copy(pages)
+        if self.lora is not None:  # zeros into slot 0, which holds no adapter yet
+            self.lora = write_slot(self.lora, np.int32(0), slot_weights({}, self.lora))
         todo = [b for b in self.buckets if b not in self._programs]
         if not todo:
             return

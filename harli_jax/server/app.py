@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API over an `EngineLoop` (FastAPI): `/v1/completions`, `/v1/chat/completions`
 (each plain or streamed as server-sent events ending with `data: [DONE]`; a request's `model` is the base model or
 one of its adapters), `/v1/models`, `/health`, `/metrics` (Prometheus, vLLM's metric names under a `harli:`
-prefix), and fine-tuning: `/v1/files` and `/v1/fine_tuning/jobs` (harli_jax.server.finetuning).
+prefix, and what an inference gateway routes by under vLLM's own names: `vllm:num_requests_running|waiting`,
+`vllm:kv_cache_usage_perc`, `vllm:lora_requests_info`, `vllm:cache_config_info`), and fine-tuning: `/v1/files`
+and `/v1/fine_tuning/jobs` (harli_jax.server.finetuning).
 
 Errors come back the OpenAI way, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad parameter,
 malformed JSON, a prompt over the context or bad fine-tuning data, 401 for a wrong API key, 404 for an unknown
@@ -40,8 +42,8 @@ class ServerMetrics:
     """The server's Prometheus metrics, in a registry of their own: request histograms and counters from finished
     outputs (`finished`), gauges from the engine thread's snapshots (`observe`)."""
 
-    def __init__(self, tpot_slo_s: float | None = None):
-        self.tpot_slo_s = tpot_slo_s
+    def __init__(self, tpot_slo_s: float | None = None, model_name: str = "", max_loras: int = 0):
+        self.tpot_slo_s, self.max_loras = tpot_slo_s, max_loras
         self.registry = registry = CollectorRegistry()
         self.ttft = Histogram("harli:time_to_first_token_seconds", "Time to first token", registry=registry,
                               buckets=LATENCY_BUCKETS)
@@ -78,6 +80,22 @@ class ServerMetrics:
             "trained_tokens": Gauge("harli:finetune_trained_tokens", "Tokens the finetune job has trained",
                                     registry=registry)}
         self.pages = Gauge("harli:arena_pages", "Arena pages by owner", ["owner"], registry=registry)
+        # What an inference gateway routes replicas by (the Gateway API Inference Extension's endpoint picker),
+        # under vLLM's names and labels.
+        self.gateway = {
+            name: Gauge(metric, text, ["model_name"], registry=registry).labels(model_name)
+            for name, metric, text in (
+                ("running", "vllm:num_requests_running", "Requests in the engine's batch"),
+                ("waiting", "vllm:num_requests_waiting", "Requests waiting for the batch"),
+                ("kv_usage", "vllm:kv_cache_usage_perc", "KV-cache usage: the share of the arena's pages holding "
+                                                         "K/V, 1 meaning all"))}
+        self.lora_info = None if not max_loras else Gauge(
+            "vllm:lora_requests_info", "The LoRA adapters resident (loaded, ready to serve) and those the waiting "
+            "requests ask for (names, comma-separated), and the most resident at once; the value is the time of "
+            "the latest update", ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=registry)
+        self._lora_labels: tuple[str, str, str] | None = None
+        self.cache_info = Gauge("vllm:cache_config_info", "The KV cache: tokens per page (block_size) and pages "
+                                "(num_gpu_blocks)", ["block_size", "num_gpu_blocks"], registry=registry)
         self.observe(Snapshot())
 
     def observe(self, snapshot: Snapshot) -> None:
@@ -85,6 +103,16 @@ class ServerMetrics:
             gauge.set(getattr(snapshot, name))
         for owner in ("kv", "lease", "free"):
             self.pages.labels(owner).set(getattr(snapshot, f"{owner}_pages"))
+        for name, gauge in self.gateway.items():
+            gauge.set(getattr(snapshot, name))
+        if snapshot.page_tokens and not self.cache_info.collect()[0].samples:
+            self.cache_info.labels(str(snapshot.page_tokens), str(snapshot.capacity_pages)).set(1)
+        if self.lora_info is not None:
+            labels = (",".join(snapshot.resident_adapters), ",".join(snapshot.waiting_adapters), str(self.max_loras))
+            if labels != self._lora_labels:  # one series: the latest adapters
+                self.lora_info.clear()
+                self._lora_labels = labels
+            self.lora_info.labels(*labels).set_to_current_time()
         step = snapshot.step
         if step is None:
             return

@@ -2,7 +2,8 @@
 all kept in the state directory so that a restarted server lists them and serves their adapters again.
 
 Layout of `--state-dir`: `files/<file id>.jsonl` and `.json` (the upload and its file object);
-`jobs/<job id>/job.json` (the job, its events and checkpoints), `jobs/<job id>/state/` (the trainer's Orbax
+`jobs/<job id>/job.json` (the job and its servable checkpoints: small, rewritten atomically as it changes),
+`jobs/<job id>/events.jsonl` (its events, one JSON line each, appended), `jobs/<job id>/state/` (the trainer's Orbax
 checkpoints, which a restarted job resumes from), `jobs/<job id>/checkpoints/step-<N>/` and
 `jobs/<job id>/adapter/` (HF PEFT adapters: each checkpoint's, and the final one).
 
@@ -48,12 +49,48 @@ MAX_PROBLEMS = 5  # line problems named in an upload's error
 
 
 def _write_json(path: Path, value: Any) -> None:
-    """Writes `value` as JSON atomically (a crash leaves the old file or the new one, never half of one)."""
+    """Writes `value` as JSON atomically and durably: a crash leaves the old file or the new one, never half of
+    one, and the new one is on disk when this returns."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _sync_dir(path.parent)
+
+
+def _append_line(path: Path, value: Any) -> None:
+    """Appends `value` to a JSON-lines file durably; a crash mid-write leaves at most a torn last line, which
+    `_read_lines` skips."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(value) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_lines(path: Path) -> list[Any]:
+    """The values of a JSON-lines file, oldest first (none if it does not exist; a torn last line skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: skipped a torn line", path)
+    return out
+
+
+def _sync_dir(directory: Path) -> None:
+    """Makes a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _not_found(kind: str, ident: str, param: str) -> ApiError:
@@ -118,7 +155,7 @@ class FileStore:
 
 @dataclasses.dataclass
 class JobRecord:
-    """A fine-tuning job as the API shows it, with its events (oldest first) and checkpoints."""
+    """A fine-tuning job as the API shows it, with its servable checkpoints (its events are in its events file)."""
 
     id: str
     model: str
@@ -135,19 +172,12 @@ class JobRecord:
     finished_at: int | None = None
     trained_tokens: int | None = None
     error: dict[str, Any] | None = None
-    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     checkpoints: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def model_name(self) -> str:
         """`ft:<base>:<suffix>:<job id>`, its `fine_tuned_model` once it succeeds."""
         return f"ft:{self.model}:{self.suffix or ''}:{self.id}"
-
-    def event(self, message: str, kind: str = "message", data: dict[str, Any] | None = None,
-              level: str = "info") -> None:
-        self.events.append({"id": f"ftevent-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job.event",
-                            "created_at": int(time.time()), "level": level, "message": message, "data": data or {},
-                            "type": kind})
 
     def api(self) -> dict[str, Any]:
         hyperparameters = {"n_epochs": self.n_epochs, "batch_size": self.batch_size,
@@ -189,10 +219,17 @@ class FineTuning:
         self.files = FileStore(self.root / "files", engine.tokenizer)
         self._jobs: dict[str, JobRecord] = {}
         self._lock = threading.Lock()  # guards the records
+        self._append_lock = threading.Lock()  # orders the appends to events files and their reads
         self._active: tuple[JobRecord, JobHandle] | None = None  # the registered job (engine thread only)
         self._seen_steps = 0
         for path in sorted((self.root / "jobs").glob("*/job.json")):
-            self._restore(JobRecord(**json.loads(path.read_text())))
+            record = json.loads(path.read_text())
+            events = record.pop("events", None)  # a job.json of an earlier version held its events
+            job = JobRecord(**record)
+            if events and not self._events_file(job).exists():
+                for event in events:
+                    _append_line(self._events_file(job), event)
+            self._restore(job)
 
     def _restore(self, job: JobRecord) -> None:
         """A job of an earlier run: its adapters served again; one that was training resumes (queued)."""
@@ -204,7 +241,7 @@ class FineTuning:
             self._serve_again(job, job.fine_tuned_model, self._dir(job) / "adapter")
         elif job.status in ("running", "validating_files"):
             job.status = "queued"
-            job.event("Queued again after a server restart")
+            self._event(job, "Queued again after a server restart")
             self._save(job)
 
     def _serve(self, name: str, directory: Path) -> None:
@@ -217,14 +254,25 @@ class FineTuning:
             self._serve(name, directory)
         except HarliError as e:
             log.error("%s is not served: %s", name, e)
-            job.event(f"{name} is not served after the restart: {e}", level="error")
-            self._save(job)
+            self._event(job, f"{name} is not served after the restart: {e}", level="error")
 
     def _dir(self, job: JobRecord) -> Path:
         return self.root / "jobs" / job.id
 
+    def _events_file(self, job: JobRecord) -> Path:
+        return self._dir(job) / "events.jsonl"
+
     def _save(self, job: JobRecord) -> None:
         _write_json(self._dir(job) / "job.json", dataclasses.asdict(job))
+
+    def _event(self, job: JobRecord, message: str, kind: str = "message", data: dict[str, Any] | None = None,
+               level: str = "info") -> None:
+        """Appends an event to the job's events file."""
+        with self._append_lock:
+            _append_line(self._events_file(job), {
+                "id": f"ftevent-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job.event",
+                "created_at": int(time.time()), "level": level, "message": message, "data": data or {},
+                "type": kind})
 
     # The HTTP side ------------------------------------------------------------------------------------------
 
@@ -255,12 +303,12 @@ class FineTuning:
                         batch_size=_hyperparameter(body, "batch_size", AUTO_BATCH_SIZE, int, 1),
                         learning_rate_multiplier=_hyperparameter(body, "learning_rate_multiplier", 1.0, float,
                                                                  1e-6))
-        job.event(f"Created fine-tuning job: {job.id}")
-        job.event("Validated the training file" + (" and the validation file" if validation else ""))
         job.status = "queued"
         with self._lock:
-            self._jobs[job.id] = job
             self._save(job)
+            self._event(job, f"Created fine-tuning job: {job.id}")
+            self._event(job, "Validated the training file" + (" and the validation file" if validation else ""))
+            self._jobs[job.id] = job
             return job.api()
 
     def get(self, job_id: str) -> JobRecord:
@@ -283,8 +331,10 @@ class FineTuning:
             return self._find(job_id).api()
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(reversed(self._find(job_id).events))  # newest first, as the API lists them
+        """The job's events, newest first, as the API lists them (read from its events file)."""
+        job = self.get(job_id)
+        with self._append_lock:
+            return list(reversed(_read_lines(self._events_file(job))))
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -324,7 +374,7 @@ class FineTuning:
                 level: str = "info") -> dict[str, Any]:
         with self._lock:
             job.status = status
-            job.event(message, level=level)
+            self._event(job, message, level=level)
             if finished:
                 job.finished_at = int(time.time())
             self._save(job)
@@ -366,9 +416,10 @@ class FineTuning:
             with self._lock:
                 for entry in handle.recent_history(progress.step - self._seen_steps):
                     if self._seen_steps < entry["step"] <= progress.step:
-                        job.event(f"Step {entry['step']}/{progress.total_steps}: training loss={entry['loss']:.4f}",
-                                  "metrics", {"step": entry["step"], "train_loss": entry["loss"],
-                                              "total_steps": progress.total_steps})
+                        self._event(job, f"Step {entry['step']}/{progress.total_steps}: training loss="
+                                         f"{entry['loss']:.4f}", "metrics",
+                                    {"step": entry["step"], "train_loss": entry["loss"],
+                                     "total_steps": progress.total_steps})
                 job.trained_tokens = progress.tokens
                 self._save(job)
             crossed = progress.step // self.checkpoint_steps > self._seen_steps // self.checkpoint_steps
@@ -379,7 +430,7 @@ class FineTuning:
             self._active = None
             if progress.eval_loss is not None:  # the validation file's loss at the end
                 with self._lock:
-                    job.event(f"Step {progress.step}: validation loss={progress.eval_loss:.4f}", "metrics",
+                    self._event(job, f"Step {progress.step}: validation loss={progress.eval_loss:.4f}", "metrics",
                               {"step": progress.step, "valid_loss": progress.eval_loss})
             try:
                 handle.export_peft(self._dir(job) / "adapter", self.base_model)
@@ -413,7 +464,7 @@ class FineTuning:
                                     "created_at": int(time.time()), "fine_tuned_model_checkpoint": name,
                                     "fine_tuning_job_id": job.id, "step_number": step,
                                     "metrics": {"step": step, "train_loss": loss}})
-            job.event(f"Checkpoint at step {step}: {name}")
+            self._event(job, f"Checkpoint at step {step}: {name}")
         self._retire_checkpoints(job)
         with self._lock:
             self._save(job)
@@ -442,6 +493,4 @@ class FineTuning:
         else:
             message, level = (f"Server stopped: the job's state is saved at step {handle.progress().step} and a "
                               f"restarted server resumes it"), "info"
-        with self._lock:
-            job.event(message, level=level)
-            self._save(job)
+        self._event(job, message, level=level)

@@ -49,6 +49,9 @@ class Snapshot:
     capacity_pages: int = 1
     trained_tokens: int = 0
     step: StepRecord | None = None  # the record of a step no earlier snapshot carried
+    resident_adapters: tuple[str, ...] = ()  # the LoRA adapters in resident slots (loaded, ready to serve), sorted
+    waiting_adapters: tuple[str, ...] = ()  # the LoRA adapters of the waiting requests, sorted
+    page_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -226,11 +229,14 @@ class EngineLoop:
             return
         engine = self.engine
         usage = engine.arena.table.usage()
-        job = engine.colocation.job
+        job, slots = engine.colocation.job, engine.scheduler.adapter_slots
         self.on_snapshot(Snapshot(
             running=len(engine.scheduler.running), waiting=len(engine.scheduler.waiting), kv_pages=usage["kv"],
             lease_pages=usage["lease"], free_pages=usage["free"], capacity_pages=engine.arena.table.capacity,
-            trained_tokens=0 if job is None else job.tokens, step=self._new_step()))
+            trained_tokens=0 if job is None else job.tokens, step=self._new_step(),
+            resident_adapters=tuple(sorted(slots.resident())) if slots is not None else (),
+            waiting_adapters=tuple(sorted({r.adapter for r in engine.scheduler.waiting if r.adapter is not None})),
+            page_tokens=engine.arena.layout.page_tokens))
 
     def _new_step(self) -> StepRecord | None:
         """The latest step's record if no snapshot had it yet (a step of training alone adds none)."""
@@ -239,3 +245,4 @@ class EngineLoop:
             return None
         self._published = records[-1].index
         return records[-1]
+

@@ -218,7 +218,7 @@ def _serve(engine: Engine, args: argparse.Namespace, name: str) -> int:
     colocation = engine.config.colocation
     print(f"harli serve: TPOT SLO {colocation.tpot_slo_ms:.1f} ms ({slo}), policy {colocation.policy}"
           + (f", fine-tuning state in {args.state_dir}" if fine_tuning else ""), file=sys.stderr, flush=True)
-    metrics = ServerMetrics(colocation.tpot_slo_ms / 1e3)
+    metrics = ServerMetrics(colocation.tpot_slo_ms / 1e3, name, engine.config.adapters.max_loras)
     loop = EngineLoop(engine, args.max_waiting, on_finished=metrics.finished, on_snapshot=metrics.observe,
                       jobs=fine_tuning)
     loop.start()

@@ -85,7 +85,8 @@ def test_default_replay_compares_harli_with_decode_only_in_the_decode_role(decod
         assert line in stdout, line
     assert "prefill: prompts 12/12" in stderr
     # The job's held-out samples, scored on the base model once and after each policy's replay.
-    assert "the finetune job's held-out samples on the base model" in stderr and "exact before" in stdout and "exact after" in stdout
+    assert "the finetune job's held-out samples on the base model" in stderr
+    assert "exact before" in stdout and "exact after" in stdout
     for s in report["summary"]:
         assert 0 <= s["exact_match_before"] <= 1 and 0 <= s["exact_match_after"] <= 1
         assert s["eval_loss_after"] > 0 and s["eval_loss_before"] == report["summary"][0]["eval_loss_before"]

@@ -221,3 +221,53 @@ def test_a_restart_resumes_the_running_job_and_serves_the_finished_one(client, f
     finally:
         again.send_signal(signal.SIGTERM)
         assert again.wait(timeout=60) == 0
+
+
+def _written_bytes() -> int:
+    """Bytes this process has written (write system calls), from /proc."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+def test_a_job_writes_the_same_bytes_at_every_step_however_long_it_runs(tiny_yaml, tmp_path):
+    # Its record is rewritten at each optimizer step and its events are appended: what a step writes must not grow
+    # with the job's age (a record holding every event made it grow by one event a step).
+    from harli_jax.server.finetuning import FineTuning
+
+    engine = Engine(load_model(tiny_yaml), EngineConfig(max_batch=2, max_seq_len=128, prefill_chunk=32, max_loras=1,
+                                                        compile_threads=2))
+    jobs = FineTuning(tmp_path, engine, NAME, seq_len=64, checkpoint_steps=10_000)
+    upload = jobs.files.upload("train.jsonl", _jsonl(_records(40)), "fine-tune")
+    job = jobs.create({"model": NAME, "training_file": upload["id"],
+                       "hyperparameters": {"n_epochs": 2, "batch_size": 1}})
+    jobs.tick(engine)  # registers it (compiles)
+    written = []
+    for _ in range(40):
+        before = _written_bytes()
+        engine.step()  # nothing to serve: one micro-batch, one optimizer step
+        jobs.tick(engine)  # records the step
+        written.append(_written_bytes() - before)
+    jobs.cancel(job["id"])
+    steps = [e for e in jobs.events(job["id"]) if e["type"] == "metrics"]
+    assert [e["data"]["step"] for e in steps] == list(range(40, 0, -1))  # newest first, every step
+    first, last = written[5:15], written[-10:]  # after the first steps' one-off writes
+    assert max(written[5:]) < 1.5 * min(written[5:]), written
+    assert sum(last) < 1.1 * sum(first), written
+    record = json.loads((tmp_path / "jobs" / job["id"] / "job.json").read_text())
+    assert "events" not in record and record["status"] == "cancelled"
+
+
+def test_events_of_a_job_record_that_held_them_are_kept(tiny_yaml, tmp_path):
+    # A state directory of an earlier version: the events were in job.json; they move to the events file.
+    from harli_jax.server.finetuning import FineTuning
+
+    engine = Engine(load_model(tiny_yaml), EngineConfig(max_batch=2, max_seq_len=128, prefill_chunk=32, max_loras=1))
+    events = [{"id": f"ftevent-{i}", "object": "fine_tuning.job.event", "created_at": i, "level": "info",
+               "message": f"event {i}", "data": {}, "type": "message"} for i in range(3)]
+    old = {"id": "ftjob-old", "model": NAME, "training_file": "file-x", "validation_file": None, "n_epochs": 1,
+           "batch_size": 1, "learning_rate_multiplier": 1.0, "suffix": None, "seed": 0, "created_at": 0,
+           "status": "cancelled", "events": events, "checkpoints": []}
+    (tmp_path / "jobs" / "ftjob-old").mkdir(parents=True)
+    (tmp_path / "jobs" / "ftjob-old" / "job.json").write_text(json.dumps(old))
+    jobs = FineTuning(tmp_path, engine, NAME)
+    assert jobs.events("ftjob-old") == events[::-1] and jobs.retrieve("ftjob-old")["status"] == "cancelled"

@@ -381,3 +381,71 @@ def test_the_tpot_slo_comes_from_the_engine_config_file_unless_the_flag_sets_it(
     assert slo() == "4x"
     assert slo("--engine-config", str(path)) == "50ms"
     assert slo("--engine-config", str(path), "--tpot-slo", "3x") == slo("--tpot-slo", "3x") == "3x"
+
+
+def test_metrics_speak_the_inference_gateways_protocol(tiny_yaml, tmp_path):
+    # What the Gateway API Inference Extension's endpoint picker reads from a replica, under vLLM's names and labels
+    # (GAIE's model server protocol): queue length, KV-cache usage and its size, the resident LoRA adapters and
+    # those the waiting requests ask for.
+    from fastapi.testclient import TestClient
+
+    from harli_jax import LoRAConfig
+    from harli_jax.lora.adapters import export_peft, init_lora
+    from harli_jax.model.params import LoRAPair
+    from harli_jax.server.app import ServerMetrics, create_app
+
+    model = load_model(tiny_yaml)
+    engine = Engine(model, EngineConfig(max_batch=2, max_seq_len=512, prefill_chunk=32, max_loras=2, max_lora_rank=4))
+    lora = LoRAConfig(rank=4, alpha=8, targets=("q_proj",))
+    for i, name in enumerate(("a", "b", "c")):
+        weights = {k: LoRAPair(p.a, 0.1 * jax.random.normal(jax.random.key(i), p.b.shape), p.scale)
+                   for k, p in init_lora(model.cfg, lora).items()}
+        export_peft(weights, lora, model.cfg, tmp_path / name)
+        engine.add_adapter(name, tmp_path / name)
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.01), step())[1]  # 300 tokens take 3 s or more: time to read the metrics
+    metrics = ServerMetrics(model_name=NAME, max_loras=2)
+    loop = EngineLoop(engine, on_finished=metrics.finished, on_snapshot=metrics.observe)
+    loop.start()
+
+    def gateway_metrics(http) -> dict:
+        families = text_string_to_metric_families(http.get("/metrics").text)
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples
+                if s.name.startswith("vllm:")}
+
+    model_label = (("model_name", NAME),)
+    try:
+        with TestClient(create_app(loop, NAME, metrics)) as http:
+            done = []
+            posts = [threading.Thread(target=lambda m=m: done.append(http.post("/v1/completions", json={
+                "model": m, "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True}))) for m in ("a", "b", "c")]
+            for post in posts[:2]:
+                post.start()
+            deadline = time.monotonic() + 60
+            while gateway_metrics(http)[("vllm:num_requests_running", model_label)] < 2:
+                assert time.monotonic() < deadline, "the requests did not start"
+                time.sleep(0.01)
+            posts[2].start()  # the batch is full: it waits
+            while (m := gateway_metrics(http))[("vllm:num_requests_waiting", model_label)] < 1:
+                assert time.monotonic() < deadline, "the third request did not wait"
+                time.sleep(0.01)
+            running = dict(m)
+            for post in posts:
+                post.join(timeout=120)
+            after = gateway_metrics(http)
+    finally:
+        loop.stop()
+    assert [r.status_code for r in done] == [200, 200, 200]
+    assert running[("vllm:num_requests_running", model_label)] == 2
+    assert 0 < running[("vllm:kv_cache_usage_perc", model_label)] < 1
+    [(labels, stamp)] = [(dict(k[1]), v) for k, v in running.items() if k[0] == "vllm:lora_requests_info"]
+    assert labels == {"running_lora_adapters": "a,b", "waiting_lora_adapters": "c", "max_lora": "2"}
+    assert abs(stamp - time.time()) < 60  # the time of its latest update
+    assert after[("vllm:num_requests_running", model_label)] == after[("vllm:num_requests_waiting", model_label)] == 0
+    assert after[("vllm:kv_cache_usage_perc", model_label)] == 0
+    [labels] = [dict(k[1]) for k in after if k[0] == "vllm:lora_requests_info"]  # one series: the latest
+    resident = labels.pop("running_lora_adapters").split(",")  # c took the slot of a or b
+    assert len(resident) == 2 and "c" in resident and set(resident) <= {"a", "b", "c"}
+    assert labels == {"waiting_lora_adapters": "", "max_lora": "2"}
+    assert after[("vllm:cache_config_info", (("block_size", str(engine.arena.layout.page_tokens)),
+                                              ("num_gpu_blocks", str(engine.arena.table.capacity))))] == 1
