@@ -167,6 +167,31 @@ def test_sixteen_concurrent_streams_all_complete(client):
     assert results == {i: ("length", 5) for i in range(16)}
 
 
+SAMPLING = [dict(temperature=0.9, seed=7), dict(temperature=1.0, top_p=0.5, seed=3),
+            dict(temperature=1.0, top_k=5, seed=11), dict(temperature=0.7, top_k=20, top_p=0.9, seed=5),
+            dict(temperature=0.0, stop="STOP"), dict(temperature=0.0, ignore_eos=True, max_tokens=40),
+            dict(temperature=0.8, seed=1, min_tokens=10, max_tokens=12)]
+
+
+@pytest.mark.parametrize("params", SAMPLING, ids=[",".join(p) for p in SAMPLING])
+def test_each_sampling_parameter_over_http_gives_the_engines_output(client, engine, params):
+    params = dict(params)
+    if params.get("stop") == "STOP":  # a stop string the greedy text holds: the text ends before it
+        greedy = engine.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].text
+        params["stop"] = greedy[4:6]
+    params.setdefault("max_tokens", 12)
+    want = engine.generate(PROMPT, SamplingParams(**{**params, "stop": (params["stop"],) if "stop" in params
+                                                      else ()}))[0]
+    body = {k: v for k, v in params.items() if k not in ("top_k", "ignore_eos", "min_tokens")}
+    extra = {k: v for k, v in params.items() if k in ("top_k", "ignore_eos", "min_tokens")}
+    out = client.completions.create(model=NAME, prompt=PROMPT, extra_body=extra, **body)
+    assert out.choices[0].text == want.text
+    assert out.choices[0].finish_reason == want.finish_reason.value and out.usage.completion_tokens == len(
+        want.token_ids)
+    if "stop" in params:
+        assert out.choices[0].finish_reason == "stop" and params["stop"] not in want.text
+
+
 BAD = [
     ({"model": NAME, "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
     ({"model": NAME, "prompt": PROMPT, "temperature": -1}, 400, "temperature must be >= 0"),
@@ -291,6 +316,36 @@ def test_the_waiting_queue_is_bounded(engine):
     finally:
         loop.stop()
     assert all(isinstance(e, FinishedEvent) for e in last) and loop.in_flight() == 0
+
+
+def test_a_drain_lets_the_requests_in_flight_finish_and_ends_the_rest_with_their_event(engine):
+    # What SIGTERM does once the HTTP server has stopped (EngineLoop.stop): a request that finishes within the
+    # drain time finishes; one that cannot is aborted; every stream ends with its FinishedEvent, none lost.
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.01), step())[1]  # at most 100 steps a second: 900 tokens take 9 s
+    loop = EngineLoop(engine)
+    loop.start()
+
+    async def drain():
+        streams = [loop.submit(Request(PROMPT, SamplingParams(max_tokens=n, ignore_eos=True), request_id=f"d{i}"))
+                   for i, n in enumerate((5, 5, 900, 900))]
+        stopping = threading.Thread(target=loop.stop, kwargs={"drain_s": 1.0})
+        stopping.start()
+        ends = [[e async for e in s.events()][-1] for s in streams]
+        await asyncio.to_thread(stopping.join, 60)
+        return ends
+
+    started = time.monotonic()
+    try:
+        ends = asyncio.run(drain())
+    finally:
+        engine.step = step
+    took = time.monotonic() - started
+    assert all(isinstance(e, FinishedEvent) for e in ends)
+    outputs = [e.output for e in ends]
+    assert [o.finish_reason.value for o in outputs] == ["length", "length", "aborted", "aborted"]
+    assert [len(o.token_ids) for o in outputs[:2]] == [5, 5] and all(len(o.token_ids) < 900 for o in outputs[2:])
+    assert 1.0 <= took < 9.0 and loop.in_flight() == 0 and not engine.has_unfinished()
 
 
 def test_a_request_not_admitted_within_the_queue_timeout_gets_429_plain_or_streamed(tiny_yaml):
