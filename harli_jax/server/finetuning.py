@@ -448,9 +448,13 @@ class FineTuning:
             self._update(job, "paused", f"Fine-tuning job paused: {progress.reason}", level="warn")
 
     def _checkpoint(self, job: JobRecord, handle: JobHandle, step: int, loss: float | None) -> None:
-        """Exports the adapter at `step` and serves it by its checkpoint name while the job trains on."""
+        """Exports the adapter at `step` and serves it by its checkpoint name while the job trains on. A step
+        that already has one was made before a crash that the job resumed from an earlier state: the same data
+        through the same programs, so that checkpoint stays as it is."""
         directory = self._dir(job) / "checkpoints" / f"step-{step}"
         name = f"{job.model_name}:ckpt-step-{step}"
+        if any(c["step_number"] == step for c in job.checkpoints):
+            return
         try:
             handle.export_peft(directory, self.base_model)
             self._serve(name, directory)

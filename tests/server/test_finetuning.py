@@ -9,6 +9,7 @@ import signal
 import time
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -271,3 +272,53 @@ def test_events_of_a_job_record_that_held_them_are_kept(tiny_yaml, tmp_path):
     (tmp_path / "jobs" / "ftjob-old" / "job.json").write_text(json.dumps(old))
     jobs = FineTuning(tmp_path, engine, NAME)
     assert jobs.events("ftjob-old") == events[::-1] and jobs.retrieve("ftjob-old")["status"] == "cancelled"
+
+
+def test_a_server_killed_mid_job_resumes_it_from_its_last_checkpoint_to_the_same_adapter(tiny_yaml, tmp_path):
+    # SIGKILL while the job trains (no shutdown checkpoint, no drain), then a restart on the same state directory:
+    # the upload and the job are there, the job resumes from its last complete checkpoint, trains to the end, and
+    # its adapter equals that of the same job run without a kill (the same data order, the same programs).
+    from harli_jax.lora import load_peft
+    from harli_jax.model import ModelConfig
+    from harli_jax.server.finetuning import FineTuning
+
+    data = _jsonl(_records(12))
+    hyper = {"n_epochs": 4, "batch_size": 2}  # 6 steps an epoch, 24 in all
+    state = tmp_path / "state"
+    with running_server(tiny_yaml, "--state-dir", str(state), *JOB_FLAGS) as (process, url, errors):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        upload = client.files.create(file=("train.jsonl", data), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=NAME, training_file=upload.id, seed=3, hyperparameters=hyper)
+        _newest_checkpoints(client, job.id, past_step=5)
+        process.kill()  # SIGKILL: nothing more is written
+        process.wait()
+    with running_server(tiny_yaml, "--state-dir", str(state), *JOB_FLAGS) as (process, url, errors):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [f.id for f in client.files.list().data] == [upload.id]
+        done = _wait(client, job.id, ("succeeded", "failed", "cancelled"))
+        assert done.status == "succeeded", "".join(errors)
+        events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data[::-1]  # oldest first
+    messages = [e.message for e in events]
+    restart = messages.index("Queued again after a server restart")
+    before = [e.data["step"] for e in events[:restart] if e.type == "metrics"]
+    after = [e.data["step"] for e in events[restart:] if e.type == "metrics" and "train_loss" in e.data]
+    assert before[-1] >= 6 and after[0] <= before[-1] and after[-1] == 24  # redone from a checkpoint, to the end
+    assert after == list(range(after[0], 25))
+
+    engine = Engine(load_model(tiny_yaml), EngineConfig(max_batch=4, max_seq_len=128, prefill_chunk=32, max_loras=2,
+                                                        policy="temporal-K", tpot_slo_ms=1000.0))
+    reference = FineTuning(tmp_path / "reference", engine, NAME, seq_len=64, checkpoint_steps=2)
+    same = reference.create({"model": NAME, "seed": 3, "hyperparameters": hyper, "training_file":
+                             reference.files.upload("train.jsonl", data, "fine-tune")["id"]})
+    while reference.retrieve(same["id"])["status"] not in ("succeeded", "failed", "cancelled"):
+        engine.step()
+        reference.tick(engine)
+    assert reference.retrieve(same["id"])["status"] == "succeeded"
+    cfg = ModelConfig.from_yaml(tiny_yaml)
+    got = load_peft(state / "jobs" / job.id / "adapter", cfg)[1]
+    want = load_peft(tmp_path / "reference" / "jobs" / same["id"] / "adapter", cfg)[1]
+    assert set(got) == set(want)
+    for target in want:
+        for name in ("a", "b"):
+            np.testing.assert_allclose(np.asarray(getattr(got[target], name)), np.asarray(getattr(want[target], name)),
+                                       rtol=0, atol=1e-5, err_msg=f"{target}.{name}")
