@@ -63,12 +63,24 @@ def _write_json(path: Path, value: Any) -> None:
 
 def _append_line(path: Path, value: Any) -> None:
     """Appends `value` to a JSON-lines file durably; a crash mid-write leaves at most a torn last line, which
-    `_read_lines` skips."""
+    `_read_lines` skips and the next append starts after."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(value) + "\n")
+    with path.open("a+b") as f:
+        torn = f.seek(0, os.SEEK_END) > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+        f.write((b"\n" if torn else b"") + json.dumps(value).encode() + b"\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_lines(path: Path, values: list[Any]) -> None:
+    """Writes a JSON-lines file atomically and durably (as `_write_json`)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(json.dumps(v) + "\n" for v in values)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _sync_dir(path.parent)
 
 
 def _read_lines(path: Path) -> list[Any]:
@@ -80,7 +92,7 @@ def _read_lines(path: Path) -> list[Any]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            log.warning("%s: skipped a torn line", path)
+            log.warning("%s: skipped a torn line", path)  # a crash mid-append
     return out
 
 
@@ -226,9 +238,10 @@ class FineTuning:
             record = json.loads(path.read_text())
             events = record.pop("events", None)  # a job.json of an earlier version held its events
             job = JobRecord(**record)
-            if events and not self._events_file(job).exists():
-                for event in events:
-                    _append_line(self._events_file(job), event)
+            if events is not None:
+                if not self._events_file(job).exists():
+                    _write_lines(self._events_file(job), events)
+                self._save(job)
             self._restore(job)
 
     def _restore(self, job: JobRecord) -> None:

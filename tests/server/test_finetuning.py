@@ -272,6 +272,15 @@ def test_events_of_a_job_record_that_held_them_are_kept(tiny_yaml, tmp_path):
     (tmp_path / "jobs" / "ftjob-old" / "job.json").write_text(json.dumps(old))
     jobs = FineTuning(tmp_path, engine, NAME)
     assert jobs.events("ftjob-old") == events[::-1] and jobs.retrieve("ftjob-old")["status"] == "cancelled"
+    assert "events" not in json.loads((tmp_path / "jobs" / "ftjob-old" / "job.json").read_text())
+    # A crash in the middle of an append leaves a torn line: it is skipped, and the next event is whole.
+    upload = jobs.files.upload("train.jsonl", _jsonl(_records(4)), "fine-tune")
+    job = jobs.create({"model": NAME, "training_file": upload["id"]})
+    with (tmp_path / "jobs" / job["id"] / "events.jsonl").open("a") as f:
+        f.write('{"id": "ftevent-torn", "obj')
+    jobs.pause(job["id"])
+    assert [e["message"] for e in jobs.events(job["id"])] == [
+        "Fine-tuning job paused", "Validated the training file", f"Created fine-tuning job: {job['id']}"]
 
 
 def test_a_server_killed_mid_job_resumes_it_from_its_last_checkpoint_to_the_same_adapter(tiny_yaml, tmp_path):
