@@ -58,14 +58,41 @@ def _cpu_seconds() -> tuple[float, float, int] | None:
 
 
 def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
-    return usage.ru_utime + usage.ru_stime
+    """CPU seconds of this process (every thread) and of the processes it started: those it has waited for
+    (getrusage) and those still running (/proc), so that a benchmark's own subprocesses are not other load."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total + _live_descendants_cpu_seconds()
+
+
+def _live_descendants_cpu_seconds() -> float:
+    """CPU seconds so far of this process's running descendants, from /proc/<pid>/stat (0 where unreadable)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            fields = text[text.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+            pid = int(stat.parent.name)
+            parent[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    mine, grown = {os.getpid()}, True
+    while grown:
+        new = {pid for pid, ppid in parent.items() if ppid in mine and pid not in mine}
+        mine |= new
+        grown = bool(new)
+    return sum(cpu[pid] for pid in mine if pid != os.getpid() and pid in cpu)
 
 
 class LoadMeter:
     """`with LoadMeter() as m: ...` then `m.record`: over the block, the share of all CPUs that other processes
-    used (machine busy time from /proc/stat minus this process's CPU time, over wall time x CPUs), the steal
-    share (time the hypervisor gave the CPUs to someone else), this process's cores used, and the load average
+    used (machine busy time from /proc/stat minus the CPU time of this process and the ones it started, over wall
+    time x CPUs), the steal share (time the hypervisor gave the CPUs to someone else), the cores this process and
+    its children used, and the load average
     before and after. /proc/stat counts in clock ticks (10 ms per CPU): shares over very short blocks are coarse."""
 
     def __enter__(self) -> LoadMeter:

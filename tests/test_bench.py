@@ -121,6 +121,23 @@ def test_load_meter_subtracts_this_process_from_the_machine(monkeypatch):
     assert record["own_cores_used"] == pytest.approx(0.4, abs=0.01) and record["cpus"] == 2
 
 
+def test_load_meter_counts_the_processes_it_started_as_its_own():
+    # A benchmark that runs its subject in subprocesses: one waited for inside the block, one still running at its
+    # end; both busy for the whole block, so this side used about 1 CPU and nobody else did.
+    import subprocess
+    import sys
+
+    spin = "import time\nend = time.time() + {}\nwhile time.time() < end: pass"
+    with common.LoadMeter() as meter:
+        subprocess.run([sys.executable, "-c", spin.format(1.0)], check=True)
+        running = subprocess.Popen([sys.executable, "-c", spin.format(3.0)])
+        time.sleep(1.0)
+    running.wait()
+    record = meter.record
+    assert record["own_cores_used"] > 0.8, record
+    assert record["other_processes_cpu_share"] < 0.2, record  # on 2 CPUs, the children were 0.5 of them
+
+
 def test_load_meter_wait_for_quiet_and_write_result(tmp_path):
     with common.LoadMeter() as meter:
         end = time.perf_counter() + 0.3
