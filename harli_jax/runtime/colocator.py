@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -117,7 +118,11 @@ class CoLocator:
             self.sizes = Sizes(self.chunks, fused_layers=layers, fused_windows=windows)
         job.micro.token_chunks = job.micro.token_mode = c.policy == "cobatch"
         self.policy = self._make_policy()
-        job.warmup(self._warmup_sequences() if self.trains_while_serving else ())
+        if self.trains_while_serving:
+            job.warmup(self._warmup_sequences(), self.sizes.layers,
+                       self.config.runner.compile_threads or os.cpu_count() or 1)
+        else:
+            job.warmup()
         if self.fuses:
             shapes = [(phase, n) for phase in ("tokens", "forward", "backward") for n in self.sizes.fused_of(phase)]
             self.runner.prepare_fused({shape: job.micro.fused_examples(*shape) for shape in shapes})

@@ -11,8 +11,10 @@ For a fused step, `fused_call` gives the runner the arguments and `fused_done` t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -137,6 +139,26 @@ class MicroBatchExecutor:
             run.x = trainer.embed_step(self.job.params, device_batch)
         self.current = run
         return True
+
+    def compile_programs(self, layer_sizes: Sequence[int], forward: bool, threads: int) -> None:
+        """Compiles the layer-chunk micro-step programs of `layer_sizes` (their backward slices, and with `forward`
+        their forward chunks and the loss step) in `threads` parallel threads (XLA compiles without the GIL),
+        from the arguments of a timing micro-batch started and dropped here: a micro-step of these sizes then
+        compiles nothing."""
+        if self.current is not None or not self.start(calibration=True, token_mode=False):
+            return
+        run, job, layout = self.current, self.job, self.arena.layout
+        lora, buffer, grads = job.state.lora, self.arena.buffer, jax.tree.map(jnp.zeros_like, job.state.lora)
+        lowerings = [functools.partial(_backward_chunk.lower, job.params.layers[:n], layout, lora, buffer, run.x,
+                                       grads, run.device_batch, run.stash_pages, jnp.int32(n)) for n in layer_sizes]
+        if forward:
+            lowerings.append(functools.partial(_loss_step.lower, job.params, job.cfg, run.x, run.device_batch))
+            lowerings += [functools.partial(_forward_chunk.lower, job.params.layers[:n], layout, lora, buffer, run.x,
+                                            run.device_batch, run.stash_pages, jnp.int32(0)) for n in layer_sizes]
+        with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+            for _ in pool.map(lambda lower: lower().compile(), lowerings):
+                pass
+        self.abandon()
 
     def run(self, size: int) -> MicroStepResult:
         """Runs the next micro-step of the micro-batch in flight over `size` layers (positions, in a token-chunked
