@@ -12,7 +12,8 @@ admitted, finetune tokens trained during the trace, and the KV pages owned once 
 
 Writes bench/results/overload-<device>.json (or into --out; a --quick run writes only with --out).
 
-    python bench/overload.py                       # small.yaml, 60 requests at 3x, SLO = 1x the solo step
+    python bench/overload.py                       # small.yaml, 60 requests at 3x, SLO = 3x the solo step
+    python bench/overload.py --rate-x 1 --out bench/results/overload-1x  # the same SLO at the sustainable rate
     python bench/overload.py --quick --out /tmp/b  # smoke run: tiny.yaml, 12 requests, one round
 """
 
@@ -43,8 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sustain-requests", type=int, default=None, help="requests of the sustainable-rate run "
                                                                       "(default 16; --quick 4)")
     p.add_argument("--rate-x", type=float, default=3.0, help="arrival rate, times the sustainable one (default 3)")
-    p.add_argument("--slo-x", type=float, default=1.0, help="TPOT SLO, times the solo decode step of the full "
-                                                            "batch (default 1)")
+    p.add_argument("--slo-x", type=float, default=3.0, help="TPOT SLO, times the solo decode step of the full "
+                                                            "batch (default 3: one the sustainable rate keeps)")
     p.add_argument("--queue-timeout", type=float, default=3.0, help="seconds a request may wait (default 3)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; --quick 1)")

@@ -573,5 +573,5 @@ def test_overload_quick(tmp_path):
         result = attempt["result"]
         assert result["finished"] + result["refused"] == result["requests"] == 12 and result["lost"] == 0
         assert result["kv_pages_after"] == 0 and result["finetune_tokens"] == 0
-    assert data["sustainable_rate"] > 0 and data["tpot_slo_s"] == data["solo_decode_step_s"]
+    assert data["sustainable_rate"] > 0 and data["tpot_slo_s"] == pytest.approx(3 * data["solo_decode_step_s"])
     assert set(data["summary"]) == {"admission", "all-admitted"}
