@@ -16,7 +16,7 @@ from harli_jax.lora.adapters import load_peft
 from harli_jax.model import load_model
 from harli_jax.model.config import DTYPES
 from harli_jax.model.params import PROJECTIONS
-from harli_jax.options import add_option, default_of, given, help_of
+from harli_jax.options import add_option, default_of, given
 from harli_jax.replay.run import main as replay_main
 from harli_jax.replay.trace import synthesize, write_trace
 from harli_jax.runtime import distributed
@@ -72,15 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "sets it; else upper-casing words.")
     ft.add_argument("--model", required=True, metavar="MODEL", help="HF checkpoint directory, GGUF file or model YAML")
     add_option(ft, "--dataset", FinetuneJob, "dataset")
-    add_option(ft, "--steps", FinetuneJob, "total_steps", type=_positive_int,
-               help=f"{help_of(FinetuneJob, 'total_steps')}; without --dataset on a chat model: "
-                    f"{extraction.SCHEDULE['total_steps']}")
+    add_option(ft, "--steps", FinetuneJob, "total_steps", type=_positive_int)
     add_option(ft, "--rank", LoRAConfig, "rank", type=_positive_int)
     add_option(ft, "--alpha", LoRAConfig, "alpha", type=float)
     add_option(ft, "--targets", LoRAConfig, "targets", type=_names)
-    add_option(ft, "--lr", FinetuneJob, "learning_rate", type=float,
-               help=f"{help_of(FinetuneJob, 'learning_rate')}; without --dataset on a chat model: "
-                    f"{extraction.SCHEDULE['learning_rate']:g}")
+    add_option(ft, "--lr", FinetuneJob, "learning_rate", type=float)
     add_option(ft, "--rows", FinetuneJob, "micro_batch_rows", type=_positive_int)
     add_option(ft, "--seq-len", FinetuneJob, "seq_len", type=_positive_int)
     add_option(ft, "--grad-accum", FinetuneJob, "grad_accum", type=_positive_int)
