@@ -4,7 +4,9 @@ job, and the TPOT attainment of the admitted requests during overload.
 
 The run, against one `harli serve --state-dir` subprocess (`--port 0`, a `--max-waiting` bound):
 1. job: uploads the embedded upper-casing task to `/v1/files`, creates a fine-tuning job of many epochs through
-   `/v1/fine_tuning/jobs` and waits until it has trained some tokens;
+   `/v1/fine_tuning/jobs` and waits until it has trained some tokens; during the traffic, every `--new-job-every`
+   seconds it cancels the job and creates a new one (another seed), under the traffic: a job's start (its
+   preparation, compiles and setup) must not stall the streams;
 2. calibrate: `max batch` closed-loop streaming clients for `--calibrate` seconds; the finished requests per
    second are the sustainable rate (with the job running);
 3. traffic: `--duration` seconds of Poisson arrivals at `--base-load` x that rate, with bursts of `--burst-length`
@@ -18,7 +20,8 @@ Every `--sample-interval` seconds it samples the server's RSS (/proc/PID/status)
 kv, lease, free; running and waiting requests; the request counters), the job (status, trained tokens), the size of
 the job's state file, the served models, and the TPOT attainment of the requests that finished in the interval.
 TPOT is client-side: (last text chunk - first) / (tokens - 1), the token count from the usage chunk, against the
-SLO the server printed (`harli serve: TPOT SLO X ms`). Every request is accounted for: finished (200 with a
+SLO the server printed (`harli serve: TPOT SLO X ms`); a streamed request's longest gap between two text chunks
+is held to the server's TBT cap (twice the SLO). Every request is accounted for: finished (200 with a
 finish_reason of stop or length), aborted (by this client), disconnected (by this client), refused (429) or error
 (another 4xx); anything else (5xx, a connection error, a timeout this client did not choose, a stream ending
 without a finish reason) is lost. The server's own counters (`harli:request_success` by reason plus
@@ -26,8 +29,10 @@ without a finish reason) is lost. The server's own counters (`harli:request_succ
 client that gives up within milliseconds may do so before the server took its request).
 
 The summary checks the full run's targets: 0 lost requests, 0 KV pages owned when idle, RSS growth under 5% from
-the warm-up sample (the first at `--warmup` of the traffic phase) to the last idle one, the job's trained tokens
-never decreasing, >= 99% TPOT attainment of the admitted requests that arrived during bursts.
+the warm-up sample (the first at `--warmup` of the traffic phase) to the last idle one, each job's trained tokens
+never decreasing, >= 99% TPOT attainment of the admitted requests (all of them; those that arrived during bursts;
+those that ran within a minute of a job's creation), the longest gap between two tokens within the TBT cap, and a
+job's record (`job.json`) within JOB_FILE_MAX bytes.
 
 Writes bench/results/soak-<device>.json (every sample, the summary, the lost or failed requests, with --records
 every request; the machine) and
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -66,7 +72,10 @@ from harli_jax.lora.data import default_dataset
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("stream", "abort", "disconnect", "plain")  # see the module docstring
 OUTCOMES = ("finished", "aborted", "disconnected", "refused", "error", "lost")
-TARGETS = {"lost_requests": 0, "kv_pages_idle": 0, "rss_growth_max": 0.05, "burst_attainment_min": 0.99}
+TARGETS = {"lost_requests": 0, "kv_pages_idle": 0, "rss_growth_max": 0.05, "burst_attainment_min": 0.99,
+           "attainment_min": 0.99}
+JOB_FILE_MAX = 64 * 1024  # bytes a job's record may take, however long the job runs
+JOB_START_S = 60.0  # how long after a job's creation a request counts as running while the job starts
 
 
 def log(message: str) -> None:
@@ -109,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-steps", type=int, default=50, help="the server's --checkpoint-steps (default 50)")
     p.add_argument("--server-args", default="", help="more `harli serve` flags, one shell-quoted string "
                                                      "(e.g. '--queue-timeout 5')")
+    p.add_argument("--new-job-every", type=float, default=None, help="seconds between the traffic's job "
+                                                                      "changes: the job cancelled, a new one created "
+                                                                      "(default 300; --quick: 30; 0: one job)")
     p.add_argument("--job-epochs", type=int, default=None, help="the fine-tuning job's n_epochs (default 100; "
                                                                    "--quick: 10): enough to train all along")
     p.add_argument("--seed", type=int, default=0, help="the traffic's and the job's seed (default 0)")
@@ -121,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     defaults = {"duration": (1800.0, 45.0), "calibrate": (60.0, 8.0), "idle": (30.0, 6.0),
                 "sample_interval": (5.0, 2.0), "job_epochs": (100, 10), "burst_period": (120.0, 15.0),
-                "burst_length": (15.0, 5.0)}
+                "burst_length": (15.0, 5.0), "new_job_every": (300.0, 30.0)}
     for name, (full, short) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, short if quick else full)
@@ -327,6 +339,7 @@ class Traffic:
             result["first_chunk"], result["last_chunk"] = round(chunks[0], 4), round(chunks[-1], 4)
         if tokens and tokens > 1 and len(chunks) > 1:
             result["tpot"] = round((chunks[-1] - chunks[0]) / (tokens - 1), 6)
+            result["max_gap"] = round(max(b - a for a, b in itertools.pairwise(chunks)), 6)
         return result
 
     async def calibrate(self, rng: random.Random, seconds: float, clients: int) -> dict:
@@ -364,8 +377,8 @@ class Sampler:
 
     def __init__(self, server: Server, url: str, traffic: Traffic, job_id: str, state_dir: Path, slo_s: float,
                  windows: list[tuple[float, float]]):
-        self.server, self.url, self.traffic, self.job_id = server, url, traffic, job_id
-        self.job_file = state_dir / "jobs" / job_id / "job.json"
+        self.server, self.url, self.traffic, self.state_dir = server, url, traffic, state_dir
+        self.job_id = job_id  # the job training now (`rotate_jobs` changes it)
         self.slo_s, self.windows = slo_s, windows
         self.phase, self.traffic_start = "calibrate", None
         self.samples: list[dict] = []
@@ -376,6 +389,7 @@ class Sampler:
         t = self.traffic.now()
         metrics = await asyncio.to_thread(read_metrics, self.url)
         job = await self.traffic.client.fine_tuning.jobs.retrieve(self.job_id)
+        job_file = self.state_dir / "jobs" / job.id / "job.json"
         served = await self.traffic.client.models.list()
         timed = [r["tpot"] for r in self.traffic.records if "tpot" in r and self._last < r["end"] <= t]
         counts = {o: 0 for o in OUTCOMES}
@@ -387,8 +401,8 @@ class Sampler:
                   "burst": relative is not None and any(a < relative and self._last - self.traffic_start < b
                                                         for a, b in self.windows),
                   "rss_mb": self.server.rss_mb(), "metrics": metrics,
-                  "job": {"status": job.status, "trained_tokens": job.trained_tokens or 0},
-                  "job_file_bytes": self.job_file.stat().st_size if self.job_file.exists() else None,
+                  "job": {"id": job.id, "status": job.status, "trained_tokens": job.trained_tokens or 0},
+                  "job_file_bytes": job_file.stat().st_size if job_file.exists() else None,
                   "served_models": len(served.data), "in_flight": self.traffic.in_flight,
                   "sent": len(self.traffic.records), "outcomes": counts,
                   "interval": {"timed": len(timed),
@@ -431,9 +445,14 @@ def monotone(values: list[float]) -> bool:
     return all(b >= a for a, b in zip(values, values[1:], strict=False))
 
 
+def met(value, bound: float, at_least: bool = True) -> bool:
+    return value is not None and (value >= bound if at_least else value <= bound)
+
+
 def summarize(records: list[dict], samples: list[dict], idle: dict, slo_s: float, warmup: float,
-              duration: float) -> dict:
-    """The run's figures and how they compare with the targets (TARGETS)."""
+              duration: float, job_starts: list[dict] = ()) -> dict:
+    """The run's figures and how they compare with the targets (TARGETS); `job_starts` are the jobs created
+    during the traffic (`rotate_jobs`)."""
     outcomes = {o: sum(r.get("outcome") == o for r in records) for o in OUTCOMES}
     unanswered = sum("outcome" not in r for r in records)  # a request still pending at the end counts as lost
     outcomes["lost"] += unanswered
@@ -448,9 +467,16 @@ def summarize(records: list[dict], samples: list[dict], idle: dict, slo_s: float
     rss_last = traffic[-1]["rss_mb"] if traffic else None
     rss_peak = max((s["rss_mb"] for s in traffic if reference and s["t"] >= reference["t"]), default=None)
     tokens = [s["job"]["trained_tokens"] for s in samples]
+    by_job: dict[str | None, list[int]] = {}
+    for s in samples:
+        by_job.setdefault(s["job"].get("id"), []).append(s["job"]["trained_tokens"])
     capacity = max((s["metrics"]["pages"].get("free", 0) for s in samples), default=None)  # free when idle
     served = [r for r in records if r["phase"] == "traffic"]
     burst = attainment([r for r in served if r["burst"]], slo_s)
+    starting = attainment([r for r in served if "end" in r and any(
+        r["sent"] < j["created"] + JOB_START_S and r["end"] > j["created"] for j in job_starts)], slo_s)
+    gaps = [r["max_gap"] for r in served if "max_gap" in r]
+    job_files = [s["job_file_bytes"] for s in samples if s.get("job_file_bytes") is not None]
     summary = {
         "requests": {"sent": len(records), **outcomes, "unanswered": unanswered, "by_kind": by_kind,
                      "accounted_for": len(records) - outcomes["lost"] - outcomes["error"]},
@@ -467,9 +493,14 @@ def summarize(records: list[dict], samples: list[dict], idle: dict, slo_s: float
                    "growth": rss_last / rss_ref - 1 if rss_ref and rss_last else None,
                    "peak_growth": rss_peak / rss_ref - 1 if rss_ref and rss_peak else None},
         "job": {"trained_tokens_first": tokens[0] if tokens else None, "trained_tokens_last": tokens[-1] if tokens
-                else None, "monotone": monotone(tokens), "statuses": sorted({s["job"]["status"] for s in samples})},
+                else None, "trained_tokens_max": max(tokens, default=None),
+                "monotone": all(map(monotone, by_job.values())), "jobs": len(by_job),
+                "created_during_traffic": len(job_starts), "record_bytes_max": max(job_files, default=None),
+                "statuses": sorted({s["job"]["status"] for s in samples})},
         "attainment": {"traffic": attainment(served, slo_s), "burst": burst,
-                       "outside_bursts": attainment([r for r in served if not r["burst"]], slo_s)},
+                       "outside_bursts": attainment([r for r in served if not r["burst"]], slo_s),
+                       "job_starts": starting},
+        "longest_gap_s": max(gaps, default=None),
     }
     r = summary["rss_mb"]["growth"]
     summary["targets"] = {
@@ -481,9 +512,19 @@ def summarize(records: list[dict], samples: list[dict], idle: dict, slo_s: float
         "job_progress_monotone": {"value": summary["job"]["monotone"], "target": "true",
                                   "met": summary["job"]["monotone"]},
         "burst_attainment": {"value": burst["attainment"], "target": f">= {TARGETS['burst_attainment_min']}",
-                             "met": burst["attainment"] is not None
-                             and burst["attainment"] >= TARGETS["burst_attainment_min"]},
+                             "met": met(burst["attainment"], TARGETS["burst_attainment_min"])},
+        "attainment": {"value": summary["attainment"]["traffic"]["attainment"],
+                       "target": f">= {TARGETS['attainment_min']}",
+                       "met": met(summary["attainment"]["traffic"]["attainment"], TARGETS["attainment_min"])},
+        "longest_gap": {"value": summary["longest_gap_s"], "target": f"<= {2 * slo_s:g} s (the TBT cap)",
+                        "met": met(summary["longest_gap_s"], 2 * slo_s, at_least=False)},
+        "job_record_bytes": {"value": summary["job"]["record_bytes_max"], "target": f"<= {JOB_FILE_MAX}",
+                             "met": met(summary["job"]["record_bytes_max"], JOB_FILE_MAX, at_least=False)},
     }
+    if job_starts:
+        summary["targets"]["job_start_attainment"] = {
+            "value": starting["attainment"], "target": f">= {TARGETS['attainment_min']}",
+            "met": met(starting["attainment"], TARGETS["attainment_min"])}
     return summary
 
 
@@ -531,8 +572,9 @@ def plot(samples: list[dict], windows: list[tuple[float, float]], traffic_start:
 # The run -----------------------------------------------------------------------------------------------------
 
 
-async def create_job(client: openai.AsyncOpenAI, model: str, seed: int, epochs: int) -> str:
-    """A fine-tuning job of `epochs` epochs over the embedded task, once it has trained some tokens."""
+async def create_job(client: openai.AsyncOpenAI, model: str, seed: int, epochs: int) -> tuple[str, str]:
+    """(job id, file id) of a fine-tuning job of `epochs` epochs over the embedded task, once it has trained some
+    tokens."""
     data = "".join(json.dumps(r) + "\n" for r in default_dataset(seed=seed)).encode()
     upload = await client.files.create(file=("soak.jsonl", data), purpose="fine-tune")
     job = await client.fine_tuning.jobs.create(model=model, training_file=upload.id, seed=seed,
@@ -542,7 +584,33 @@ async def create_job(client: openai.AsyncOpenAI, model: str, seed: int, epochs: 
         if job.status in ("failed", "cancelled", "succeeded") or time.monotonic() > deadline:
             raise RuntimeError(f"the fine-tuning job is {job.status} before the soak: {job.error}")
         await asyncio.sleep(0.5)
-    return job.id
+    return job.id, upload.id
+
+
+async def rotate_jobs(client: openai.AsyncOpenAI, model: str, file_id: str, args: argparse.Namespace,
+                      sampler: Sampler, stop: asyncio.Event) -> list[dict]:
+    """Until `stop`: every `--new-job-every` seconds cancels the job and creates a new one (the next seed) under
+    the traffic; returns when each was created (traffic time) and its id."""
+    starts: list[dict] = []
+    while args.new_job_every > 0:
+        try:
+            await asyncio.wait_for(stop.wait(), args.new_job_every)
+            break
+        except TimeoutError:
+            pass
+        try:
+            await client.fine_tuning.jobs.cancel(sampler.job_id)
+            created = sampler.traffic.now()
+            job = await client.fine_tuning.jobs.create(model=model, training_file=file_id,
+                                                       seed=args.seed + len(starts) + 1,
+                                                       hyperparameters={"n_epochs": args.job_epochs, "batch_size": 2})
+        except openai.APIError as e:
+            sampler.errors.append(f"t={sampler.traffic.now():.1f}s: the job change failed: {e}"[:300])
+            continue
+        sampler.job_id = job.id
+        starts.append({"created": round(created, 3), "job_id": job.id})
+        log(f"t={created:.1f}s: cancelled the job, created {job.id}")
+    return starts
 
 
 async def settle(url: str, timeout: float = 60.0) -> dict:
@@ -564,7 +632,7 @@ async def soak(args: argparse.Namespace, server: Server, url: str, slo_s: float,
     traffic = Traffic(client, model, args, time.perf_counter())
     log("creating the fine-tuning job and waiting until it trains...")
     started = time.perf_counter()
-    job_id = await create_job(client, model, args.seed, args.job_epochs)
+    job_id, file_id = await create_job(client, model, args.seed, args.job_epochs)
     job_start_s = time.perf_counter() - started
     log(f"the job trains after {job_start_s:.1f} s")
     windows = bursts(rng, args)
@@ -579,8 +647,12 @@ async def soak(args: argparse.Namespace, server: Server, url: str, slo_s: float,
         f"{len(specs)} requests over {args.duration:.0f} s, bursts at {args.burst_load:g}x in {windows}")
 
     sampler.phase, sampler.traffic_start = "traffic", traffic.now()
+    replayed = asyncio.Event()
+    rotation = asyncio.create_task(rotate_jobs(client, model, file_id, args, sampler, replayed))
     await traffic.replay(specs, sampler.traffic_start)
     traffic_end = traffic.now()
+    replayed.set()
+    job_starts = await rotation
     sampler.phase = "idle"
     log(f"traffic done; idle for {args.idle:.0f} s...")
     await asyncio.sleep(args.idle)
@@ -588,12 +660,13 @@ async def soak(args: argparse.Namespace, server: Server, url: str, slo_s: float,
     await sampling
     metrics = await settle(url)
     idle = {"t": round(traffic.now(), 3), "metrics": metrics, "rss_mb": server.rss_mb()}
-    job = await client.fine_tuning.jobs.cancel(job_id)
+    job = await client.fine_tuning.jobs.cancel(sampler.job_id)
     await asyncio.sleep(2.0)
     idle["after_cancel"] = {"job_status": job.status, "metrics": await asyncio.to_thread(read_metrics, url)}
     await client.close()
     return {"job_start_s": round(job_start_s, 3), "calibration": calibration, "bursts": windows,
             "traffic_start": sampler.traffic_start, "traffic_end": traffic_end, "job_id": job_id, "idle": idle,
+            "job_starts": job_starts,
             "samples": sampler.samples, "sample_errors": sampler.errors, "records": traffic.records}
 
 
@@ -610,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         exit_status = server.stop()
     stopped = any("harli serve: stopped" in line for line in server.stderr)
-    summary = summarize(run["records"], run["samples"], run["idle"], slo_s, args.warmup, args.duration)
+    summary = summarize(run["records"], run["samples"], run["idle"], slo_s, args.warmup, args.duration,
+                        run["job_starts"])
     summary["server_exit"] = {"status": exit_status, "stopped_cleanly": exit_status == 0 and stopped}
     for name, target in summary["targets"].items():
         log(f"{name}: {target['value']} (target {target['target']}: {'met' if target['met'] else 'NOT MET'})")
@@ -620,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     payload = {"config": vars(args), "server_argv": server.argv[2:], "tpot_slo_ms": slo_s * 1e3,
                "summary": summary, **{k: run[k] for k in ("job_start_s", "calibration", "bursts", "traffic_start",
-                                                          "traffic_end", "job_id", "samples", "sample_errors")},
+                                                          "traffic_end", "job_id", "job_starts", "samples",
+                                                          "sample_errors")},
                "records": run["records"] if args.records else None,
                "problem_records": [r for r in run["records"] if r.get("outcome", "lost") in ("lost", "error")],
                "server_stderr_tail": "".join(server.stderr)[-4000:]}

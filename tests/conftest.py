@@ -109,15 +109,19 @@ def tiny_yaml() -> Path:
 
 
 @contextlib.contextmanager
-def jax_events(suffix: str | tuple[str, ...] = ("backend_compile_duration", "cache_retrieval_time_sec")):
+def jax_events(suffix: str | tuple[str, ...] = ("backend_compile_duration", "cache_retrieval_time_sec"),
+               thread=None):
     """Collects the names of the JAX monitoring events ending in `suffix` (programs made by default: XLA compiles
-    and loads from the persistent cache; or "jaxpr_trace_duration" for traces) that happen inside the block."""
+    and loads from the persistent cache; or "jaxpr_trace_duration" for traces) that happen inside the block (on
+    `thread` only, if given)."""
+    import threading
+
     from jax import monitoring
 
     seen: list[str] = []
 
     def listen(name, *_, **__):
-        if name.endswith(suffix):
+        if name.endswith(suffix) and (thread is None or threading.current_thread() is thread):
             seen.append(name)
 
     monitoring.register_event_duration_secs_listener(listen)

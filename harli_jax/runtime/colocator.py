@@ -37,6 +37,18 @@ from harli_jax.runtime.state import RequestState
 
 log = logging.getLogger("harli_jax")
 CALIBRATION_SWEEP = 3  # what `calibrate` times, in the cache key: steps, micro-steps (each run timed), fused steps
+_SETUP_DONE = object()  # what `next` gives once a job's setup has run its last program
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedJob:
+    """A finetune job with its programs compiled for an engine (`CoLocator.prepare`): registering it compiles
+    nothing."""
+
+    runner: FinetuneRunner
+    sizes: Sizes
+    fuses: bool  # its work may ride in inference steps
+    fused_programs: dict  # (bucket, kind, size): the compiled step program with that work fused in
 
 
 def chunk_options(cfg: ModelConfig, config: EngineConfig) -> tuple[int, ...]:
@@ -81,6 +93,7 @@ class CoLocator:
         self._window_end = 0.0  # when the last window ended: the next dispatch's host work starts there
         self._window_plan: StepPlan | None = None  # the plan that window ran before
         self.fuses = False  # the job's work may ride in inference steps (set by `register`)
+        self._setup = None  # the registered job's setup, while it has programs left to run (`_setup_runs`)
 
     def _make_policy(self):
         c = self.config.colocation
@@ -99,37 +112,84 @@ class CoLocator:
         with nothing to serve, in the single program: it needs no micro-step program nor its timings)."""
         return self.config.colocation.policy != "decode-only"
 
-    def register(self, job: FinetuneRunner) -> None:
-        """Takes the job: compiles its programs (every micro-step size, and for a policy that fuses the fused step
-        programs, unless the policy never trains while serving) and, under an SLO, calibrates the predictor."""
-        self.job = job
+    def prepare(self, job: FinetuneRunner) -> PreparedJob:
+        """Compiles `job`'s programs for this engine's policy (every micro-step size and, for a policy that fuses,
+        the fused step programs; only the training programs for one that never trains while serving). Any thread
+        may call it while the engine serves: it reads the engine's state and changes none of it."""
         c = self.config.colocation
         # The policies that fuse (harli only when it has an SLO to train under): cobatch runs every micro-batch's
         # forward in token chunks (FlexLLM's co-serving), fused or alone; harli fuses forward windows of layers
         # (a micro-batch's forward in layer chunks either way). Both fuse backward slices.
-        self.fuses = c.policy == "cobatch" or (c.policy == "harli" and bool(c.tpot_slo_ms))
-        self.sizes = Sizes(self.chunks)
+        fuses = c.policy == "cobatch" or (c.policy == "harli" and bool(c.tpot_slo_ms))
+        sizes = Sizes(self.chunks)
         layers = tuple(n for n in c.fused_layers if n <= self.cfg.num_layers)
         if c.policy == "cobatch":
             tokens, fused = token_options(job.job.seq_len, c.fused_tokens)
-            self.sizes = Sizes(self.chunks, tokens, fused, layers)
-        elif self.fuses:
+            sizes = Sizes(self.chunks, tokens, fused, layers)
+        elif fuses:
             windows = tuple(n for n in layers if n < self.cfg.num_layers)  # the last layer runs with the loss
-            self.sizes = Sizes(self.chunks, fused_layers=layers, fused_windows=windows)
+            sizes = Sizes(self.chunks, fused_layers=layers, fused_windows=windows)
         job.micro.token_chunks = job.micro.token_mode = c.policy == "cobatch"
-        self.policy = self._make_policy()
+        threads = self.config.runner.compile_threads or os.cpu_count() or 1
         if self.trains_while_serving:
-            job.warmup(self._warmup_sequences(), self.sizes.layers,
-                       self.config.runner.compile_threads or os.cpu_count() or 1)
+            token_mode = job.micro.token_mode
+            job.compile(sizes.layers, sizes.tokens if token_mode else (), forward=not token_mode,
+                        compile_threads=threads)
         else:
-            job.warmup()
+            job.compile()
+        programs = {}
+        if fuses:
+            shapes = [(phase, n) for phase in ("tokens", "forward", "backward") for n in sizes.fused_of(phase)]
+            programs = self.runner.compile_fused_programs({shape: job.micro.fused_examples(*shape)
+                                                           for shape in shapes})
+        return PreparedJob(job, sizes, fuses, programs)
+
+    def register(self, prepared: PreparedJob, setup_between_steps: bool = False) -> None:
+        """Takes the prepared job. Its setup (each of its programs run once, a first run being slow, and under an
+        SLO the predictor's calibration sweep) runs now, or with `setup_between_steps` one program at a time after
+        each of the engine's steps; it trains once its setup is done."""
+        if self._setup is not None:
+            self._setup.close()
+        self.job, self.sizes, self.fuses = prepared.runner, prepared.sizes, prepared.fuses
+        self.policy = self._make_policy()
+        self.runner.add_fused(prepared.fused_programs)
+        self._setup = self._setup_runs()
+        if not setup_between_steps:
+            while self._setup_step():
+                pass
+
+    @property
+    def setting_up(self) -> bool:
+        """The registered job's setup has programs left to run (it trains after them)."""
+        return self._setup is not None
+
+    def _setup_step(self) -> bool:
+        """Runs the next program of the job's setup; False when none is left (the setup is over)."""
+        if self._setup is None:
+            return False
+        if next(self._setup, _SETUP_DONE) is _SETUP_DONE:
+            self._setup = None
+            return False
+        return True
+
+    def _setup_runs(self):
+        """The job's setup, yielding after each program it runs: the timing micro-batches that run every micro-step
+        program once, each fused program once, then the calibration."""
+        if self.trains_while_serving:
+            micro = self.job.micro
+            for token_mode, sequence in self._warmup_sequences():
+                if micro.current is None and micro.start(calibration=True, token_mode=token_mode):
+                    for size in sequence:
+                        if micro.current is None or micro.run(size).kind is None:
+                            break
+                        yield
+                micro.abandon()
         if self.fuses:
-            shapes = [(phase, n) for phase in ("tokens", "forward", "backward") for n in self.sizes.fused_of(phase)]
-            self.runner.prepare_fused({shape: job.micro.fused_examples(*shape) for shape in shapes})
             with self._scratch_page() as page:  # a program's first run is slow: not under the SLO
-                self._calibrate_fused(page, runs=0)
-        if c.tpot_slo_ms:
-            self.calibrate()
+                yield from self._calibrate_fused(page, runs=0)
+        if self.config.colocation.tpot_slo_ms:
+            yield from self._calibration_runs()
+        log.info("finetune job %r: set up", self.job.job.name)
 
     def _warmup_sequences(self) -> list[tuple[bool, list[int]]]:
         """(token mode, micro-step sizes) of a few timing micro-batches that together run every micro-step program
@@ -180,7 +240,7 @@ class CoLocator:
         self.predictor.refresh()
         if self.predictor.unfitted >= 64:
             self.predictor.fit_async()
-        if not self.training:
+        if not self.training or self._setup_step():
             return
         job = self.job
         started, tokens = time.perf_counter(), job.tokens
@@ -200,7 +260,7 @@ class CoLocator:
         self.predictor.refresh()
         if bucket is not None:
             self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), plan.context, seconds)
-        window = self._window(next_plan) if self.training else {}
+        window = self._window(next_plan) if self.training and not self._setup_step() else {}
         micro = window.pop("micro", ())
         if micro and bucket is not None:
             key = (bucket.seqs, bucket.tokens, bucket.pages)
@@ -370,12 +430,18 @@ class CoLocator:
     def calibrate(self) -> LatencyPredictor:
         """The predictor's calibration sweep: every inference program, and with a job every micro-step kind,
         timed `calibration_runs` times. Cached on disk by what the timings depend on."""
+        for _ in self._calibration_runs():
+            pass
+        return self.predictor
+
+    def _calibration_runs(self):
+        """The calibration sweep (`calibrate`), yielding after each program it runs."""
         cache = self._calibration_file()
         loaded = LatencyPredictor.load(cache)
         if loaded is not None:
             log.info("predictor calibration loaded from %s", cache)
             self.predictor = loaded
-            return loaded
+            return
         started = time.perf_counter()
         runs = self.config.predictor.calibration_runs
         if not self.predictor.step_coef:  # a fitted predictor has timed every step program of this engine
@@ -386,46 +452,56 @@ class CoLocator:
                         if i:  # the first run of each program only warms it
                             self.predictor.observe_step((bucket.seqs, bucket.tokens, bucket.pages), context,
                                                         seconds)
+                        yield
         job = self.job
         if job is not None and job.micro.current is None and self.trains_while_serving:
-            for token_mode, sequence in self._calibration_sequences():  # `register` compiled each size
+            for token_mode, sequence in self._calibration_sequences():  # `prepare` compiled each size
                 for _ in range(runs):
                     if not job.micro.start(calibration=True, token_mode=token_mode):
                         break
                     for size in sequence:
+                        if job.micro.current is None:  # its lease was taken back (or the job paused)
+                            break
                         done = job.micro.run(size)
+                        if done.kind is None:
+                            break
                         self.predictor.observe_micro((done.kind, size), done.seconds)
+                        yield
+                    job.micro.abandon()
             with self._scratch_page() as page:
-                self._calibrate_fused(page, runs)
+                yield from self._calibrate_fused(page, runs)
         self.predictor.fit()
         log.info("predictor calibrated in %.1fs", time.perf_counter() - started)
         self.predictor.save(cache)
-        return self.predictor
 
-    def _calibrate_fused(self, page: int, runs: int) -> None:
-        """Times every fused program `runs` times on synthetic inference batches with a timing micro-batch: its
-        token chunks or forward windows at its start, its backward slices once its forward is done (dropped at the
-        end, nothing applied). `runs` 0: each runs once, untimed (at `register`, which compiles them: a program's
-        first run is slow)."""
+    def _calibrate_fused(self, page: int, runs: int):
+        """Times every fused program `runs` times on synthetic inference batches with a timing micro-batch (yielding
+        after each run): its token chunks or forward windows at its start, its backward slices once its forward is
+        done (dropped at the end, nothing applied). `runs` 0: each runs once, untimed (in the job's setup: a
+        program's first run is slow)."""
         micro, sizes = self.job.micro, self.sizes
         phases = [p for p in ("tokens", "forward", "backward") if sizes.fused_of(p)]
-        if not phases or not micro.start(calibration=True):
+        if not phases or micro.current is not None or not micro.start(calibration=True):
             return
-        for phase in phases:
-            while (status := micro.status()) is not None and status[0] != phase:
-                micro.run(largest_chunk(sizes.of(status[0]), status[1]))
-            for size in sizes.fused_of(phase):
-                for bucket in (b for b in self.runner.buckets if self.runner.can_fuse(b, phase, size)):
-                    for i in range(max(runs, 1)):
-                        call = micro.fused_call(size)
-                        if call is None:
-                            break
-                        context, seconds, out = self.runner.time_fused(bucket, call, seed=i, scratch_page=page)
-                        micro.fused_trial(call, out)
-                        if runs:
-                            key = (bucket.seqs, bucket.tokens, bucket.pages, phase, size)
-                            self.predictor.observe_step(key, context, seconds)
-        micro.abandon()
+        try:
+            for phase in phases:
+                while (status := micro.status()) is not None and status[0] != phase:
+                    micro.run(largest_chunk(sizes.of(status[0]), status[1]))
+                    yield
+                for size in sizes.fused_of(phase):
+                    for bucket in (b for b in self.runner.buckets if self.runner.can_fuse(b, phase, size)):
+                        for i in range(max(runs, 1)):
+                            call = micro.fused_call(size)
+                            if call is None:
+                                break
+                            context, seconds, out = self.runner.time_fused(bucket, call, seed=i, scratch_page=page)
+                            micro.fused_trial(call, out)
+                            if runs:
+                                key = (bucket.seqs, bucket.tokens, bucket.pages, phase, size)
+                                self.predictor.observe_step(key, context, seconds)
+                            yield
+        finally:
+            micro.abandon()
 
     @contextlib.contextmanager
     def _scratch_page(self):

@@ -32,7 +32,7 @@ from harli_jax.model.paged import ArenaLayout
 from harli_jax.model.sharding import device_bytes, shard_params, tp_mesh
 from harli_jax.runtime.adapters import AdapterCatalog, ServedAdapter, SlotTable
 from harli_jax.runtime.arena import Arena, pages_from_memory
-from harli_jax.runtime.colocator import CoLocator
+from harli_jax.runtime.colocator import CoLocator, PreparedJob
 from harli_jax.runtime.config import EngineConfig
 from harli_jax.runtime.distributed import Peers
 from harli_jax.runtime.finetune import FinetuneJob, JobHandle
@@ -175,17 +175,28 @@ class Engine:
         """Layers per training micro-step, each compiled at warm-up."""
         return self.colocation.chunks
 
-    def finetune(self, job: FinetuneJob) -> JobHandle:
-        """Registers a LoRA finetune job over this engine's weights and arena; returns its handle at once.
-        The job trains whenever the engine steps without inference work (`handle.wait()` drives it)."""
+    def prepare_finetune(self, job: FinetuneJob) -> PreparedJob:
+        """A finetune job's data, training state (resumed from its checkpoint directory if it has one) and compiled
+        programs, ready for `finetune`, which then compiles nothing. Any thread may call it while the engine
+        serves (`harli serve` does so on a thread of its own)."""
+        if self.peers is not None:
+            raise ConfigError("finetune jobs run on a single-process engine (tensor parallel over its devices)")
+        return self.colocation.prepare(FinetuneRunner(job, self.cfg, self.runner.params, self.tokenizer, self.arena))
+
+    def finetune(self, job: FinetuneJob | PreparedJob, *, setup_between_steps: bool = False) -> JobHandle:
+        """Registers a LoRA finetune job over this engine's weights and arena (prepared here unless
+        `prepare_finetune` did it); returns its handle. The job trains whenever the engine steps without inference
+        work, and in the slack of its steps (`handle.wait()` drives it). Its setup (each program's first run, the
+        predictor's calibration) runs now, or with `setup_between_steps` one program after each engine step."""
         if self.peers is not None:
             raise ConfigError("finetune jobs run on a single-process engine (tensor parallel over its devices)")
         current = self.colocation.job
         if current is not None and not JobHandle(current, self).done():
             raise HarliError(f"job {current.job.name!r} is still registered; stop it first")
-        runner = FinetuneRunner(job, self.cfg, self.runner.params, self.tokenizer, self.arena)
-        self.colocation.register(runner)
-        log.info("finetune job %r: %d training samples, %s eval samples, %d optimizer steps", job.name,
+        prepared = job if isinstance(job, PreparedJob) else self.prepare_finetune(job)
+        runner = prepared.runner
+        self.colocation.register(prepared, setup_between_steps=setup_between_steps)
+        log.info("finetune job %r: %d training samples, %s eval samples, %d optimizer steps", runner.job.name,
                  len(runner.train_set), len(runner.eval_set) if runner.eval_set is not None else 0,
                  runner.total_steps)
         return JobHandle(runner, self)

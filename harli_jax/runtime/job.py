@@ -109,12 +109,11 @@ class FinetuneRunner:
             return data_lib.load_jsonl(records, tokenizer, strict=self.job.strict_data)
         return data_lib.from_records(records, tokenizer, strict=self.job.strict_data)
 
-    def warmup(self, sequences: Sequence[tuple[bool, Sequence[int]]] = (), layer_sizes: Sequence[int] = (),
-               compile_threads: int = 1) -> None:
-        """Compiles the training programs without changing anything: the single-program step, the update and the
-        eval loss on copies of the state; the layer-chunk micro-steps of `layer_sizes` in `compile_threads`
-        parallel threads; then runs one timing micro-batch (dropped at its end) per (token mode, micro-step
-        sizes), which together cover every micro-step program a policy runs (a program's first run is slow)."""
+    def compile(self, layer_sizes: Sequence[int] = (), token_sizes: Sequence[int] = (), forward: bool = True,
+                compile_threads: int = 1) -> None:
+        """Compiles the training programs without changing anything, on any thread before the job is registered:
+        the single-program step, the update, the commit and the eval loss (run on copies of the state), and the
+        micro-step programs of these sizes (`MicroBatchExecutor.compile_programs`)."""
         batch = self.loader.next_batch()
         self.loader.push_back(batch)
         def copy():
@@ -125,13 +124,8 @@ class FinetuneRunner:
         jax.block_until_ready(_update(self.optimizer, copy()))
         jax.block_until_ready(_commit(copy(), jax.tree.map(jnp.zeros_like, self.state.lora), jnp.float32(0)))
         jax.block_until_ready(_eval(self.state.lora, self.params, self.cfg, device_batch))
-        if layer_sizes:
-            self.micro.compile_programs(layer_sizes, forward=not all(mode for mode, _ in sequences),
-                                        threads=compile_threads)
-        for token_mode, sequence in sequences:
-            if self.micro.current is None and self.micro.start(calibration=True, token_mode=token_mode):
-                for size in sequence:
-                    self.micro.run(size)
+        if layer_sizes or token_sizes:
+            self.micro.compile_programs(layer_sizes, token_sizes, forward, compile_threads)
 
     def _count_batches(self) -> int:
         probe = data_lib.DataLoader(self.train_set, self.job.micro_batch_rows, self.job.seq_len, seed=self.job.seed,

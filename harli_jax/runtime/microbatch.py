@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from harli_jax.lora import data as data_lib
 from harli_jax.lora import fused, trainer
@@ -132,7 +133,7 @@ class MicroBatchExecutor:
         device_batch = trainer.TrainBatch.from_host(batch.arrays())
         phase = ("tokens", self.job.job.seq_len) if token_mode else ("forward", self.job.cfg.num_layers)
         run = MicroBatchRun(batch=batch, device_batch=device_batch, lease=lease,
-                            stash_pages=jnp.asarray(pages, jnp.int32), phase=phase, calibration=calibration)
+                            stash_pages=jnp.asarray(np.asarray(pages, np.int32)), phase=phase, calibration=calibration)
         if token_mode:
             run.loss_sum, run.count = jnp.float32(0), jnp.float32(0)
         else:
@@ -140,25 +141,35 @@ class MicroBatchExecutor:
         self.current = run
         return True
 
-    def compile_programs(self, layer_sizes: Sequence[int], forward: bool, threads: int) -> None:
-        """Compiles the layer-chunk micro-step programs of `layer_sizes` (their backward slices, and with `forward`
-        their forward chunks and the loss step) in `threads` parallel threads (XLA compiles without the GIL),
-        from the arguments of a timing micro-batch started and dropped here: a micro-step of these sizes then
-        compiles nothing."""
-        if self.current is not None or not self.start(calibration=True, token_mode=False):
-            return
-        run, job, layout = self.current, self.job, self.arena.layout
-        lora, buffer, grads = job.state.lora, self.arena.buffer, jax.tree.map(jnp.zeros_like, job.state.lora)
-        lowerings = [functools.partial(_backward_chunk.lower, job.params.layers[:n], layout, lora, buffer, run.x,
-                                       grads, run.device_batch, run.stash_pages, jnp.int32(n)) for n in layer_sizes]
+    def compile_programs(self, layer_sizes: Sequence[int], token_sizes: Sequence[int], forward: bool,
+                         threads: int) -> None:
+        """Compiles the micro-step programs in `threads` parallel threads (XLA compiles without the GIL): the backward
+        slices of `layer_sizes`, with `forward` their forward chunks and the loss step, and the token chunks of
+        `token_sizes` with the loss gradient's read. Any thread may call it before the job is registered: it leases
+        nothing (the arena is only read for its shape) and runs the small eager operations of a micro-batch's start
+        and end here, so that a micro-step of these sizes then compiles nothing."""
+        job, layout = self.job, self.arena.layout
+        batch = job.loader.next_batch()
+        job.loader.push_back(batch)
+        device_batch = trainer.TrainBatch.from_host(batch.arrays())
+        buffer, pages = self.arena.buffer, jnp.asarray(np.zeros(self.stash_pages_needed, np.int32))
+        lora, grads = job.state.lora, jax.tree.map(jnp.zeros_like, job.state.lora)
+        x = trainer.embed_step(job.params, device_batch)
+        lowerings = [functools.partial(_backward_chunk.lower, job.params.layers[:n], layout, lora, buffer, x, grads,
+                                       device_batch, pages, jnp.int32(n)) for n in layer_sizes]
         if forward:
-            lowerings.append(functools.partial(_loss_step.lower, job.params, job.cfg, run.x, run.device_batch))
-            lowerings += [functools.partial(_forward_chunk.lower, job.params.layers[:n], layout, lora, buffer, run.x,
-                                            run.device_batch, run.stash_pages, jnp.int32(0)) for n in layer_sizes]
+            lowerings.append(functools.partial(_loss_step.lower, job.params, job.cfg, x, device_batch))
+            lowerings += [functools.partial(_forward_chunk.lower, job.params.layers[:n], layout, lora, buffer, x,
+                                            device_batch, pages, jnp.int32(0)) for n in layer_sizes]
+        if token_sizes:
+            sums = (jnp.float32(0), jnp.float32(0))
+            shape = (*device_batch.tokens.shape, job.cfg.hidden_size)
+            lowerings.append(functools.partial(_loss_gradient.lower, layout, buffer, pages, shape))
+            lowerings += [functools.partial(_forward_tokens.lower, job.params, layout, lora, buffer, device_batch,
+                                            pages, jnp.int32(0), sums, chunk=n) for n in token_sizes]
         with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
             for _ in pool.map(lambda lower: lower().compile(), lowerings):
                 pass
-        self.abandon()
 
     def run(self, size: int) -> MicroStepResult:
         """Runs the next micro-step of the micro-batch in flight over `size` layers (positions, in a token-chunked

@@ -318,24 +318,35 @@ class ModelRunner:
                                       self.settings.attention_impl, self.mesh, self.lora, self.arena.layout, *args,
                                       **sizes).compile()
 
-    def prepare_fused(self, shapes: dict[tuple[str, int], tuple]) -> None:
-        """Compiles the fused programs for these (kind, size) shapes and their training arguments (in parallel
-        threads): one per decode batch bucket, at the largest page bucket, which every decode step of that batch
-        fits (`fused_bucket`); a step of another shape never fuses."""
+    def compile_fused_programs(self, shapes: dict[tuple[str, int], tuple]) -> dict:
+        """The fused programs for these (kind, size) shapes and their training arguments, compiled in parallel
+        threads (any thread may call it: nothing of the runner changes): one per decode batch bucket, at the
+        largest page bucket, which every decode step of that batch fits (`fused_bucket`); a step of another shape
+        never fuses. `add_fused` takes them."""
         todo = [(b, kind, size) for b in self.buckets if b.decode_only and b.pages == self.page_buckets[-1]
                 for kind, size in shapes if (b, kind, size) not in self._fused]
         if not todo:
-            return
+            return {}
         started = time.perf_counter()
         status = StatusLine("compiling fused step programs", len(todo))
         workers = self.settings.compile_threads or os.cpu_count() or 1
+        programs = {}
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            programs = pool.map(lambda key: self.compile_fused(*key, shapes[key[1:]]), todo)
-            for done, (key, program) in enumerate(zip(todo, programs, strict=True), 1):
-                self._fused[key] = program
+            compiled = pool.map(lambda key: self.compile_fused(*key, shapes[key[1:]]), todo)
+            for done, (key, program) in enumerate(zip(todo, compiled, strict=True), 1):
+                programs[key] = program
                 status.update(done)
         status.close()
         log.info("compiled %d fused step programs in %.1fs", len(todo), time.perf_counter() - started)
+        return programs
+
+    def add_fused(self, programs: dict) -> None:
+        """Takes fused programs (`compile_fused_programs`): a step of their shape may fuse from now on."""
+        self._fused.update(programs)
+
+    def prepare_fused(self, shapes: dict[tuple[str, int], tuple]) -> None:
+        """Compiles and takes the fused programs of these shapes (`compile_fused_programs`)."""
+        self.add_fused(self.compile_fused_programs(shapes))
 
     def can_fuse(self, bucket: Bucket, kind: str, size: int) -> bool:
         return (bucket, kind, size) in self._fused

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -32,7 +33,7 @@ from harli_jax.runtime.request import Event, FinishedEvent, FinishReason, Genera
 from harli_jax.runtime.request import Request as EngineRequest
 from harli_jax.server import protocol
 from harli_jax.server.finetuning import FineTuning
-from harli_jax.server.loop import EngineLoop, EngineStopped, QueueFull, Snapshot
+from harli_jax.server.loop import ENGINE_THREAD, EngineLoop, EngineStopped, QueueFull, Snapshot
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0)
@@ -70,6 +71,8 @@ class ServerMetrics:
                                          registry=registry)
         self.success = Counter("harli:request_success", "Finished requests by finish reason", ["finished_reason"],
                                registry=registry)
+        self.engine_compiles = Counter("harli:engine_thread_compiles", "XLA compiles on the engine thread (every "
+                                       "stream waits through each; none is expected after warm-up)", registry=registry)
         self.refused = Counter("harli:requests_refused", "Requests refused with a 429: over max waiting, or not "
                                "admitted within the queue timeout", registry=registry)
         self.gauges = {
@@ -97,6 +100,11 @@ class ServerMetrics:
         self.cache_info = Gauge("vllm:cache_config_info", "The KV cache: tokens per page (block_size) and pages "
                                 "(num_gpu_blocks)", ["block_size", "num_gpu_blocks"], registry=registry)
         self.observe(Snapshot())
+
+    def compiled(self, event: str, *_, **__) -> None:
+        """A JAX monitoring event (a listener of `jax.monitoring`): counts the XLA compiles of the engine thread."""
+        if event.endswith("backend_compile_duration") and threading.current_thread().name == ENGINE_THREAD:
+            self.engine_compiles.inc()
 
     def observe(self, snapshot: Snapshot) -> None:
         for name, gauge in self.gauges.items():
@@ -376,7 +384,8 @@ def _page(items: list[dict], after: str | None, limit: int) -> dict:
 
 def add_fine_tuning_routes(app: FastAPI, loop: EngineLoop, jobs: FineTuning) -> None:
     """`/v1/files` and `/v1/fine_tuning/jobs` (create, list, retrieve, cancel, pause, resume, events,
-    checkpoints) over `jobs`; changes to a job run on the engine thread."""
+    checkpoints) over `jobs`; changes to a job run on the engine thread, and the rest on worker threads (they wait
+    for the records' lock and read files: the event loop that streams every request's tokens never does)."""
 
     async def on_engine(fn):
         try:
@@ -391,11 +400,11 @@ def add_fine_tuning_routes(app: FastAPI, loop: EngineLoop, jobs: FineTuning) -> 
 
     @app.get("/v1/files")
     async def files() -> dict:
-        return {"object": "list", "data": jobs.files.list(), "has_more": False}
+        return {"object": "list", "data": await asyncio.to_thread(jobs.files.list), "has_more": False}
 
     @app.get("/v1/files/{file_id}")
     async def file(file_id: str) -> dict:
-        return jobs.files.get(file_id)
+        return await asyncio.to_thread(jobs.files.get, file_id)
 
     @app.post("/v1/fine_tuning/jobs")
     async def create(request: Request) -> dict:
@@ -405,35 +414,35 @@ def add_fine_tuning_routes(app: FastAPI, loop: EngineLoop, jobs: FineTuning) -> 
             raise protocol.ApiError(400, f"the body is not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise protocol.ApiError(400, "the body must be a JSON object")
-        return jobs.create(body)
+        return await asyncio.to_thread(jobs.create, body)
 
     @app.get("/v1/fine_tuning/jobs")
     async def list_jobs(after: str | None = None, limit: int = 20) -> dict:
-        return _page(jobs.list(), after, limit)
+        return _page(await asyncio.to_thread(jobs.list), after, limit)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
     async def retrieve(job_id: str) -> dict:
-        return jobs.retrieve(job_id)
+        return await asyncio.to_thread(jobs.retrieve, job_id)
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     async def cancel(job_id: str) -> dict:
-        jobs.get(job_id)
+        await asyncio.to_thread(jobs.get, job_id)
         return await on_engine(lambda: jobs.cancel(job_id))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
     async def pause(job_id: str) -> dict:
-        jobs.get(job_id)
+        await asyncio.to_thread(jobs.get, job_id)
         return await on_engine(lambda: jobs.pause(job_id))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
     async def resume(job_id: str) -> dict:
-        jobs.get(job_id)
+        await asyncio.to_thread(jobs.get, job_id)
         return await on_engine(lambda: jobs.resume(job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
     async def events(job_id: str, after: str | None = None, limit: int = 20) -> dict:
-        return _page(jobs.events(job_id), after, limit)
+        return _page(await asyncio.to_thread(jobs.events, job_id), after, limit)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
     async def checkpoints(job_id: str, after: str | None = None, limit: int = 10) -> dict:
-        return _page(jobs.checkpoints(job_id), after, limit)
+        return _page(await asyncio.to_thread(jobs.checkpoints, job_id), after, limit)

@@ -9,16 +9,20 @@ checkpoints, which a restarted job resumes from), `jobs/<job id>/checkpoints/ste
 
 A job goes `validating_files -> queued -> running -> succeeded | failed | cancelled` (and `paused` while paused).
 One job trains at a time, in the decode slack under the engine's SLO (its co-location policy). Every change of a
-running job happens on the engine thread: `tick` (called between steps) starts queued jobs, records their
-progress, exports checkpoints and serves each under its `fine_tuned_model_checkpoint` name (the newest
+running job happens on the engine thread, and nothing slow does: `tick` (called between steps) has a queued job
+prepared on a thread of its own (its data loaded, its programs compiled) and registers it once it is ready (its
+setup then runs one program between two steps), records the progress, has each checkpoint's adapter written and
+loaded on a writer thread and serves it under its `fine_tuned_model_checkpoint` name (the newest
 `keep_checkpoints` of a job: an older one is no longer served and its export is deleted once no request uses it, so
 that a long job holds bounded memory and disk), and serves the final adapter as `fine_tuned_model`,
-`ft:<base>:<suffix>:<job id>`; cancel, pause and resume reach it through
-`EngineLoop.call`. The HTTP side reads the records under a lock.
+`ft:<base>:<suffix>:<job id>`; cancel, pause and resume reach it through `EngineLoop.call`. The HTTP side reads
+the records under a lock.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,12 +34,15 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import jax
 
 from harli_jax.errors import HarliError
-from harli_jax.lora.adapters import LoRAConfig
+from harli_jax.lora.adapters import LoRAConfig, export_peft
 from harli_jax.lora.data import load_jsonl
 from harli_jax.model.tokenizer import Tokenizer
+from harli_jax.runtime.colocator import PreparedJob
 from harli_jax.runtime.engine import Engine
 from harli_jax.runtime.finetune import FinetuneJob, JobHandle, JobStatus
 from harli_jax.server.protocol import ApiError
@@ -45,20 +52,35 @@ log = logging.getLogger("harli_jax")
 BASE_LEARNING_RATE = 3e-3  # learning_rate_multiplier 1 (FinetuneJob's default)
 AUTO_EPOCHS, AUTO_BATCH_SIZE = 3, 4  # what "auto" (or nothing) means
 FINAL = ("succeeded", "failed", "cancelled")
+BACKGROUND_NICE = 10  # the niceness of the threads that prepare jobs and export adapters
 MAX_PROBLEMS = 5  # line problems named in an upload's error
 
 
 def _write_json(path: Path, value: Any) -> None:
     """Writes `value` as JSON atomically and durably: a crash leaves the old file or the new one, never half of
     one, and the new one is on disk when this returns."""
+    _write_bytes(path, json.dumps(value, indent=1).encode())
+
+
+def _write_bytes(path: Path, content: bytes) -> None:
+    """Writes a file atomically and durably (through a temporary file `.<name>.*` beside it, which a crash may
+    leave behind: `_remove_temporary` deletes those)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=1)
+    with os.fdopen(fd, "wb") as f:
+        f.write(content)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _sync_dir(path.parent)
+
+
+def _remove_temporary(directory: Path) -> None:
+    """Deletes the temporary files that writes interrupted by a crash left in `directory`."""
+    for path in directory.glob(".*.*"):
+        if path.is_file():
+            log.warning("removing %s, left by an interrupted write", path)
+            path.unlink()
 
 
 def _append_line(path: Path, value: Any) -> None:
@@ -74,13 +96,7 @@ def _append_line(path: Path, value: Any) -> None:
 
 def _write_lines(path: Path, values: list[Any]) -> None:
     """Writes a JSON-lines file atomically and durably (as `_write_json`)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(v) + "\n" for v in values)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _sync_dir(path.parent)
+    _write_bytes(path, "".join(json.dumps(v) + "\n" for v in values).encode())
 
 
 def _read_lines(path: Path) -> list[Any]:
@@ -105,6 +121,12 @@ def _sync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _lower_priority() -> None:
+    """Lowers the calling thread's CPU priority (Linux: nice 10, per thread; elsewhere nothing)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+
+
 def _not_found(kind: str, ident: str, param: str) -> ApiError:
     return ApiError(404, f"no {kind} with id {ident!r}", type="not_found_error", param=param, code="not_found")
 
@@ -115,7 +137,12 @@ class FileStore:
     def __init__(self, directory: Path, tokenizer: Tokenizer | None):
         self.directory, self.tokenizer = directory, tokenizer
         directory.mkdir(parents=True, exist_ok=True)
+        _remove_temporary(directory)
         self._files = {f["id"]: f for f in (json.loads(p.read_text()) for p in sorted(directory.glob("*.json")))}
+        for path in directory.glob("*.jsonl"):
+            if path.stem not in self._files:  # stored, then a crash before its record: the upload never answered
+                log.warning("removing %s, an upload a crash interrupted", path)
+                path.unlink()
         self._lock = threading.Lock()
 
     def upload(self, filename: str, content: bytes, purpose: str) -> dict[str, Any]:
@@ -128,7 +155,7 @@ class FileStore:
             raise ApiError(400, "this model has no tokenizer: it cannot be fine-tuned on text", param="file")
         file_id = f"file-{uuid.uuid4().hex[:24]}"
         path = self.directory / f"{file_id}.jsonl"
-        path.write_bytes(content)
+        _write_bytes(path, content)
         try:
             problems, samples = self._validate(path, filename)
         except HarliError as e:
@@ -203,6 +230,18 @@ class JobRecord:
                 "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}}
 
 
+class Export(NamedTuple):
+    """An adapter export the writer thread runs: a checkpoint of `step` (None: the job's final adapter), served as
+    `name`; `value` is the checkpoint's training loss, or the final adapter's trained tokens."""
+
+    job: JobRecord
+    handle: JobHandle
+    step: int | None
+    name: str
+    value: float | int | None
+    future: concurrent.futures.Future
+
+
 def _hyperparameter(body: dict[str, Any], name: str, auto, kind: type, low: float) -> Any:
     """A hyperparameter of the request (top-level `hyperparameters` or `method.supervised.hyperparameters`);
     "auto" or absent: `auto`."""
@@ -231,18 +270,43 @@ class FineTuning:
         self.files = FileStore(self.root / "files", engine.tokenizer)
         self._jobs: dict[str, JobRecord] = {}
         self._lock = threading.Lock()  # guards the records
-        self._append_lock = threading.Lock()  # orders the appends to events files and their reads
+        self._append_lock = threading.Lock()  # keeps the reads of events files from the writes
         self._active: tuple[JobRecord, JobHandle] | None = None  # the registered job (engine thread only)
         self._seen_steps = 0
+        # Off the engine thread: a job's preparation (data, state, compiles) on one worker; on another, in the order
+        # asked, every write of the state directory (records, events, the exports of adapters and their loading to
+        # serve). The engine thread takes their results.
+        # Both run at a lower CPU priority than serving (the threads they start inherit it: the compiles).
+        self._preparer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="harli-job-prepare",
+                                                               initializer=_lower_priority)
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="harli-job-writer",
+                                                             initializer=_lower_priority)
+        self._preparing: tuple[JobRecord, concurrent.futures.Future] | None = None
+        self._exports: list[Export] = []  # submitted to the writer, in order, not yet taken
         for path in sorted((self.root / "jobs").glob("*/job.json")):
             record = json.loads(path.read_text())
             events = record.pop("events", None)  # a job.json of an earlier version held its events
             job = JobRecord(**record)
+            self._remove_interrupted(job)
             if events is not None:
                 if not self._events_file(job).exists():
                     _write_lines(self._events_file(job), events)
                 self._save(job)
             self._restore(job)
+
+    def _remove_interrupted(self, job: JobRecord) -> None:
+        """Deletes what a crash interrupted in the job's directory (before anything is written there): temporary
+        files, and exports (a checkpoint's not recorded, the final adapter of a job that had not succeeded; the
+        job makes them again)."""
+        _remove_temporary(self._dir(job))
+        recorded = {f"step-{c['step_number']}" for c in job.checkpoints}
+        unfinished = [d for d in (self._dir(job) / "checkpoints").glob("step-*") if d.name not in recorded]
+        if job.status != "succeeded":
+            unfinished.append(self._dir(job) / "adapter")
+        for directory in unfinished:
+            if directory.exists():
+                log.warning("removing %s, an export a crash interrupted", directory)
+                shutil.rmtree(directory)
 
     def _restore(self, job: JobRecord) -> None:
         """A job of an earlier run: its adapters served again; one that was training resumes (queued)."""
@@ -276,16 +340,30 @@ class FineTuning:
         return self._dir(job) / "events.jsonl"
 
     def _save(self, job: JobRecord) -> None:
-        _write_json(self._dir(job) / "job.json", dataclasses.asdict(job))
+        """Has the job's record as it is now written (by the writer thread)."""
+        self._write(_write_json, self._dir(job) / "job.json", dataclasses.asdict(job))
+
+    def _write(self, write, *args) -> None:
+        """Has the writer thread make a write, after every write asked for before it (one that fails is logged)."""
+        def logged():
+            try:
+                with self._append_lock:
+                    write(*args)
+            except OSError as e:
+                log.error("fine-tuning: cannot write %s: %s", args[0], e)
+
+        self._writer.submit(logged)
+
+    def flush(self) -> None:
+        """Waits until every write asked for so far is made."""
+        self._writer.submit(lambda: None).result()
 
     def _event(self, job: JobRecord, message: str, kind: str = "message", data: dict[str, Any] | None = None,
                level: str = "info") -> None:
-        """Appends an event to the job's events file."""
-        with self._append_lock:
-            _append_line(self._events_file(job), {
-                "id": f"ftevent-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job.event",
-                "created_at": int(time.time()), "level": level, "message": message, "data": data or {},
-                "type": kind})
+        """Has an event appended to the job's events file (by the writer thread)."""
+        self._write(_append_line, self._events_file(job), {
+            "id": f"ftevent-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job.event",
+            "created_at": int(time.time()), "level": level, "message": message, "data": data or {}, "type": kind})
 
     # The HTTP side ------------------------------------------------------------------------------------------
 
@@ -346,6 +424,7 @@ class FineTuning:
     def events(self, job_id: str) -> list[dict[str, Any]]:
         """The job's events, newest first, as the API lists them (read from its events file)."""
         job = self.get(job_id)
+        self.flush()
         with self._append_lock:
             return list(reversed(_read_lines(self._events_file(job))))
 
@@ -394,16 +473,25 @@ class FineTuning:
             return job.api()
 
     def tick(self, engine: Engine) -> None:
-        """Between two engine steps: follows the registered job, or starts the oldest queued one."""
+        """Between two engine steps: takes the finished exports, follows the registered job, or registers the one
+        prepared (off this thread), or starts preparing the oldest queued one."""
+        self._take_exports()
         if self._active is not None:
             self._follow(*self._active)
+            return
+        if self._preparing is not None:
+            if self._preparing[1].done():
+                job, future = self._preparing
+                self._preparing = None
+                self._register(engine, job, future)
             return
         with self._lock:
             queued = sorted((j for j in self._jobs.values() if j.status == "queued"), key=lambda j: j.created_at)
         if queued:
-            self._start(engine, queued[0])
+            self._prepare(engine, queued[0])
 
-    def _start(self, engine: Engine, job: JobRecord) -> None:
+    def _prepare(self, engine: Engine, job: JobRecord) -> None:
+        """Loads the job's data and state and compiles its programs on the preparing thread."""
         spec = FinetuneJob(dataset=self.files.path(job.training_file),
                            eval_dataset=self.files.path(job.validation_file) if job.validation_file else None,
                            lora=self.lora, learning_rate=BASE_LEARNING_RATE * job.learning_rate_multiplier,
@@ -411,13 +499,23 @@ class FineTuning:
                            epochs=job.n_epochs, eval_fraction=0.0, eval_interval=0,
                            checkpoint_dir=self._dir(job) / "state", checkpoint_interval=self.checkpoint_steps,
                            seed=job.seed, name=job.id)
+        self._preparing = (job, self._preparer.submit(engine.prepare_finetune, spec))
+        with self._lock:
+            self._event(job, "Preparing the job: loading its data and compiling its programs")
+
+    def _register(self, engine: Engine, job: JobRecord, future: concurrent.futures.Future) -> None:
+        """Registers a prepared job with the engine (its setup then runs between steps), unless it was cancelled
+        or paused while it was prepared (a paused one is prepared again when it resumes)."""
         try:
-            handle = engine.finetune(spec)
-        except HarliError as e:
+            prepared: PreparedJob = future.result()
+        except (HarliError, OSError) as e:
             with self._lock:
                 job.error = {"code": "invalid_training_job", "message": str(e), "param": None}
             self._update(job, "failed", f"Fine-tuning job failed: {e}", finished=True, level="error")
             return
+        if job.status != "queued":
+            return
+        handle = engine.finetune(prepared, setup_between_steps=True)
         self._active, self._seen_steps = (job, handle), handle.progress().step
         total = handle.progress().total_steps
         self._update(job, "running", f"Fine-tuning job started: {total} steps")
@@ -444,47 +542,76 @@ class FineTuning:
             if progress.eval_loss is not None:  # the validation file's loss at the end
                 with self._lock:
                     self._event(job, f"Step {progress.step}: validation loss={progress.eval_loss:.4f}", "metrics",
-                              {"step": progress.step, "valid_loss": progress.eval_loss})
-            try:
-                handle.export_peft(self._dir(job) / "adapter", self.base_model)
-                self._serve(job.model_name, self._dir(job) / "adapter")
-            except (HarliError, OSError) as e:
-                message = f"cannot export the final adapter to {self._dir(job) / 'adapter'}: {e}"
-                with self._lock:
-                    job.error = {"code": "adapter_export_failed", "message": message, "param": None}
-                self._update(job, "failed", f"Fine-tuning job failed: {message}", finished=True, level="error")
-                return
-            with self._lock:
-                job.fine_tuned_model, job.trained_tokens = job.model_name, progress.tokens
-            self._update(job, "succeeded", f"The job has successfully completed: {job.model_name}", finished=True)
+                                {"step": progress.step, "valid_loss": progress.eval_loss})
+            self._export(job, handle, None, job.model_name, self._dir(job) / "adapter", progress.tokens)
         elif progress.status is JobStatus.PAUSED and job.status == "running":
             self._update(job, "paused", f"Fine-tuning job paused: {progress.reason}", level="warn")
 
     def _checkpoint(self, job: JobRecord, handle: JobHandle, step: int, loss: float | None) -> None:
-        """Exports the adapter at `step` and serves it by its checkpoint name while the job trains on. A step
-        that already has one was made before a crash that the job resumed from an earlier state: the same data
-        through the same programs, so that checkpoint stays as it is."""
-        directory = self._dir(job) / "checkpoints" / f"step-{step}"
-        name = f"{job.model_name}:ckpt-step-{step}"
+        """Exports the adapter at `step` (off this thread) and serves it by its checkpoint name while the job
+        trains on. A step that already has one was made before a crash that the job resumed from an earlier
+        state: the same data through the same programs, so that checkpoint stays as it is."""
         if any(c["step_number"] == step for c in job.checkpoints):
             return
-        try:
-            handle.export_peft(directory, self.base_model)
+        self._export(job, handle, step, f"{job.model_name}:ckpt-step-{step}",
+                     self._dir(job) / "checkpoints" / f"step-{step}", loss)
+
+    def _export(self, job: JobRecord, handle: JobHandle, step: int | None, name: str, directory: Path,
+                value: float | int | None) -> None:
+        """Copies the adapter's weights to the host now (the next update replaces them) and has the writer export
+        them to `directory` and serve them as `name`; `_take_exports` records the result."""
+        weights, lora = jax.device_get(handle.adapters), handle.lora_config
+
+        def write() -> None:
+            export_peft(weights, lora, self.engine.cfg, directory, self.base_model)
             self._serve(name, directory)
-        except (HarliError, OSError) as e:
-            handle.pause()
-            self._update(job, "paused", f"Fine-tuning job paused: cannot export the checkpoint of step {step} to "
-                                        f"{directory}: {e}", level="error")
+
+        self._exports.append(Export(job, handle, step, name, value, self._writer.submit(write)))
+
+    def _take_exports(self, wait: bool = False) -> None:
+        """Records the exports the writer finished, in order (all of them with `wait`): a checkpoint, or the
+        final adapter (the job succeeds); one that failed pauses its job, or fails it at the end."""
+        while self._exports and (wait or self._exports[0].future.done()):
+            export = self._exports.pop(0)
+            job = export.job
+            try:
+                export.future.result()
+            except (HarliError, OSError) as e:
+                self._export_failed(export, e)
+                continue
+            if export.step is None:
+                if job.status in FINAL:  # cancelled while its adapter was written
+                    continue
+                with self._lock:
+                    job.fine_tuned_model, job.trained_tokens = job.model_name, export.value
+                self._update(job, "succeeded", f"The job has successfully completed: {job.model_name}",
+                             finished=True)
+                continue
+            with self._lock:
+                job.checkpoints.append({"id": f"ftckpt-{uuid.uuid4().hex[:24]}",
+                                        "object": "fine_tuning.job.checkpoint", "created_at": int(time.time()),
+                                        "fine_tuned_model_checkpoint": export.name, "fine_tuning_job_id": job.id,
+                                        "step_number": export.step,
+                                        "metrics": {"step": export.step, "train_loss": export.value}})
+                self._event(job, f"Checkpoint at step {export.step}: {export.name}")
+            self._retire_checkpoints(job)
+            with self._lock:
+                self._save(job)
+
+    def _export_failed(self, export: Export, error: Exception) -> None:
+        """A checkpoint that cannot be written pauses its job (which keeps its state); a final adapter fails it."""
+        job = export.job
+        if export.step is None:
+            message = f"cannot export the final adapter to {self._dir(job) / 'adapter'}: {error}"
+            with self._lock:
+                job.error = {"code": "adapter_export_failed", "message": message, "param": None}
+            self._update(job, "failed", f"Fine-tuning job failed: {message}", finished=True, level="error")
             return
-        with self._lock:
-            job.checkpoints.append({"id": f"ftckpt-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job.checkpoint",
-                                    "created_at": int(time.time()), "fine_tuned_model_checkpoint": name,
-                                    "fine_tuning_job_id": job.id, "step_number": step,
-                                    "metrics": {"step": step, "train_loss": loss}})
-            self._event(job, f"Checkpoint at step {step}: {name}")
-        self._retire_checkpoints(job)
-        with self._lock:
-            self._save(job)
+        directory = self._dir(job) / "checkpoints" / f"step-{export.step}"
+        export.handle.pause()
+        if job.status == "running":
+            self._update(job, "paused", f"Fine-tuning job paused: cannot export the checkpoint of step "
+                                        f"{export.step} to {directory}: {error}", level="error")
 
     def _retire_checkpoints(self, job: JobRecord) -> None:
         """Stops serving the job's checkpoints older than its newest `keep_checkpoints` and deletes their exports;
@@ -493,14 +620,22 @@ class FineTuning:
             name = checkpoint["fine_tuned_model_checkpoint"]
             if self.engine.adapters.get(name) is not None and not self.engine.remove_adapter(name):
                 continue
-            shutil.rmtree(self._dir(job) / "checkpoints" / f"step-{checkpoint['step_number']}", ignore_errors=True)
+            self._writer.submit(shutil.rmtree, self._dir(job) / "checkpoints" / f"step-{checkpoint['step_number']}",
+                                ignore_errors=True)
             with self._lock:
                 job.checkpoints.remove(checkpoint)
 
     def shutdown(self, engine: Engine) -> None:
-        """At server shutdown: the registered job checkpointed, so that the next run resumes it."""
-        if self._active is None:
-            return
+        """At server shutdown: the exports under way finished and recorded, a job being prepared dropped (it is
+        still queued), the registered job checkpointed, so that the next run resumes it."""
+        self._preparer.shutdown(wait=False, cancel_futures=True)
+        self._take_exports(wait=True)
+        if self._active is not None:
+            self._stop_active()
+        self._writer.shutdown(wait=True)
+
+    def _stop_active(self) -> None:
+        """Checkpoints the registered job (a restarted server resumes it from there) and says so in its events."""
         job, handle = self._active
         self._active = None
         try:

@@ -27,6 +27,7 @@ from harli_jax.runtime.processing import RequestError
 from harli_jax.runtime.request import Event, FinishedEvent, GenerationOutput, Request, TokenEvent
 
 log = logging.getLogger("harli_jax")
+ENGINE_THREAD = "harli-engine"  # the engine thread's name
 
 
 class QueueFull(HarliError):
@@ -103,7 +104,7 @@ class EngineLoop:
         self._lock = threading.Lock()  # guards _streams and _calls
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="harli-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=ENGINE_THREAD, daemon=True)
 
     # The server's side ---------------------------------------------------------------------------------------
 

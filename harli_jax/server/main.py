@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import uvicorn
 
 from harli_jax.errors import HarliError
@@ -219,6 +220,7 @@ def _serve(engine: Engine, args: argparse.Namespace, name: str) -> int:
     print(f"harli serve: TPOT SLO {colocation.tpot_slo_ms:.1f} ms ({slo}), policy {colocation.policy}"
           + (f", fine-tuning state in {args.state_dir}" if fine_tuning else ""), file=sys.stderr, flush=True)
     metrics = ServerMetrics(colocation.tpot_slo_ms / 1e3, name, engine.config.adapters.max_loras)
+    jax.monitoring.register_event_duration_secs_listener(metrics.compiled)
     loop = EngineLoop(engine, args.max_waiting, on_finished=metrics.finished, on_snapshot=metrics.observe,
                       jobs=fine_tuning)
     loop.start()

@@ -1,7 +1,9 @@
 """Co-location: the policies against a deterministic fake cost model, memory lending under pressure, and the
 real engine keeping the SLO while it trains."""
 
+import concurrent.futures
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -348,6 +350,43 @@ def test_training_windows_do_not_recompile(tiny, tmp_path, policy):
         assert any(f.startswith("tokens") for f in fused) and any(f.startswith("backward") for f in fused), fused
     if policy["policy"] in ("static", "temporal-K"):  # the forward's last 3 (or 1) layers in compiled sizes, loss on 1
         assert "forward+loss:1" in trained, trained
+    assert compiles == []
+
+
+@pytest.mark.parametrize("policy", [dict(policy="harli", tpot_slo_ms=40.0, fused_layers=(1, 2)),
+                                    dict(policy="cobatch", cobatch_tokens=34, fused_tokens=(16,), fused_layers=(1,))])
+def test_a_job_prepared_on_another_thread_compiles_nothing_on_the_serving_one(tiny, tmp_path, policy):
+    # `prepare_finetune` loads the job and compiles its programs on a thread of its own while the engine serves;
+    # registered, its setup (first runs, calibration) runs one program after each step; from its registration on,
+    # the serving thread compiles nothing: not the setup, not the windows, not the fused steps, not the idle path.
+    config = EngineConfig(max_batch=2, batch_buckets=(2,), prefill_chunk=32, max_seq_len=64, num_pages=200,
+                          calibration_dir=str(tmp_path), compile_threads=2, **policy)
+    engine = Engine(_deeper(tiny, 3), config)
+    serving = threading.current_thread()
+    job = FinetuneJob(total_steps=10_000, eval_interval=0, micro_batch_rows=2, seq_len=64)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        prepared = pool.submit(engine.prepare_finetune, job)
+        sampling = SamplingParams(max_tokens=48, ignore_eos=True)
+        engine.submit(Request([5, 6, 7], sampling))
+        while not prepared.done():  # it serves on meanwhile
+            engine.step()
+            if not engine.has_unfinished():
+                engine.submit(Request([5, 6, 7], sampling))
+    with jax_events(thread=serving) as compiles:
+        handle = engine.finetune(prepared.result(), setup_between_steps=True)
+        assert engine.colocation.setting_up
+        steps = 0
+        while engine.colocation.setting_up:
+            engine.step()
+            steps += 1
+        while engine.has_unfinished():
+            engine.step()
+        _attainment(engine, _trace(8, rate=50, prompt=(4, 24), output=(4, 24)), slo=1.0)
+        handle.wait(max_steps=1)
+    assert steps > 3, steps  # one program per step
+    assert handle.progress().step >= 1
+    trained = [k for r in engine.step_records for k in r.train] + [r.fused for r in engine.step_records if r.fused]
+    assert trained, "no training window ran"
     assert compiles == []
 
 

@@ -6,6 +6,7 @@ batch, pause / resume / cancel, the errors, and a restart that resumes a running
 import concurrent.futures
 import json
 import signal
+import threading
 import time
 import urllib.request
 
@@ -241,16 +242,22 @@ def test_a_job_writes_the_same_bytes_at_every_step_however_long_it_runs(tiny_yam
     upload = jobs.files.upload("train.jsonl", _jsonl(_records(40)), "fine-tune")
     job = jobs.create({"model": NAME, "training_file": upload["id"],
                        "hyperparameters": {"n_epochs": 2, "batch_size": 1}})
-    jobs.tick(engine)  # registers it (compiles)
+    while jobs.get(job["id"]).status != "running":  # prepared on a thread of its own, then registered
+        jobs.tick(engine)
+        time.sleep(0.05)
+    while engine.colocation.setting_up:  # its setup: one program per step
+        engine.step()
     written = []
     for _ in range(40):
         before = _written_bytes()
         engine.step()  # nothing to serve: one micro-batch, one optimizer step
         jobs.tick(engine)  # records the step
+        jobs.flush()  # its writes made
         written.append(_written_bytes() - before)
     jobs.cancel(job["id"])
     steps = [e for e in jobs.events(job["id"]) if e["type"] == "metrics"]
-    assert [e["data"]["step"] for e in steps] == list(range(40, 0, -1))  # newest first, every step
+    numbers = [e["data"]["step"] for e in steps]  # newest first, every step (the setup's last step trained one)
+    assert numbers == list(range(numbers[0], 0, -1)) and numbers[0] >= 40
     first, last = written[5:15], written[-10:]  # after the first steps' one-off writes
     assert max(written[5:]) < 1.5 * min(written[5:]), written
     assert sum(last) < 1.1 * sum(first), written
@@ -276,6 +283,7 @@ def test_events_of_a_job_record_that_held_them_are_kept(tiny_yaml, tmp_path):
     # A crash in the middle of an append leaves a torn line: it is skipped, and the next event is whole.
     upload = jobs.files.upload("train.jsonl", _jsonl(_records(4)), "fine-tune")
     job = jobs.create({"model": NAME, "training_file": upload["id"]})
+    jobs.flush()  # its events written
     with (tmp_path / "jobs" / job["id"] / "events.jsonl").open("a") as f:
         f.write('{"id": "ftevent-torn", "obj')
     jobs.pause(job["id"])
@@ -284,9 +292,10 @@ def test_events_of_a_job_record_that_held_them_are_kept(tiny_yaml, tmp_path):
 
 
 def test_a_server_killed_mid_job_resumes_it_from_its_last_checkpoint_to_the_same_adapter(tiny_yaml, tmp_path):
-    # SIGKILL while the job trains (no shutdown checkpoint, no drain), then a restart on the same state directory:
-    # the upload and the job are there, the job resumes from its last complete checkpoint, trains to the end, and
-    # its adapter equals that of the same job run without a kill (the same data order, the same programs).
+    # SIGKILL while the job trains (no shutdown checkpoint, no drain), with what a kill in the middle of a write
+    # would leave, then a restart on the same state directory: the upload and the job are there (and nothing
+    # half-written), the job resumes from its last complete checkpoint, trains to the end, and its adapter equals
+    # that of the same job run without a kill (the same data order, the same programs).
     from harli_jax.lora import load_peft
     from harli_jax.model import ModelConfig
     from harli_jax.server.finetuning import FineTuning
@@ -298,15 +307,39 @@ def test_a_server_killed_mid_job_resumes_it_from_its_last_checkpoint_to_the_same
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         upload = client.files.create(file=("train.jsonl", data), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model=NAME, training_file=upload.id, seed=3, hyperparameters=hyper)
-        _newest_checkpoints(client, job.id, past_step=5)
+        newest = _newest_checkpoints(client, job.id, past_step=5)[0].step_number
         process.kill()  # SIGKILL: nothing more is written
         process.wait()
+    # What a kill in the middle of a write leaves (each write goes through a temporary file, or appends): an upload
+    # stored before its record, a temporary file of an upload and of the job's record, a torn event line, a
+    # checkpoint's export half written and not recorded, an Orbax save not committed.
+    files, directory = state / "files", state / "jobs" / job.id
+    (files / "file-0123456789abcdef01234567.jsonl").write_bytes(data)
+    (files / ".file-89abcdef0123456789abcdef.jsonl.x1y2z3").write_bytes(data[:100])
+    (directory / ".job.json.a1b2c3").write_text('{"id": "ftjob-')
+    with (directory / "events.jsonl").open("ab") as f:
+        f.write(b'{"id": "ftevent-torn", "object": "fine_tuning.job.ev')
+    half = directory / "checkpoints" / f"step-{newest + 1}"  # a step the job never exports again
+    half.mkdir(parents=True)
+    (half / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    uncommitted = directory / "state" / f"{newest + 2}.orbax-checkpoint-tmp-1796000000000000"
+    uncommitted.mkdir(parents=True)
+    (uncommitted / "junk").write_bytes(b"\x00" * 64)
     with running_server(tiny_yaml, "--state-dir", str(state), *JOB_FLAGS) as (process, url, errors):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         assert [f.id for f in client.files.list().data] == [upload.id]
         done = _wait(client, job.id, ("succeeded", "failed", "cancelled"))
         assert done.status == "succeeded", "".join(errors)
         events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data[::-1]  # oldest first
+        served = {m.id for m in client.models.list().data}
+        checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == sorted(
+            f"step-{c.step_number}" for c in checkpoints)
+        for checkpoint in checkpoints:  # each loads, each is served
+            load_peft(directory / "checkpoints" / f"step-{checkpoint.step_number}", ModelConfig.from_yaml(tiny_yaml))
+            assert checkpoint.fine_tuned_model_checkpoint in served
+    assert sorted(p.name for p in files.iterdir()) == sorted([f"{upload.id}.jsonl", f"{upload.id}.json"])
+    assert not list(directory.glob(".*"))
     messages = [e.message for e in events]
     restart = messages.index("Queued again after a server restart")
     before = [e.data["step"] for e in events[:restart] if e.type == "metrics"]
@@ -331,3 +364,44 @@ def test_a_server_killed_mid_job_resumes_it_from_its_last_checkpoint_to_the_same
         for name in ("a", "b"):
             np.testing.assert_allclose(np.asarray(getattr(got[target], name)), np.asarray(getattr(want[target], name)),
                                        rtol=0, atol=1e-5, err_msg=f"{target}.{name}")
+
+
+def _engine_compiles(url) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return next(s.value for f in families for s in f.samples if s.name == "harli:engine_thread_compiles_total")
+
+
+def test_a_job_created_under_streaming_traffic_stalls_no_stream(tiny_yaml, tmp_path):
+    # The job's data, state and programs are prepared on a thread of its own and its setup runs one program between
+    # two steps: the streams decoding meanwhile never wait long, and the engine thread compiles nothing from the
+    # first request on (harli fuses under this SLO: its fused step programs compile too).
+    flags = ["--served-model-name", NAME, "--max-batch", "4", "--max-seq-len", "128", "--prefill-chunk", "32",
+             "--finetune-seq-len", "64", "--checkpoint-steps", "2", "--max-loras", "2", "--tpot-slo", "100ms",
+             "--compilation-cache", "off"]
+    with running_server(tiny_yaml, "--state-dir", str(tmp_path), *flags) as (process, url, errors):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        before = _engine_compiles(url)
+        stop, gaps = threading.Event(), []
+
+        def stream(i):
+            while not stop.is_set():
+                times = [time.perf_counter() for _ in client.completions.create(
+                    model=NAME, prompt=f"stream {i}", max_tokens=40, temperature=0, stream=True,
+                    extra_body={"ignore_eos": True})]
+                gaps.extend(np.diff(times[1:]).tolist())  # between tokens (the first arrives after the prefill)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            streams = [pool.submit(stream, i) for i in range(4)]
+            time.sleep(2.0)
+            upload = client.files.create(file=("train.jsonl", _jsonl(_records(12))), purpose="fine-tune")
+            job = client.fine_tuning.jobs.create(model=NAME, training_file=upload.id,
+                                                 hyperparameters={"n_epochs": 1, "batch_size": 2})
+            _newest_checkpoints(client, job.id, past_step=1)  # prepared, set up, trained, a checkpoint served
+            time.sleep(1.0)
+            stop.set()
+            for s in streams:
+                s.result()
+        assert len(gaps) > 200, "".join(errors)
+        assert max(gaps) < 0.5, f"longest gap between two tokens {max(gaps):.3f}s"
+        assert _engine_compiles(url) == before, "".join(errors)
