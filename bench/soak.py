@@ -20,9 +20,13 @@ Every `--sample-interval` seconds it samples the server's RSS (/proc/PID/status)
 kv, lease, free; running and waiting requests; the request counters), the job (status, trained tokens), the size of
 the job's state file, the served models, and the TPOT attainment of the requests that finished in the interval.
 TPOT is client-side: (last text chunk - first) / (tokens - 1), the token count from the usage chunk, against the
-SLO the server printed (`harli serve: TPOT SLO X ms`); a streamed request's longest gap between two text chunks
-is held to the server's TBT cap (twice the SLO). Every request is accounted for: finished (200 with a
-finish_reason of stop or length), aborted (by this client), disconnected (by this client), refused (429) or error
+SLO the server printed (`harli serve: TPOT SLO X ms`). Gaps between tokens are held to the server's TBT cap (twice
+the SLO) from both ends: the client's, the longest gap between two chunks of the streams whose every token came
+with text (a byte-level vocabulary's token may carry part of a character: its text waits for the rest, which is no
+stall), and the server's, the inter-token latencies over the cap in `harli:inter_token_latency_seconds` (counted
+from its first bucket bound at or above the cap); `harli:engine_thread_compiles_total` must stay 0.
+Every request is accounted for: finished (200 with a finish_reason of stop or length), aborted (by this client),
+disconnected (by this client), refused (429) or error
 (another 4xx); anything else (5xx, a connection error, a timeout this client did not choose, a stream ending
 without a finish reason) is lost. The server's own counters (`harli:request_success` by reason plus
 `harli:requests_refused`) must add up to the requests this client sent, less at most the disconnected ones (a
@@ -48,6 +52,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -221,16 +226,19 @@ def read_metrics(url: str) -> dict:
     """The /metrics figures the soak samples."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
         text = response.read().decode()
-    values: dict = {"pages": {}, "success": {}}
+    values: dict = {"pages": {}, "success": {}, "itl_buckets": {}}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == "harli:arena_pages":
+            if s.name == "harli:inter_token_latency_seconds_bucket":
+                values["itl_buckets"][s.labels["le"]] = int(s.value)
+            elif s.name == "harli:arena_pages":
                 values["pages"][s.labels["owner"]] = int(s.value)
             elif s.name == "harli:request_success_total":
                 values["success"][s.labels["finished_reason"]] = int(s.value)
             elif s.name in ("harli:num_requests_running", "harli:num_requests_waiting",
                             "harli:finetune_trained_tokens", "harli:requests_refused_total",
-                            "harli:slo_violations_total", "harli:step_duration_seconds_count"):
+                            "harli:slo_violations_total", "harli:step_duration_seconds_count",
+                            "harli:engine_thread_compiles_total"):
                 values[s.name.removeprefix("harli:")] = int(s.value)
     return values
 
@@ -339,7 +347,8 @@ class Traffic:
             result["first_chunk"], result["last_chunk"] = round(chunks[0], 4), round(chunks[-1], 4)
         if tokens and tokens > 1 and len(chunks) > 1:
             result["tpot"] = round((chunks[-1] - chunks[0]) / (tokens - 1), 6)
-            result["max_gap"] = round(max(b - a for a, b in itertools.pairwise(chunks)), 6)
+            if len(chunks) == tokens:  # every token came with text: a gap between chunks is one between tokens
+                result["max_gap"] = round(max(b - a for a, b in itertools.pairwise(chunks)), 6)
         return result
 
     async def calibrate(self, rng: random.Random, seconds: float, clients: int) -> dict:
@@ -476,6 +485,9 @@ def summarize(records: list[dict], samples: list[dict], idle: dict, slo_s: float
     starting = attainment([r for r in served if "end" in r and any(
         r["sent"] < j["created"] + JOB_START_S and r["end"] > j["created"] for j in job_starts)], slo_s)
     gaps = [r["max_gap"] for r in served if "max_gap" in r]
+    buckets = {float(le): n for le, n in server.get("itl_buckets", {}).items()}
+    bound = min((le for le in buckets if le >= 2 * slo_s), default=None)
+    itl_over = buckets[math.inf] - buckets[bound] if bound is not None and math.inf in buckets else None
     job_files = [s["job_file_bytes"] for s in samples if s.get("job_file_bytes") is not None]
     summary = {
         "requests": {"sent": len(records), **outcomes, "unanswered": unanswered, "by_kind": by_kind,
@@ -501,6 +513,9 @@ def summarize(records: list[dict], samples: list[dict], idle: dict, slo_s: float
                        "outside_bursts": attainment([r for r in served if not r["burst"]], slo_s),
                        "job_starts": starting},
         "longest_gap_s": max(gaps, default=None),
+        "whole_token_streams": len(gaps),
+        "server_itl": {"over_s": bound, "over": itl_over, "total": buckets.get(math.inf)},
+        "engine_thread_compiles": server.get("engine_thread_compiles_total"),
     }
     r = summary["rss_mb"]["growth"]
     summary["targets"] = {
@@ -518,6 +533,9 @@ def summarize(records: list[dict], samples: list[dict], idle: dict, slo_s: float
                        "met": met(summary["attainment"]["traffic"]["attainment"], TARGETS["attainment_min"])},
         "longest_gap": {"value": summary["longest_gap_s"], "target": f"<= {2 * slo_s:g} s (the TBT cap)",
                         "met": met(summary["longest_gap_s"], 2 * slo_s, at_least=False)},
+        "server_gaps_over_cap": {"value": itl_over, "target": f"== 0 over {bound} s", "met": itl_over == 0},
+        "engine_thread_compiles": {"value": summary["engine_thread_compiles"], "target": "== 0",
+                                   "met": summary["engine_thread_compiles"] == 0},
         "job_record_bytes": {"value": summary["job"]["record_bytes_max"], "target": f"<= {JOB_FILE_MAX}",
                              "met": met(summary["job"]["record_bytes_max"], JOB_FILE_MAX, at_least=False)},
     }

@@ -84,7 +84,8 @@ def _samples(rss: list[float], tokens: list[int]) -> list[dict]:
 def _idle(kv: int, success: dict, refused: int) -> dict:
     pages = {"kv": kv, "lease": 0, "free": 100 - kv}
     return {"metrics": {"pages": pages, "success": success, "requests_refused_total": refused,
-                        "num_requests_running": 0, "num_requests_waiting": 0},
+                        "num_requests_running": 0, "num_requests_waiting": 0, "engine_thread_compiles_total": 0,
+                        "itl_buckets": {"0.01": 90, "0.025": 100, "0.05": 100, "+Inf": 100}},
             "after_cancel": {"job_status": "cancelled", "metrics": {"pages": pages}}}
 
 
@@ -134,6 +135,12 @@ def test_the_job_start_gap_and_record_targets_catch_what_they_bound():
     assert targets["attainment"]["value"] == 0.75 and not targets["attainment"]["met"]
     assert targets["longest_gap"]["value"] == 0.2 and not targets["longest_gap"]["met"]
     assert not targets["job_record_bytes"]["met"]
+    assert targets["server_gaps_over_cap"]["met"] and targets["engine_thread_compiles"]["met"]
+    idle = _idle(0, {"length": 4}, 0)
+    idle["metrics"].update(engine_thread_compiles_total=2, itl_buckets={"0.025": 90, "0.05": 97, "+Inf": 100})
+    targets = soak.summarize(records, samples, idle, slo_s=0.02, warmup=0.15, duration=30.0)["targets"]
+    assert targets["server_gaps_over_cap"]["value"] == 3 and not targets["server_gaps_over_cap"]["met"]
+    assert not targets["engine_thread_compiles"]["met"]
     # Two jobs in turn: each one's tokens only grow, though the second starts from zero.
     samples = _samples([1000] * 4, [10, 20, 0, 5])
     for i, s in enumerate(samples):
