@@ -136,13 +136,26 @@ class AdapterConfig:
 
     max_loras: int = option(0, "adapters resident at once (a step serves any mix of them and the base model; the "
                                "least recently used idle one makes room for another); 0: the base model only")
+    max_cpu_loras: int | None = option(None, "adapters whose weights stay in host memory (least recently used out; "
+                                             "one from a directory is read again when a request names it, a job's "
+                                             "snapshot always stays); unset: max_loras")
     max_lora_rank: int = option(16, "rank of the resident slots: a served adapter's rank is at most this")
     lora_targets: tuple[str, ...] = option(PROJECTIONS, "projections the resident slots adapt")
+
+    @property
+    def adapters_in_memory(self) -> int:
+        """How many adapters' weights host memory keeps (`max_cpu_loras`, by default `max_loras`)."""
+        return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
 
     def __post_init__(self):
         _positive_ints(self, "max_lora_rank")
         if isinstance(self.max_loras, bool) or not isinstance(self.max_loras, int) or self.max_loras < 0:
             raise ConfigError(f"AdapterConfig.max_loras must be an integer >= 0, got {self.max_loras!r}")
+        if self.max_cpu_loras is not None and (isinstance(self.max_cpu_loras, bool)
+                                               or not isinstance(self.max_cpu_loras, int)
+                                               or self.max_cpu_loras < max(self.max_loras, 1)):
+            raise ConfigError(f"AdapterConfig.max_cpu_loras must be an integer >= max_loras ({self.max_loras}) and "
+                              f">= 1, or unset, got {self.max_cpu_loras!r}")
         unknown = [t for t in self.lora_targets if t not in PROJECTIONS]
         if unknown or not self.lora_targets:
             raise ConfigError(f"AdapterConfig.lora_targets must be a non-empty subset of {PROJECTIONS}, "

@@ -29,6 +29,7 @@ from harli_jax.logs import show_progress
 from harli_jax.lora.adapters import load_peft, slot_weights
 from harli_jax.model.loader import LoadedModel, load_model
 from harli_jax.model.paged import ArenaLayout
+from harli_jax.model.params import LoRASlots
 from harli_jax.model.sharding import device_bytes, shard_params, tp_mesh
 from harli_jax.runtime.adapters import AdapterCatalog, ServedAdapter, SlotTable
 from harli_jax.runtime.arena import Arena, pages_from_memory
@@ -76,12 +77,13 @@ class Engine:
         layout = ArenaLayout(cfg, cache.page_tokens, self.mesh)
         num_pages = self._num_pages(layout, params)
         self.arena = Arena(layout, num_pages, cache.max_pages_per_seq(cfg))
-        self.adapters = AdapterCatalog()
+        self.adapters = AdapterCatalog(self._read_adapter, config.adapters.adapters_in_memory)
         self.runner = ModelRunner(cfg, params, config, self.arena, self.adapters, self.peers)
         self.inputs = InputProcessor(cfg, model.tokenizer, self.seq_len, cache.page_tokens, self.arena.table.capacity,
                                      config.runner.max_logprobs)
         slots = SlotTable(config.adapters.max_loras) if config.adapters.max_loras else None
-        self.scheduler = Scheduler(self.arena.table, scheduler, OutputProcessor(model.tokenizer), slots)
+        self.scheduler = Scheduler(self.arena.table, scheduler, OutputProcessor(model.tokenizer), slots,
+                                   adapter_ready=self.adapters.ready)
         self.colocation = CoLocator(cfg, config, self.scheduler, self.arena, self.runner)
         self.scheduler.admission = self.colocation.admits  # the co-locator owns the predictor and the SLO
         self.step_records = StepLog(config.runner.step_record_limit)
@@ -188,8 +190,6 @@ class Engine:
         `prepare_finetune` did it); returns its handle. The job trains whenever the engine steps without inference
         work, and in the slack of its steps (`handle.wait()` drives it). Its setup (each program's first run, the
         predictor's calibration) runs now, or with `setup_between_steps` one program after each engine step."""
-        if self.peers is not None:
-            raise ConfigError("finetune jobs run on a single-process engine (tensor parallel over its devices)")
         current = self.colocation.job
         if current is not None and not JobHandle(current, self).done():
             raise HarliError(f"job {current.job.name!r} is still registered; stop it first")
@@ -220,12 +220,16 @@ class Engine:
                               "EngineConfig(max_loras=4)) to serve adapters")
         self.adapters.check_new(name)
         if isinstance(adapter, JobHandle):
-            lora, weights = adapter.lora_config, adapter.adapters
+            lora, weights, source = adapter.lora_config, adapter.adapters, None
         else:
-            lora, weights = load_peft(adapter, self.cfg)
-        self.adapters.add(ServedAdapter(name, lora, slot_weights(weights, self.runner.lora), base_model))
+            (lora, weights), source = load_peft(adapter, self.cfg), Path(adapter)
+        self.adapters.add(ServedAdapter(name, lora, base_model, source), slot_weights(weights, self.runner.lora))
         log.info("serving adapter %r (rank %d on %s)", name, lora.rank, ", ".join(lora.targets))
         return name
+
+    def _read_adapter(self, directory: Path) -> LoRASlots:
+        """A served adapter's weights read again from its directory (`AdapterCatalog`)."""
+        return slot_weights(load_peft(directory, self.cfg)[1], self.runner.lora)
 
     def remove_adapter(self, name: str) -> bool:
         """Stops serving adapter `name` (on the engine thread, between steps); False, and nothing changes, while a
@@ -332,6 +336,8 @@ class Engine:
         requests; then, unless a step is in flight, schedule the next step and the training window before it
         (or, with nothing to serve, train)."""
         events = self._apply_messages() + self.scheduler.expire(time.perf_counter())
+        for name, error in self.adapters.take_failures().items():
+            events += self.scheduler.reject_adapter(name, error)
         flight = self._in_flight
         if flight is None:
             plan = self._next_plan if self._next_plan is not None else self.scheduler.schedule()

@@ -145,8 +145,16 @@ class JobHandle:
             self._runner.status, self._runner.reason = JobStatus.RUNNING, None
             self._runner.consecutive_nonfinite = 0
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stops the job for good with a final checkpoint; `wait`: until it is on disk (else `wait_saved`)."""
         self._runner.stop()
+        if wait:
+            self._runner.wait_saved()
+
+    def wait_saved(self) -> None:
+        """Blocks until the job's last checkpoint is on disk (any thread): a job that finishes or stops writes
+        its final one in the background."""
+        self._runner.wait_saved()
 
     def done(self) -> bool:
         return self._runner.status in (JobStatus.FINISHED, JobStatus.STOPPED)
@@ -164,6 +172,8 @@ class JobHandle:
             status.update(runner.step, self._detail)
         status.update(runner.step, self._detail, force=True)
         status.close()
+        if self.done():
+            runner.wait_saved()
         return self.progress()
 
     def _detail(self) -> str:

@@ -228,18 +228,18 @@ class FinetuneRunner:
             self.evaluate()
         self.status = JobStatus.FINISHED
         if self.checkpointer is not None:
-            self.save(durable=True)
+            self.save()  # on disk in the background: `wait_saved`
         log.info("%s finished: %d steps, %d tokens, loss %s, eval loss %s", self.job.name, self.step, self.tokens,
                  self.last_loss, self.eval_loss)
 
     def stop(self) -> None:
-        """Stops the job for good, with a final checkpoint."""
+        """Stops the job for good, with a final checkpoint written in the background (`wait_saved`)."""
         if self.status in (JobStatus.FINISHED, JobStatus.STOPPED):
             return
         self.micro.abandon()
         self.status = JobStatus.STOPPED
         if self.checkpointer is not None:
-            self.save(durable=True)
+            self.save()
 
     def evaluate(self) -> float | None:
         """Mean loss over the eval split (the whole split, in file order), and its exact match
@@ -284,12 +284,25 @@ class FinetuneRunner:
         except CheckpointError as e:
             if strict:
                 raise
-            if self.status is JobStatus.RUNNING:
-                self.status = JobStatus.PAUSED
-                self.reason = f"{e} (paused with its state in memory: make the directory writable and resume)"
-            else:  # what stopped it first (a non-finite loss, a pause) stays in the reason
-                self.reason = "; ".join(filter(None, (self.reason, f"{e} (its state since is in memory only)")))
-            log.error("%s: %s", self.job.name, self.reason)
+            self._save_failed(e)
+
+    def wait_saved(self) -> None:
+        """Blocks until the last checkpoint is on disk (any thread: the one a job writes when it finishes or stops
+        is written in the background); one that failed goes into the job's reason, as in `save`."""
+        if self.checkpointer is None:
+            return
+        try:
+            self.checkpointer.wait()
+        except CheckpointError as e:
+            self._save_failed(e)
+
+    def _save_failed(self, e: CheckpointError) -> None:
+        if self.status is JobStatus.RUNNING:
+            self.status = JobStatus.PAUSED
+            self.reason = f"{e} (paused with its state in memory: make the directory writable and resume)"
+        else:  # what stopped it first (a non-finite loss, a pause) stays in the reason
+            self.reason = "; ".join(filter(None, (self.reason, f"{e} (its state since is in memory only)")))
+        log.error("%s: %s", self.job.name, self.reason)
 
     def _identity(self) -> dict[str, dict[str, Any]]:
         """What a checkpoint must have been made with to resume this job: the adapter's and the model's shape."""

@@ -278,8 +278,8 @@ class ModelRunner:
         """Writes the resident slots the step's sequences use whose weights are another adapter's."""
         for w in work:
             if w.adapter is not None and self._slot_holds.get(w.adapter_slot) != w.adapter:
-                served = self.adapters.get(w.adapter)
-                self.lora = write_slot(self.lora, np.int32(w.adapter_slot), served.weights)
+                weights = self.adapters.weights(w.adapter)
+                self.lora = write_slot(self.lora, np.int32(w.adapter_slot), weights)
                 self._slot_holds[w.adapter_slot] = w.adapter
 
     def forget_adapter(self, name: str) -> None:

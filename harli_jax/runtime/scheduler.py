@@ -73,9 +73,11 @@ def admit_all(plan: StepPlan, seq: RequestState, n: int) -> bool:
 
 class Scheduler:
     def __init__(self, page_table: PageTable, settings: SchedulerConfig, output: OutputProcessor,
-                 adapter_slots: SlotTable | None = None, admission: Admission = admit_all):
+                 adapter_slots: SlotTable | None = None, admission: Admission = admit_all,
+                 adapter_ready: Callable[[str], bool] = lambda name: True):
         self.pages = page_table
         self.adapter_slots = adapter_slots
+        self.adapter_ready = adapter_ready  # are an adapter's weights in host memory? (the catalogue reads them)
         self.admission = admission
         self.queue_timeout = settings.queue_timeout_s
         self.max_batch, self.prefill_chunk = settings.max_batch, settings.prefill_chunk
@@ -116,6 +118,11 @@ class Scheduler:
         return [self._finish(s, FinishReason.REFUSED, f"not admitted within the queue timeout of "
                                                       f"{self.queue_timeout:g} s: the server is overloaded, retry "
                                                       f"later") for s in late]
+
+    def reject_adapter(self, name: str, error: str) -> list[Event]:
+        """Rejects the waiting requests that name adapter `name`, whose weights could not be read (`error`)."""
+        return [self._finish(s, FinishReason.REJECTED, f"adapter {name!r} cannot be read: {error}")
+                for s in [s for s in self.waiting if s.adapter == name]]
 
     def update(self, plan: StepPlan, tokens: Sequence[int], now: float,
                logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[Event]:
@@ -170,9 +177,12 @@ class Scheduler:
         plan.preempted.append(seq)
 
     def _acquire_adapter(self, seq: RequestState) -> bool:
-        """Gives an admitted sequence its adapter's resident slot; False when every slot is in use."""
+        """Gives an admitted sequence its adapter's resident slot; False when every slot is in use or the
+        adapter's weights are not in a slot or in host memory yet."""
         if seq.adapter is None:
             return True
+        if not self.adapter_slots.holds(seq.adapter) and not self.adapter_ready(seq.adapter):
+            return False
         slot = self.adapter_slots.acquire(seq.adapter)
         if slot is None:
             return False
@@ -279,7 +289,7 @@ class Scheduler:
             if self.running and not self.admission(plan, seq, n):
                 break  # the running requests' TPOT or KV would suffer: it waits (first come, first admitted)
             if not self._acquire_adapter(seq):
-                break  # its adapter waits for a resident slot that no running request uses
+                break  # its adapter waits for its weights, or for a resident slot no running request uses
             if not self._grow(seq, seq.num_computed + n, plan):
                 self._release_adapter(seq)
                 break  # new requests wait for memory; they never preempt running ones

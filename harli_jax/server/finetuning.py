@@ -439,7 +439,9 @@ class FineTuning:
         if job.status in FINAL:
             raise ApiError(400, f"job {job_id} is already {job.status}", param="fine_tuning_job_id")
         if self._active is not None and self._active[0] is job:
-            self._active[1].stop()
+            handle = self._active[1]
+            handle.stop(wait=False)
+            self._writer.submit(handle.wait_saved)  # its final checkpoint, on disk off this thread
             self._active = None
         return self._update(job, "cancelled", "Fine-tuning job cancelled", finished=True)
 
@@ -500,8 +502,7 @@ class FineTuning:
                            checkpoint_dir=self._dir(job) / "state", checkpoint_interval=self.checkpoint_steps,
                            seed=job.seed, name=job.id)
         self._preparing = (job, self._preparer.submit(engine.prepare_finetune, spec))
-        with self._lock:
-            self._event(job, "Preparing the job: loading its data and compiling its programs")
+        self._event(job, "Preparing the job: loading its data and compiling its programs")
 
     def _register(self, engine: Engine, job: JobRecord, future: concurrent.futures.Future) -> None:
         """Registers a prepared job with the engine (its setup then runs between steps), unless it was cancelled
@@ -539,10 +540,10 @@ class FineTuning:
                 self._checkpoint(job, handle, progress.step, progress.loss)
         if progress.status is JobStatus.FINISHED:
             self._active = None
+            self._writer.submit(handle.wait_saved)  # its final checkpoint, before its adapter's export
             if progress.eval_loss is not None:  # the validation file's loss at the end
-                with self._lock:
-                    self._event(job, f"Step {progress.step}: validation loss={progress.eval_loss:.4f}", "metrics",
-                                {"step": progress.step, "valid_loss": progress.eval_loss})
+                self._event(job, f"Step {progress.step}: validation loss={progress.eval_loss:.4f}", "metrics",
+                            {"step": progress.step, "valid_loss": progress.eval_loss})
             self._export(job, handle, None, job.model_name, self._dir(job) / "adapter", progress.tokens)
         elif progress.status is JobStatus.PAUSED and job.status == "running":
             self._update(job, "paused", f"Fine-tuning job paused: {progress.reason}", level="warn")

@@ -59,6 +59,7 @@ ENGINE_FLAGS = [
     ("--admission", SchedulerConfig, "admission", dict(action=argparse.BooleanOptionalAction)),
     ("--dtype", RunnerConfig, "dtype", dict(choices=DTYPES)),
     ("--max-loras", AdapterConfig, "max_loras", dict(type=int)),
+    ("--max-cpu-loras", AdapterConfig, "max_cpu_loras", dict(type=int)),
     ("--max-lora-rank", AdapterConfig, "max_lora_rank", dict(type=int)),
     ("--max-logprobs", RunnerConfig, "max_logprobs", dict(type=int, help="the most top logprobs a request may ask "
                                                          "for; every step computes them (default 20, the OpenAI "

@@ -1,8 +1,13 @@
-"""Served adapters: the slot table and the scheduler waiting for a slot (no model), and an engine serving several
-HF PEFT adapters in one batch against PEFT's own greedy generation, evicting idle adapters without recompiling."""
+"""Served adapters: the slot table, the catalogue's bounded host memory and the scheduler waiting for a slot or
+for weights (no model), and an engine serving several HF PEFT adapters in one batch against PEFT's own greedy
+generation, evicting idle adapters from slots and host memory without recompiling."""
 
 import copy
 import dataclasses
+import shutil
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +15,20 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from conftest import jax_events
-from harli_jax import ConfigError, Engine, EngineConfig, FinishReason, HarliError, Request, RequestError, SamplingParams
+from harli_jax import (
+    CheckpointError,
+    ConfigError,
+    Engine,
+    EngineConfig,
+    FinishReason,
+    HarliError,
+    Request,
+    RequestError,
+    SamplingParams,
+)
 from harli_jax.lora.adapters import LoRAConfig, export_peft, init_lora
 from harli_jax.model import load_model
-from harli_jax.runtime.adapters import SlotTable
+from harli_jax.runtime.adapters import AdapterCatalog, ServedAdapter, SlotTable
 from harli_jax.runtime.arena import PageTable
 from harli_jax.runtime.config import SchedulerConfig
 from harli_jax.runtime.processing import OutputProcessor
@@ -66,6 +81,91 @@ def test_a_request_waits_for_a_slot_and_gets_one_when_a_request_finishes():
     plan = sched.schedule()
     assert [(s.request_id, w.adapter_slot) for s, w in zip(plan.states, plan.work, strict=True)] == [
         ("b", 0), ("c", -1)]
+
+
+class _Directories:
+    """A stand-in for reading adapters' directories: the weights are the directory's name; records the reads."""
+
+    def __init__(self):
+        self.reads, self.missing, self.gate = [], set(), threading.Event()
+        self.gate.set()
+
+    def __call__(self, directory):
+        self.gate.wait()
+        self.reads.append(directory.name)
+        if directory.name in self.missing:
+            raise CheckpointError(f"cannot read the PEFT adapter weights {directory}/adapter_model.safetensors")
+        return directory.name
+
+
+def _served(name, source=True):
+    return ServedAdapter(name, LoRAConfig(), source=Path(name) if source else None)
+
+
+def _until_ready(catalog, name):
+    deadline = time.monotonic() + 10
+    while not catalog.ready(name):
+        assert time.monotonic() < deadline, f"{name} never read"
+        time.sleep(0.01)
+
+
+def test_host_memory_keeps_the_most_recent_adapters_and_reads_the_rest_again_in_the_background():
+    read = _Directories()
+    catalog = AdapterCatalog(read, max_in_memory=2)
+    catalog.add(_served("snap", source=False), "snap")  # a job's snapshot: no directory, it always stays
+    for name in ("a", "b"):
+        catalog.add(_served(name), name)
+    assert catalog.in_memory() == ["snap", "b"]  # a, the least recently used with a directory, left
+    assert catalog.names() == ["snap", "a", "b"]  # still served
+    assert catalog.ready("b") and read.reads == []
+    read.gate.clear()
+    assert catalog.ready("a") is False  # starts reading a on the reader thread
+    assert catalog.ready("a") is False and catalog.in_memory() == ["snap", "b"]
+    read.gate.set()
+    _until_ready(catalog, "a")
+    assert read.reads == ["a"]  # read once however often it was asked for
+    assert catalog.in_memory() == ["snap", "a"]  # b left in its turn; snap stays over the bound
+    assert catalog.weights("b") == "b" and read.reads == ["a", "b"]  # read on the caller's thread
+    assert catalog.in_memory() == ["snap", "b"]
+    catalog.remove("b")
+    assert catalog.in_memory() == ["snap"] and catalog.names() == ["snap", "a"]
+
+
+def test_an_adapter_that_cannot_be_read_again_is_reported_once_and_tried_again_later():
+    read = _Directories()
+    catalog = AdapterCatalog(read, max_in_memory=1)
+    catalog.add(_served("a"), "a")
+    catalog.add(_served("b"), "b")
+    read.missing.add("a")
+    assert catalog.ready("a") is False
+    deadline = time.monotonic() + 10
+    while not (failed := catalog.take_failures()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert list(failed) == ["a"] and "adapter_model.safetensors" in failed["a"]
+    assert catalog.take_failures() == {}
+    read.missing.clear()
+    _until_ready(catalog, "a")  # the directory is back: a later request reads it
+    assert catalog.in_memory() == ["a"]
+
+
+def test_a_request_waits_for_its_adapters_weights_and_is_rejected_when_they_cannot_be_read():
+    pages = PageTable(32, 4, max_pages_per_seq=8)
+    ready = set()
+    sched = Scheduler(pages, SchedulerConfig(max_batch=4, prefill_chunk=16), OutputProcessor(None), SlotTable(2),
+                      adapter_ready=ready.__contains__)
+    for rid, adapter in (("a", "x"), ("b", "y"), ("c", "x")):
+        sched.add(RequestState(rid, (5, 6, 7), Sampling(max_tokens=2), frozenset(), 0.0, adapter=adapter), 0.0)
+    assert sched.schedule().states == []  # x's weights are being read: everyone waits (first come, first served)
+    ready.add("x")
+    plan = sched.schedule()
+    assert [s.request_id for s in plan.states] == ["a"]  # y's weights are not in memory yet: b and c wait
+    sched.update(plan, [9], 1.0)
+    [event] = sched.reject_adapter("y", "no such file")
+    assert event.output.finish_reason is FinishReason.REJECTED and "no such file" in event.output.error
+    ready.discard("x")  # x left host memory, but a slot holds it: c needs no read
+    plan = sched.schedule()
+    assert [s.request_id for s in plan.states] == ["a", "c"]
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +227,33 @@ def test_more_adapters_than_slots_wait_evict_and_never_recompile(served):
     assert compiles == []
 
 
+def test_an_adapter_read_again_serves_as_peft_does_and_one_that_cannot_be_read_is_rejected(served, tmp_path):
+    # Two slots and host memory for two adapters' weights: a batch of the two others takes both slots, and
+    # reading their weights leaves the third's in its directory only.
+    engine, prompts, reference = served
+
+    def forget_copy():
+        _check(engine, prompts, reference, [("a0", 0), ("a2", 1)])
+        for name in ("a0", "a2"):
+            engine.adapters.weights(name)
+        assert engine.adapters.in_memory() == ["a0", "a2"]
+        assert not engine.scheduler.adapter_slots.holds("copy")
+
+    shutil.copytree(engine.adapters.get("a1").source, tmp_path / "copy")
+    engine.add_adapter("copy", tmp_path / "copy")
+    forget_copy()
+    with jax_events() as compiles:
+        _check(engine, prompts, {("copy", 1): reference["a1", 1]}, [("copy", 1)])  # read again from its directory
+    assert compiles == []
+    assert "copy" in engine.adapters.in_memory() and len(engine.adapters.in_memory()) == 2
+    forget_copy()
+    shutil.rmtree(tmp_path / "copy")
+    [rejected] = engine.generate(prompts[:1], GREEDY, adapter="copy")
+    assert rejected.finish_reason is FinishReason.REJECTED
+    assert "adapter 'copy' cannot be read" in rejected.error and "adapter_config.json" in rejected.error
+    assert engine.remove_adapter("copy")
+
+
 def test_bad_adapters_are_refused_with_their_reason(served, hf_checkpoint, tmp_path):
     engine, prompts, _ = served
     with pytest.raises(RequestError, match="unknown adapter 'nope'; this engine serves 'a0', 'a1', 'a2'"):
@@ -159,5 +286,5 @@ def test_an_adapter_is_removed_only_when_no_request_names_it_and_its_name_can_se
         engine.remove_adapter("a0")
     assert "a0" not in engine.adapters.names()
     # The name again, now a2's weights: the slot that held a0 is written anew before a request uses it.
-    engine.adapters.add(dataclasses.replace(engine.adapters.get("a2"), name="a0"))
+    engine.adapters.add(dataclasses.replace(engine.adapters.get("a2"), name="a0"), engine.adapters.weights("a2"))
     _check(engine, prompts, {("a0", 1): reference["a2", 1]}, [("a0", 1)])

@@ -5,6 +5,7 @@ adapter files, stop strings that never match, and an abort storm."""
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import safetensors.numpy
 from harli_jax import CheckpointError, Engine, EngineConfig, FinetuneJob, SamplingParams
 from harli_jax.cli import main
 from harli_jax.lora.adapters import PEFT_CONFIG, PEFT_WEIGHTS
+from harli_jax.lora.checkpoint import TrainCheckpointer
 from harli_jax.lora.data import DataError, default_dataset
 from harli_jax.model import load_model
 from harli_jax.runtime.finetune import JobStatus
@@ -67,6 +69,35 @@ def test_a_nonfinite_loss_pauses_the_job_naming_the_step_with_its_last_good_weig
         _serves_on(engine, probe)
     finally:
         handle.stop()
+
+
+@pytest.mark.parametrize("end", ["finish", "stop"])
+def test_a_job_that_ends_leaves_the_wait_for_its_last_checkpoint_to_another_thread(engine, probe, tmp_path,
+                                                                                   monkeypatch, end):
+    # A job that finishes in an engine step, or that `stop(wait=False)` stops, starts its last save and returns;
+    # the wait until it is on disk is `wait_saved`'s, on any thread (the server's writer), never the engine's.
+    waits = []
+    wait = TrainCheckpointer.wait
+
+    def recorded(checkpointer):
+        waits.append((threading.current_thread().name, checkpointer._pending))
+        wait(checkpointer)
+
+    monkeypatch.setattr(TrainCheckpointer, "wait", recorded)
+    handle = engine.finetune(_job(total_steps=3, checkpoint_dir=tmp_path / "ckpt", checkpoint_interval=100))
+    while not handle.done() and (end == "finish" or handle.progress().step < 1):
+        engine.step()
+    if end == "stop":
+        handle.stop(wait=False)
+    last = handle.progress().step
+    assert handle.done() and last >= 1
+    assert (threading.current_thread().name, last) not in waits  # its save started; nobody waited for it here
+    saver = threading.Thread(target=handle.wait_saved, name="saver")
+    saver.start()
+    saver.join()
+    assert ("saver", last) in waits
+    assert TrainCheckpointer(tmp_path / "ckpt").latest_step() == last
+    _serves_on(engine, probe)
 
 
 def test_a_checkpoint_directory_that_breaks_mid_job_pauses_it_and_a_fixed_one_trains_on(engine, probe, tmp_path):

@@ -393,7 +393,8 @@ FILE_AND_FLAG = [
     ("--max-batch", "max_batch", 4, "6", 6), ("--max-seq-len", "max_seq_len", 96, "128", 128),
     ("--prefill-chunk", "prefill_chunk", 16, "32", 32), ("--queue-timeout", "queue_timeout_s", 2.5, "1", 1.0),
     ("--admission", "admission", False, None, True), ("--dtype", "dtype", "bfloat16", "float16", "float16"),
-    ("--max-loras", "max_loras", 2, "3", 3), ("--max-lora-rank", "max_lora_rank", 8, "4", 4),
+    ("--max-loras", "max_loras", 2, "3", 3), ("--max-cpu-loras", "max_cpu_loras", 12, "16", 16),
+    ("--max-lora-rank", "max_lora_rank", 8, "4", 4),
     ("--max-logprobs", "max_logprobs", 5, "0", None), ("--policy", "policy", "decode-only", "cobatch", "cobatch"),
     ("--tp", "tensor_parallel", 2, "1", 1), ("--compilation-cache", "compile_cache_dir", "/cache", "off", "off"),
 ]
