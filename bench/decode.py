@@ -79,6 +79,9 @@ def parse_args() -> argparse.Namespace:
                         help="batch sizes, space or comma separated (default 1 8 32)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 128)")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="the decode engine's context (default "
+                                                                     "--prompt-len + --new-tokens): a longer one "
+                                                                     "shows what the unused context costs")
     parser.add_argument("--seed", type=int, default=0, help="weights, prompts and the order of the sides per round")
     parser.add_argument("--prefill-chunk", type=int, default=SchedulerConfig().prefill_chunk)
     parser.add_argument("--prefill-prompts", type=int, default=4, help="prompts of the prefill comparison")
@@ -107,6 +110,8 @@ def parse_args() -> argparse.Namespace:
             or args.new_tokens < 2:
         parser.error("batches, --prompt-len, --prefill-len, --prefill-prompts and --repeats must be >= 1, "
                      "--new-tokens >= 2")
+    if args.max_seq_len is not None and args.max_seq_len < args.prompt_len + args.new_tokens:
+        parser.error("--max-seq-len must hold --prompt-len + --new-tokens")
     return args
 
 
@@ -406,9 +411,8 @@ def main() -> None:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     say(f"model {cfg.name}: {n_params / 1e6:.1f}M parameters, {weight_bytes / 2**20:.1f} MiB ({cfg.dtype})")
     engine_config = EngineConfig(max_batch=max(args.batches), prefill_chunk=args.prefill_chunk,
-                                 max_seq_len=args.prompt_len + args.new_tokens)
-    # The prefill comparison has its own engine, so that its longer context does not change the decode engine's
-    # shapes (a page bucket sized for it would make every decode step attend up to it).
+                                 max_seq_len=args.max_seq_len or args.prompt_len + args.new_tokens)
+    # The prefill comparison has its own engine, with its own context.
     prefill_config = EngineConfig(max_batch=args.prefill_prompts, prefill_chunk=args.prefill_chunk,
                                   max_seq_len=args.prefill_len + 1)
     with common.LoadMeter() as compile_load:

@@ -94,3 +94,63 @@ def layer_index(layer) -> jax.Array:
 def resolve_sm_scale(sm_scale: float | None, head_dim: int) -> float:
     """The softmax scale, 1/sqrt(head_dim) unless given."""
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
+BLOCK_TOKENS = 128  # context positions one step of the blockwise walk reads, by default
+
+
+def resolve_block_pages(block_pages: int | None, page_tokens: int, max_pages: int) -> int:
+    """Pages per block of the blockwise walk (`BLOCK_TOKENS` worth unless given), at most `max_pages`, checked."""
+    if block_pages is None:
+        block_pages = max(1, BLOCK_TOKENS // page_tokens)
+    if isinstance(block_pages, bool) or not isinstance(block_pages, int) or block_pages < 1:
+        raise ValueError(f"block_pages must be a positive Python int or None, got {block_pages!r}")
+    return min(block_pages, max_pages)
+
+
+def attend_pages_blockwise(qg, arena, layer, block_tables, context_lens, positions, live, *, scale, block_pages):
+    """Causal attention of query windows over their sequences' pages, walked `block_pages` pages at a time with a
+    float32 online softmax up to the longest context in `context_lens` (a bound read at run time: one program
+    serves every context, and a step reads only the pages its contexts span).
+
+    `qg: [rows, window, kv_heads, group, head_dim]`; `positions`, `live: [rows, window]` (a query's position, and
+    whether it is one); keys at or past a row's context length, or past a query's position, are masked in the
+    logits and the values. Returns float32 `[rows, window, kv_heads, group, head_dim]`, zeros for a query that
+    sees no key."""
+    rows, window, kv_heads, group, head_dim = qg.shape
+    page_tokens = arena.shape[4]
+    max_pages = block_tables.shape[1]
+    num_blocks = -(-max_pages // block_pages)
+    block = block_pages * page_tokens
+    tables = jnp.pad(block_tables, ((0, 0), (0, num_blocks * block_pages - max_pages)))  # page 0: masked
+    at, heads = layer_index(layer), jnp.arange(kv_heads)[None, :, None]
+    qg = qg.astype(jnp.float32)
+    offsets = jnp.arange(block)
+    walked = jnp.minimum(-(-jnp.max(context_lens, initial=0) // block), num_blocks)
+
+    def step(j, carry):
+        m, total, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(tables, j * block_pages, block_pages, axis=1)[:, None, :]
+        k = arena[pages, at, 0, heads].reshape(rows, kv_heads, block, head_dim)
+        v = arena[pages, at, 1, heads].reshape(rows, kv_heads, block, head_dim)
+        keys = j * block + offsets
+        in_context = keys[None, :] < context_lens[:, None]  # [rows, block]
+        v = jnp.where(in_context[:, None, :, None], v, 0).astype(jnp.float32)
+        visible = (live[:, :, None] & in_context[:, None, :]
+                   & (keys[None, None, :] <= positions[:, :, None]))[:, None, None]  # [rows, 1, 1, window, block]
+        logits = jnp.einsum("bwkgd,bktd->bkgwt", qg, k.astype(jnp.float32), preferred_element_type=jnp.float32,
+                            precision=EXACT_F32)
+        logits = jnp.where(visible, logits * scale, MASK_VALUE)
+        m_next = jnp.maximum(m, logits.max(axis=-1))
+        p = jnp.where(visible, jnp.exp(logits - m_next[..., None]), 0.0)
+        correction = jnp.exp(m - m_next)
+        acc = acc * correction[..., None] + jnp.einsum("bkgwt,bktd->bkgwd", p, v,
+                                                       preferred_element_type=jnp.float32, precision=EXACT_F32)
+        return m_next, total * correction + p.sum(axis=-1), acc
+
+    init = (jnp.full((rows, kv_heads, group, window), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows, kv_heads, group, window), jnp.float32),
+            jnp.zeros((rows, kv_heads, group, window, head_dim), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, walked, step, init)
+    out = jnp.where(total[..., None] > 0, acc / jnp.maximum(total, 1e-30)[..., None], 0.0)
+    return out.transpose(0, 3, 1, 2, 4)  # [rows, window, kv_heads, group, head_dim]

@@ -4,9 +4,10 @@ Queries arrive grouped by sequence (`q: [tokens, q_heads, head_dim]`, sequence b
 `query_start[b]` to `query_start[b + 1]`); their K/V are already in the arena. A sequence's queries are the
 last positions of its context and attend causally. Two paths:
 
-- `ragged_paged_attention_reference` (pure JAX, the CPU path): gathers each sequence's pages once, runs
-  every sequence as a window of `max_query` queries (or of one query past `long_rows`) cut from a padded q,
-  and gathers the small outputs back to token order.
+- `ragged_paged_attention_reference` (pure JAX, the CPU path): runs every sequence as a window of `max_query`
+  queries (or of one query past `long_rows`) cut from a padded q, walks its pages in blocks with a float32
+  online softmax up to the longest context (`attend_pages_blockwise`), and gathers the small outputs back to
+  token order.
 - `ragged_paged_attention_pallas` (Triton): one program per (sequence, block of queries, KV head) reads its
   queries straight from q, walks the pages up to the causal limit of its block with a float32 online
   softmax, and stores straight into token order; nothing outside the kernel gathers or scatters.
@@ -24,7 +25,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .common import EXACT_F32, MASK_VALUE, AttentionDims, check_attention_args, layer_index, resolve_sm_scale
+from .common import (
+    EXACT_F32,
+    MASK_VALUE,
+    AttentionDims,
+    attend_pages_blockwise,
+    check_attention_args,
+    layer_index,
+    resolve_block_pages,
+    resolve_sm_scale,
+)
 from .paged_attention_kernel import IMPLS, MIN_DOT_DIM, plan_kernel
 
 BLOCK_ROWS = 64  # query rows (queries x GQA group) a program handles, by default.
@@ -83,40 +93,20 @@ def _resolve_long_rows(long_rows: int | None, batch: int) -> int:
     return long_rows
 
 
-def _window_attention(q_pad, arena, layer, block_tables, query_start, context_lens, *, window, dims, scale):
+def _window_attention(q_pad, arena, layer, block_tables, query_start, context_lens, *, window, dims, scale,
+                      block_pages):
     """Attention of a set of sequences, each as a window of `window` queries: `[rows * window, heads, dim]`."""
-    rows, kv_heads, head_dim, group = block_tables.shape[0], dims.kv_heads, dims.head_dim, dims.group
-    context = dims.max_pages * dims.page_tokens
-    # Each sequence's pages once, K and V apart, straight into [rows, kv_heads, pages, page_tokens, dim].
-    pages, at, heads = block_tables[:, None, :], layer_index(layer), jnp.arange(kv_heads)[None, :, None]
-    k = arena[pages, at, 0, heads].reshape(rows, kv_heads, context, head_dim)
-    v = arena[pages, at, 1, heads].reshape(rows, kv_heads, context, head_dim)
+    rows = block_tables.shape[0]
     starts = query_start[:-1]
     query_lens = query_start[1:] - starts
     windows = jax.vmap(lambda s: lax.dynamic_slice_in_dim(q_pad, s, window, axis=0))(starts)
-    qg = windows.reshape(rows, window, kv_heads, group, head_dim)
-    keys = jnp.arange(context)
-    in_context = keys[None, :] < context_lens[:, None]  # [rows, context]
-    v = jnp.where(in_context[:, None, :, None], v, 0)
+    qg = windows.reshape(rows, window, dims.kv_heads, dims.group, dims.head_dim)
     queries = jnp.arange(window)
     positions = (context_lens - query_lens)[:, None] + queries[None, :]  # [rows, window]
     live = queries[None, :] < query_lens[:, None]
-    visible = (
-        live[:, :, None] & in_context[:, None, :] & (keys[None, None, :] <= positions[:, :, None])
-    )[:, None, None]  # [rows, 1, 1, window, context]
-    logits = jnp.einsum(
-        "bwkgd,bktd->bkgwt", qg, k, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST
-    )
-    logits = jnp.where(visible, logits * scale, MASK_VALUE)
-    weights = jnp.where(visible, jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum(
-        "bkgwt,bktd->bwkgd",
-        weights,
-        v.astype(jnp.float32),
-        preferred_element_type=jnp.float32,
-        precision=lax.Precision.HIGHEST,
-    )
-    return out.reshape(rows * window, dims.q_heads, head_dim)
+    out = attend_pages_blockwise(qg, arena, layer, block_tables, context_lens, positions, live, scale=scale,
+                                 block_pages=block_pages)
+    return out.reshape(rows * window, dims.q_heads, dims.head_dim)
 
 
 def ragged_paged_attention_reference(
@@ -130,20 +120,24 @@ def ragged_paged_attention_reference(
     max_query: int,
     long_rows: int | None = None,
     sm_scale: float | None = None,
+    block_pages: int | None = None,
 ):
     """Pure-JAX ragged paged attention: the CPU path and the oracle of the Pallas kernel.
 
     Sequences `[0, long_rows)` run as windows of `max_query` queries, the rest (promised at most one query
-    each) as windows of one. Pages are gathered once per sequence; keys past the context are masked in logits
-    and values, keys past a query's position in its logits; tokens at or past `query_start[-1]` get zeros.
+    each) as windows of one. Each set walks its sequences' pages `block_pages` at a time up to its longest
+    context (`attend_pages_blockwise`); keys past the context are masked in logits and values, keys past a
+    query's position in its logits; tokens at or past `query_start[-1]` get zeros.
     """
     ragged = check_ragged_args(q, arena, layer, block_tables, query_start, context_lens, max_query)
     dims = ragged.attention
     long_rows = _resolve_long_rows(long_rows, dims.batch)
     scale = resolve_sm_scale(sm_scale, dims.head_dim)
+    block_pages = resolve_block_pages(block_pages, dims.page_tokens, dims.max_pages)
     with jax.named_scope("ragged_paged_attention_reference"):
         q_pad = jnp.pad(q, ((0, max_query), (0, 0), (0, 0)))  # every window stays inside
-        window_of = functools.partial(_window_attention, q_pad, arena, layer, dims=dims, scale=scale)
+        window_of = functools.partial(_window_attention, q_pad, arena, layer, dims=dims, scale=scale,
+                                      block_pages=block_pages)
         sets = [(0, long_rows, max_query), (long_rows, dims.batch, 1)]
         outs = [
             window_of(block_tables[lo:hi], query_start[lo : hi + 1], context_lens[lo:hi], window=window)

@@ -63,7 +63,9 @@ class SchedulerConfig:
                                       "a chunk every N steps paces prefill to prefill_chunk/N prompt tokens per "
                                       "step, so the decoding ones keep their TPOT")
     batch_buckets: tuple[int, ...] = option((), "sequences-per-step program shapes; unset: powers of two")
-    page_buckets: tuple[int, ...] = option((), "pages-per-sequence program shapes; unset: x4 steps to the maximum")
+    page_buckets: tuple[int, ...] = option((), "pages-per-sequence program shapes besides the maximum (attention "
+                                                "walks only the pages a step's contexts span, so one shape serves "
+                                                "every context); unset: the maximum only")
     admission: bool = option(True, "under a TPOT SLO, admit a waiting request only when the predictor says the step "
                                    "with it ends before every decoding request's next-token deadline and the KV "
                                    "every admitted request may still need fits; otherwise it waits")
@@ -88,12 +90,7 @@ class SchedulerConfig:
 
     def resolved_page_buckets(self, max_pages_per_seq: int) -> tuple[int, ...]:
         top = max_pages_per_seq
-        if self.page_buckets:
-            return tuple(sorted({min(p, top) for p in self.page_buckets} | {top}))
-        buckets = [top]
-        while buckets[-1] // 4 >= 4:
-            buckets.append(buckets[-1] // 4)
-        return tuple(sorted(buckets))
+        return tuple(sorted({min(p, top) for p in self.page_buckets} | {top}))
 
 
 COMPILE_CACHE_HELP = ("JAX's persistent compilation cache directory, or 'off'; unset: ~/.cache/harli_jax/xla, so "

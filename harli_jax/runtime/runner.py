@@ -214,6 +214,14 @@ _read_pages_jit = jax.jit(read_pages)
 _write_pages_jit = jax.jit(write_pages, donate_argnames=("arena",))
 
 
+def page_copy_buckets(max_pages: int) -> tuple[int, ...]:
+    """The page counts whole-page copies pad to: x4 steps down from `max_pages` (a copy moves what it needs)."""
+    buckets = [max_pages]
+    while buckets[-1] // 4 >= 4:
+        buckets.append(buckets[-1] // 4)
+    return tuple(sorted(buckets))
+
+
 def _split_arena(results: tuple) -> tuple:
     arena, *out = results
     return arena, tuple(out)
@@ -254,8 +262,9 @@ class ModelRunner:
         # Fused step programs by (bucket, "tokens", "forward" or "backward", size), compiled for a job
         # (`prepare_fused`).
         self._fused: dict[tuple[Bucket, str, int], jax.stages.Compiled] = {}
-        # Whole-page copies (prefilled-KV import and export), one program each per page bucket: the page ids
-        # are padded with the null page, which `write_pages` never writes.
+        # Whole-page copies (prefilled-KV import and export), one program each per page count of `copy_buckets`:
+        # the page ids are padded with the null page, which `write_pages` never writes.
+        self.copy_buckets = page_copy_buckets(self.page_buckets[-1])
         self._page_copies: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
         served = engine_cfg.adapters
         # The resident adapter slots every step program takes (None: the base model only), and the adapter each
@@ -367,17 +376,17 @@ class ModelRunner:
         return (_read_pages_jit.lower(buffer, ids).compile(), _write_pages_jit.lower(buffer, ids, block).compile())
 
     def page_copy(self, num_pages: int) -> tuple[int, jax.stages.Compiled, jax.stages.Compiled]:
-        """(the page bucket `num_pages` pads to, its page-read program, its in-place page-write program)."""
-        padded = self.page_buckets[bisect.bisect_left(self.page_buckets, num_pages)]
+        """(the page count `num_pages` pads to, its page-read program, its in-place page-write program)."""
+        padded = self.copy_buckets[bisect.bisect_left(self.copy_buckets, num_pages)]
         if padded not in self._page_copies:
             self._page_copies[padded] = self._compile_page_copies(padded)
         return padded, *self._page_copies[padded]
 
     def warmup(self) -> None:
         """Compiles every bucket's program (in parallel threads: XLA compiles without the GIL) and runs it once,
-        and compiles the page copies of every page bucket and the slot-writing program (so that an adapter's first
+        and compiles the page copies of every copy bucket and the slot-writing program (so that an adapter's first
         request compiles nothing)."""
-        for pages in self.page_buckets:
+        for pages in self.copy_buckets:
             self.page_copy(pages)
         if self.lora is not None:  # zeros into slot 0, which holds no adapter yet
             self.lora = write_slot(self.lora, np.int32(0), slot_weights({}, self.lora))

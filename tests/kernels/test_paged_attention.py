@@ -115,6 +115,17 @@ def test_reference_matches_dense_attention(ratio, page_tokens, head_dim, dtype):
     np.testing.assert_array_equal(np.asarray(out)[lengths.index(0)], 0)
 
 
+@pytest.mark.parametrize("block_pages", [1, 3, None], ids=["block1", "block3", "default"])
+def test_reference_walks_blocks_of_any_size_over_contexts_up_to_8192(block_pages):
+    lengths = [8192, 1, 2047, 0, 130, 16]
+    case = make_case(3, lengths=lengths, q_heads=8, kv_heads=2, head_dim=16, page_tokens=16, max_pages=512,
+                     dtype=jnp.float32)
+    out = call(paged_attention_reference, case, arena=with_garbage(case, "nan"), block_pages=block_pages)
+    np.testing.assert_allclose(np.asarray(out, np.float64), dense_attention(*case["dense"], lengths), atol=2e-5,
+                               rtol=0)
+    np.testing.assert_array_equal(np.asarray(out)[lengths.index(0)], 0)
+
+
 @pytest.mark.parametrize("ratio,page_tokens,head_dim,dtype", SWEEP, ids=SWEEP_IDS)
 def test_kernel_matches_reference(ratio, page_tokens, head_dim, dtype):
     # Blocks of 16 tokens, two blocks per split: several splits, each looping over several blocks.

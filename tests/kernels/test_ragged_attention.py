@@ -169,21 +169,35 @@ def test_reference_long_rows_changes_only_the_cost():
         np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=2e-5, rtol=0)
 
 
-def test_reference_reads_each_page_once():
-    """The reference gathers K and V of each sequence's pages once: no per-token copy of the context."""
-    batch, max_pages, page_tokens, kv_heads, head_dim = 6, 5, 8, 2, 32
-    args = (jax.ShapeDtypeStruct((40, 4, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((9, LAYERS, 2, kv_heads, page_tokens, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((batch, max_pages), jnp.int32),
-            jax.ShapeDtypeStruct((batch + 1,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
-    fn = functools.partial(ragged_paged_attention_reference, max_query=16, long_rows=2)
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    arena = jaxpr.invars[1]
-    read = [math.prod(e.outvars[0].aval.shape) for e in jaxpr.eqns if arena in e.invars]
-    assert all(e.primitive.name == "gather" for e in jaxpr.eqns if arena in e.invars)
-    assert sum(read) == 2 * batch * kv_heads * max_pages * page_tokens * head_dim
-    largest = max(math.prod(v.aval.shape) for e in jaxpr.eqns for v in e.outvars)
-    assert largest < 40 * max_pages * page_tokens * head_dim  # far below [tokens, context, head_dim]
+@pytest.mark.parametrize("block_pages", [1, 3, None], ids=["block1", "block3", "default"])
+def test_reference_walks_blocks_of_any_size_over_contexts_up_to_8192(block_pages):
+    # One step: prefill chunks at 8,192 and 130 tokens of context, decode tokens at 8,192, 2,047 and 1, an empty
+    # sequence; free pages and unused block-table entries hold garbage.
+    query_lens, context_lens = [8, 1, 1, 1, 8, 0], [8192, 8192, 1, 2047, 130, 0]
+    case = make_case(7, query_lens=query_lens, context_lens=context_lens, tokens=sum(query_lens) + 3, q_heads=4,
+                     kv_heads=2, head_dim=16, page_tokens=16, max_pages=512, dtype=jnp.float32)
+    expected = dense_oracle(*case["dense"], np.asarray(case["query_start"]), context_lens)
+    out = call(ragged_paged_attention_reference, case, arena=with_garbage(case, "nan"), max_query=8,
+               block_pages=block_pages)
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=2e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(out)[padding_rows(case)], 0)
+
+
+def test_reference_temp_memory_does_not_grow_with_the_block_table():
+    """The reference walks each sequence's pages a block at a time, up to the longest context (read at run
+    time): its temporaries are those of one block, whether the block table holds 16 pages or 1,024."""
+
+    def temp_bytes(max_pages):
+        args = (jax.ShapeDtypeStruct((40, 4, 32), jnp.float32),
+                jax.ShapeDtypeStruct((64, LAYERS, 2, 2, 8, 32), jnp.float32),
+                jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((6, max_pages), jnp.int32),
+                jax.ShapeDtypeStruct((7,), jnp.int32), jax.ShapeDtypeStruct((6,), jnp.int32))
+        fn = functools.partial(ragged_paged_attention_reference, max_query=16, long_rows=2)
+        return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(16), temp_bytes(1024)
+    table_growth = 2 * 6 * (1024 - 16) * 4  # the block table, padded to whole blocks: a copy or two
+    assert large <= small + table_growth, (small, large)
 
 
 # (GQA ratio, page_tokens, pages_per_block, block_q, dtype): one or several query blocks per sequence, a

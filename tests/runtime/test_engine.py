@@ -139,6 +139,36 @@ def test_no_recompiles_after_warmup(served):
     assert during == []
 
 
+def test_one_step_program_serves_contexts_of_128_and_2048_tokens_reading_only_their_pages(tiny_yaml):
+    # Attention walks the pages a step's contexts span, a bound read at run time: one page shape (the maximum),
+    # nothing compiled between a batch of 128-token and one of 2,048-token contexts, and the decode program's
+    # temporaries those of an engine whose longest context is 8x shorter (no block table's worth gathered).
+    tiny = load_model(tiny_yaml)
+    model = LoadedModel(tiny.cfg.replace(max_position_embeddings=4096), tiny.params, tiny.tokenizer)
+
+    def engine(max_seq_len):
+        return Engine(model, EngineConfig(max_batch=2, batch_buckets=(2,), max_seq_len=max_seq_len,
+                                          prefill_chunk=256, compile_threads=2))
+
+    def decode_temp_bytes(e):
+        program = e.runner.program(e.runner.bucket_for(2, 2, e.runner.page_buckets[-1]))
+        return program.memory_analysis().temp_size_in_bytes
+
+    long, short = engine(2112), engine(264)
+    assert long.runner.page_buckets == (132,) and short.runner.page_buckets == (17,)
+    table_growth = 2 * 2 * (132 - 17) * 4  # the block tables, padded to whole blocks
+    assert decode_temp_bytes(long) <= decode_temp_bytes(short) + table_growth
+    rng = np.random.default_rng(0)
+    sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+    with jax_events() as compiles:
+        for context in (128, 2048):
+            outputs = long.generate([rng.integers(3, 200, context).tolist() for _ in range(2)], sampling)
+            assert all(len(o.token_ids) == 4 for o in outputs)
+    assert compiles == []
+    assert max(r.max_context for r in long.step_records) >= 2048
+    assert {r.bucket_pages for r in long.step_records} == {132}
+
+
 def test_bad_requests_are_rejected_alone(served):
     engine, prompts, reference = served
     good = engine.submit(prompts[1], GREEDY)
